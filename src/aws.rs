@@ -1,0 +1,24 @@
+//! Shared AWS client set-up for the publishing commands: the standard aws-config credential
+//! chain and region, with an endpoint override for local stand-ins (moto) or private endpoints.
+//! Only `publish` and `bundle` upload code depends on this module.
+
+/// Where to send requests and for which region.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoint {
+    /// Region override; otherwise the standard chain (AWS_REGION, profile, IMDS).
+    pub region: Option<String>,
+    /// Endpoint override (`--endpoint-url`); `AWS_ENDPOINT_URL` is honoured by aws-config itself.
+    pub endpoint_url: Option<String>,
+}
+
+/// Loads the SDK configuration for one region.
+pub async fn sdk_config(ep: &Endpoint) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = &ep.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    if let Some(u) = &ep.endpoint_url {
+        loader = loader.endpoint_url(u.clone());
+    }
+    loader.load().await
+}

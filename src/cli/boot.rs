@@ -1,0 +1,9 @@
+//! `kiln boot` (not built yet).
+
+/// (not built yet)
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`kiln boot` is not built yet")
+}

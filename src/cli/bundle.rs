@@ -1,0 +1,9 @@
+//! `kiln bundle` (not built yet).
+
+/// (not built yet)
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`kiln bundle` is not built yet")
+}

@@ -1,0 +1,50 @@
+//! Command-line interface: one module per subcommand.
+
+use clap::{Parser, Subcommand};
+
+mod boot;
+mod build;
+mod bundle;
+mod check;
+mod inspect;
+mod mkfs;
+mod publish;
+mod unbundle;
+
+/// kiln bakes golden machine images: a TOML recipe becomes a partitioned, bootable raw disk
+/// (GPT, FAT32 ESP, ext4 root) written entirely in userspace, then an EBS snapshot and AMI or
+/// an instance-store bundle. No build instance, no loop devices, no mounts.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "Start with `kiln build recipes/debian-12-minimal.toml`, then `kiln boot out/<name>.raw`.\n\
+Every subcommand has its own --help with examples.")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Build(build::Args),
+    Check(check::Args),
+    Inspect(inspect::Args),
+    Boot(boot::Args),
+    Mkfs(mkfs::Args),
+    Publish(publish::Args),
+    Bundle(bundle::Args),
+    Unbundle(unbundle::Args),
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Build(a) => build::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Boot(a) => boot::run(a),
+        Command::Mkfs(a) => mkfs::run(a),
+        Command::Publish(a) => publish::run(a),
+        Command::Bundle(a) => bundle::run(a),
+        Command::Unbundle(a) => unbundle::run(a),
+    }
+}

@@ -1,0 +1,9 @@
+//! `kiln publish` (not built yet).
+
+/// (not built yet)
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`kiln publish` is not built yet")
+}

@@ -1,0 +1,5 @@
+//! On-disk formats. Each is a plain library: no AWS, no async, no CLI, no progress bars.
+
+pub mod image;
+pub mod tar;
+pub mod tree;

@@ -1,0 +1,11 @@
+//! kiln: bakes golden machine images without a build instance.
+//!
+//! The library holds everything but the command line: on-disk formats under [`formats`]
+//! (plain libraries that know nothing of recipes, AWS or terminals), and the pipeline stages
+//! that use them.
+
+pub mod aws;
+pub mod formats;
+pub mod manifest;
+pub mod platform;
+pub mod progress;

@@ -1,0 +1,238 @@
+//! The build manifest: everything later steps (publish, bundle, audits) need to know about a
+//! built image, written beside it as `NAME.manifest.json`.
+//!
+//! The block list is the uploader's source of truth about zeros: a 512 KiB block not listed
+//! holds only zeros, so publishing never reads or scans the rest of the image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::platform::{Arch, BootMode};
+
+/// EBS direct APIs move snapshots in blocks of 512 KiB.
+pub const EBS_BLOCK_SIZE: u64 = 524_288;
+
+/// Bumped when a field changes meaning; readers refuse versions they do not know.
+pub const MANIFEST_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub manifest_version: u32,
+    pub kiln_version: String,
+    /// Output name, architecture included (`debian-12-minimal-x86_64`).
+    pub name: String,
+    pub recipe: RecipeInfo,
+    pub os: String,
+    pub arch: Arch,
+    pub boot: BootMode,
+    /// The SOURCE_DATE_EPOCH every timestamp in the image was clamped to.
+    pub source_date_epoch: i64,
+    /// Installed packages (`dpkg-query`), sorted by name.
+    pub packages: Vec<Package>,
+    pub image: ImageInfo,
+    pub disk: DiskInfo,
+    pub blocks: BlockMap,
+    /// Resolved `[ami]` settings of the recipe, when it has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ami: Option<AmiSettings>,
+    /// Resolved `[bundle]` settings of the recipe, when it has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipeInfo {
+    pub path: String,
+    /// SHA-256 (hex) over the recipe and everything it pulls in (extended recipes, source files).
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    /// File name of the raw image, relative to the manifest's directory.
+    pub file: String,
+    pub size_bytes: u64,
+    /// SHA-256 (hex) of the whole raw image, zeros included.
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInfo {
+    pub label: String,
+    /// Disk GUID, upper-case hyphenated.
+    pub guid: String,
+    pub sector_size: u64,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionInfo {
+    /// 1-based GPT entry number.
+    pub number: u32,
+    pub name: String,
+    pub type_guid: String,
+    pub guid: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+    pub offset_bytes: u64,
+    pub size_bytes: u64,
+    /// `vfat`, `ext4`, or `none` (BIOS boot partition).
+    pub filesystem: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_label: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockMap {
+    pub block_size: u64,
+    /// Blocks that hold data, ascending by index; every other block is all zeros.
+    pub data_blocks: Vec<BlockDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDigest {
+    pub index: u64,
+    /// SHA-256 (hex) of the block's 524288 bytes.
+    pub sha256: String,
+}
+
+/// `[ami]` after validation: every value is one EC2 accepts, sizes in whole GiB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmiSettings {
+    /// May contain `{date}` (UTC YYYYMMDD of SOURCE_DATE_EPOCH), `{arch}`, `{name}`, `{sha}`
+    /// (first 12 hex digits of the image SHA-256).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The first region is where the snapshot is uploaded; the others receive CopyImage.
+    pub regions: Vec<String>,
+    pub root_volume: RootVolume,
+    pub ena: bool,
+    pub sriov: bool,
+    pub tpm: bool,
+    /// `v2.0` to require IMDSv2, or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imds: Option<String>,
+    /// EC2 BootMode value: `uefi`, `legacy-bios` or `uefi-preferred`.
+    pub boot_mode: String,
+    pub launch_permissions: LaunchPermissions,
+    pub tags: BTreeMap<String, String>,
+    pub volumes: Vec<ExtraVolume>,
+    /// Encrypt the snapshot (and so the root volume); with a KMS key ARN, or the account default.
+    pub encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_arn: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RootVolume {
+    /// `/dev/xvda`.
+    pub device: String,
+    pub size_gib: u32,
+    pub volume_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<u32>,
+    pub delete_on_termination: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchPermissions {
+    pub accounts: Vec<String>,
+    pub organizations: Vec<String>,
+    pub organizational_units: Vec<String>,
+    /// Only when the recipe says so explicitly: images are private by default.
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraVolume {
+    pub device: String,
+    pub size_gib: u32,
+    pub volume_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<u32>,
+    pub encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
+    pub delete_on_termination: bool,
+}
+
+/// `[bundle]` after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSettings {
+    /// 12-digit AWS account id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ec2_cert: Option<PathBuf>,
+    /// `s3://bucket/prefix` to upload to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading manifest {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("manifest {path} is not a kiln build manifest: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("manifest {path} has version {found}; this kiln reads version {MANIFEST_VERSION} (rebuild the image with this kiln)")]
+    Version { path: PathBuf, found: u32 },
+}
+
+impl Manifest {
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
+        let m: Manifest =
+            serde_json::from_slice(&text).map_err(|source| ManifestError::Parse { path: path.into(), source })?;
+        if m.manifest_version != MANIFEST_VERSION {
+            return Err(ManifestError::Version { path: path.into(), found: m.manifest_version });
+        }
+        Ok(m)
+    }
+
+    /// The raw image's path, given the manifest's own path.
+    pub fn image_path(&self, manifest_path: &Path) -> PathBuf {
+        manifest_path.parent().unwrap_or(Path::new(".")).join(&self.image.file)
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("manifest serializes");
+        s.push('\n');
+        s
+    }
+}

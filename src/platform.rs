@@ -1,0 +1,119 @@
+//! Facts that follow from the target architecture and boot mode, in one place.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    #[serde(rename = "x86_64")]
+    X86_64,
+    #[serde(rename = "arm64")]
+    Arm64,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Arm64];
+
+    /// The name recipes, manifests and EC2 use (`x86_64`, `arm64`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Arch> {
+        match s {
+            "x86_64" | "amd64" => Some(Arch::X86_64),
+            "arm64" | "aarch64" => Some(Arch::Arm64),
+            _ => None,
+        }
+    }
+    /// Debian's architecture name (`dpkg --print-architecture`).
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+    /// The UEFI removable-media fallback path on the ESP.
+    pub fn efi_boot_path(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "EFI/BOOT/BOOTX64.EFI",
+            Arch::Arm64 => "EFI/BOOT/BOOTAA64.EFI",
+        }
+    }
+    /// systemd-boot's binary inside the target root (package `systemd-boot-efi`).
+    pub fn systemd_boot_efi(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+            Arch::Arm64 => "usr/lib/systemd/boot/efi/systemd-bootaa64.efi",
+        }
+    }
+    /// Discoverable Partitions Specification root type for this architecture.
+    pub fn root_partition_type(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+            Arch::Arm64 => "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+        }
+    }
+    /// Debian's cloud kernel flavour (NVMe and ENA drivers built in or as modules).
+    pub fn cloud_kernel_package(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "linux-image-cloud-amd64",
+            Arch::Arm64 => "linux-image-cloud-arm64",
+        }
+    }
+    /// The architecture this process runs on.
+    pub fn host() -> Option<Arch> {
+        Arch::parse(std::env::consts::ARCH)
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the image boots. EC2's RegisterImage `BootMode` follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMode {
+    /// UEFI only (systemd-boot on the ESP).
+    Uefi,
+    /// Legacy BIOS only (GRUB in a BIOS boot partition).
+    Bios,
+    /// Both from one disk; registered as `uefi-preferred`.
+    Hybrid,
+}
+
+impl BootMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootMode::Uefi => "uefi",
+            BootMode::Bios => "bios",
+            BootMode::Hybrid => "hybrid",
+        }
+    }
+    /// EC2 RegisterImage `BootMode` value.
+    pub fn ec2_boot_mode(self) -> &'static str {
+        match self {
+            BootMode::Uefi => "uefi",
+            BootMode::Bios => "legacy-bios",
+            BootMode::Hybrid => "uefi-preferred",
+        }
+    }
+    pub fn has_uefi(self) -> bool {
+        matches!(self, BootMode::Uefi | BootMode::Hybrid)
+    }
+    pub fn has_bios(self) -> bool {
+        matches!(self, BootMode::Bios | BootMode::Hybrid)
+    }
+}
+
+impl fmt::Display for BootMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

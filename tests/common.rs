@@ -1,0 +1,148 @@
+//! Helpers every test module shares: a temp dir per test, the kiln binary, external tools as
+//! judges (skipped with a message locally when missing, a failure in CI), and the cached Debian
+//! root tarball that several areas test against.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// True under CI (`CI=true`): missing tools and slow tests are failures, not skips.
+pub fn in_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+}
+
+pub fn kiln() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.env("NO_COLOR", "1");
+    c
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    let base = std::env::var_os("KILN_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new().prefix("kiln-test-").tempdir_in(base).unwrap()
+}
+
+/// Finds `name` on PATH or in the sbin directories (e2fsck, debugfs live there). Returns None
+/// after printing why when it is missing locally; panics in CI, where every tool must be there.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs = path.split(':').map(PathBuf::from).chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from));
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    if in_ci() {
+        panic!("{name} is not installed; .ci/setup-host should have installed it");
+    }
+    eprintln!("SKIP: {name} is not installed (run .ci/setup-host)");
+    None
+}
+
+/// Skips (locally) or fails (CI) unless running as root; for loop-mount oracles.
+pub fn require_root(why: &str) -> bool {
+    if unsafe_geteuid() == 0 {
+        return true;
+    }
+    if in_ci() {
+        panic!("{why} needs root in CI");
+    }
+    eprintln!("SKIP: {why} needs root");
+    false
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Runs a command, panicking with its command line, status and output when it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("could not start {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+pub fn stdout_of(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
+}
+
+/// Where slow, shareable test inputs live between runs (staged Debian roots).
+pub fn cache_dir() -> PathBuf {
+    let d = std::env::var_os("KILN_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kiln-cache"));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The Debian 12 amd64 minbase root with a cloud kernel and systemd, as mmdebstrap writes it
+/// (about 11,000 entries). Built once per cache dir; None (locally) when mmdebstrap is missing.
+pub fn debian_root_tar() -> Option<PathBuf> {
+    static TAR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let out = cache_dir().join("test-debian12-amd64-minbase.tar");
+        if out.is_file() {
+            return Some(out);
+        }
+        let mmdebstrap = tool("mmdebstrap")?;
+        let mirror = host_debian_mirror().expect("no Debian mirror in the host's apt sources");
+        let tmp = out.with_extension("tar.partial");
+        run_ok(
+            Command::new(mmdebstrap)
+                .args([
+                    "--quiet",
+                    "--variant=minbase",
+                    "--include=linux-image-cloud-amd64,systemd-sysv,udev,systemd-boot,initramfs-tools",
+                    "--format=tar",
+                    "bookworm",
+                ])
+                .arg(&tmp)
+                .arg(format!("deb {mirror} bookworm main"))
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
+        );
+        std::fs::rename(&tmp, &out).unwrap();
+        Some(out)
+    })
+    .clone()
+}
+
+/// The first Debian archive URI in the host's apt sources (deb822 or one-line format).
+pub fn host_debian_mirror() -> Option<String> {
+    let mut files: Vec<PathBuf> = vec!["/etc/apt/sources.list".into()];
+    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        v.sort();
+        files.extend(v);
+    }
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else { continue };
+        for line in text.lines() {
+            let line = line.trim();
+            let uri = if let Some(rest) = line.strip_prefix("URIs:") {
+                rest.split_whitespace().next()
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                rest.split_whitespace().find(|w| !w.starts_with('['))
+            } else {
+                None
+            };
+            if let Some(u) = uri {
+                if !u.contains("security") && (u.ends_with("/debian") || u.ends_with("/debian/")) {
+                    return Some(u.trim_end_matches('/').to_string());
+                }
+            }
+        }
+    }
+    None
+}

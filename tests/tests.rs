@@ -1,0 +1,4 @@
+//! kiln's integration tests: one binary, a module per area. Independent tools are the judges
+//! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU), never kiln's own reader alone.
+
+mod common;
