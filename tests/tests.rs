@@ -2,3 +2,4 @@
 //! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU), never kiln's own reader alone.
 
 mod common;
+mod tar;

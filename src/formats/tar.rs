@@ -63,6 +63,7 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
         );
         let mut have_atime = false;
         let mut have_ctime = false;
+        let mut sparse = PaxSparse::default();
         if let Some(pax) = entry.pax_extensions().map_err(io_err)? {
             for ext in pax {
                 let ext = ext.map_err(io_err)?;
@@ -80,6 +81,15 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
                         meta.ctime = parse_time(value).ok_or_else(|| ctx_entry("bad PAX ctime".into()))?;
                         have_ctime = true;
                     }
+                    b"GNU.sparse.major" => sparse.major = parse_u64(value),
+                    b"GNU.sparse.minor" => sparse.minor = parse_u64(value),
+                    b"GNU.sparse.name" => sparse.name = Some(value.to_vec()),
+                    b"GNU.sparse.realsize" | b"GNU.sparse.size" => sparse.realsize = parse_u64(value),
+                    b"GNU.sparse.map" => {
+                        sparse.map = Some(parse_map(value).ok_or_else(|| ctx_entry("bad GNU.sparse.map".into()))?)
+                    }
+                    b"GNU.sparse.offset" => sparse.pairs_00.push(parse_u64(value).unwrap_or(u64::MAX)),
+                    b"GNU.sparse.numbytes" => sparse.pairs_00.push(parse_u64(value).unwrap_or(u64::MAX)),
                     _ => {
                         if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
                             meta.xattrs.insert(xname.to_vec(), value.to_vec());
@@ -101,7 +111,41 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
             meta.ctime = meta.mtime;
         }
 
+        // PAX sparse members (GNU tar's --sparse with --format=pax) name a placeholder path in
+        // the header and carry the real name and map in PAX records (0.x) or at the start of
+        // the data (1.0). Their data segments are stored back to back, so they stay references.
+        let name_bytes = match &sparse.name {
+            Some(n) if sparse.is_sparse() => n.clone(),
+            _ => name_bytes,
+        };
         let kind = match etype {
+            tar::EntryType::Regular | tar::EntryType::Continuous if sparse.is_sparse() => {
+                let mut data_pos = entry.raw_file_position();
+                let map = match sparse.map.take() {
+                    Some(m) => m,
+                    None if sparse.major == Some(1) => {
+                        let (m, used) =
+                            read_map_1_0(&mut entry).map_err(|e| ctx_entry(format!("bad sparse map: {e}")))?;
+                        data_pos += used;
+                        m
+                    }
+                    None => pairs(&sparse.pairs_00).ok_or_else(|| ctx_entry("bad GNU.sparse 0.0 map".into()))?,
+                };
+                let realsize = sparse.realsize.ok_or_else(|| ctx_entry("sparse member without a real size".into()))?;
+                let mut content = Content { size: realsize, segments: Vec::with_capacity(map.len()) };
+                for (off, len) in map {
+                    if len > 0 {
+                        content.segments.push(Segment {
+                            offset: off,
+                            len,
+                            data: Data::Source { source, offset: data_pos },
+                        });
+                    }
+                    data_pos += len;
+                }
+                content.validate().map_err(|e| ctx_entry(format!("bad sparse map: {e}")))?;
+                Kind::File(content)
+            }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let size = entry.size();
                 let pos = entry.raw_file_position();
@@ -150,6 +194,77 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
         tree.insert(&name_bytes, kind, meta, OnExisting::Error).map_err(ctx_tree)?;
     }
     Ok(tree)
+}
+
+/// GNU sparse information gathered from PAX records.
+#[derive(Default)]
+struct PaxSparse {
+    major: Option<u64>,
+    minor: Option<u64>,
+    name: Option<Vec<u8>>,
+    realsize: Option<u64>,
+    map: Option<Vec<(u64, u64)>>,
+    pairs_00: Vec<u64>,
+}
+
+impl PaxSparse {
+    fn is_sparse(&self) -> bool {
+        self.major.is_some() || self.map.is_some() || !self.pairs_00.is_empty()
+    }
+}
+
+fn parse_u64(v: &[u8]) -> Option<u64> {
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
+}
+
+fn pairs(nums: &[u64]) -> Option<Vec<(u64, u64)>> {
+    if nums.len() % 2 != 0 || nums.contains(&u64::MAX) {
+        return None;
+    }
+    Some(nums.chunks(2).map(|c| (c[0], c[1])).collect())
+}
+
+/// `GNU.sparse.map`: "offset,size,offset,size,...".
+fn parse_map(v: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let nums: Option<Vec<u64>> = std::str::from_utf8(v).ok()?.split(',').map(|n| n.trim().parse().ok()).collect();
+    pairs(&nums?)
+}
+
+/// Sparse format 1.0: decimal lines at the start of the data (count, then offset/size pairs),
+/// padded to a 512-byte boundary. Returns the map and the bytes it occupies.
+fn read_map_1_0<R: Read>(r: &mut R) -> io::Result<(Vec<(u64, u64)>, u64)> {
+    let mut used = 0u64;
+    let mut byte = [0u8; 1];
+    let mut next_number = |r: &mut R| -> io::Result<u64> {
+        let mut n: u64 = 0;
+        let mut digits = 0;
+        loop {
+            r.read_exact(&mut byte)?;
+            used += 1;
+            match byte[0] {
+                b'\n' if digits > 0 => return Ok(n),
+                b'0'..=b'9' if digits < 20 => {
+                    n = n
+                        .checked_mul(10)
+                        .and_then(|n| n.checked_add(u64::from(byte[0] - b'0')))
+                        .ok_or_else(|| io::Error::other("number overflows"))?;
+                    digits += 1;
+                }
+                _ => return Err(io::Error::other("not a decimal line")),
+            }
+        }
+    };
+    let count = next_number(r)?;
+    // A map longer than the archive could hold is corrupt; 1<<24 entries is far past any real file.
+    if count > 1 << 24 {
+        return Err(io::Error::other(format!("{count} map entries")));
+    }
+    let mut nums = Vec::with_capacity(count as usize * 2);
+    for _ in 0..count * 2 {
+        nums.push(next_number(r)?);
+    }
+    let used = used.div_ceil(512) * 512;
+    Ok((pairs(&nums).ok_or_else(|| io::Error::other("odd map"))?, used))
 }
 
 fn parse_id(v: &[u8]) -> Option<u32> {

@@ -380,6 +380,47 @@ impl Tree {
         Ok(cur)
     }
 
+    /// Looks a path up the way the booted system would: symlinks (absolute ones relative to
+    /// this tree's root) are followed, `..` stops at the root, at most 40 links deep.
+    pub fn resolve(&self, path: &[u8]) -> Result<InodeId, TreeError> {
+        let display = || String::from_utf8_lossy(path).into_owned();
+        if path.contains(&0) {
+            return Err(TreeError::NulInName { path: display() });
+        }
+        // Components still to walk, last first; the directories walked so far.
+        let mut todo: Vec<Vec<u8>> = path.split(|&b| b == b'/').rev().map(<[u8]>::to_vec).collect();
+        let mut stack = vec![InodeId::ROOT];
+        let mut hops = 0;
+        while let Some(part) = todo.pop() {
+            match part.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    if stack.len() > 1 {
+                        stack.pop();
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let cur = *stack.last().expect("root stays");
+            let Kind::Dir(d) = &self.inode(cur).kind else { return Err(TreeError::NotFound { path: display() }) };
+            let next = *d.entries.get(&part).ok_or_else(|| TreeError::NotFound { path: display() })?;
+            if let Kind::Symlink(target) = &self.inode(next).kind {
+                hops += 1;
+                if hops > 40 {
+                    return Err(TreeError::NotFound { path: display() });
+                }
+                if target.starts_with(b"/") {
+                    stack.truncate(1);
+                }
+                todo.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+                continue;
+            }
+            stack.push(next);
+        }
+        Ok(*stack.last().expect("root stays"))
+    }
+
     fn parent_of(&self, sp: &SplitPath<'_>) -> Result<InodeId, TreeError> {
         let mut cur = InodeId::ROOT;
         for part in &sp.parts[..sp.parts.len() - 1] {
@@ -654,6 +695,24 @@ mod tests {
         let mut n = 0;
         t.walk(|_, _, _| n += 1);
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn resolve_follows_relative_and_absolute_links() {
+        let mut t = Tree::new(m());
+        t.insert(b"usr", Kind::Dir(Dir::default()), m(), OnExisting::Error).unwrap();
+        t.insert(b"usr/lib", Kind::Dir(Dir::default()), m(), OnExisting::Error).unwrap();
+        let f = t.insert(b"usr/lib/os-release", Kind::Fifo, m(), OnExisting::Error).unwrap();
+        t.insert(b"lib", Kind::Symlink(b"usr/lib".to_vec()), m(), OnExisting::Error).unwrap();
+        t.insert(b"etc", Kind::Dir(Dir::default()), m(), OnExisting::Error).unwrap();
+        t.insert(b"etc/os-release", Kind::Symlink(b"../usr/lib/os-release".to_vec()), m(), OnExisting::Error).unwrap();
+        t.insert(b"etc/abs", Kind::Symlink(b"/lib/os-release".to_vec()), m(), OnExisting::Error).unwrap();
+        t.insert(b"loop", Kind::Symlink(b"loop".to_vec()), m(), OnExisting::Error).unwrap();
+        assert_eq!(t.resolve(b"/etc/os-release").unwrap(), f);
+        assert_eq!(t.resolve(b"etc/abs").unwrap(), f);
+        assert_eq!(t.resolve(b"/lib/os-release").unwrap(), f);
+        assert_eq!(t.resolve(b"/../../lib/../lib/os-release").unwrap(), f);
+        assert!(t.resolve(b"loop").is_err());
     }
 
     #[test]

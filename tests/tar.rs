@@ -1,0 +1,159 @@
+//! The tar reader, judged by GNU tar: archives GNU tar writes from a real directory must read
+//! back as exactly that directory (kinds, modes, ids, nanosecond times, xattrs, hard links,
+//! sparse files, long names).
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use kiln::formats::tar::{read_tar, TarOptions};
+use kiln::formats::tree::{Kind, Tree};
+
+use crate::common::{run_ok, tempdir, tool};
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let rc = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(rc, 0, "setxattr {name} on {}", path.display());
+}
+
+fn content_of(tree: &Tree, path: &str) -> Vec<u8> {
+    let id = tree.lookup(path.as_bytes()).unwrap();
+    let Kind::File(c) = &tree.inode(id).kind else { panic!("{path} is not a file") };
+    let mut buf = vec![0u8; c.size as usize];
+    tree.read_content(c, 0, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn gnu_tar_archive_reads_back_as_the_directory() {
+    let Some(tar) = tool("tar") else { return };
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    let deep = src.join("d".repeat(100)).join("e".repeat(120)).join("f".repeat(90));
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(src.join("hello"), b"hello world\n").unwrap();
+    std::fs::write(deep.join("g".repeat(200)), b"deep").unwrap();
+    std::fs::set_permissions(src.join("hello"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::hard_link(src.join("hello"), src.join("hello-link")).unwrap();
+    std::os::unix::fs::symlink("hello", src.join("sym")).unwrap();
+    run_ok(Command::new("mkfifo").arg(src.join("fifo")));
+    // A sparse file: 1 MiB hole, 4 KiB of data, 3 MiB hole at the end.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(src.join("sparse")).unwrap();
+        f.write_all_at(&[0xab; 4096], 1 << 20).unwrap();
+        f.set_len(4 << 20).unwrap();
+    }
+    set_xattr(&src.join("hello"), "user.kiln", b"value\0with nul");
+    run_ok(Command::new("touch").args(["-h", "-d", "1969-07-20 20:17:40.123456789 UTC"]).arg(src.join("sym")));
+    run_ok(Command::new("touch").args(["-d", "2100-01-01 00:00:00.5 UTC"]).arg(src.join("hello")));
+
+    let archive = tmp.path().join("a.tar");
+    run_ok(
+        Command::new(tar)
+            .args(["--format=pax", "--xattrs", "--xattrs-include=*", "--sparse", "--numeric-owner"])
+            .args(["--owner=70000", "--group=80000"])
+            .arg("-cf")
+            .arg(&archive)
+            .arg("-C")
+            .arg(&src)
+            .arg("."),
+    );
+    let tree = read_tar(&archive, &TarOptions { spool_dir: Some(tmp.path().to_path_buf()) }).unwrap();
+
+    let hello = tree.lookup(b"hello").unwrap();
+    assert_eq!(tree.lookup(b"/hello-link").unwrap(), hello, "hard link shares the inode");
+    assert_eq!(tree.nlink(hello), 2);
+    let m = &tree.inode(hello).meta;
+    assert_eq!(m.perm, 0o4755);
+    assert_eq!((m.uid, m.gid), (70000, 80000));
+    assert_eq!(m.mtime.secs, 4102444800);
+    assert_eq!(m.mtime.nanos, 500_000_000);
+    assert_eq!(m.xattrs.get(&b"user.kiln"[..]).map(|v| v.as_slice()), Some(&b"value\0with nul"[..]));
+    assert_eq!(content_of(&tree, "hello"), b"hello world\n");
+
+    let sym = tree.lookup(b"sym").unwrap();
+    assert_eq!(tree.inode(sym).kind, Kind::Symlink(b"hello".to_vec()));
+    let st = std::fs::symlink_metadata(src.join("sym")).unwrap();
+    assert_eq!(tree.inode(sym).meta.mtime.secs, st.mtime(), "pre-1970 time");
+    assert_eq!(tree.inode(sym).meta.mtime.nanos as i64, st.mtime_nsec());
+
+    assert_eq!(tree.inode(tree.lookup(b"fifo").unwrap()).kind, Kind::Fifo);
+
+    let long = format!("{}/{}/{}/{}", "d".repeat(100), "e".repeat(120), "f".repeat(90), "g".repeat(200));
+    assert_eq!(content_of(&tree, &long), b"deep");
+
+    let sparse = content_of(&tree, "sparse");
+    let on_disk = std::fs::read(src.join("sparse")).unwrap();
+    assert_eq!(sparse.len(), on_disk.len());
+    assert!(sparse == on_disk, "sparse file content differs");
+    let Kind::File(c) = &tree.inode(tree.lookup(b"sparse").unwrap()).kind else { panic!() };
+    assert!(c.data_bytes() < 64 * 1024, "holes stayed holes ({} data bytes)", c.data_bytes());
+
+    // Every path GNU tar lists is in the tree, and nothing else.
+    let listed = String::from_utf8(run_ok(Command::new("tar").arg("-tf").arg(&archive)).stdout).unwrap();
+    let mut want: Vec<String> = listed
+        .lines()
+        .map(|l| l.trim_start_matches("./").trim_end_matches('/').to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    want.sort();
+    let mut got = Vec::new();
+    tree.walk(|p, _, _| {
+        if p != b"/" {
+            got.push(String::from_utf8_lossy(&p[1..]).into_owned())
+        }
+    });
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn debian_root_reads_with_every_entry_and_exact_contents() {
+    let Some(archive) = crate::common::debian_root_tar() else { return };
+    let tree = read_tar(&archive, &TarOptions::default()).unwrap();
+    let listing = String::from_utf8(run_ok(Command::new("tar").arg("-tvf").arg(&archive)).stdout).unwrap();
+    let mut kinds: BTreeMap<char, usize> = BTreeMap::new();
+    for l in listing.lines() {
+        *kinds.entry(l.chars().next().unwrap()).or_default() += 1;
+    }
+    let mut got: BTreeMap<char, usize> = BTreeMap::new();
+    tree.walk(|p, id, _| {
+        if p == b"/" {
+            return;
+        }
+        let c = match &tree.inode(id).kind {
+            Kind::Dir(_) => 'd',
+            Kind::File(_) => '-',
+            Kind::Symlink(_) => 'l',
+            Kind::CharDev { .. } => 'c',
+            Kind::BlockDev { .. } => 'b',
+            Kind::Fifo => 'p',
+            Kind::Socket => 's',
+        };
+        *got.entry(c).or_default() += 1;
+    });
+    // GNU tar lists hard links as 'h'; they are files in the tree.
+    let mut want = kinds.clone();
+    want.remove(&'h').map(|h| *want.entry('-').or_default() += h);
+    // The root "./" is listed by tar but not walked as an entry.
+    *want.get_mut(&'d').unwrap() -= 1;
+    assert_eq!(got, want);
+    assert!(tree.live_inodes().count() > 10_000);
+
+    // A few contents, byte for byte, against `tar -xO`.
+    for path in ["./usr/lib/os-release", "./etc/passwd", "./usr/bin/dpkg"] {
+        let want = run_ok(Command::new("tar").arg("-xOf").arg(&archive).arg(path)).stdout;
+        let id = tree.resolve(path.as_bytes()).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let Kind::File(c) = &tree.inode(id).kind else { panic!("{path}") };
+        let mut buf = vec![0; c.size as usize];
+        tree.read_content(c, 0, &mut buf).unwrap();
+        assert!(buf == want, "{path} differs");
+    }
+}
