@@ -17,7 +17,7 @@ use crate::formats::tar::{read_tar, TarOptions};
 use crate::formats::tree::{Content, Dir, Kind, Meta, OnExisting, Timestamp, Tree};
 use crate::manifest::{self, Manifest, EBS_BLOCK_SIZE, MANIFEST_VERSION};
 use crate::progress::{Progress, Unit};
-use crate::recipe::{Base, DiskSize, FileContent, FileEntry, FileKind, Recipe};
+use crate::recipe::{Base, DiskSize, FileContent, FileEntry, FileKind, Network, Recipe};
 use crate::stage::debian::{self, DebianBase};
 use crate::stage::system::{self, SystemConfig};
 
@@ -87,7 +87,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             }
             (path.clone(), true)
         }
-        Base::Debian { suite, mirror, .. } => {
+        Base::Debian { suite, mirror, snapshot, components } => {
             let mirror = mirror
                 .clone()
                 .or_else(|| opts.mirror.clone())
@@ -102,9 +102,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
                 suite: suite.clone(),
                 arch: recipe.arch,
                 mirror,
-                components: vec!["main".into()],
+                components: components.clone(),
                 packages,
                 source_date_epoch: opts.source_date_epoch.or(recipe.source_date_epoch),
+                snapshot: snapshot.is_some(),
             };
             let staged = debian::stage(&base, &opts.cache_dir, progress).context("staging the Debian base")?;
             (staged.tar, staged.cached)
@@ -140,6 +141,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         services_disable: recipe.system.services_disable.clone(),
         root_fs_uuid: ext4::uuid_string(&root_opts.uuid),
         esp_mount: recipe.system.mount_esp.clone().map(|m| (ids.esp_fs_uuid(), m)),
+        network_dhcp: recipe.system.network == Network::Dhcp,
         time: epoch,
     };
     for note in system::configure(&mut tree, &sys).context("generating system files")? {
@@ -207,13 +209,17 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     Ok(BuildOutput { manifest_path, image_path, manifest, base_cached, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// Lays the recipe's `[[files]]` over the tree, in recipe order (a later entry wins).
+/// Lays the recipe's `[[files]]` over the tree, in recipe order (a later entry wins). Owners
+/// given by name are looked up in the image's own /etc/passwd and /etc/group.
 pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Result<()> {
     let parent_meta = Meta::new(0o755, 0, 0, time);
+    let passwd = read_tree_text(tree, "/etc/passwd");
+    let group = read_tree_text(tree, "/etc/group");
     for f in files {
         let path = f.path.as_bytes();
-        tree.create_parents(path, &parent_meta).with_context(|| format!("creating the parents of {}", f.path))?;
-        let meta = Meta::new(f.mode, f.uid, f.gid, time);
+        tree.create_parents(path, &parent_meta).with_context(|| format!("{}: creating the parents of {}", f.origin, f.path))?;
+        let (uid, gid) = f.resolve_owner(&passwd, &group)?;
+        let meta = Meta::new(f.mode, uid, gid, time);
         let kind = match &f.kind {
             FileKind::Dir => Kind::Dir(Dir::default()),
             FileKind::Symlink { target } => Kind::Symlink(target.as_bytes().to_vec()),
@@ -227,6 +233,16 @@ pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Res
         tree.insert(path, kind, meta, OnExisting::Replace).with_context(|| format!("adding {}", f.path))?;
     }
     Ok(())
+}
+
+fn read_tree_text(tree: &Tree, path: &str) -> String {
+    let Ok(id) = tree.resolve(path.as_bytes()) else { return String::new() };
+    let Kind::File(c) = &tree.inode(id).kind else { return String::new() };
+    let mut buf = vec![0u8; c.size as usize];
+    match tree.read_content(c, 0, &mut buf) {
+        Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
+        Err(_) => String::new(),
+    }
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place.

@@ -27,6 +27,8 @@ pub struct SystemConfig {
     pub root_fs_uuid: String,
     /// FAT volume id of the ESP (`ABCD-1234`) and where to mount it, when the image mounts it.
     pub esp_mount: Option<(String, String)>,
+    /// Configure DHCP on the first NIC with systemd-networkd (the recipe may bring its own).
+    pub network_dhcp: bool,
     /// Time given to every generated file.
     pub time: Timestamp,
 }
@@ -94,17 +96,20 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
     put_file(tree, "/etc/machine-id", "", 0o444, t)?;
     let _ = tree.remove(b"/var/lib/dbus/machine-id");
 
-    // DHCP on every Ethernet NIC (EC2's ENA shows up as ens5/enp*; QEMU's as enp0s*).
-    put_file(
-        tree,
-        "/etc/systemd/network/80-kiln-dhcp.network",
-        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n\n[DHCPv4]\nUseHostname=false\n",
-        0o644,
-        t,
-    )?;
-    let mut enable: Vec<String> = vec!["systemd-networkd.service".into()];
-    if find_unit(tree, "systemd-resolved.service").is_some() {
-        enable.push("systemd-resolved.service".into());
+    let mut enable: Vec<String> = Vec::new();
+    if cfg.network_dhcp {
+        // DHCP on every Ethernet NIC (EC2's ENA shows up as ens5/enp*; QEMU's as enp0s*).
+        put_file(
+            tree,
+            "/etc/systemd/network/80-kiln-dhcp.network",
+            "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n\n[DHCPv4]\nUseHostname=false\n",
+            0o644,
+            t,
+        )?;
+        enable.push("systemd-networkd.service".into());
+        if find_unit(tree, "systemd-resolved.service").is_some() {
+            enable.push("systemd-resolved.service".into());
+        }
     }
     enable.extend(cfg.services_enable.iter().map(|u| unit_name(u)));
     let mut done = Vec::new();
