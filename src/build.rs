@@ -230,7 +230,7 @@ pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Res
                 Kind::File(Content::from_source(id, 0, len))
             }
         };
-        tree.insert(path, kind, meta, OnExisting::Replace).with_context(|| format!("adding {}", f.path))?;
+        tree.insert(path, kind, meta, OnExisting::Replace).with_context(|| format!("{}: adding {}", f.origin, f.path))?;
     }
     Ok(())
 }
