@@ -1,5 +1,6 @@
 //! On-disk formats. Each is a plain library: no AWS, no async, no CLI, no progress bars.
 
+pub mod grub_pc;
 pub mod image;
 pub mod tar;
 pub mod tree;

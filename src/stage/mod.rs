@@ -2,4 +2,5 @@
 //! (cached by its inputs), then recipe files and generated system files are laid over it.
 
 pub mod debian;
+pub mod grub;
 pub mod system;

@@ -1,0 +1,278 @@
+//! `kiln build` as one flat list of steps: recipe → staged base → root tree → generated files
+//! → ESP → disk plan → one ordered write that sparse-writes, hashes and digests blocks at once
+//! → manifest. Each step adds its own context to errors; outputs appear at their final paths
+//! only when complete.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::disk::{self, BootSetup, DiskIds, DiskSpec};
+use crate::formats::ext4::{self, Ext4Options, SizeSpec};
+use crate::formats::image::{BlockDigests, Sha256Sink, Sink, SparseFile, Tee};
+use crate::formats::tar::{read_tar, TarOptions};
+use crate::formats::tree::{Content, Dir, Kind, Meta, OnExisting, Timestamp, Tree};
+use crate::manifest::{self, Manifest, EBS_BLOCK_SIZE, MANIFEST_VERSION};
+use crate::progress::{Progress, Unit};
+use crate::recipe::{Base, DiskSize, FileContent, FileEntry, FileKind, Recipe};
+use crate::stage::debian::{self, DebianBase};
+use crate::stage::system::{self, SystemConfig};
+
+/// Size of the EFI system partition: room for two kernels and initrds plus systemd-boot.
+pub const ESP_SIZE_BYTES: u64 = 256 << 20;
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub out_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// `--mirror`; the recipe's own mirror wins, the host's apt sources come last.
+    pub mirror: Option<String>,
+    /// SOURCE_DATE_EPOCH from the environment; wins over the recipe's.
+    pub source_date_epoch: Option<i64>,
+}
+
+#[derive(Debug)]
+pub struct BuildOutput {
+    pub manifest_path: PathBuf,
+    pub image_path: PathBuf,
+    pub manifest: Manifest,
+    pub base_cached: bool,
+    pub seconds: f64,
+}
+
+/// Where staged bases and other reusable work live: `--cache-dir`, `KILN_CACHE_DIR`,
+/// `$XDG_CACHE_HOME/kiln`, `~/.cache/kiln`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Path::new(&d).join("kiln");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Path::new(&h).join(".cache/kiln"),
+        None => PathBuf::from("/var/cache/kiln"),
+    }
+}
+
+/// Seed for every identifier in the image (disk and partition GUIDs, filesystem UUIDs, hash
+/// seeds). It depends on the recipe's name, OS and architecture only, so editing a file in
+/// the recipe changes the blocks that hold that file and not every checksummed metadata block
+/// (ext4's metadata_csum is seeded by the filesystem UUID): incremental uploads stay small.
+pub fn image_seed(recipe: &Recipe) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"kiln-image-seed-v1\0");
+    h.update(recipe.name.as_bytes());
+    h.update([0]);
+    h.update(recipe.arch.as_str().as_bytes());
+    h.update([0]);
+    if let Some(os) = &recipe.os {
+        h.update(os.as_str().as_bytes());
+    }
+    h.finalize().into()
+}
+
+pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> Result<BuildOutput> {
+    let started = Instant::now();
+    let name = recipe.output_name();
+
+    // 1. The OS base, as a tarball (cached when kiln staged it).
+    let (base_tar, base_cached) = match &recipe.base {
+        Base::Tarball(path) => {
+            if !path.is_file() {
+                bail!("base tarball {} does not exist", path.display());
+            }
+            (path.clone(), true)
+        }
+        Base::Debian { suite, mirror, .. } => {
+            let mirror = mirror
+                .clone()
+                .or_else(|| opts.mirror.clone())
+                .or_else(debian::host_mirror)
+                .ok_or(debian::StageError::NoMirror)?;
+            let mut packages: Vec<String> =
+                debian::required_packages(recipe.arch).into_iter().map(String::from).collect();
+            packages.extend(recipe.packages.iter().cloned());
+            packages.sort();
+            packages.dedup();
+            let base = DebianBase {
+                suite: suite.clone(),
+                arch: recipe.arch,
+                mirror,
+                components: vec!["main".into()],
+                packages,
+                source_date_epoch: opts.source_date_epoch.or(recipe.source_date_epoch),
+            };
+            let staged = debian::stage(&base, &opts.cache_dir, progress).context("staging the Debian base")?;
+            (staged.tar, staged.cached)
+        }
+    };
+
+    // 2. The root tree, straight from the tarball (contents stay in it, by reference).
+    progress.begin("reading root tree", None, Unit::Items);
+    let spool = opts.cache_dir.join("spool");
+    std::fs::create_dir_all(&spool).with_context(|| format!("creating {}", spool.display()))?;
+    let mut tree = read_tar(&base_tar, &TarOptions { spool_dir: Some(spool) })
+        .with_context(|| format!("reading the root tree from {}", base_tar.display()))?;
+    progress.end(&format!("{} inodes", tree.live_inodes().count()));
+
+    // Every timestamp is clamped to one epoch: the caller's SOURCE_DATE_EPOCH, the recipe's,
+    // or else the newest time already in the base (deterministic for a given base).
+    let epoch_secs = opts
+        .source_date_epoch
+        .or(recipe.source_date_epoch)
+        .unwrap_or_else(|| tree.live_inodes().map(|(_, i)| i.meta.mtime.secs).max().unwrap_or(0));
+    let epoch = Timestamp::new(epoch_secs, 0);
+
+    // 3. Identifiers, then the recipe's files and the generated system files.
+    let seed = image_seed(recipe);
+    let ids = DiskIds::derive(&seed);
+    let mut root_opts = Ext4Options::with_seed(&ids.root_fs_seed);
+    root_opts.label = "root".into();
+    root_opts.timestamp = epoch_secs;
+    apply_files(&mut tree, &recipe.files, epoch).context("adding the recipe's [[files]]")?;
+    let sys = SystemConfig {
+        hostname: recipe.system.hostname.clone(),
+        services_enable: recipe.system.services_enable.clone(),
+        services_disable: recipe.system.services_disable.clone(),
+        root_fs_uuid: ext4::uuid_string(&root_opts.uuid),
+        esp_mount: recipe.system.mount_esp.clone().map(|m| (ids.esp_fs_uuid(), m)),
+        time: epoch,
+    };
+    for note in system::configure(&mut tree, &sys).context("generating system files")? {
+        progress.note(&note);
+    }
+    tree.clamp_times(epoch);
+    let packages = debian::installed_packages(&tree);
+
+    // 4. ESP contents and the disk plan; nothing is written before the whole layout is known.
+    let boot = BootSetup { arch: recipe.arch, mode: recipe.boot, cmdline: recipe.system.kernel_cmdline.clone() };
+    let esp = disk::esp_files(&tree, &ids, &boot).context("collecting the boot files for the ESP")?;
+    root_opts.size = match recipe.size {
+        DiskSize::Bytes(_) => SizeSpec::Auto { headroom_percent: 0, min_free_bytes: 0 },
+        DiskSize::Auto => SizeSpec::Auto { headroom_percent: 20, min_free_bytes: 256 << 20 },
+    };
+    let spec = DiskSpec {
+        size: match recipe.size {
+            DiskSize::Bytes(b) => Some(b),
+            DiskSize::Auto => None,
+        },
+        esp_size_bytes: ESP_SIZE_BYTES,
+        boot,
+        timestamp: epoch_secs,
+    };
+    let plan = disk::plan(&spec, &ids, &esp, &tree, root_opts).context("planning the disk layout")?;
+
+    // 5. One ordered pass: sparse file + SHA-256 + per-block digests.
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let image_path = opts.out_dir.join(format!("{name}.raw"));
+    let size = plan.size_bytes();
+    progress.begin("writing image", Some(size), Unit::Bytes);
+    let mut file = SparseFile::create(&image_path).with_context(|| format!("creating {}", image_path.display()))?;
+    let mut sha = Sha256Sink::new();
+    let mut blocks = BlockDigests::new(EBS_BLOCK_SIZE);
+    {
+        let mut counted = Counted { inner: Tee(vec![&mut file as &mut dyn Sink, &mut sha, &mut blocks]), progress, at: 0 };
+        disk::write(&plan, &tree, &mut counted).context("writing the image")?;
+    }
+    let sha256 = sha.hex();
+    let block_map = blocks.into_block_map();
+    file.persist().with_context(|| format!("finishing {}", image_path.display()))?;
+    progress.end(&format!("{} ({} data blocks of 512 KiB)", human_bytes(size), block_map.data_blocks.len()));
+
+    // 6. Checksum file and manifest, each written whole then renamed into place.
+    let sha_path = opts.out_dir.join(format!("{name}.raw.sha256"));
+    write_atomic(&sha_path, format!("{sha256}  {name}.raw\n").as_bytes())?;
+    let manifest = Manifest {
+        manifest_version: MANIFEST_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        name: name.clone(),
+        recipe: manifest::RecipeInfo { path: recipe.path.display().to_string(), sha256: recipe.sha256.clone() },
+        os: recipe.os.as_ref().map(|o| o.as_str().to_string()).unwrap_or_else(|| "custom".into()),
+        arch: recipe.arch,
+        boot: recipe.boot,
+        source_date_epoch: epoch_secs,
+        packages,
+        image: manifest::ImageInfo { file: format!("{name}.raw"), size_bytes: size, sha256 },
+        disk: plan.disk_info(),
+        blocks: block_map,
+        ami: recipe.ami.clone(),
+        bundle: recipe.bundle.clone(),
+    };
+    let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
+    write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
+    Ok(BuildOutput { manifest_path, image_path, manifest, base_cached, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Lays the recipe's `[[files]]` over the tree, in recipe order (a later entry wins).
+pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Result<()> {
+    let parent_meta = Meta::new(0o755, 0, 0, time);
+    for f in files {
+        let path = f.path.as_bytes();
+        tree.create_parents(path, &parent_meta).with_context(|| format!("creating the parents of {}", f.path))?;
+        let meta = Meta::new(f.mode, f.uid, f.gid, time);
+        let kind = match &f.kind {
+            FileKind::Dir => Kind::Dir(Dir::default()),
+            FileKind::Symlink { target } => Kind::Symlink(target.as_bytes().to_vec()),
+            FileKind::File { content: FileContent::Inline(bytes) } => Kind::File(Content::inline(Arc::<[u8]>::from(bytes.as_slice()))),
+            FileKind::File { content: FileContent::Source(src) } => {
+                let len = std::fs::metadata(src).with_context(|| format!("reading {} for {}", src.display(), f.path))?.len();
+                let id = tree.add_source(src).with_context(|| format!("opening {} for {}", src.display(), f.path))?;
+                Kind::File(Content::from_source(id, 0, len))
+            }
+        };
+        tree.insert(path, kind, meta, OnExisting::Replace).with_context(|| format!("adding {}", f.path))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Passes the stream on and reports progress by offset reached.
+struct Counted<'a, S> {
+    inner: S,
+    progress: &'a dyn Progress,
+    at: u64,
+}
+
+impl<S: Sink> Sink for Counted<'_, S> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, data)?;
+        let end = offset + data.len() as u64;
+        if end > self.at {
+            self.progress.advance(end - self.at);
+            self.at = end;
+        }
+        Ok(())
+    }
+    fn finish(&mut self, len: u64) -> std::io::Result<()> {
+        self.inner.finish(len)?;
+        if len > self.at {
+            self.progress.advance(len - self.at);
+            self.at = len;
+        }
+        Ok(())
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    let f = n as f64;
+    if f >= GIB {
+        format!("{:.2} GiB", f / GIB)
+    } else {
+        format!("{:.1} MiB", f / MIB)
+    }
+}
+

@@ -1,0 +1,218 @@
+//! `kiln build` end to end: the shipped minimal recipe becomes a disk that the reference tools
+//! accept (sgdisk, sfdisk, fsck.fat, e2fsck, sha256sum), that holds what the recipe says
+//! (debugfs, mtools), that boots to a login prompt under QEMU, and that is byte-identical when
+//! built again from the same cached stage.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use kiln::manifest::Manifest;
+use serde_json::Value;
+
+use crate::common::{in_ci, kiln, run_ok, stdout_of, tempdir, tool};
+
+const EPOCH: &str = "1700000000";
+
+struct Built {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    manifest_path: PathBuf,
+    manifest: Manifest,
+}
+
+fn root_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn build_recipe(recipe: &Path, out: &Path) -> Value {
+    let o = run_ok(
+        kiln()
+            .arg("build")
+            .arg(recipe)
+            .arg("--out")
+            .arg(out)
+            .arg("--json")
+            .env("KILN_CACHE_DIR", crate::common::cache_dir())
+            .env("SOURCE_DATE_EPOCH", EPOCH),
+    );
+    serde_json::from_slice(&o.stdout).expect("--json prints one JSON object")
+}
+
+/// The minimal recipe, built once for the whole module (staging takes ~40 s).
+fn minimal() -> Option<&'static Built> {
+    static B: OnceLock<Option<Built>> = OnceLock::new();
+    B.get_or_init(|| {
+        tool("mmdebstrap")?;
+        let dir = tempdir();
+        let out = dir.path().join("out");
+        let summary = build_recipe(&root_dir().join("recipes/debian-12-minimal.toml"), &out);
+        let manifest_path = PathBuf::from(summary["manifest"].as_str().unwrap());
+        let manifest = Manifest::load(&manifest_path).unwrap();
+        Some(Built { _dir: dir, out, manifest_path, manifest })
+    })
+    .as_ref()
+}
+
+fn image(b: &Built) -> PathBuf {
+    b.out.join(&b.manifest.image.file)
+}
+
+/// Copies one partition out of the image (dd with sparse output) for fsck tools.
+fn extract_partition(b: &Built, number: u32, dest: &Path) {
+    let p = b.manifest.disk.partitions.iter().find(|p| p.number == number).unwrap();
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", image(b).display()))
+            .arg(format!("of={}", dest.display()))
+            .args(["bs=512", "conv=sparse", "status=none"])
+            .arg(format!("skip={}", p.first_lba))
+            .arg(format!("count={}", p.last_lba - p.first_lba + 1)),
+    );
+}
+
+#[test]
+fn partition_table_matches_the_manifest() {
+    let Some(b) = minimal() else { return };
+    let (Some(sgdisk), Some(sfdisk)) = (tool("sgdisk"), tool("sfdisk")) else { return };
+    let v = stdout_of(Command::new(&sgdisk).arg("-v").arg(image(b)));
+    assert!(v.contains("No problems found"), "sgdisk -v: {v}");
+    let j: Value = serde_json::from_str(&stdout_of(Command::new(&sfdisk).arg("--json").arg(image(b)))).unwrap();
+    let table = &j["partitiontable"];
+    assert_eq!(table["label"], "gpt");
+    assert_eq!(table["id"].as_str().unwrap().to_uppercase(), b.manifest.disk.guid.to_uppercase());
+    let parts = table["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), b.manifest.disk.partitions.len());
+    for (sp, mp) in parts.iter().zip(&b.manifest.disk.partitions) {
+        assert_eq!(sp["start"].as_u64().unwrap(), mp.first_lba, "{mp:?}");
+        assert_eq!(sp["size"].as_u64().unwrap(), mp.last_lba - mp.first_lba + 1, "{mp:?}");
+        assert_eq!(sp["type"].as_str().unwrap().to_uppercase(), mp.type_guid.to_uppercase());
+        assert_eq!(sp["uuid"].as_str().unwrap().to_uppercase(), mp.guid.to_uppercase());
+        assert_eq!(mp.first_lba % 2048, 0, "1 MiB alignment");
+        assert_eq!(mp.offset_bytes, mp.first_lba * 512);
+    }
+    let root = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
+    assert_eq!(root.type_guid.to_uppercase(), kiln::platform::Arch::X86_64.root_partition_type());
+}
+
+#[test]
+fn checksum_file_verifies_with_sha256sum() {
+    let Some(b) = minimal() else { return };
+    let sums = std::fs::read_dir(&b.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+        p.extension().is_some_and(|e| e == "sha256")
+    });
+    let sums = sums.expect("NAME.raw.sha256 exists");
+    let out = stdout_of(Command::new("sha256sum").arg("-c").arg(sums.file_name().unwrap()).current_dir(&b.out));
+    assert!(out.trim().ends_with(": OK"), "{out}");
+    let text = std::fs::read_to_string(&sums).unwrap();
+    assert!(text.starts_with(&b.manifest.image.sha256));
+}
+
+#[test]
+fn filesystems_are_clean_by_fsck_fat_and_e2fsck() {
+    let Some(b) = minimal() else { return };
+    let (Some(fsck_fat), Some(e2fsck)) = (tool("fsck.fat"), tool("e2fsck")) else { return };
+    let t = tempdir();
+    for p in &b.manifest.disk.partitions {
+        let dest = t.path().join(format!("p{}", p.number));
+        match p.filesystem.as_str() {
+            "vfat" => {
+                extract_partition(b, p.number, &dest);
+                run_ok(Command::new(&fsck_fat).arg("-n").arg(&dest));
+            }
+            "ext4" => {
+                extract_partition(b, p.number, &dest);
+                run_ok(Command::new(&e2fsck).arg("-fn").arg(&dest));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn recipe_files_and_settings_are_in_the_image() {
+    let Some(b) = minimal() else { return };
+    let (Some(debugfs), Some(_)) = (tool("debugfs"), tool("mtype")) else { return };
+    let t = tempdir();
+    let root = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
+    let rootimg = t.path().join("root.img");
+    extract_partition(b, root.number, &rootimg);
+    let cat = |path: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("cat {path}")).arg(&rootimg));
+
+    // Every inline file in the recipe, byte for byte.
+    let recipe: toml::Value = toml::from_str(&std::fs::read_to_string(root_dir().join("recipes/debian-12-minimal.toml")).unwrap()).unwrap();
+    let mut checked = 0;
+    if let Some(files) = recipe.get("files").and_then(|f| f.as_array()) {
+        for f in files {
+            if let (Some(path), Some(content)) = (f.get("path").and_then(|v| v.as_str()), f.get("content").and_then(|v| v.as_str())) {
+                assert_eq!(cat(path), content, "{path}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0, "the minimal recipe should carry at least one inline file to check");
+    if let Some(h) = recipe.get("system").and_then(|s| s.get("hostname")).and_then(|h| h.as_str()) {
+        assert_eq!(cat("/etc/hostname").trim(), h);
+    }
+    // fstab names the root by the UUID the filesystem really has.
+    let uuid = stdout_of(Command::new("blkid").args(["-o", "value", "-s", "UUID"]).arg(&rootimg));
+    assert!(cat("/etc/fstab").contains(&format!("UUID={}", uuid.trim())), "{}", cat("/etc/fstab"));
+    assert_eq!(cat("/etc/machine-id"), "");
+    // The ESP's loader entry boots the root partition by its PARTUUID.
+    let esp = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "vfat").unwrap();
+    let entry = stdout_of(
+        Command::new("mtype").arg("-i").arg(format!("{}@@{}", image(b).display(), esp.offset_bytes)).arg("::/loader/entries/kiln.conf"),
+    );
+    let root_partuuid = root.guid.to_lowercase();
+    assert!(entry.contains(&format!("root=PARTUUID={root_partuuid}")), "{entry}");
+    assert!(entry.contains("console=ttyS0,115200n8") && entry.contains("nvme_core.io_timeout=4294967295"), "{entry}");
+    let dir = stdout_of(
+        Command::new("mdir").arg("-i").arg(format!("{}@@{}", image(b).display(), esp.offset_bytes)).arg("-b").arg("::/EFI/BOOT"),
+    );
+    assert!(dir.to_uppercase().contains("BOOTX64.EFI"), "{dir}");
+}
+
+#[test]
+fn manifest_lists_every_data_block_with_its_digest() {
+    let Some(b) = minimal() else { return };
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(image(b)).unwrap();
+    let mut buf = vec![0u8; kiln::manifest::EBS_BLOCK_SIZE as usize];
+    let listed: std::collections::BTreeMap<u64, &str> =
+        b.manifest.blocks.data_blocks.iter().map(|d| (d.index, d.sha256.as_str())).collect();
+    let blocks = b.manifest.image.size_bytes / kiln::manifest::EBS_BLOCK_SIZE;
+    for i in 0..blocks {
+        f.read_exact(&mut buf).unwrap();
+        match listed.get(&i) {
+            Some(d) => assert_eq!(*d, hex::encode(Sha256::digest(&buf)), "block {i}"),
+            None => assert!(buf.iter().all(|&x| x == 0), "block {i} holds data but is not listed"),
+        }
+    }
+}
+
+#[test]
+fn rebuilding_from_the_cached_stage_gives_the_same_bytes() {
+    let Some(b) = minimal() else { return };
+    let t = tempdir();
+    let summary = build_recipe(&root_dir().join("recipes/debian-12-minimal.toml"), t.path());
+    assert_eq!(summary["base_cached"], true);
+    assert_eq!(summary["sha256"].as_str().unwrap(), b.manifest.image.sha256);
+    let second = Manifest::load(Path::new(summary["manifest"].as_str().unwrap())).unwrap();
+    assert_eq!(second.blocks, b.manifest.blocks);
+}
+
+#[test]
+fn boots_to_a_login_prompt() {
+    let Some(b) = minimal() else { return };
+    if tool("qemu-system-x86_64").is_none() {
+        return;
+    }
+    let o = kiln().arg("boot").arg(image(b)).args(["--timeout", "900"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "kiln boot failed:\n{err}");
+    if in_ci() {
+        eprintln!("{err}");
+    }
+    let _ = &b.manifest_path;
+}
