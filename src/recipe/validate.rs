@@ -75,11 +75,36 @@ pub(super) fn toml_diagnostic(sources: &SourceMap, id: usize, e: &toml::de::Erro
     }
     if let Some(rest) = msg.strip_prefix("invalid type: ") {
         let what = key.as_deref().map(|k| format!("wrong type for `{k}`: ")).unwrap_or_default();
+        let rest = toml_words(rest);
         let hint = path.last().and_then(|k| type_hint(k.split('[').next().unwrap_or(k)));
         return sources.diagnostic(span, key, format!("{what}found {rest}"), hint.map(str::to_string));
     }
     let what = key.as_deref().map(|k| format!("`{k}`: ")).unwrap_or_default();
     sources.diagnostic(span, key, format!("{what}{}", msg.trim_end()), None)
+}
+
+/// serde's type names in TOML's words (`sequence` is an array, `map` a table, and a struct
+/// of this module is a table too).
+fn toml_words(serde_msg: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut words = serde_msg.split(' ').peekable();
+    while let Some(w) = words.next() {
+        let (core, tail) = w.split_at(w.trim_end_matches([',', '.']).len());
+        let replaced = match core {
+            "struct" if words.peek().is_some_and(|n| n.starts_with("Raw")) => {
+                let next = words.next().unwrap_or_default();
+                let punct = &next[next.trim_end_matches([',', '.']).len()..];
+                out.push(format!("table{punct}"));
+                continue;
+            }
+            "sequence" => "array",
+            "map" => "table",
+            "i64" => "an integer",
+            _ => core,
+        };
+        out.push(format!("{replaced}{tail}"));
+    }
+    out.join(" ").replace("a array", "an array").replace("expected table", "expected a table")
 }
 
 /// When a key written at the top level is one of a section's keys (`name = …` before
@@ -112,6 +137,16 @@ fn type_hint(key: &str) -> Option<&'static str> {
         "account" => "write the account id as a string of 12 digits, like \"123456789012\" (ids may start with 0)",
         "source_date_epoch" => "seconds since 1970-01-01 UTC, as an integer",
         "extends" => "the path of one recipe, relative to this one, like \"base.toml\"",
+        "image" | "packages" | "system" | "ami" | "bundle" => {
+            "this is a table: write it as a [section] header (not [[section]]) with keys under it"
+        }
+        "services" => "`services` is a table: write `services.enable = [\"ssh\"]` (and `services.disable`)",
+        "root_volume" => "`root_volume` is a table, like { size = \"8GiB\", type = \"gp3\" }",
+        "launch_permissions" => {
+            "`launch_permissions` is a table, like { accounts = [\"123456789012\"], public = false }"
+        }
+        "base" => "`base` is a table, like { tarball = \"rootfs.tar\" }",
+        "tags" => "`tags` is a table of strings, like { team = \"platform\" }",
         _ => return None,
     })
 }
@@ -1681,6 +1716,14 @@ fn hash_file(v: &mut V, h: &mut Sha256, path: &Path, at: Option<&Loc<String>>, k
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serde_words_become_toml_words() {
+        assert_eq!(toml_words("string \"x\", expected struct RawImage"), "string \"x\", expected a table");
+        assert_eq!(toml_words("sequence, expected a string"), "array, expected a string");
+        assert_eq!(toml_words("string \"1\", expected i64"), "string \"1\", expected an integer");
+        assert_eq!(toml_words("map, expected a sequence"), "table, expected an array");
+    }
 
     #[test]
     fn package_names() {
