@@ -87,7 +87,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             }
             (path.clone(), true)
         }
-        Base::Debian { suite, mirror, .. } => {
+        Base::Debian { suite, mirror, snapshot, components } => {
             let mirror = mirror
                 .clone()
                 .or_else(|| opts.mirror.clone())
@@ -102,9 +102,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
                 suite: suite.clone(),
                 arch: recipe.arch,
                 mirror,
-                components: vec!["main".into()],
+                components: components.clone(),
                 packages,
                 source_date_epoch: opts.source_date_epoch.or(recipe.source_date_epoch),
+                snapshot: snapshot.is_some(),
             };
             let staged = debian::stage(&base, &opts.cache_dir, progress).context("staging the Debian base")?;
             (staged.tar, staged.cached)
@@ -141,6 +142,9 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         root_fs_uuid: ext4::uuid_string(&root_opts.uuid),
         esp_mount: recipe.system.mount_esp.clone().map(|m| (ids.esp_fs_uuid(), m)),
         time: epoch,
+        timezone: recipe.system.timezone.clone(),
+        locale: recipe.system.locale.clone(),
+        dhcp: recipe.system.network == crate::recipe::Network::Dhcp,
     };
     for note in system::configure(&mut tree, &sys).context("generating system files")? {
         progress.note(&note);
@@ -210,10 +214,14 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
 /// Lays the recipe's `[[files]]` over the tree, in recipe order (a later entry wins).
 pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Result<()> {
     let parent_meta = Meta::new(0o755, 0, 0, time);
+    // Owners given by name (not root, not a number) mean what the image's own user database
+    // says: package maintainer scripts allocate system users dynamically.
+    let (passwd, group) = system::user_db(tree);
     for f in files {
         let path = f.path.as_bytes();
         tree.create_parents(path, &parent_meta).with_context(|| format!("creating the parents of {}", f.path))?;
-        let meta = Meta::new(f.mode, f.uid, f.gid, time);
+        let (uid, gid) = f.resolve_owner(&passwd, &group)?;
+        let meta = Meta::new(f.mode, uid, gid, time);
         let kind = match &f.kind {
             FileKind::Dir => Kind::Dir(Dir::default()),
             FileKind::Symlink { target } => Kind::Symlink(target.as_bytes().to_vec()),

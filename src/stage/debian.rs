@@ -40,6 +40,10 @@ pub struct DebianBase {
     pub packages: Vec<String>,
     /// Passed to mmdebstrap so file times inside the base are clamped too.
     pub source_date_epoch: Option<i64>,
+    /// The mirror is a snapshot archive (`[image].snapshot`): its Release files are past their
+    /// Valid-Until date by design, so apt must not reject them. Not part of the cache key: it
+    /// decides whether apt accepts the archive, not what gets installed.
+    pub snapshot: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,7 @@ pub fn stage(base: &DebianBase, cache_dir: &Path, progress: &dyn Progress) -> Re
         .arg(format!("--include={}", base.packages.join(",")))
         .arg("--format=tar")
         .arg("--aptopt=Acquire::Retries \"3\"")
+        .args(base.snapshot.then_some("--aptopt=Acquire::Check-Valid-Until \"false\""))
         // The image gets a fresh identity on first boot.
         .arg("--customize-hook=rm -f \"$1/etc/machine-id\" \"$1/var/lib/dbus/machine-id\"; : > \"$1/etc/machine-id\"")
         .arg(&base.suite)
@@ -307,6 +312,7 @@ mod tests {
             components: vec!["main".into()],
             packages: vec!["a".into()],
             source_date_epoch: None,
+            snapshot: false,
         };
         let k = b.cache_key();
         let mut c = b.clone();
