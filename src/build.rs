@@ -141,8 +141,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         services_disable: recipe.system.services_disable.clone(),
         root_fs_uuid: ext4::uuid_string(&root_opts.uuid),
         esp_mount: recipe.system.mount_esp.clone().map(|m| (ids.esp_fs_uuid(), m)),
-        network_dhcp: recipe.system.network == Network::Dhcp,
         time: epoch,
+        timezone: recipe.system.timezone.clone(),
+        locale: recipe.system.locale.clone(),
+        dhcp: recipe.system.network == Network::Dhcp,
     };
     for note in system::configure(&mut tree, &sys).context("generating system files")? {
         progress.note(&note);
@@ -213,8 +215,9 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
 /// given by name are looked up in the image's own /etc/passwd and /etc/group.
 pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Result<()> {
     let parent_meta = Meta::new(0o755, 0, 0, time);
-    let passwd = read_tree_text(tree, "/etc/passwd");
-    let group = read_tree_text(tree, "/etc/group");
+    // Owners given by name (not root, not a number) mean what the image's own user database
+    // says: package maintainer scripts allocate system users dynamically.
+    let (passwd, group) = system::user_db(tree);
     for f in files {
         let path = f.path.as_bytes();
         tree.create_parents(path, &parent_meta).with_context(|| format!("{}: creating the parents of {}", f.origin, f.path))?;
@@ -233,16 +236,6 @@ pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Res
         tree.insert(path, kind, meta, OnExisting::Replace).with_context(|| format!("{}: adding {}", f.origin, f.path))?;
     }
     Ok(())
-}
-
-fn read_tree_text(tree: &Tree, path: &str) -> String {
-    let Ok(id) = tree.resolve(path.as_bytes()) else { return String::new() };
-    let Kind::File(c) = &tree.inode(id).kind else { return String::new() };
-    let mut buf = vec![0u8; c.size as usize];
-    match tree.read_content(c, 0, &mut buf) {
-        Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
-        Err(_) => String::new(),
-    }
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place.

@@ -9,4 +9,5 @@ pub mod formats;
 pub mod manifest;
 pub mod platform;
 pub mod progress;
+pub mod recipe;
 pub mod stage;

@@ -2,4 +2,5 @@
 //! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU), never kiln's own reader alone.
 
 mod common;
+mod recipe;
 mod tar;

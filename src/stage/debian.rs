@@ -40,7 +40,9 @@ pub struct DebianBase {
     pub packages: Vec<String>,
     /// Passed to mmdebstrap so file times inside the base are clamped too.
     pub source_date_epoch: Option<i64>,
-    /// The mirror is a snapshot archive, whose old Release files are past `Valid-Until`.
+    /// The mirror is a snapshot archive (`[image].snapshot`): its Release files are past their
+    /// Valid-Until date by design, so apt must not reject them. Not part of the cache key: it
+    /// decides whether apt accepts the archive, not what gets installed.
     pub snapshot: bool,
 }
 

@@ -15,6 +15,8 @@ pub enum SystemError {
     NotInstallable { unit: String },
     #[error("generating {path}: {source}")]
     Tree { path: String, source: TreeError },
+    #[error("time zone {tz:?} is not in the image (no /usr/share/zoneinfo/{tz}); add \"tzdata\" to [packages].include, or check the name against the tz database")]
+    NoTimezone { tz: String },
 }
 
 /// What to generate.
@@ -27,10 +29,15 @@ pub struct SystemConfig {
     pub root_fs_uuid: String,
     /// FAT volume id of the ESP (`ABCD-1234`) and where to mount it, when the image mounts it.
     pub esp_mount: Option<(String, String)>,
-    /// Configure DHCP on the first NIC with systemd-networkd (the recipe may bring its own).
-    pub network_dhcp: bool,
     /// Time given to every generated file.
     pub time: Timestamp,
+    /// tz database name (`Europe/Paris`): `/etc/localtime` links into `/usr/share/zoneinfo`.
+    pub timezone: Option<String>,
+    /// `LANG` in `/etc/default/locale`.
+    pub locale: Option<String>,
+    /// DHCP on every Ethernet NIC with systemd-networkd; false when the recipe brings its own
+    /// network configuration (`[system].network = "none"`).
+    pub dhcp: bool,
 }
 
 const UNIT_DIRS: [&str; 3] = ["/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"];
@@ -55,6 +62,12 @@ fn put_symlink(tree: &mut Tree, path: &str, target: &str, time: Timestamp) -> Re
     )
     .map_err(err)?;
     Ok(())
+}
+
+/// The image's `/etc/passwd` and `/etc/group` as text (empty when missing), for resolving
+/// owners given by name (`recipe::FileEntry::resolve_owner`).
+pub fn user_db(tree: &Tree) -> (String, String) {
+    (read_text(tree, "/etc/passwd").unwrap_or_default(), read_text(tree, "/etc/group").unwrap_or_default())
 }
 
 fn read_text(tree: &Tree, path: &str) -> Option<String> {
@@ -96,8 +109,22 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
     put_file(tree, "/etc/machine-id", "", 0o444, t)?;
     let _ = tree.remove(b"/var/lib/dbus/machine-id");
 
+    if let Some(tz) = &cfg.timezone {
+        // Debian's own layout (what `dpkg-reconfigure tzdata` writes): an absolute symlink
+        // plus the name in /etc/timezone.
+        let zone = format!("/usr/share/zoneinfo/{tz}");
+        if tree.resolve(zone.as_bytes()).is_err() {
+            return Err(SystemError::NoTimezone { tz: tz.clone() });
+        }
+        put_symlink(tree, "/etc/localtime", &zone, t)?;
+        put_file(tree, "/etc/timezone", &format!("{tz}\n"), 0o644, t)?;
+    }
+    if let Some(l) = &cfg.locale {
+        put_file(tree, "/etc/default/locale", &format!("LANG={l}\n"), 0o644, t)?;
+    }
+
     let mut enable: Vec<String> = Vec::new();
-    if cfg.network_dhcp {
+    if cfg.dhcp {
         // DHCP on every Ethernet NIC (EC2's ENA shows up as ens5/enp*; QEMU's as enp0s*).
         put_file(
             tree,
@@ -244,6 +271,51 @@ mod tests {
         assert!(tree.lookup(b"/etc/systemd/system/sshd.service").is_ok());
         disable_unit(&mut tree, "ssh.service");
         assert!(tree.lookup(b"/etc/systemd/system/multi-user.target.wants/ssh.service").is_err());
+    }
+
+    fn cfg() -> SystemConfig {
+        SystemConfig {
+            hostname: None,
+            services_enable: vec![],
+            services_disable: vec![],
+            root_fs_uuid: "0f0e0d0c-0b0a-0908-0706-050403020100".into(),
+            esp_mount: None,
+            time: Timestamp::default(),
+            timezone: None,
+            locale: None,
+            dhcp: true,
+        }
+    }
+
+    fn symlink_target(tree: &Tree, path: &str) -> Option<Vec<u8>> {
+        let id = tree.lookup(path.as_bytes()).ok()?;
+        match &tree.inode(id).kind {
+            Kind::Symlink(t) => Some(t.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn timezone_locale_and_network_settings() {
+        let mut tree = tree_with_unit("systemd-networkd.service", "[Install]\nWantedBy=multi-user.target\n");
+        let t = Timestamp::default();
+        put_file(&mut tree, "/usr/share/zoneinfo/Europe/Paris", "TZif", 0o644, t).unwrap();
+        put_symlink(&mut tree, "/etc/localtime", "/usr/share/zoneinfo/Etc/UTC", t).unwrap();
+        let c = SystemConfig { timezone: Some("Europe/Paris".into()), locale: Some("en_US.UTF-8".into()), ..cfg() };
+        configure(&mut tree, &c).unwrap();
+        assert_eq!(symlink_target(&tree, "/etc/localtime").as_deref(), Some(&b"/usr/share/zoneinfo/Europe/Paris"[..]));
+        assert_eq!(read_text(&tree, "/etc/timezone").as_deref(), Some("Europe/Paris\n"));
+        assert_eq!(read_text(&tree, "/etc/default/locale").as_deref(), Some("LANG=en_US.UTF-8\n"));
+        assert!(read_text(&tree, "/etc/systemd/network/80-kiln-dhcp.network").is_some());
+        assert!(tree.lookup(b"/etc/systemd/system/multi-user.target.wants/systemd-networkd.service").is_ok());
+
+        let mut bare = tree_with_unit("systemd-networkd.service", "[Install]\nWantedBy=multi-user.target\n");
+        configure(&mut bare, &SystemConfig { dhcp: false, ..cfg() }).unwrap();
+        assert!(read_text(&bare, "/etc/systemd/network/80-kiln-dhcp.network").is_none());
+        assert!(bare.lookup(b"/etc/systemd/system/multi-user.target.wants/systemd-networkd.service").is_err());
+
+        let e = configure(&mut bare, &SystemConfig { timezone: Some("Mars/Olympus".into()), ..cfg() }).unwrap_err();
+        assert!(e.to_string().contains("tzdata"), "{e}");
     }
 
     #[test]

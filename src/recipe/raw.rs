@@ -1,0 +1,303 @@
+//! The recipe as written: serde structs that mirror the TOML one to one, with unknown keys
+//! refused and every value's position kept, so validation can point at it.
+//!
+//! Every field is optional here, because a recipe may take any value from the recipe it
+//! extends; what is required is decided after merging, in `validate`. Enumerated values stay
+//! strings until validation, so a bad one gets a message listing what is accepted rather than
+//! serde's generic one.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+
+use super::error::{FileId, Span};
+
+thread_local! {
+    /// The file being deserialized, so [`Loc`] can say which file its span points into.
+    static CURRENT_FILE: Cell<FileId> = const { Cell::new(0) };
+}
+
+/// Runs `f` with [`Loc`] spans attributed to `file`.
+pub(crate) fn with_file<T>(file: FileId, f: impl FnOnce() -> T) -> T {
+    let prev = CURRENT_FILE.with(|c| c.replace(file));
+    let out = f();
+    CURRENT_FILE.with(|c| c.set(prev));
+    out
+}
+
+/// A value and where it is written: which recipe file, which bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loc<T> {
+    pub span: Span,
+    pub value: T,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Loc<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let spanned = toml::Spanned::<T>::deserialize(d)?;
+        let range = spanned.span();
+        let file = CURRENT_FILE.with(|c| c.get());
+        Ok(Loc { span: Span { file, start: range.start, end: range.end }, value: spanned.into_inner() })
+    }
+}
+
+pub type LocList<T> = Loc<Vec<Loc<T>>>;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRecipe {
+    pub extends: Option<Loc<String>>,
+    pub image: Option<Loc<RawImage>>,
+    pub packages: Option<Loc<RawPackages>>,
+    pub files: Option<Vec<Loc<RawFile>>>,
+    pub system: Option<Loc<RawSystem>>,
+    pub ami: Option<Loc<RawAmi>>,
+    pub bundle: Option<Loc<RawBundle>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawImage {
+    pub name: Option<Loc<String>>,
+    pub os: Option<Loc<String>>,
+    pub arch: Option<Loc<String>>,
+    pub boot: Option<Loc<String>>,
+    pub size: Option<Loc<String>>,
+    pub base: Option<Loc<RawBase>>,
+    pub mirror: Option<Loc<String>>,
+    pub snapshot: Option<Loc<String>>,
+    pub components: Option<LocList<String>>,
+    pub source_date_epoch: Option<Loc<i64>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBase {
+    pub tarball: Option<Loc<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPackages {
+    pub include: Option<LocList<String>>,
+    pub exclude: Option<LocList<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub path: Option<Loc<String>>,
+    pub content: Option<Loc<String>>,
+    pub source: Option<Loc<String>>,
+    pub symlink: Option<Loc<String>>,
+    pub dir: Option<Loc<bool>>,
+    pub mode: Option<Loc<String>>,
+    pub owner: Option<Loc<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSystem {
+    pub hostname: Option<Loc<String>>,
+    pub services: Option<Loc<RawServices>>,
+    pub kernel_cmdline: Option<LocList<String>>,
+    pub timezone: Option<Loc<String>>,
+    pub locale: Option<Loc<String>>,
+    pub network: Option<Loc<String>>,
+    pub mount_esp: Option<Loc<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServices {
+    pub enable: Option<LocList<String>>,
+    pub disable: Option<LocList<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAmi {
+    pub name: Option<Loc<String>>,
+    pub description: Option<Loc<String>>,
+    pub regions: Option<LocList<String>>,
+    pub root_volume: Option<Loc<RawVolume>>,
+    pub ena: Option<Loc<bool>>,
+    pub sriov: Option<Loc<bool>>,
+    pub tpm: Option<Loc<bool>>,
+    pub imds: Option<Loc<String>>,
+    pub boot_mode: Option<Loc<String>>,
+    pub launch_permissions: Option<Loc<RawLaunchPermissions>>,
+    pub tags: Option<Loc<BTreeMap<String, Loc<String>>>>,
+    pub volumes: Option<Vec<Loc<RawVolume>>>,
+    pub encrypted: Option<Loc<bool>>,
+    pub kms_key_arn: Option<Loc<String>>,
+}
+
+/// `[ami].root_volume` and each `[[ami.volumes]]`; validation refuses the keys that do not
+/// apply to the root volume.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVolume {
+    pub device: Option<Loc<String>>,
+    pub size: Option<Loc<String>>,
+    #[serde(rename = "type")]
+    pub volume_type: Option<Loc<String>>,
+    pub iops: Option<Loc<i64>>,
+    pub throughput: Option<Loc<i64>>,
+    pub encrypted: Option<Loc<bool>>,
+    pub kms_key_id: Option<Loc<String>>,
+    pub delete_on_termination: Option<Loc<bool>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLaunchPermissions {
+    pub accounts: Option<LocList<String>>,
+    pub organizations: Option<LocList<String>>,
+    pub organizational_units: Option<LocList<String>>,
+    pub public: Option<Loc<bool>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBundle {
+    pub account: Option<Loc<String>>,
+    pub user_cert: Option<Loc<String>>,
+    pub user_key: Option<Loc<String>>,
+    pub ec2_cert: Option<Loc<String>>,
+    pub upload: Option<Loc<String>>,
+    pub region: Option<Loc<String>>,
+}
+
+// Merging for `extends`: the child's value wins key by key; tables merge recursively; the lists
+// that add things (packages, files, services, kernel arguments) append the child's after the
+// parent's. The merged table keeps the child's position when the child has the table.
+
+fn pick<T>(parent: Option<T>, child: Option<T>) -> Option<T> {
+    child.or(parent)
+}
+
+fn append<T>(parent: Option<LocList<T>>, child: Option<LocList<T>>) -> Option<LocList<T>> {
+    match (parent, child) {
+        (Some(mut p), Some(c)) => {
+            p.value.extend(c.value);
+            Some(Loc { span: c.span, value: p.value })
+        }
+        (p, c) => c.or(p),
+    }
+}
+
+fn deep<T: Default>(parent: Option<Loc<T>>, child: Option<Loc<T>>, f: impl FnOnce(T, T) -> T) -> Option<Loc<T>> {
+    match (parent, child) {
+        (Some(p), Some(c)) => Some(Loc { span: c.span, value: f(p.value, c.value) }),
+        (p, c) => c.or(p),
+    }
+}
+
+impl RawRecipe {
+    /// `self` is the parent (the extended recipe), `child` the recipe that extends it.
+    pub fn merge(self, child: RawRecipe) -> RawRecipe {
+        let files = match (self.files, child.files) {
+            (Some(mut p), Some(c)) => {
+                p.extend(c);
+                Some(p)
+            }
+            (p, c) => c.or(p),
+        };
+        RawRecipe {
+            extends: child.extends,
+            image: deep(self.image, child.image, RawImage::merge),
+            packages: deep(self.packages, child.packages, |p, c| RawPackages {
+                include: append(p.include, c.include),
+                exclude: append(p.exclude, c.exclude),
+            }),
+            files,
+            system: deep(self.system, child.system, RawSystem::merge),
+            ami: deep(self.ami, child.ami, RawAmi::merge),
+            bundle: deep(self.bundle, child.bundle, |p, c| RawBundle {
+                account: pick(p.account, c.account),
+                user_cert: pick(p.user_cert, c.user_cert),
+                user_key: pick(p.user_key, c.user_key),
+                ec2_cert: pick(p.ec2_cert, c.ec2_cert),
+                upload: pick(p.upload, c.upload),
+                region: pick(p.region, c.region),
+            }),
+        }
+    }
+}
+
+impl RawImage {
+    fn merge(p: RawImage, c: RawImage) -> RawImage {
+        // A child that names a tarball base replaces an OS base and vice versa; validation
+        // refuses a merged recipe that ends up with both.
+        RawImage {
+            name: pick(p.name, c.name),
+            os: pick(p.os, c.os),
+            arch: pick(p.arch, c.arch),
+            boot: pick(p.boot, c.boot),
+            size: pick(p.size, c.size),
+            base: pick(p.base, c.base),
+            mirror: pick(p.mirror, c.mirror),
+            snapshot: pick(p.snapshot, c.snapshot),
+            components: pick(p.components, c.components),
+            source_date_epoch: pick(p.source_date_epoch, c.source_date_epoch),
+        }
+    }
+}
+
+impl RawSystem {
+    fn merge(p: RawSystem, c: RawSystem) -> RawSystem {
+        RawSystem {
+            hostname: pick(p.hostname, c.hostname),
+            services: deep(p.services, c.services, |p, c| RawServices {
+                enable: append(p.enable, c.enable),
+                disable: append(p.disable, c.disable),
+            }),
+            kernel_cmdline: append(p.kernel_cmdline, c.kernel_cmdline),
+            timezone: pick(p.timezone, c.timezone),
+            locale: pick(p.locale, c.locale),
+            network: pick(p.network, c.network),
+            mount_esp: pick(p.mount_esp, c.mount_esp),
+        }
+    }
+}
+
+impl RawAmi {
+    fn merge(p: RawAmi, c: RawAmi) -> RawAmi {
+        RawAmi {
+            name: pick(p.name, c.name),
+            description: pick(p.description, c.description),
+            regions: pick(p.regions, c.regions),
+            root_volume: deep(p.root_volume, c.root_volume, |p, c| RawVolume {
+                device: pick(p.device, c.device),
+                size: pick(p.size, c.size),
+                volume_type: pick(p.volume_type, c.volume_type),
+                iops: pick(p.iops, c.iops),
+                throughput: pick(p.throughput, c.throughput),
+                encrypted: pick(p.encrypted, c.encrypted),
+                kms_key_id: pick(p.kms_key_id, c.kms_key_id),
+                delete_on_termination: pick(p.delete_on_termination, c.delete_on_termination),
+            }),
+            ena: pick(p.ena, c.ena),
+            sriov: pick(p.sriov, c.sriov),
+            tpm: pick(p.tpm, c.tpm),
+            imds: pick(p.imds, c.imds),
+            boot_mode: pick(p.boot_mode, c.boot_mode),
+            launch_permissions: deep(p.launch_permissions, c.launch_permissions, |p, c| RawLaunchPermissions {
+                accounts: pick(p.accounts, c.accounts),
+                organizations: pick(p.organizations, c.organizations),
+                organizational_units: pick(p.organizational_units, c.organizational_units),
+                public: pick(p.public, c.public),
+            }),
+            tags: deep(p.tags, c.tags, |mut p, c| {
+                p.extend(c);
+                p
+            }),
+            // A list of volumes is one value: the child's list replaces the parent's.
+            volumes: pick(p.volumes, c.volumes),
+            encrypted: pick(p.encrypted, c.encrypted),
+            kms_key_arn: pick(p.kms_key_arn, c.kms_key_arn),
+        }
+    }
+}
