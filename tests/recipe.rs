@@ -390,3 +390,43 @@ fn bundle_on_uefi_only_image_warns() {
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
     assert!(r.warnings[0].contains("legacy BIOS"), "{:?}", r.warnings);
 }
+
+/// Each recipe's relative paths resolve against its own directory, wherever the child is.
+#[test]
+fn extended_recipes_resolve_paths_against_their_own_directory() {
+    let dir = tempdir();
+    let base_dir = dir.path().join("team/base");
+    let child_dir = dir.path().join("apps/web");
+    std::fs::create_dir_all(base_dir.join("files")).unwrap();
+    std::fs::create_dir_all(child_dir.join("files")).unwrap();
+    std::fs::write(base_dir.join("files/motd"), "base\n").unwrap();
+    std::fs::write(child_dir.join("files/motd"), "child\n").unwrap();
+    std::fs::write(
+        base_dir.join("golden.toml"),
+        "[image]\nos = \"debian-12\"\n[[files]]\npath = \"/etc/motd\"\nsource = \"files/motd\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        child_dir.join("web.toml"),
+        "extends = \"../../team/base/golden.toml\"\n[image]\nname = \"web\"\n[[files]]\npath = \"/etc/motd.d/web\"\nsource = \"files/motd\"\n",
+    )
+    .unwrap();
+    let r = recipe::load(&child_dir.join("web.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let sources: Vec<PathBuf> = r
+        .files
+        .iter()
+        .map(|f| match &f.kind {
+            FileKind::File { content: FileContent::Source(p) } => p.clone(),
+            k => panic!("{k:?}"),
+        })
+        .collect();
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap();
+    assert_eq!(sources, vec![canon(&base_dir.join("files/motd")), canon(&child_dir.join("files/motd"))]);
+
+    // A missing source in the base is reported in the base, with the base's directory.
+    std::fs::remove_file(base_dir.join("files/motd")).unwrap();
+    let e = recipe::load(&child_dir.join("web.toml")).unwrap_err().to_string();
+    assert!(e.contains("team/base/golden.toml:5:10: source file `files/motd` cannot be read"), "{e}");
+    assert!(e.contains(&canon(&base_dir).display().to_string()), "{e}");
+    assert!(e.contains("is extended by"), "{e}");
+}

@@ -55,7 +55,7 @@ pub(super) fn toml_diagnostic(sources: &SourceMap, id: usize, e: &toml::de::Erro
         let names: Vec<&str> = rest.split('`').skip(2).step_by(2).collect();
         let field = rest.split('`').next().unwrap_or("");
         let (table, where_) = if path.len() > 1 {
-            let t = format!("[{}]", path[..path.len() - 1].join("."));
+            let t = table_name(&path[..path.len() - 1]);
             (t.clone(), format!("in {t}"))
         } else {
             ("the top level".to_string(), "at the top level".to_string())
@@ -63,7 +63,7 @@ pub(super) fn toml_diagnostic(sources: &SourceMap, id: usize, e: &toml::de::Erro
         let mut help = String::new();
         if let Some(s) = nearest(field, names.iter().copied()) {
             help.push_str(&format!("did you mean `{s}`? "));
-        } else if let Some(section) = top_level_home(field, &path) {
+        } else if let Some(section) = home_of(field, &table) {
             help.push_str(&format!("`{field}` belongs in {section}. "));
         }
         if names.is_empty() {
@@ -107,20 +107,32 @@ fn toml_words(serde_msg: &str) -> String {
     out.join(" ").replace("a array", "an array").replace("expected table", "expected a table")
 }
 
-/// When a key written at the top level is one of a section's keys (`name = …` before
-/// `[image]`), the section it belongs in.
-fn top_level_home(field: &str, path: &[String]) -> Option<&'static str> {
-    if path.len() != 1 {
-        return None;
-    }
-    match field {
-        "name" | "os" | "arch" | "boot" | "size" | "base" | "mirror" | "snapshot" | "source_date_epoch" => {
-            Some("[image]")
+/// `[image]`, `[ami.root_volume]`, or `[[files]] entry 2` for `files[1]`.
+fn table_name(path: &[String]) -> String {
+    let dotted = path.join(".");
+    match dotted.rsplit_once('[') {
+        Some((array, index)) if dotted.ends_with(']') => {
+            let n: usize = index.trim_end_matches(']').parse().unwrap_or(0);
+            format!("[[{array}]] entry {}", n + 1)
         }
-        "include" | "exclude" => Some("[packages]"),
-        "hostname" | "services" | "kernel_cmdline" | "timezone" | "locale" => Some("[system]"),
-        _ => None,
+        _ => format!("[{dotted}]"),
     }
+}
+
+/// Where a key belongs when it is written in the wrong table (`name = …` before `[image]`,
+/// `extends` under `[image]`): the keys of the sections users most often mix up.
+fn home_of(field: &str, current: &str) -> Option<&'static str> {
+    let home = match field {
+        "extends" => "the top level, before the first [section]",
+        "name" | "os" | "arch" | "boot" | "size" | "base" | "mirror" | "snapshot" | "components"
+        | "source_date_epoch" => "[image]",
+        "include" | "exclude" => "[packages]",
+        "path" | "content" | "source" | "symlink" | "dir" | "mode" | "owner" => "a [[files]] entry",
+        "hostname" | "services" | "kernel_cmdline" | "timezone" | "locale" | "network" | "mount_esp" => "[system]",
+        "regions" | "root_volume" | "ena" | "tpm" | "imds" | "boot_mode" | "launch_permissions" | "tags" => "[ami]",
+        _ => return None,
+    };
+    (!home.contains(current)).then_some(home)
 }
 
 /// What a key's value should look like, for wrong-type errors.
@@ -295,7 +307,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
         None => DiskSize::Auto,
         Some(s) => check_image_size(&mut v, s),
     };
-    let (os, base) = check_base(&mut v, image);
+    let (os, base) = check_base(&mut v, image, at_or_top(raw.image.as_ref()));
     let source_date_epoch = image.source_date_epoch.as_ref().and_then(|e| {
         if (0..=MAX_EPOCH).contains(&e.value) {
             Some(e.value)
@@ -412,7 +424,7 @@ fn check_image_size(v: &mut V, s: &Loc<String>) -> DiskSize {
     }
 }
 
-fn check_base(v: &mut V, image: &RawImage) -> (Option<Os>, Base) {
+fn check_base(v: &mut V, image: &RawImage, header: Span) -> (Option<Os>, Base) {
     let tarball = image.base.as_ref().map(|b| match &b.value.tarball {
         Some(t) => Some(t),
         None => {
@@ -448,7 +460,7 @@ fn check_base(v: &mut V, image: &RawImage) -> (Option<Os>, Base) {
     let os = match &image.os {
         None => {
             v.err(
-                Span { file: 0, start: 0, end: 0 },
+                header,
                 "image.os",
                 "missing `os` in [image]",
                 Some(format!(
@@ -1716,6 +1728,17 @@ fn hash_file(v: &mut V, h: &mut Sha256, path: &Path, at: Option<&Loc<String>>, k
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_names() {
+        assert_eq!(table_name(&["image".into()]), "[image]");
+        assert_eq!(table_name(&["ami".into(), "root_volume".into()]), "[ami.root_volume]");
+        assert_eq!(table_name(&["files[1]".into()]), "[[files]] entry 2");
+        assert_eq!(table_name(&["ami".into(), "volumes[0]".into()]), "[[ami.volumes]] entry 1");
+        assert_eq!(home_of("extends", "[image]"), Some("the top level, before the first [section]"));
+        assert_eq!(home_of("hostname", "the top level"), Some("[system]"));
+        assert_eq!(home_of("name", "[image]"), None);
+    }
 
     #[test]
     fn serde_words_become_toml_words() {
