@@ -430,3 +430,20 @@ fn extended_recipes_resolve_paths_against_their_own_directory() {
     assert!(e.contains(&canon(&base_dir).display().to_string()), "{e}");
     assert!(e.contains("is extended by"), "{e}");
 }
+
+#[test]
+fn files_under_the_esp_mount_point_warn() {
+    let dir = tempdir();
+    let p = dir.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "[image]\nname = \"w\"\nos = \"debian-12\"\n[system]\nmount_esp = \"/boot/efi\"\n[[files]]\npath = \"/boot/efi/x.conf\"\ncontent = \"x\"\n[[files]]\npath = \"/boot/efiles\"\ncontent = \"not under the mount\"\n",
+    )
+    .unwrap();
+    let r = recipe::load(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(r.warnings[0].contains("/boot/efi/x.conf is under /boot/efi"), "{:?}", r.warnings);
+    let out = kiln().arg("check").arg(&p).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kiln: warning: [[files]] /boot/efi/x.conf"));
+}

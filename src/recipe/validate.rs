@@ -334,6 +334,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
         Some(s) => check_system(&mut v, &s.value, boot, &base, &packages),
         None => System::default(),
     };
+    check_generated_conflicts(&mut v, raw.files.as_deref().unwrap_or_default(), &system);
 
     let image_bytes = match size {
         DiskSize::Bytes(b) => Some(b),
@@ -1000,6 +1001,45 @@ fn check_system(v: &mut V, s: &RawSystem, boot: BootMode, base: &Base, packages:
         }
     }
     out
+}
+
+/// `[[files]]` entries that kiln's own generated files would silently replace, or that a
+/// mount would hide.
+fn check_generated_conflicts(v: &mut V, files: &[Loc<RawFile>], system: &System) {
+    for (i, f) in files.iter().enumerate() {
+        let Some(p) = &f.value.path else { continue };
+        let path = p.value.as_str();
+        let generated = match path {
+            "/etc/fstab" => Some((
+                "kiln generates /etc/fstab (the root and ESP by UUID)",
+                "add other mounts as systemd .mount units under /etc/systemd/system",
+            )),
+            "/etc/machine-id" => Some((
+                "kiln leaves /etc/machine-id empty so every instance gets its own id on first boot",
+                "remove this entry: a fixed machine id would be shared by every instance",
+            )),
+            "/etc/hostname" | "/etc/hosts" if system.hostname.is_some() => {
+                Some(("kiln writes /etc/hostname and /etc/hosts from [system].hostname", "set one or the other"))
+            }
+            "/etc/localtime" | "/etc/timezone" if system.timezone.is_some() => {
+                Some(("kiln writes /etc/localtime and /etc/timezone from [system].timezone", "set one or the other"))
+            }
+            "/etc/default/locale" if system.locale.is_some() => {
+                Some(("kiln writes /etc/default/locale from [system].locale", "set one or the other"))
+            }
+            _ => None,
+        };
+        if let Some((why, what)) = generated {
+            v.err(p.span, format!("files[{i}].path"), format!("{path} would be replaced: {why}"), Some(what.into()));
+        }
+        if let Some(esp) = &system.mount_esp {
+            if path.strip_prefix(esp.as_str()).is_some_and(|rest| rest.starts_with('/')) {
+                v.warnings.push(format!(
+                    "[[files]] {path} is under {esp}, where the ESP is mounted: the file goes into the root filesystem and the mount hides it"
+                ));
+            }
+        }
+    }
 }
 
 // ---- [ami] ----------------------------------------------------------------------------------
