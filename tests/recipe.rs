@@ -67,7 +67,7 @@ fn bad_enum_value_lists_the_accepted_values() {
     let e = check_bad("bad-os.toml");
     assert_eq!(first_key(&e), "image.os");
     let e = check_bad("bad-boot.toml");
-    assert_eq!(first_key(&e), "boot");
+    assert_eq!(first_key(&e), "image.boot");
 }
 
 #[test]

@@ -3,9 +3,9 @@
 //!
 //! Loading goes in three steps:
 //! 1. each recipe file (the one given and every recipe it `extends`) is parsed into the raw
-//!    serde form ([`raw`]), with unknown keys refused and every value's position kept;
-//! 2. the raw forms are merged, base first ([`raw::RawRecipe::merge`]);
-//! 3. the merged form is validated into [`Recipe`] ([`validate`]), collecting every problem
+//!    serde form (`raw`), with unknown keys refused and every value's position kept;
+//! 2. the raw forms are merged, base first (`raw::RawRecipe::merge`);
+//! 3. the merged form is validated into [`Recipe`] (`validate`), collecting every problem
 //!    with its position rather than stopping at the first.
 //!
 //! `docs/recipes.md` documents every key.
