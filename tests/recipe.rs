@@ -447,3 +447,39 @@ fn files_under_the_esp_mount_point_warn() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("kiln: warning: [[files]] /boot/efi/x.conf"));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+    /// Mangled recipes never panic the loader, and every error points inside the file it names.
+    #[test]
+    fn mangled_recipes_fail_cleanly(
+        edits in proptest::collection::vec((0usize..2000, 0usize..6, proptest::sample::select(vec![
+            "", "\"", "'", "[", "]", "[[", "=", "\n", "{", "}", ",", "x", "0", "-", ".", "é", "\r\n", "\t", "#",
+            "size = \"1GB\"\n", "[ami]\n", "boot_mode = \"legacy-bios\"\n", "arch = \"arm64\"\n", "mode = \"9\"\n",
+        ])), 1..6)
+    ) {
+        let base = std::fs::read_to_string("recipes/debian-12-ec2.toml").unwrap();
+        let mut text = base.into_bytes();
+        for (at, del, ins) in edits {
+            let at = at % (text.len() + 1);
+            let end = (at + del).min(text.len());
+            text.splice(at..end, ins.bytes());
+        }
+        let dir = tempdir();
+        std::fs::create_dir_all(dir.path().join("files")).unwrap();
+        std::fs::copy("recipes/files/sshd-hardening.conf", dir.path().join("files/sshd-hardening.conf")).unwrap();
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, &text).unwrap();
+        if let Err(e) = recipe::load(&p) {
+            let rendered = e.to_string();
+            proptest::prop_assert!(!rendered.is_empty());
+            for d in e.diagnostics() {
+                let pos = d.position.as_ref().unwrap();
+                let lines = String::from_utf8_lossy(&text).split('\n').count();
+                proptest::prop_assert!(pos.line >= 1 && pos.line <= lines, "{rendered}");
+                proptest::prop_assert!(pos.column >= 1, "{rendered}");
+            }
+        }
+    }
+}
