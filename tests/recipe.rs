@@ -483,3 +483,23 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn root_volume_size_follows_the_image_when_not_given() {
+    let dir = tempdir();
+    let p = dir.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"auto\"\n[ami]\nregions = [\"us-east-1\"]\n",
+    )
+    .unwrap();
+    let ami = recipe::load(&p).unwrap().ami.unwrap();
+    assert_eq!(ami.root_volume.size_gib, 0, "unknown until built");
+    assert_eq!(recipe::with_root_size(ami.clone(), (1 << 30) + 1).root_volume.size_gib, 2);
+    assert_eq!(recipe::with_root_size(ami, 1 << 30).root_volume.size_gib, 1);
+    // With a fixed image size, the default is known at once (2.5 GiB → 3 GiB).
+    std::fs::write(&p, "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"2560MiB\"\n[ami]\n").unwrap();
+    let ami = recipe::load(&p).unwrap().ami.unwrap();
+    assert_eq!(ami.root_volume.size_gib, 3);
+    assert_eq!(recipe::with_root_size(ami, 100 << 30).root_volume.size_gib, 3, "a set size is kept");
+}
