@@ -204,7 +204,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         image: manifest::ImageInfo { file: format!("{name}.raw"), size_bytes: size, sha256 },
         disk: plan.disk_info(),
         blocks: block_map,
-        ami: recipe.ami.clone(),
+        ami: recipe.ami.clone().map(|a| crate::recipe::with_root_size(a, size)),
         bundle: recipe.bundle.clone(),
     };
     let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));

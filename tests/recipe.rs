@@ -67,7 +67,7 @@ fn bad_enum_value_lists_the_accepted_values() {
     let e = check_bad("bad-os.toml");
     assert_eq!(first_key(&e), "image.os");
     let e = check_bad("bad-boot.toml");
-    assert_eq!(first_key(&e), "boot");
+    assert_eq!(first_key(&e), "image.boot");
 }
 
 #[test]
@@ -389,4 +389,117 @@ fn bundle_on_uefi_only_image_warns() {
     let r = recipe::load(&p).unwrap();
     assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
     assert!(r.warnings[0].contains("legacy BIOS"), "{:?}", r.warnings);
+}
+
+/// Each recipe's relative paths resolve against its own directory, wherever the child is.
+#[test]
+fn extended_recipes_resolve_paths_against_their_own_directory() {
+    let dir = tempdir();
+    let base_dir = dir.path().join("team/base");
+    let child_dir = dir.path().join("apps/web");
+    std::fs::create_dir_all(base_dir.join("files")).unwrap();
+    std::fs::create_dir_all(child_dir.join("files")).unwrap();
+    std::fs::write(base_dir.join("files/motd"), "base\n").unwrap();
+    std::fs::write(child_dir.join("files/motd"), "child\n").unwrap();
+    std::fs::write(
+        base_dir.join("golden.toml"),
+        "[image]\nos = \"debian-12\"\n[[files]]\npath = \"/etc/motd\"\nsource = \"files/motd\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        child_dir.join("web.toml"),
+        "extends = \"../../team/base/golden.toml\"\n[image]\nname = \"web\"\n[[files]]\npath = \"/etc/motd.d/web\"\nsource = \"files/motd\"\n",
+    )
+    .unwrap();
+    let r = recipe::load(&child_dir.join("web.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let sources: Vec<PathBuf> = r
+        .files
+        .iter()
+        .map(|f| match &f.kind {
+            FileKind::File { content: FileContent::Source(p) } => p.clone(),
+            k => panic!("{k:?}"),
+        })
+        .collect();
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap();
+    assert_eq!(sources, vec![canon(&base_dir.join("files/motd")), canon(&child_dir.join("files/motd"))]);
+
+    // A missing source in the base is reported in the base, with the base's directory.
+    std::fs::remove_file(base_dir.join("files/motd")).unwrap();
+    let e = recipe::load(&child_dir.join("web.toml")).unwrap_err().to_string();
+    assert!(e.contains("team/base/golden.toml:5:10: source file `files/motd` cannot be read"), "{e}");
+    assert!(e.contains(&canon(&base_dir).display().to_string()), "{e}");
+    assert!(e.contains("is extended by"), "{e}");
+}
+
+#[test]
+fn files_under_the_esp_mount_point_warn() {
+    let dir = tempdir();
+    let p = dir.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "[image]\nname = \"w\"\nos = \"debian-12\"\n[system]\nmount_esp = \"/boot/efi\"\n[[files]]\npath = \"/boot/efi/x.conf\"\ncontent = \"x\"\n[[files]]\npath = \"/boot/efiles\"\ncontent = \"not under the mount\"\n",
+    )
+    .unwrap();
+    let r = recipe::load(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(r.warnings[0].contains("/boot/efi/x.conf is under /boot/efi"), "{:?}", r.warnings);
+    let out = kiln().arg("check").arg(&p).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kiln: warning: [[files]] /boot/efi/x.conf"));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+    /// Mangled recipes never panic the loader, and every error points inside the file it names.
+    #[test]
+    fn mangled_recipes_fail_cleanly(
+        edits in proptest::collection::vec((0usize..2000, 0usize..6, proptest::sample::select(vec![
+            "", "\"", "'", "[", "]", "[[", "=", "\n", "{", "}", ",", "x", "0", "-", ".", "é", "\r\n", "\t", "#",
+            "size = \"1GB\"\n", "[ami]\n", "boot_mode = \"legacy-bios\"\n", "arch = \"arm64\"\n", "mode = \"9\"\n",
+        ])), 1..6)
+    ) {
+        let base = std::fs::read_to_string("recipes/debian-12-ec2.toml").unwrap();
+        let mut text = base.into_bytes();
+        for (at, del, ins) in edits {
+            let at = at % (text.len() + 1);
+            let end = (at + del).min(text.len());
+            text.splice(at..end, ins.bytes());
+        }
+        let dir = tempdir();
+        std::fs::create_dir_all(dir.path().join("files")).unwrap();
+        std::fs::copy("recipes/files/sshd-hardening.conf", dir.path().join("files/sshd-hardening.conf")).unwrap();
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, &text).unwrap();
+        if let Err(e) = recipe::load(&p) {
+            let rendered = e.to_string();
+            proptest::prop_assert!(!rendered.is_empty());
+            for d in e.diagnostics() {
+                let pos = d.position.as_ref().unwrap();
+                let lines = String::from_utf8_lossy(&text).split('\n').count();
+                proptest::prop_assert!(pos.line >= 1 && pos.line <= lines, "{rendered}");
+                proptest::prop_assert!(pos.column >= 1, "{rendered}");
+            }
+        }
+    }
+}
+
+#[test]
+fn root_volume_size_follows_the_image_when_not_given() {
+    let dir = tempdir();
+    let p = dir.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"auto\"\n[ami]\nregions = [\"us-east-1\"]\n",
+    )
+    .unwrap();
+    let ami = recipe::load(&p).unwrap().ami.unwrap();
+    assert_eq!(ami.root_volume.size_gib, 0, "unknown until built");
+    assert_eq!(recipe::with_root_size(ami.clone(), (1 << 30) + 1).root_volume.size_gib, 2);
+    assert_eq!(recipe::with_root_size(ami, 1 << 30).root_volume.size_gib, 1);
+    // With a fixed image size, the default is known at once (2.5 GiB → 3 GiB).
+    std::fs::write(&p, "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"2560MiB\"\n[ami]\n").unwrap();
+    let ami = recipe::load(&p).unwrap().ami.unwrap();
+    assert_eq!(ami.root_volume.size_gib, 3);
+    assert_eq!(recipe::with_root_size(ami, 100 << 30).root_volume.size_gib, 3, "a set size is kept");
 }

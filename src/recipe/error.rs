@@ -144,7 +144,8 @@ impl SourceMap {
         let line = text[..line_start].matches('\n').count() + 1;
         let column = text[line_start..start].chars().count() + 1;
         // Underline to the end of the span, or the end of the line for multi-line spans.
-        let end = floor_char_boundary(text, span.end.clamp(start, line_start + line_text.len()));
+        // (`max` last: a span starting on a CRLF line's `\r` lies past the trimmed line.)
+        let end = floor_char_boundary(text, span.end.min(line_start + line_text.len()).max(start));
         let width = text[start..end].chars().count().max(1);
         let mut chain = Vec::new();
         let mut by = file.extended_by;
@@ -197,5 +198,58 @@ fn join(items: &[&str], conj: &str) -> String {
         0 => String::new(),
         1 => quoted[0].clone(),
         n => format!("{} {conj} {}", quoted[..n - 1].join(", "), quoted[n - 1]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(text: &str) -> SourceMap {
+        let file = |name: &str, by| SourceFile {
+            display: name.into(),
+            canonical: format!("/r/{name}").into(),
+            text: text.into(),
+            extended_by: by,
+        };
+        SourceMap { files: vec![file("child.toml", None), file("base.toml", Some(0))] }
+    }
+
+    #[test]
+    fn columns_count_characters_and_carets_keep_tabs() {
+        let text = "[image]\n\tname = \"été-x\" # é\n";
+        let m = map(text);
+        let start = text.find("\"été").unwrap();
+        let end = start + "\"été-x\"".len();
+        let d = m.diagnostic(Span { file: 1, start, end }, Some("image.name".into()), "bad".into(), Some("fix".into()));
+        let p = d.position.clone().unwrap();
+        assert_eq!((p.line, p.column, p.width), (2, 9, 7));
+        assert_eq!(
+            d.to_string(),
+            "base.toml:2:9: bad\n  |\n2 | \tname = \"été-x\" # é\n  | \t       ^^^^^^^\n  = help: fix\n  = note: base.toml is extended by child.toml"
+        );
+    }
+
+    #[test]
+    fn spans_past_the_end_or_across_lines_stay_on_one_line() {
+        let m = map("a = 1\nb = [\n  2,\n]\n");
+        let (p, _) = m.locate(Span { file: 0, start: 10, end: 20 });
+        assert_eq!((p.line, p.column, p.width, p.line_text.as_str()), (2, 5, 1, "b = ["));
+        let (p, _) = m.locate(Span { file: 0, start: 999, end: 999 });
+        assert_eq!((p.line, p.width), (5, 1));
+        // CRLF: a span on the `\r` itself (an unterminated string at the end of a line).
+        let m = map("a = \"x\r\nb = 1\r\n");
+        let (p, _) = m.locate(Span { file: 0, start: 6, end: 7 });
+        assert_eq!((p.line, p.column, p.width, p.line_text.as_str()), (1, 7, 1, "a = \"x"));
+    }
+
+    #[test]
+    fn nearest_and_lists() {
+        assert_eq!(nearest("pakages", ["image", "packages", "files"]), Some("packages"));
+        assert_eq!(nearest("kernel_cmd_line", ["kernel_cmdline", "hostname"]), Some("kernel_cmdline"));
+        assert_eq!(nearest("zzz", ["image", "packages"]), None);
+        assert_eq!(list(&["a"]), "`a`");
+        assert_eq!(list(&["a", "b", "c"]), "`a`, `b` or `c`");
+        assert_eq!(list_and(&["a", "b"]), "`a` and `b`");
     }
 }

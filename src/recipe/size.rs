@@ -140,6 +140,16 @@ mod tests {
         assert_eq!(parse_bytes("16777215TiB"), Ok(16_777_215 * TIB));
     }
 
+    proptest::proptest! {
+        /// Whatever display_bytes prints (minus its space) parses back to the same bytes.
+        #[test]
+        fn display_round_trips(n in 1u64..=1 << 20, unit in 0usize..5) {
+            let bytes = n * UNITS[unit].1;
+            let shown = display_bytes(bytes).replace(' ', "");
+            proptest::prop_assert_eq!(parse_bytes(&shown), Ok(bytes));
+        }
+    }
+
     #[test]
     fn display_picks_the_exact_unit() {
         assert_eq!(display_bytes(2 * GIB), "2 GiB");
