@@ -5,6 +5,8 @@
 //! that use them.
 
 pub mod aws;
+pub mod build;
+pub mod disk;
 pub mod formats;
 pub mod manifest;
 pub mod platform;
