@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use kiln::platform::{Arch, BootMode};
 use kiln::recipe::{self, Base, DiskSize, FileContent, FileKind, Network, Os, RecipeError};
 
-use crate::common::{kiln, tempdir};
+use std::process::Command;
+
+use crate::common::{debian_root_tar, kiln, run_ok, stdout_of, tempdir, tool};
 
 const BAD: &str = "fixtures/recipes/bad";
 const SHIPPED: [&str; 3] = ["recipes/debian-12-minimal.toml", "recipes/debian-12-ec2.toml", "recipes/web-server.toml"];
@@ -502,4 +504,87 @@ fn root_volume_size_follows_the_image_when_not_given() {
     let ami = recipe::load(&p).unwrap().ami.unwrap();
     assert_eq!(ami.root_volume.size_gib, 3);
     assert_eq!(recipe::with_root_size(ami, 100 << 30).root_volume.size_gib, 3, "a set size is kept");
+}
+
+/// What a recipe says about files and system settings is what debugfs finds in the built
+/// image: named owners resolved through the image's /etc/passwd, modes, an executable source,
+/// a symlink, the time zone, and no DHCP file with `network = "none"`.
+#[test]
+fn recipe_settings_reach_the_image() {
+    let (Some(tar), Some(debugfs)) = (debian_root_tar(), tool("debugfs")) else { return };
+    let dir = tempdir();
+    std::fs::create_dir_all(dir.path().join("files")).unwrap();
+    let hello = dir.path().join("files/hello.sh");
+    std::fs::write(&hello, "#!/bin/sh\necho hello\n").unwrap();
+    std::fs::set_permissions(&hello, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let recipe = dir.path().join("settings.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"[image]
+name = "settings"
+base = {{ tarball = "{}" }}
+size = "2GiB"
+source_date_epoch = 1700000000
+
+[[files]]
+path = "/srv/www"
+dir = true
+mode = "0750"
+owner = "www-data:www-data"
+
+[[files]]
+path = "/usr/local/bin/hello"
+source = "files/hello.sh"
+
+[[files]]
+path = "/etc/kiln-link"
+symlink = "/etc/hostname"
+
+[[files]]
+path = "/etc/secret"
+content = "s3cret\n"
+mode = "0600"
+owner = "0:33"
+
+[system]
+hostname = "settings"
+timezone = "Etc/UTC"
+network = "none"
+"#,
+            tar.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run_ok(kiln().arg("build").arg(&recipe).arg("--out").arg(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("settings-x86_64.manifest.json")).unwrap()).unwrap();
+    let root = manifest["disk"]["partitions"].as_array().unwrap().iter().find(|p| p["filesystem"] == "ext4").unwrap();
+    let img = format!("{}?offset={}", out.join("settings-x86_64.raw").display(), root["offset_bytes"]);
+    let stat = |p: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("stat {p}")).arg(&img));
+    let has = |s: &str, want: &str| assert!(s.contains(want), "want {want:?} in:\n{s}");
+
+    let www = stat("/srv/www");
+    has(&www, "Type: directory");
+    has(&www, "Mode:  0750");
+    has(&www, "User:    33   Group:    33");
+    let hello = stat("/usr/local/bin/hello");
+    has(&hello, "Type: regular");
+    has(&hello, "Mode:  0755");
+    has(&stat("/etc/kiln-link"), "Fast link dest: \"/etc/hostname\"");
+    let secret = stat("/etc/secret");
+    has(&secret, "Mode:  0600");
+    has(&secret, "User:     0   Group:    33");
+    has(&stat("/etc/localtime"), "Fast link dest: \"/usr/share/zoneinfo/Etc/UTC\"");
+    let cat = |p: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("cat {p}")).arg(&img));
+    assert_eq!(cat("/etc/secret"), "s3cret\n");
+    assert_eq!(cat("/etc/timezone"), "Etc/UTC\n");
+    assert_eq!(cat("/usr/local/bin/hello"), "#!/bin/sh\necho hello\n");
+    let net = stdout_of(Command::new(&debugfs).arg("-R").arg("ls -l /etc/systemd/network").arg(&img));
+    assert!(!net.contains("80-kiln-dhcp.network"), "network = \"none\" writes no DHCP config:\n{net}");
+    // The recipe hash in the manifest is the one `kiln check` reports.
+    let check: serde_json::Value =
+        serde_json::from_slice(&run_ok(kiln().args(["check", "--json"]).arg(&recipe)).stdout).unwrap();
+    assert_eq!(manifest["recipe"]["sha256"], check["sha256"]);
 }
