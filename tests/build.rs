@@ -98,9 +98,11 @@ fn partition_table_matches_the_manifest() {
 #[test]
 fn checksum_file_verifies_with_sha256sum() {
     let Some(b) = minimal() else { return };
-    let sums = std::fs::read_dir(&b.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-        p.extension().is_some_and(|e| e == "sha256")
-    });
+    let sums = std::fs::read_dir(&b.out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "sha256"));
     let sums = sums.expect("NAME.raw.sha256 exists");
     let out = stdout_of(Command::new("sha256sum").arg("-c").arg(sums.file_name().unwrap()).current_dir(&b.out));
     assert!(out.trim().ends_with(": OK"), "{out}");
@@ -140,11 +142,14 @@ fn recipe_files_and_settings_are_in_the_image() {
     let cat = |path: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("cat {path}")).arg(&rootimg));
 
     // Every inline file in the recipe, byte for byte.
-    let recipe: toml::Value = toml::from_str(&std::fs::read_to_string(root_dir().join("recipes/debian-12-minimal.toml")).unwrap()).unwrap();
+    let recipe: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root_dir().join("recipes/debian-12-minimal.toml")).unwrap()).unwrap();
     let mut checked = 0;
     if let Some(files) = recipe.get("files").and_then(|f| f.as_array()) {
         for f in files {
-            if let (Some(path), Some(content)) = (f.get("path").and_then(|v| v.as_str()), f.get("content").and_then(|v| v.as_str())) {
+            if let (Some(path), Some(content)) =
+                (f.get("path").and_then(|v| v.as_str()), f.get("content").and_then(|v| v.as_str()))
+            {
                 assert_eq!(cat(path), content, "{path}");
                 checked += 1;
             }
@@ -161,13 +166,20 @@ fn recipe_files_and_settings_are_in_the_image() {
     // The ESP's loader entry boots the root partition by its PARTUUID.
     let esp = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "vfat").unwrap();
     let entry = stdout_of(
-        Command::new("mtype").arg("-i").arg(format!("{}@@{}", image(b).display(), esp.offset_bytes)).arg("::/loader/entries/kiln.conf"),
+        Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@{}", image(b).display(), esp.offset_bytes))
+            .arg("::/loader/entries/kiln.conf"),
     );
     let root_partuuid = root.guid.to_lowercase();
     assert!(entry.contains(&format!("root=PARTUUID={root_partuuid}")), "{entry}");
     assert!(entry.contains("console=ttyS0,115200n8") && entry.contains("nvme_core.io_timeout=4294967295"), "{entry}");
     let dir = stdout_of(
-        Command::new("mdir").arg("-i").arg(format!("{}@@{}", image(b).display(), esp.offset_bytes)).arg("-b").arg("::/EFI/BOOT"),
+        Command::new("mdir")
+            .arg("-i")
+            .arg(format!("{}@@{}", image(b).display(), esp.offset_bytes))
+            .arg("-b")
+            .arg("::/EFI/BOOT"),
     );
     assert!(dir.to_uppercase().contains("BOOTX64.EFI"), "{dir}");
 }
