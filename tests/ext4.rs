@@ -74,7 +74,13 @@ fn get_xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let mut val = vec![0u8; 65536];
         // SAFETY: as above.
         let m = unsafe { libc::lgetxattr(p.as_ptr(), cn.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
-        assert!(m >= 0);
+        assert!(
+            m >= 0,
+            "lgetxattr {} {:?}: {}",
+            path.display(),
+            String::from_utf8_lossy(name),
+            std::io::Error::last_os_error()
+        );
         out.insert(name.to_vec(), val[..m as usize].to_vec());
     }
     out
@@ -346,4 +352,113 @@ fn mkfs_refuses_a_tarball_that_escapes_the_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("escapes the root"), "{err}");
     assert!(!img.exists(), "nothing is left at the output path");
+}
+
+mod random_trees {
+    //! Random trees (names, kinds, sizes, holes, ids, times, xattrs, hard links) must all be
+    //! e2fsck-clean and read back through the kernel exactly.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Node {
+        File { size: u64, hole_at: Option<u64>, seed: u8 },
+        Dir(Vec<(String, Node)>),
+        Symlink(String),
+        Fifo,
+        Dev(u32, u32),
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        proptest::string::string_regex("[a-zA-Z0-9._-]{1,40}")
+            .unwrap()
+            .prop_filter("not a dot name", |n| n != "." && n != "..")
+    }
+
+    fn node() -> impl Strategy<Value = Node> {
+        let leaf = prop_oneof![
+            (0u64..300_000, proptest::option::of(0u64..200_000), any::<u8>())
+                .prop_map(|(size, hole_at, seed)| Node::File { size, hole_at, seed }),
+            "[a-z/]{1,100}".prop_map(Node::Symlink),
+            Just(Node::Fifo),
+            (0u32..4096, 0u32..1_000_000).prop_map(|(a, b)| Node::Dev(a, b)),
+        ];
+        leaf.prop_recursive(3, 40, 8, |inner| {
+            proptest::collection::btree_map(name(), inner, 0..8).prop_map(|m| Node::Dir(m.into_iter().collect()))
+        })
+    }
+
+    fn build(t: &mut Tree, path: &str, n: &Node, m: Meta) {
+        let kind = match n {
+            Node::File { size, hole_at, seed } => {
+                let bytes: Vec<u8> = (0..*size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(*seed)).collect();
+                let mut segs = vec![];
+                match hole_at {
+                    Some(h) if *h < *size => {
+                        let h = *h as usize;
+                        if h > 0 {
+                            segs.push(Segment {
+                                offset: 0,
+                                len: h as u64,
+                                data: Data::Inline(Arc::from(&bytes[..h.min(5000)])),
+                            });
+                            segs[0].len = h.min(5000) as u64;
+                        }
+                        let tail = (h + 70_000).min(bytes.len());
+                        if tail < bytes.len() {
+                            segs.push(Segment {
+                                offset: tail as u64,
+                                len: (bytes.len() - tail) as u64,
+                                data: Data::Inline(Arc::from(&bytes[tail..])),
+                            });
+                        }
+                        Kind::File(Content { size: *size, segments: segs })
+                    }
+                    _ => Kind::File(Content::inline(bytes)),
+                }
+            }
+            Node::Dir(_) => Kind::Dir(Dir::default()),
+            Node::Symlink(s) => Kind::Symlink(s.clone().into_bytes()),
+            Node::Fifo => Kind::Fifo,
+            Node::Dev(a, b) => Kind::CharDev { major: *a, minor: *b },
+        };
+        t.insert(path.as_bytes(), kind, m.clone(), OnExisting::Error).unwrap();
+        if let Node::Dir(children) = n {
+            for (i, (cn, c)) in children.iter().enumerate() {
+                let mut cm = m.clone();
+                cm.xattrs.clear();
+                cm.uid = m.uid.wrapping_mul(7).wrapping_add(i as u32) % 3_000_000;
+                cm.mtime = Timestamp::new(m.mtime.secs - 86_400 * i as i64 * 400, (i as u32) * 12345);
+                // The kernel allows user.* attributes on files and directories only.
+                if i % 3 == 0 && matches!(c, Node::File { .. } | Node::Dir(_)) {
+                    cm.xattrs.insert(format!("user.k{i}").into_bytes(), vec![i as u8; i * 50]);
+                }
+                build(t, &format!("{path}/{cn}"), c, cm);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        #[test]
+        fn random_trees_are_clean_and_round_trip(root in proptest::collection::btree_map(name(), node(), 1..10), link in any::<bool>()) {
+            let mut t = Tree::new(meta(0o755, 0, 0, 1_700_000_000, 0));
+            for (n, node) in &root {
+                build(&mut t, n, node, meta(0o640, 1000, 1000, 1_650_000_000, 7));
+            }
+            if link {
+                // Link the first regular file found, if any.
+                let mut first = None;
+                t.walk(|p, id, _| if first.is_none() && matches!(t.inode(id).kind, Kind::File(_)) { first = Some(p.to_vec()) });
+                if let Some(p) = first {
+                    t.link(b"extra-hard-link", &p, OnExisting::Error).unwrap();
+                }
+            }
+            let d = tempdir();
+            let img = d.path().join("r.img");
+            write_image(&t, &opts("prop"), &img);
+            e2fsck_clean(&img);
+            with_mount(&img, |mnt| compare_with_mount(&t, mnt, true));
+        }
+    }
 }
