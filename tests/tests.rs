@@ -4,3 +4,5 @@
 mod common;
 mod recipe;
 mod tar;
+mod moto;
+mod publish;
