@@ -96,6 +96,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             let mut packages: Vec<String> =
                 debian::required_packages(recipe.arch).into_iter().map(String::from).collect();
             packages.extend(recipe.packages.iter().cloned());
+            if recipe.boot.has_bios() {
+                // GRUB's BIOS modules, from which kiln builds core.img (no grub-install runs).
+                packages.push("grub-pc-bin".into());
+            }
             packages.sort();
             packages.dedup();
             let base = DebianBase {
@@ -179,7 +183,8 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let mut sha = Sha256Sink::new();
     let mut blocks = BlockDigests::new(EBS_BLOCK_SIZE);
     {
-        let mut counted = Counted { inner: Tee(vec![&mut file as &mut dyn Sink, &mut sha, &mut blocks]), progress, at: 0 };
+        let mut counted =
+            Counted { inner: Tee(vec![&mut file as &mut dyn Sink, &mut sha, &mut blocks]), progress, at: 0 };
         disk::write(&plan, &tree, &mut counted).context("writing the image")?;
     }
     let sha256 = sha.hex();
@@ -203,7 +208,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         image: manifest::ImageInfo { file: format!("{name}.raw"), size_bytes: size, sha256 },
         disk: plan.disk_info(),
         blocks: block_map,
-        ami: recipe.ami.clone(),
+        ami: recipe.ami.clone().map(|a| crate::recipe::with_root_size(a, size)),
         bundle: recipe.bundle.clone(),
     };
     let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
@@ -220,20 +225,25 @@ pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Res
     let (passwd, group) = system::user_db(tree);
     for f in files {
         let path = f.path.as_bytes();
-        tree.create_parents(path, &parent_meta).with_context(|| format!("{}: creating the parents of {}", f.origin, f.path))?;
+        tree.create_parents(path, &parent_meta)
+            .with_context(|| format!("{}: creating the parents of {}", f.origin, f.path))?;
         let (uid, gid) = f.resolve_owner(&passwd, &group)?;
         let meta = Meta::new(f.mode, uid, gid, time);
         let kind = match &f.kind {
             FileKind::Dir => Kind::Dir(Dir::default()),
             FileKind::Symlink { target } => Kind::Symlink(target.as_bytes().to_vec()),
-            FileKind::File { content: FileContent::Inline(bytes) } => Kind::File(Content::inline(Arc::<[u8]>::from(bytes.as_slice()))),
+            FileKind::File { content: FileContent::Inline(bytes) } => {
+                Kind::File(Content::inline(Arc::<[u8]>::from(bytes.as_slice())))
+            }
             FileKind::File { content: FileContent::Source(src) } => {
-                let len = std::fs::metadata(src).with_context(|| format!("reading {} for {}", src.display(), f.path))?.len();
+                let len =
+                    std::fs::metadata(src).with_context(|| format!("reading {} for {}", src.display(), f.path))?.len();
                 let id = tree.add_source(src).with_context(|| format!("opening {} for {}", src.display(), f.path))?;
                 Kind::File(Content::from_source(id, 0, len))
             }
         };
-        tree.insert(path, kind, meta, OnExisting::Replace).with_context(|| format!("{}: adding {}", f.origin, f.path))?;
+        tree.insert(path, kind, meta, OnExisting::Replace)
+            .with_context(|| format!("{}: adding {}", f.origin, f.path))?;
     }
     Ok(())
 }
@@ -241,7 +251,8 @@ pub fn apply_files(tree: &mut Tree, files: &[FileEntry], time: Timestamp) -> Res
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a file in {}", dir.display()))?;
     std::io::Write::write_all(&mut tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
@@ -284,4 +295,3 @@ pub fn human_bytes(n: u64) -> String {
         format!("{:.1} MiB", f / MIB)
     }
 }
-

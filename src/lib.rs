@@ -5,6 +5,9 @@
 //! that use them.
 
 pub mod aws;
+pub mod boot;
+pub mod build;
+pub mod disk;
 pub mod formats;
 pub mod manifest;
 pub mod platform;

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use kiln::platform::{Arch, BootMode};
 use kiln::recipe::{self, Base, DiskSize, FileContent, FileKind, Network, Os, RecipeError};
 
-use crate::common::{kiln, tempdir};
+use std::process::Command;
+
+use crate::common::{debian_root_tar, kiln, run_ok, stdout_of, tempdir, tool};
 
 const BAD: &str = "fixtures/recipes/bad";
 const SHIPPED: [&str; 3] = ["recipes/debian-12-minimal.toml", "recipes/debian-12-ec2.toml", "recipes/web-server.toml"];
@@ -67,7 +69,7 @@ fn bad_enum_value_lists_the_accepted_values() {
     let e = check_bad("bad-os.toml");
     assert_eq!(first_key(&e), "image.os");
     let e = check_bad("bad-boot.toml");
-    assert_eq!(first_key(&e), "boot");
+    assert_eq!(first_key(&e), "image.boot");
 }
 
 #[test]
@@ -429,4 +431,160 @@ fn extended_recipes_resolve_paths_against_their_own_directory() {
     assert!(e.contains("team/base/golden.toml:5:10: source file `files/motd` cannot be read"), "{e}");
     assert!(e.contains(&canon(&base_dir).display().to_string()), "{e}");
     assert!(e.contains("is extended by"), "{e}");
+}
+
+#[test]
+fn files_under_the_esp_mount_point_warn() {
+    let dir = tempdir();
+    let p = dir.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "[image]\nname = \"w\"\nos = \"debian-12\"\n[system]\nmount_esp = \"/boot/efi\"\n[[files]]\npath = \"/boot/efi/x.conf\"\ncontent = \"x\"\n[[files]]\npath = \"/boot/efiles\"\ncontent = \"not under the mount\"\n",
+    )
+    .unwrap();
+    let r = recipe::load(&p).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+    assert!(r.warnings[0].contains("/boot/efi/x.conf is under /boot/efi"), "{:?}", r.warnings);
+    let out = kiln().arg("check").arg(&p).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kiln: warning: [[files]] /boot/efi/x.conf"));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+    /// Mangled recipes never panic the loader, and every error points inside the file it names.
+    #[test]
+    fn mangled_recipes_fail_cleanly(
+        edits in proptest::collection::vec((0usize..2000, 0usize..6, proptest::sample::select(vec![
+            "", "\"", "'", "[", "]", "[[", "=", "\n", "{", "}", ",", "x", "0", "-", ".", "é", "\r\n", "\t", "#",
+            "size = \"1GB\"\n", "[ami]\n", "boot_mode = \"legacy-bios\"\n", "arch = \"arm64\"\n", "mode = \"9\"\n",
+        ])), 1..6)
+    ) {
+        let base = std::fs::read_to_string("recipes/debian-12-ec2.toml").unwrap();
+        let mut text = base.into_bytes();
+        for (at, del, ins) in edits {
+            let at = at % (text.len() + 1);
+            let end = (at + del).min(text.len());
+            text.splice(at..end, ins.bytes());
+        }
+        let dir = tempdir();
+        std::fs::create_dir_all(dir.path().join("files")).unwrap();
+        std::fs::copy("recipes/files/sshd-hardening.conf", dir.path().join("files/sshd-hardening.conf")).unwrap();
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, &text).unwrap();
+        if let Err(e) = recipe::load(&p) {
+            let rendered = e.to_string();
+            proptest::prop_assert!(!rendered.is_empty());
+            for d in e.diagnostics() {
+                let pos = d.position.as_ref().unwrap();
+                let lines = String::from_utf8_lossy(&text).split('\n').count();
+                proptest::prop_assert!(pos.line >= 1 && pos.line <= lines, "{rendered}");
+                proptest::prop_assert!(pos.column >= 1, "{rendered}");
+            }
+        }
+    }
+}
+
+#[test]
+fn root_volume_size_follows_the_image_when_not_given() {
+    let dir = tempdir();
+    let p = dir.path().join("r.toml");
+    std::fs::write(
+        &p,
+        "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"auto\"\n[ami]\nregions = [\"us-east-1\"]\n",
+    )
+    .unwrap();
+    let ami = recipe::load(&p).unwrap().ami.unwrap();
+    assert_eq!(ami.root_volume.size_gib, 0, "unknown until built");
+    assert_eq!(recipe::with_root_size(ami.clone(), (1 << 30) + 1).root_volume.size_gib, 2);
+    assert_eq!(recipe::with_root_size(ami, 1 << 30).root_volume.size_gib, 1);
+    // With a fixed image size, the default is known at once (2.5 GiB → 3 GiB).
+    std::fs::write(&p, "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"2560MiB\"\n[ami]\n").unwrap();
+    let ami = recipe::load(&p).unwrap().ami.unwrap();
+    assert_eq!(ami.root_volume.size_gib, 3);
+    assert_eq!(recipe::with_root_size(ami, 100 << 30).root_volume.size_gib, 3, "a set size is kept");
+}
+
+/// What a recipe says about files and system settings is what debugfs finds in the built
+/// image: named owners resolved through the image's /etc/passwd, modes, an executable source,
+/// a symlink, the time zone, and no DHCP file with `network = "none"`.
+#[test]
+fn recipe_settings_reach_the_image() {
+    let (Some(tar), Some(debugfs)) = (debian_root_tar(), tool("debugfs")) else { return };
+    let dir = tempdir();
+    std::fs::create_dir_all(dir.path().join("files")).unwrap();
+    let hello = dir.path().join("files/hello.sh");
+    std::fs::write(&hello, "#!/bin/sh\necho hello\n").unwrap();
+    std::fs::set_permissions(&hello, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let recipe = dir.path().join("settings.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"[image]
+name = "settings"
+base = {{ tarball = "{}" }}
+size = "2GiB"
+source_date_epoch = 1700000000
+
+[[files]]
+path = "/srv/www"
+dir = true
+mode = "0750"
+owner = "www-data:www-data"
+
+[[files]]
+path = "/usr/local/bin/hello"
+source = "files/hello.sh"
+
+[[files]]
+path = "/etc/kiln-link"
+symlink = "/etc/hostname"
+
+[[files]]
+path = "/etc/secret"
+content = "s3cret\n"
+mode = "0600"
+owner = "0:33"
+
+[system]
+hostname = "settings"
+timezone = "Etc/UTC"
+network = "none"
+"#,
+            tar.display()
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    run_ok(kiln().arg("build").arg(&recipe).arg("--out").arg(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("settings-x86_64.manifest.json")).unwrap()).unwrap();
+    let root = manifest["disk"]["partitions"].as_array().unwrap().iter().find(|p| p["filesystem"] == "ext4").unwrap();
+    let img = format!("{}?offset={}", out.join("settings-x86_64.raw").display(), root["offset_bytes"]);
+    let stat = |p: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("stat {p}")).arg(&img));
+    let has = |s: &str, want: &str| assert!(s.contains(want), "want {want:?} in:\n{s}");
+
+    let www = stat("/srv/www");
+    has(&www, "Type: directory");
+    has(&www, "Mode:  0750");
+    has(&www, "User:    33   Group:    33");
+    let hello = stat("/usr/local/bin/hello");
+    has(&hello, "Type: regular");
+    has(&hello, "Mode:  0755");
+    has(&stat("/etc/kiln-link"), "Fast link dest: \"/etc/hostname\"");
+    let secret = stat("/etc/secret");
+    has(&secret, "Mode:  0600");
+    has(&secret, "User:     0   Group:    33");
+    has(&stat("/etc/localtime"), "Fast link dest: \"/usr/share/zoneinfo/Etc/UTC\"");
+    let cat = |p: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("cat {p}")).arg(&img));
+    assert_eq!(cat("/etc/secret"), "s3cret\n");
+    assert_eq!(cat("/etc/timezone"), "Etc/UTC\n");
+    assert_eq!(cat("/usr/local/bin/hello"), "#!/bin/sh\necho hello\n");
+    let net = stdout_of(Command::new(&debugfs).arg("-R").arg("ls -l /etc/systemd/network").arg(&img));
+    assert!(!net.contains("80-kiln-dhcp.network"), "network = \"none\" writes no DHCP config:\n{net}");
+    // The recipe hash in the manifest is the one `kiln check` reports.
+    let check: serde_json::Value =
+        serde_json::from_slice(&run_ok(kiln().args(["check", "--json"]).arg(&recipe)).stdout).unwrap();
+    assert_eq!(manifest["recipe"]["sha256"], check["sha256"]);
 }

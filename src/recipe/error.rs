@@ -144,7 +144,8 @@ impl SourceMap {
         let line = text[..line_start].matches('\n').count() + 1;
         let column = text[line_start..start].chars().count() + 1;
         // Underline to the end of the span, or the end of the line for multi-line spans.
-        let end = floor_char_boundary(text, span.end.clamp(start, line_start + line_text.len()));
+        // (`max` last: a span starting on a CRLF line's `\r` lies past the trimmed line.)
+        let end = floor_char_boundary(text, span.end.min(line_start + line_text.len()).max(start));
         let width = text[start..end].chars().count().max(1);
         let mut chain = Vec::new();
         let mut by = file.extended_by;
@@ -236,6 +237,10 @@ mod tests {
         assert_eq!((p.line, p.column, p.width, p.line_text.as_str()), (2, 5, 1, "b = ["));
         let (p, _) = m.locate(Span { file: 0, start: 999, end: 999 });
         assert_eq!((p.line, p.width), (5, 1));
+        // CRLF: a span on the `\r` itself (an unterminated string at the end of a line).
+        let m = map("a = \"x\r\nb = 1\r\n");
+        let (p, _) = m.locate(Span { file: 0, start: 6, end: 7 });
+        assert_eq!((p.line, p.column, p.width, p.line_text.as_str()), (1, 7, 1, "a = \"x"));
     }
 
     #[test]

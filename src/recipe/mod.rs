@@ -3,9 +3,9 @@
 //!
 //! Loading goes in three steps:
 //! 1. each recipe file (the one given and every recipe it `extends`) is parsed into the raw
-//!    serde form ([`raw`]), with unknown keys refused and every value's position kept;
-//! 2. the raw forms are merged, base first ([`raw::RawRecipe::merge`]);
-//! 3. the merged form is validated into [`Recipe`] ([`validate`]), collecting every problem
+//!    serde form (`raw`), with unknown keys refused and every value's position kept;
+//! 2. the raw forms are merged, base first (`raw::RawRecipe::merge`);
+//! 3. the merged form is validated into [`Recipe`] (`validate`), collecting every problem
 //!    with its position rather than stopping at the first.
 //!
 //! `docs/recipes.md` documents every key.
@@ -243,6 +243,8 @@ pub struct Recipe {
     pub system: System,
     /// From the recipe; the SOURCE_DATE_EPOCH environment variable wins at the CLI edge.
     pub source_date_epoch: Option<i64>,
+    /// `root_volume.size_gib` is 0 when `[image].size` is `auto` and the recipe sets no root
+    /// volume size: [`with_root_size`] fills it in once the image's size is known.
     pub ami: Option<AmiSettings>,
     pub bundle: Option<BundleSettings>,
     /// Things worth saying that do not stop a build (`kiln check` prints them).
@@ -255,6 +257,16 @@ pub struct Recipe {
 struct Loaded {
     sources: SourceMap,
     merged: RawRecipe,
+}
+
+/// `[ami]` settings with the root volume sized for an image of `image_bytes`, when the recipe
+/// left the size to the image (`root_volume.size_gib == 0`, with `[image].size = "auto"`):
+/// the image's size rounded up to whole GiB, since EBS volumes are whole GiB.
+pub fn with_root_size(mut ami: AmiSettings, image_bytes: u64) -> AmiSettings {
+    if ami.root_volume.size_gib == 0 {
+        ami.root_volume.size_gib = u32::try_from(image_bytes.div_ceil(size::GIB)).unwrap_or(u32::MAX);
+    }
+    ami
 }
 
 /// Extends chains longer than this are surely a mistake (and would be slow to read).

@@ -1,0 +1,123 @@
+//! GPT partition tables through the `gpt` crate, written into a sparse in-memory device so the
+//! result can join the ordered image stream: protective MBR and primary table at the start,
+//! backup table at the end. 512-byte logical sectors, 128 entries (what sgdisk expects).
+
+use std::collections::BTreeMap;
+
+use gpt::disk::LogicalBlockSize;
+use gpt::mbr::ProtectiveMBR;
+use gpt::partition::Partition;
+use gpt::partition_types::Type;
+
+use super::image::{Sink, SparseMem};
+
+pub const SECTOR: u64 = 512;
+/// First usable LBA with 128 entries of 128 bytes: MBR, header, 32 sectors of entries.
+pub const FIRST_USABLE_LBA: u64 = 34;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GptPartition {
+    pub name: String,
+    /// Upper-case hyphenated type GUID.
+    pub type_guid: String,
+    pub guid: uuid::Uuid,
+    pub first_lba: u64,
+    pub last_lba: u64,
+    /// GPT attribute bits (bit 2: legacy BIOS bootable).
+    pub flags: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    #[error("partition {name:?} ({first}..={last}) lies outside the usable sectors {first_usable}..={last_usable}")]
+    OutOfRange { name: String, first: u64, last: u64, first_usable: u64, last_usable: u64 },
+    #[error("partitions {a:?} and {b:?} overlap")]
+    Overlap { a: String, b: String },
+    #[error("bad partition type GUID {0:?}")]
+    BadType(String),
+    #[error("writing the partition table: {0}")]
+    Gpt(String),
+}
+
+/// The last usable LBA for a disk of `total_sectors`: backup entries (32) and header (1) at the end.
+pub fn last_usable_lba(total_sectors: u64) -> u64 {
+    total_sectors - 34
+}
+
+/// Builds the protective MBR and both GPTs for a disk of `disk_bytes`. `mbr_boot_code`, when
+/// given, fills the MBR's 440 code bytes (legacy BIOS boot).
+pub fn build(
+    disk_bytes: u64,
+    disk_guid: uuid::Uuid,
+    parts: &[GptPartition],
+    mbr_boot_code: Option<&[u8; 440]>,
+) -> Result<SparseMem, GptError> {
+    let total = disk_bytes / SECTOR;
+    let (first_usable, last_usable) = (FIRST_USABLE_LBA, last_usable_lba(total));
+    let mut sorted: Vec<&GptPartition> = parts.iter().collect();
+    sorted.sort_by_key(|p| p.first_lba);
+    for p in &sorted {
+        if p.first_lba < first_usable || p.last_lba > last_usable || p.last_lba < p.first_lba {
+            return Err(GptError::OutOfRange {
+                name: p.name.clone(),
+                first: p.first_lba,
+                last: p.last_lba,
+                first_usable,
+                last_usable,
+            });
+        }
+    }
+    for w in sorted.windows(2) {
+        if w[1].first_lba <= w[0].last_lba {
+            return Err(GptError::Overlap { a: w[0].name.clone(), b: w[1].name.clone() });
+        }
+    }
+
+    let mut dev = SparseMem::new(disk_bytes);
+    let mbr = ProtectiveMBR::with_lb_size(u32::try_from(total - 1).unwrap_or(u32::MAX));
+    let mut mbr_bytes = mbr.to_bytes();
+    if let Some(code) = mbr_boot_code {
+        mbr_bytes[..440].copy_from_slice(code);
+    }
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        dev.seek(SeekFrom::Start(0)).map_err(|e| GptError::Gpt(e.to_string()))?;
+        dev.write_all(&mbr_bytes).map_err(|e| GptError::Gpt(e.to_string()))?;
+    }
+    let gpt_err = |e: gpt::GptError| GptError::Gpt(e.to_string());
+    let mut disk = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(LogicalBlockSize::Lb512)
+        .change_partition_count(true)
+        .create_from_device(dev, Some(disk_guid))
+        .map_err(gpt_err)?;
+    // Entries by number, with GUIDs we choose (the crate would draw random ones).
+    let mut table = BTreeMap::new();
+    for (i, p) in parts.iter().enumerate() {
+        let type_guid: uuid::Uuid = p.type_guid.parse().map_err(|_| GptError::BadType(p.type_guid.clone()))?;
+        table.insert(
+            i as u32 + 1,
+            Partition {
+                part_type_guid: Type { guid: type_guid, os: gpt::partition_types::OperatingSystem::None },
+                part_guid: p.guid,
+                first_lba: p.first_lba,
+                last_lba: p.last_lba,
+                flags: p.flags,
+                name: p.name.clone(),
+            },
+        );
+    }
+    disk.update_partitions(table).map_err(gpt_err)?;
+    let dev = disk.write().map_err(gpt_err)?;
+    Ok(dev)
+}
+
+/// Emits the table's head (everything before `first_partition_byte`) and tail (from
+/// `tail_from_byte`) as separate ordered pieces: the caller interleaves the partitions.
+pub fn emit_head(mem: &SparseMem, first_partition_byte: u64, sink: &mut dyn Sink) -> std::io::Result<()> {
+    mem.emit_range(0..first_partition_byte, 0, sink)
+}
+
+pub fn emit_tail(mem: &SparseMem, tail_from_byte: u64, sink: &mut dyn Sink) -> std::io::Result<()> {
+    mem.emit_range(tail_from_byte..mem.len(), 0, sink)
+}

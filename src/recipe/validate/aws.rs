@@ -1,0 +1,677 @@
+//! `[ami]` and `[bundle]`: every value one EC2 accepts, and only boot modes the image can boot.
+
+use std::collections::BTreeMap;
+
+use super::{check_source_file, V};
+use crate::manifest::{AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RootVolume};
+use crate::platform::{Arch, BootMode};
+use crate::recipe::error::{list, Span};
+use crate::recipe::raw::{Loc, RawAmi, RawBundle, RawVolume};
+use crate::recipe::size::{self, GIB};
+
+/// EC2 allows 50 tags per resource; kiln adds its own (image SHA-256, recipe hash, name).
+const MAX_USER_TAGS: usize = 45;
+
+const VOLUME_TYPES: [&str; 7] = ["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"];
+
+/// EBS limits per volume type (Amazon EBS volume types, User Guide): size in GiB, and for the
+/// types that take them, provisioned IOPS and throughput (MiB/s) ranges and the largest
+/// IOPS-per-GiB ratio.
+struct VolumeLimits {
+    size_gib: (u32, u32),
+    iops: Option<(u32, u32)>,
+    iops_per_gib: u32,
+    iops_required: bool,
+    throughput: Option<(u32, u32)>,
+    bootable: bool,
+}
+
+fn limits(t: &str) -> VolumeLimits {
+    let plain = |lo, hi, bootable| VolumeLimits {
+        size_gib: (lo, hi),
+        iops: None,
+        iops_per_gib: 0,
+        iops_required: false,
+        throughput: None,
+        bootable,
+    };
+    match t {
+        "gp3" => VolumeLimits {
+            size_gib: (1, 65_536),
+            iops: Some((3_000, 80_000)),
+            iops_per_gib: 500,
+            iops_required: false,
+            throughput: Some((125, 2_000)),
+            bootable: true,
+        },
+        "io1" => VolumeLimits {
+            size_gib: (4, 16_384),
+            iops: Some((100, 64_000)),
+            iops_per_gib: 50,
+            iops_required: true,
+            throughput: None,
+            bootable: true,
+        },
+        "io2" => VolumeLimits {
+            size_gib: (4, 65_536),
+            iops: Some((100, 256_000)),
+            iops_per_gib: 1_000,
+            iops_required: true,
+            throughput: None,
+            bootable: true,
+        },
+        // Throughput-optimised and cold HDD cannot be boot volumes.
+        "st1" | "sc1" => plain(125, 16_384, false),
+        "standard" => plain(1, 1_024, true),
+        _ => plain(1, 16_384, true), // gp2
+    }
+}
+
+fn valid_region(r: &str) -> bool {
+    // `us-east-1`, `eu-central-2`, `us-gov-west-1`, `ap-southeast-4`: a two-letter area,
+    // one or more lowercase words, then a number.
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[0].chars().all(|c| c.is_ascii_lowercase())
+        && parts[1..parts.len() - 1].iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts.last().is_some_and(|n| !n.is_empty() && n.len() <= 2 && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn valid_account(a: &str) -> bool {
+    a.len() == 12 && a.chars().all(|c| c.is_ascii_digit())
+}
+
+fn check_account(v: &mut V, a: &Loc<String>, key: &str) -> bool {
+    if valid_account(&a.value) {
+        return true;
+    }
+    v.err(
+        a.span,
+        key,
+        format!("`{}` is not an AWS account id", a.value),
+        Some("account ids are exactly 12 digits, like \"123456789012\"".into()),
+    );
+    false
+}
+
+fn gib_of(v: &mut V, s: &Loc<String>, key: &str) -> Option<u32> {
+    match size::parse_bytes(&s.value) {
+        Err(e) => {
+            v.err(
+                s.span,
+                key,
+                format!("invalid size: {e}"),
+                Some(format!("{}; EBS volumes are whole GiB", size::ACCEPTED)),
+            );
+            None
+        }
+        Ok(b) if b % GIB != 0 || b == 0 => {
+            v.err(
+                s.span,
+                key,
+                format!("`{}` is not a whole number of GiB", s.value),
+                Some("EBS volume sizes are whole GiB, like \"8GiB\"".into()),
+            );
+            None
+        }
+        Ok(b) => match u32::try_from(b / GIB) {
+            Ok(g) => Some(g),
+            Err(_) => {
+                v.err(s.span, key, format!("`{}` is too large for a volume", s.value), None);
+                None
+            }
+        },
+    }
+}
+
+struct CheckedVolume {
+    size_gib: Option<u32>,
+    volume_type: String,
+    iops: Option<u32>,
+    throughput: Option<u32>,
+}
+
+fn check_volume(v: &mut V, vol: &Loc<RawVolume>, prefix: &str, root: bool) -> Option<CheckedVolume> {
+    let r = &vol.value;
+    let before = v.diags.len();
+    let volume_type = match &r.volume_type {
+        None => "gp3".to_string(),
+        Some(t) => match v.one_of(t, &format!("{prefix}.type"), &VOLUME_TYPES) {
+            Some(t) => t.to_string(),
+            None => {
+                // Without a type the other limits are unknown; the size can still be checked.
+                if let Some(s) = &r.size {
+                    gib_of(v, s, &format!("{prefix}.size"));
+                }
+                return None;
+            }
+        },
+    };
+    let lim = limits(&volume_type);
+    if root && !lim.bootable {
+        let t = r.volume_type.as_ref().expect("type given");
+        v.err(
+            t.span,
+            format!("{prefix}.type"),
+            format!("{volume_type} volumes cannot be boot volumes"),
+            Some("use gp3 (or gp2, io1, io2) for the root volume".into()),
+        );
+    }
+    let size_gib = r.size.as_ref().and_then(|s| gib_of(v, s, &format!("{prefix}.size")));
+    if let (Some(g), Some(s)) = (size_gib, &r.size) {
+        if !(lim.size_gib.0..=lim.size_gib.1).contains(&g) {
+            v.err(
+                s.span,
+                format!("{prefix}.size"),
+                format!(
+                    "{volume_type} volumes are {} to {} GiB; {} is outside",
+                    lim.size_gib.0, lim.size_gib.1, s.value
+                ),
+                None,
+            );
+        }
+    }
+    let mut num = |field: &Option<Loc<i64>>, name: &str, range: Option<(u32, u32)>, unit: &str| -> Option<u32> {
+        let f = field.as_ref()?;
+        let key = format!("{prefix}.{name}");
+        let Some((lo, hi)) = range else {
+            let takes = if name == "iops" { "gp3, io1 and io2" } else { "gp3" };
+            v.err(
+                f.span,
+                key,
+                format!("{volume_type} volumes do not take `{name}`"),
+                Some(format!("only {takes} volumes have provisioned {name}")),
+            );
+            return None;
+        };
+        match u32::try_from(f.value) {
+            Ok(n) if (lo..=hi).contains(&n) => Some(n),
+            _ => {
+                v.err(
+                    f.span,
+                    key,
+                    format!("{name} {} is out of range for {volume_type}", f.value),
+                    Some(format!("{volume_type} accepts {lo} to {hi} {unit}")),
+                );
+                None
+            }
+        }
+    };
+    let iops = num(&r.iops, "iops", lim.iops, "IOPS");
+    let throughput = num(&r.throughput, "throughput", lim.throughput, "MiB/s");
+    if lim.iops_required && r.iops.is_none() {
+        v.err(
+            Span { end: vol.span.start, ..vol.span },
+            format!("{prefix}.iops"),
+            format!("{volume_type} volumes need `iops`"),
+            Some(format!("set iops between {} and {}", lim.iops.map_or(0, |r| r.0), lim.iops.map_or(0, |r| r.1))),
+        );
+    }
+    // The per-GiB ratio applies above gp3's free baseline of 3000 IOPS.
+    if let (Some(i), Some(g), Some(f)) = (iops, size_gib, &r.iops) {
+        let baseline = if volume_type == "gp3" { 3_000 } else { 0 };
+        if i > baseline && u64::from(i) > u64::from(g) * u64::from(lim.iops_per_gib) {
+            v.err(
+                f.span,
+                format!("{prefix}.iops"),
+                format!("{i} IOPS is more than {volume_type} allows for {g} GiB"),
+                Some(format!("{volume_type} allows at most {} IOPS per GiB", lim.iops_per_gib)),
+            );
+        }
+    }
+    // gp3 throughput is at most 0.25 MiB/s per provisioned IOPS.
+    if let (Some(t), Some(f)) = (throughput, &r.throughput) {
+        let i = iops.unwrap_or(3_000);
+        if t > 125 && u64::from(t) * 4 > u64::from(i) {
+            v.err(
+                f.span,
+                format!("{prefix}.throughput"),
+                format!("{t} MiB/s needs at least {} IOPS", u64::from(t) * 4),
+                Some("gp3 throughput is at most 0.25 MiB/s per provisioned IOPS".into()),
+            );
+        }
+    }
+    (v.diags.len() == before).then_some(CheckedVolume { size_gib, volume_type, iops, throughput })
+}
+
+fn check_device(v: &mut V, d: &Loc<String>, key: &str) -> Option<char> {
+    let letter = d.value.strip_prefix("/dev/sd").or_else(|| d.value.strip_prefix("/dev/xvd"));
+    match letter {
+        Some(l) if l.len() == 1 && ('b'..='z').contains(&l.chars().next().unwrap_or('a')) => l.chars().next(),
+        _ => {
+            v.err(
+                d.span,
+                key,
+                format!("`{}` is not a device name for an extra volume", d.value),
+                Some("use /dev/sdb … /dev/sdz or /dev/xvdb … /dev/xvdz (the root is /dev/xvda)".into()),
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn check_ami(
+    v: &mut V,
+    a: &Loc<RawAmi>,
+    arch: Arch,
+    boot: BootMode,
+    image_bytes: Option<u64>,
+    arch_from_flag: bool,
+) -> Option<AmiSettings> {
+    let r = &a.value;
+    let before = v.diags.len();
+    let name = match &r.name {
+        None => "{name}-{arch}-{date}".to_string(),
+        Some(n) => {
+            check_ami_name(v, n);
+            n.value.clone()
+        }
+    };
+    if let Some(d) = &r.description {
+        if d.value.len() > 255 {
+            v.err(
+                d.span,
+                "ami.description",
+                format!("the description is {} characters; EC2 allows 255", d.value.len()),
+                None,
+            );
+        }
+    }
+    let mut regions = Vec::new();
+    for reg in r.regions.iter().flat_map(|l| l.value.iter()) {
+        if !valid_region(&reg.value) {
+            v.err(
+                reg.span,
+                "ami.regions",
+                format!("`{}` is not an AWS region name", reg.value),
+                Some("like \"us-east-1\" or \"eu-west-1\"".into()),
+            );
+        } else if regions.contains(&reg.value) {
+            v.err(reg.span, "ami.regions", format!("region `{}` is listed twice", reg.value), None);
+        } else {
+            regions.push(reg.value.clone());
+        }
+    }
+
+    // Boot mode: from [image].boot unless set, and only one the image can actually boot.
+    let boot_mode = match &r.boot_mode {
+        None => boot.ec2_boot_mode().to_string(),
+        Some(b) => {
+            let m =
+                v.one_of(b, "ami.boot_mode", &["uefi", "legacy-bios", "uefi-preferred"]).unwrap_or("uefi").to_string();
+            if arch == Arch::Arm64 && m != "uefi" {
+                let via = if arch_from_flag { " (arm64 was chosen with --arch)" } else { "" };
+                v.err(
+                    b.span,
+                    "ami.boot_mode",
+                    format!("boot_mode = \"{m}\" cannot be registered for arm64{via}"),
+                    Some("Graviton (arm64) instances boot UEFI only, so arm64 AMIs are registered as \"uefi\"; remove `boot_mode` or set it to \"uefi\"".into()),
+                );
+            } else {
+                let bootable = match m.as_str() {
+                    "legacy-bios" => boot.has_bios(),
+                    "uefi" => boot.has_uefi(),
+                    _ => boot == BootMode::Hybrid,
+                };
+                if !bootable {
+                    v.err(
+                        b.span,
+                        "ami.boot_mode",
+                        format!("boot_mode = \"{m}\" does not match the image, which boots {}", match boot {
+                            BootMode::Uefi => "UEFI only",
+                            BootMode::Bios => "legacy BIOS only",
+                            BootMode::Hybrid => "both ways",
+                        }),
+                        Some(format!("[image].boot = \"{boot}\" registers as \"{}\"; set [image].boot = \"hybrid\" for an image that boots both ways", boot.ec2_boot_mode())),
+                    );
+                }
+            }
+            m
+        }
+    };
+    let tpm = r.tpm.as_ref().is_some_and(|t| t.value);
+    if tpm && boot_mode != "uefi" {
+        let t = r.tpm.as_ref().expect("tpm set");
+        v.err(
+            t.span,
+            "ami.tpm",
+            format!("tpm = true needs UEFI boot; this AMI would be registered as \"{boot_mode}\""),
+            Some("NitroTPM is only available to AMIs registered with boot_mode = \"uefi\"; use [image].boot = \"uefi\" (or set boot_mode = \"uefi\" with a hybrid image), or remove tpm".into()),
+        );
+    }
+    let imds = match &r.imds {
+        None => Some("v2.0".to_string()),
+        Some(i) => match v.one_of(i, "ami.imds", &["v2.0", "optional"]) {
+            Some("optional") => None,
+            _ => Some("v2.0".to_string()),
+        },
+    };
+
+    let default_root = Loc { span: Span { end: a.span.start, ..a.span }, value: RawVolume::default() };
+    let root_raw = r.root_volume.as_ref().unwrap_or(&default_root);
+    for (key, span) in [
+        ("encrypted", root_raw.value.encrypted.as_ref().map(|x| x.span)),
+        ("kms_key_id", root_raw.value.kms_key_id.as_ref().map(|x| x.span)),
+    ] {
+        if let Some(span) = span {
+            v.err(
+                span,
+                format!("ami.root_volume.{key}"),
+                format!("`{key}` does not apply to the root volume"),
+                Some(
+                    "the root volume is as encrypted as its snapshot: set `encrypted` and `kms_key_arn` in [ami]"
+                        .into(),
+                ),
+            );
+        }
+    }
+    let root_device = match &root_raw.value.device {
+        None => "/dev/xvda".to_string(),
+        Some(d) => {
+            v.one_of(d, "ami.root_volume.device", &["/dev/xvda", "/dev/sda1"]).unwrap_or("/dev/xvda").to_string()
+        }
+    };
+    let root = check_volume(v, root_raw, "ami.root_volume", true);
+    let image_gib = image_bytes.map(|b| b.div_ceil(GIB));
+    if let (Some(root), Some(img), Some(s)) = (&root, image_gib, &root_raw.value.size) {
+        if root.size_gib.is_some_and(|g| u64::from(g) < img) {
+            v.err(
+                s.span,
+                "ami.root_volume.size",
+                format!("the root volume ({}) is smaller than the image ({img} GiB)", s.value),
+                Some("the root volume holds the whole image: make it at least as large".into()),
+            );
+        }
+    }
+
+    let mut volumes = Vec::new();
+    let mut letters: BTreeMap<char, &str> = BTreeMap::new();
+    for (i, vol) in r.volumes.iter().flatten().enumerate() {
+        let prefix = format!("ami.volumes[{i}]");
+        let header = Span { end: vol.span.start, ..vol.span };
+        let device = match &vol.value.device {
+            None => {
+                v.err(
+                    header,
+                    format!("{prefix}.device"),
+                    "[[ami.volumes]] entry has no `device`",
+                    Some("add `device = \"/dev/sdb\"`".into()),
+                );
+                None
+            }
+            Some(d) => {
+                let l = check_device(v, d, &format!("{prefix}.device"));
+                if let Some(l) = l {
+                    if let Some(prev) = letters.insert(l, &d.value) {
+                        v.err(
+                            d.span,
+                            format!("{prefix}.device"),
+                            format!("`{}` is the same device as `{prev}`", d.value),
+                            Some("/dev/sdX and /dev/xvdX name the same attachment point; use another letter".into()),
+                        );
+                    }
+                }
+                l.map(|_| d.value.clone())
+            }
+        };
+        if vol.value.size.is_none() {
+            v.err(
+                header,
+                format!("{prefix}.size"),
+                "[[ami.volumes]] entry has no `size`",
+                Some("add `size = \"100GiB\"`".into()),
+            );
+        }
+        let checked = check_volume(v, vol, &prefix, false);
+        let kms_key_id = vol.value.kms_key_id.as_ref().map(|k| k.value.clone());
+        let encrypted = vol.value.encrypted.as_ref().map(|e| e.value).unwrap_or(kms_key_id.is_some());
+        if let (Some(k), false) = (&vol.value.kms_key_id, encrypted) {
+            v.err(k.span, format!("{prefix}.kms_key_id"), "`kms_key_id` needs `encrypted = true`", None);
+        }
+        if let (Some(device), Some(c)) = (device, checked) {
+            volumes.push(ExtraVolume {
+                device,
+                size_gib: c.size_gib.unwrap_or(0),
+                volume_type: c.volume_type,
+                iops: c.iops,
+                throughput: c.throughput,
+                encrypted,
+                kms_key_id,
+                delete_on_termination: vol.value.delete_on_termination.as_ref().is_none_or(|d| d.value),
+            });
+        }
+    }
+
+    let mut launch = LaunchPermissions::default();
+    if let Some(lp) = &r.launch_permissions {
+        let lp = &lp.value;
+        for acc in lp.accounts.iter().flat_map(|l| l.value.iter()) {
+            if check_account(v, acc, "ami.launch_permissions.accounts") {
+                launch.accounts.push(acc.value.clone());
+            }
+        }
+        for org in lp.organizations.iter().flat_map(|l| l.value.iter()) {
+            if valid_org_arn(&org.value, false) {
+                launch.organizations.push(org.value.clone());
+            } else {
+                v.err(
+                    org.span,
+                    "ami.launch_permissions.organizations",
+                    format!("`{}` is not an organization ARN", org.value),
+                    Some("like \"arn:aws:organizations::123456789012:organization/o-abcd123456\"".into()),
+                );
+            }
+        }
+        for ou in lp.organizational_units.iter().flat_map(|l| l.value.iter()) {
+            if valid_org_arn(&ou.value, true) {
+                launch.organizational_units.push(ou.value.clone());
+            } else {
+                v.err(
+                    ou.span,
+                    "ami.launch_permissions.organizational_units",
+                    format!("`{}` is not an organizational unit ARN", ou.value),
+                    Some("like \"arn:aws:organizations::123456789012:ou/o-abcd123456/ou-ab12-cdef3456\"".into()),
+                );
+            }
+        }
+        launch.public = lp.public.as_ref().is_some_and(|p| p.value);
+    }
+
+    let mut tags = BTreeMap::new();
+    if let Some(t) = &r.tags {
+        if t.value.len() > MAX_USER_TAGS {
+            v.err(
+                t.span,
+                "ami.tags",
+                format!("{} tags; at most {MAX_USER_TAGS}", t.value.len()),
+                Some("EC2 allows 50 tags per resource and kiln adds its own".into()),
+            );
+        }
+        for (k, val) in &t.value {
+            if k.is_empty() || k.len() > 128 || k.to_ascii_lowercase().starts_with("aws:") {
+                v.err(
+                    val.span,
+                    format!("ami.tags.{k}"),
+                    format!("`{k}` is not a valid tag key"),
+                    Some("1 to 128 characters, not starting with `aws:`".into()),
+                );
+            } else if val.value.len() > 256 {
+                v.err(val.span, format!("ami.tags.{k}"), "tag values are at most 256 characters", None);
+            } else {
+                tags.insert(k.clone(), val.value.clone());
+            }
+        }
+    }
+
+    let kms_key_arn = r.kms_key_arn.as_ref().map(|k| k.value.clone());
+    if let Some(k) = &r.kms_key_arn {
+        if !(k.value.starts_with("arn:aws") && k.value.contains(":kms:")) {
+            v.err(
+                k.span,
+                "ami.kms_key_arn",
+                format!("`{}` is not a KMS key ARN", k.value),
+                Some("like \"arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab\"".into()),
+            );
+        }
+    }
+    let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(kms_key_arn.is_some());
+    if let (Some(k), false) = (&r.kms_key_arn, encrypted) {
+        v.err(k.span, "ami.kms_key_arn", "`kms_key_arn` needs `encrypted = true`", None);
+    }
+
+    if v.diags.len() != before {
+        return None;
+    }
+    let root = root?;
+    Some(AmiSettings {
+        name,
+        description: r.description.as_ref().map(|d| d.value.clone()),
+        regions,
+        root_volume: RootVolume {
+            device: root_device,
+            // 0: not set; the image's size rounded up to whole GiB (known once it is built).
+            size_gib: root.size_gib.or(image_gib.and_then(|g| u32::try_from(g).ok())).unwrap_or(0),
+            volume_type: root.volume_type,
+            iops: root.iops,
+            throughput: root.throughput,
+            delete_on_termination: root_raw.value.delete_on_termination.as_ref().is_none_or(|d| d.value),
+        },
+        ena: r.ena.as_ref().is_none_or(|e| e.value),
+        sriov: r.sriov.as_ref().is_some_and(|s| s.value),
+        tpm,
+        imds,
+        boot_mode,
+        launch_permissions: launch,
+        tags,
+        volumes,
+        encrypted,
+        kms_key_arn,
+    })
+}
+
+/// The placeholders an AMI name may hold (see [`AmiSettings::name`]).
+const AMI_PLACEHOLDERS: [&str; 4] = ["{name}", "{arch}", "{date}", "{sha}"];
+
+fn check_ami_name(v: &mut V, n: &Loc<String>) {
+    let mut rest = n.value.clone();
+    for p in AMI_PLACEHOLDERS {
+        rest = rest.replace(p, "x");
+    }
+    if let Some(start) = rest.find('{') {
+        let bad: String = rest[start..].chars().take_while(|c| *c != '}').chain(std::iter::once('}')).collect();
+        v.err(
+            n.span,
+            "ami.name",
+            format!("unknown placeholder `{bad}` in the AMI name"),
+            Some(format!("placeholders: {}", list(&AMI_PLACEHOLDERS))),
+        );
+        return;
+    }
+    // EC2: 3–128 characters: letters, digits, ( ) [ ] space . / - ' @ _
+    let ok_chars = rest.chars().all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c));
+    if !ok_chars || n.value.len() < 3 || n.value.len() > 128 {
+        v.err(n.span, "ami.name", format!("`{}` is not a valid AMI name", n.value), Some("3 to 128 characters: letters, digits, spaces and ( ) [ ] . / - ' @ _, plus the placeholders {name} {arch} {date} {sha}".into()));
+    }
+}
+
+fn valid_org_arn(s: &str, ou: bool) -> bool {
+    let Some(rest) = s.strip_prefix("arn:") else { return false };
+    let parts: Vec<&str> = rest.splitn(5, ':').collect();
+    if parts.len() != 5 || !parts[0].starts_with("aws") || parts[1] != "organizations" || !valid_account(parts[3]) {
+        return false;
+    }
+    let resource = parts[4];
+    if ou {
+        resource.starts_with("ou/o-")
+            && resource.matches('/').count() == 2
+            && resource.rsplit('/').next().is_some_and(|x| x.starts_with("ou-"))
+    } else {
+        resource.starts_with("organization/o-") && resource.len() > "organization/o-".len()
+    }
+}
+
+// ---- [bundle] -------------------------------------------------------------------------------
+
+pub(super) fn check_bundle(v: &mut V, b: &Loc<RawBundle>, arch: Arch, boot: BootMode) -> Option<BundleSettings> {
+    let r = &b.value;
+    let before = v.diags.len();
+    if arch == Arch::Arm64 {
+        v.err(
+            Span { end: b.span.start, ..b.span },
+            "bundle",
+            "instance-store bundles cannot be built for arm64",
+            Some("instance-store roots exist only on older x86_64 instance families (C1, C3, D2, I2, M1, M2, M3, R3, X1), which boot legacy BIOS; use [ami] for arm64".into()),
+        );
+    }
+    if !boot.has_bios() && arch == Arch::X86_64 {
+        v.warnings.push(format!(
+            "[bundle]: boot = \"{boot}\" cannot boot on the instance-store families, which boot legacy BIOS; set [image].boot = \"hybrid\" (or \"bios\")"
+        ));
+    }
+    if let Some(a) = &r.account {
+        check_account(v, a, "bundle.account");
+    }
+    let path = |v: &mut V, x: &Option<Loc<String>>, key: &str| {
+        x.as_ref().map(|p| {
+            let abs = v.resolve(p);
+            check_source_file(v, p, key, &abs);
+            abs
+        })
+    };
+    let user_cert = path(v, &r.user_cert, "bundle.user_cert");
+    let user_key = path(v, &r.user_key, "bundle.user_key");
+    let ec2_cert = path(v, &r.ec2_cert, "bundle.ec2_cert");
+    if let Some(u) = &r.upload {
+        let bucket = u.value.strip_prefix("s3://").map(|rest| rest.split('/').next().unwrap_or(""));
+        let ok = bucket.is_some_and(|b| {
+            (3..=63).contains(&b.len())
+                && b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+                && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && b.ends_with(|c: char| c.is_ascii_alphanumeric())
+        });
+        if !ok {
+            v.err(
+                u.span,
+                "bundle.upload",
+                format!("`{}` is not an S3 location", u.value),
+                Some(
+                    "write s3://BUCKET/PREFIX; bucket names are 3 to 63 lowercase letters, digits, `-` and `.`".into(),
+                ),
+            );
+        }
+    }
+    if let Some(reg) = &r.region {
+        if !valid_region(&reg.value) {
+            v.err(
+                reg.span,
+                "bundle.region",
+                format!("`{}` is not an AWS region name", reg.value),
+                Some("like \"us-east-1\"".into()),
+            );
+        }
+    }
+    (v.diags.len() == before).then(|| BundleSettings {
+        account: r.account.as_ref().map(|a| a.value.clone()),
+        user_cert,
+        user_key,
+        ec2_cert,
+        upload: r.upload.as_ref().map(|u| u.value.clone()),
+        region: r.region.as_ref().map(|r| r.value.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions() {
+        for ok in ["us-east-1", "eu-central-2", "us-gov-west-1", "ap-southeast-4", "il-central-1"] {
+            assert!(valid_region(ok), "{ok}");
+        }
+        for bad in ["us-east", "useast1", "US-EAST-1", "us-east-100", "u-east-1", "us--1"] {
+            assert!(!valid_region(bad), "{bad}");
+        }
+    }
+}
