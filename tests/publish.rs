@@ -528,3 +528,36 @@ fn changed_image_is_refused() {
     assert!(!out.status.success());
     assert!(err.contains("block 5") && err.contains("changed since it was built"), "stderr: {err}");
 }
+
+#[test]
+fn failed_registration_deletes_the_new_snapshot() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Deny { action: "RegisterImage".into() });
+    let (img, _) = test_image(&["us-east-1"]);
+    let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("registration failed") && err.contains("was deleted"), "stderr: {err}");
+    let reqs = proxy.requests();
+    let del = of(&reqs, "DeleteSnapshot");
+    assert_eq!(del.len(), 1);
+    assert_eq!(of(&reqs, "CompleteSnapshot").len(), 1, "the snapshot was uploaded before registration");
+    assert!(del[0].form()["SnapshotId"].starts_with("snap-"));
+}
+
+#[test]
+fn arm64_legacy_bios_is_refused_before_any_request() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let (img, _) = test_image(&["us-east-1"]);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&img.manifest).unwrap()).unwrap();
+    m["arch"] = "arm64".into();
+    m["ami"]["boot_mode"] = "legacy-bios".into();
+    m["ami"]["tpm"] = false.into();
+    std::fs::write(&img.manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("arm64") && err.contains("UEFI only"), "stderr: {err}");
+    assert!(proxy.requests().is_empty(), "refused only after sending requests");
+}

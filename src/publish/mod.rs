@@ -26,9 +26,9 @@ use crate::progress::Progress;
 pub use record::{PublishRecord, RegionImage};
 use retry::{CallError, RetryPolicy};
 
-/// PutSnapshotBlock requests in flight. Measured against moto on 127.0.0.1 (benches/publish.sh)
-/// and in line with AWS's guidance that a single snapshot sustains on the order of a thousand
-/// PutSnapshotBlock requests per second: 16 keeps a 2-core machine busy without throttling.
+/// PutSnapshotBlock requests in flight. Not tuned by measurement yet (benches/publish.sh has not
+/// been run): 16 overlaps request latency well beyond what 2 cores can hash and send, and stays
+/// far below the per-snapshot request rate at which AWS documents throttling.
 pub const DEFAULT_CONCURRENCY: usize = 16;
 
 /// StartSnapshot `Timeout`: how long (minutes) a pending snapshot accepts blocks, and so the
