@@ -4,7 +4,7 @@
 mod build;
 mod common;
 mod ext4;
-mod recipe;
-mod tar;
 mod moto;
 mod publish;
+mod recipe;
+mod tar;

@@ -46,6 +46,13 @@ pub struct Args {
     /// Boot the image under QEMU after building and wait for the login prompt.
     #[arg(long)]
     pub boot: bool,
+    /// Publish the image after building: EBS snapshot and AMI per the recipe's [ami] section
+    /// (see `kiln publish --help`; AWS credentials and region from the usual chain).
+    #[arg(long)]
+    pub publish: bool,
+    /// With --publish: send requests to this endpoint (a local stand-in, a VPC endpoint).
+    #[arg(long, requires = "publish")]
+    pub endpoint_url: Option<String>,
     /// Only warnings and errors on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -104,6 +111,18 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.boot {
         super::boot::boot_built(&out.image_path, m.arch, &progress)?;
+    }
+    if args.publish {
+        let opts = kiln::publish::PublishOptions { endpoint_url: args.endpoint_url.clone(), ..Default::default() };
+        let record = kiln::publish::publish(&out.manifest_path, &opts, &progress)
+            .with_context(|| format!("publishing {}", out.manifest_path.display()))?;
+        if !args.quiet {
+            eprintln!(
+                "kiln: published; record in {}",
+                kiln::publish::record::record_path(&out.manifest_path).display()
+            );
+        }
+        let _ = record;
     }
     Ok(())
 }
