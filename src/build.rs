@@ -96,6 +96,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             let mut packages: Vec<String> =
                 debian::required_packages(recipe.arch).into_iter().map(String::from).collect();
             packages.extend(recipe.packages.iter().cloned());
+            if recipe.boot.has_bios() {
+                // GRUB's BIOS modules, from which kiln builds core.img (no grub-install runs).
+                packages.push("grub-pc-bin".into());
+            }
             packages.sort();
             packages.dedup();
             let base = DebianBase {

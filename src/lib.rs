@@ -5,6 +5,7 @@
 //! that use them.
 
 pub mod aws;
+pub mod boot;
 pub mod build;
 pub mod disk;
 pub mod formats;

@@ -98,9 +98,11 @@ fn partition_table_matches_the_manifest() {
 #[test]
 fn checksum_file_verifies_with_sha256sum() {
     let Some(b) = minimal() else { return };
-    let sums = std::fs::read_dir(&b.out).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
-        p.extension().is_some_and(|e| e == "sha256")
-    });
+    let sums = std::fs::read_dir(&b.out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "sha256"));
     let sums = sums.expect("NAME.raw.sha256 exists");
     let out = stdout_of(Command::new("sha256sum").arg("-c").arg(sums.file_name().unwrap()).current_dir(&b.out));
     assert!(out.trim().ends_with(": OK"), "{out}");
@@ -140,11 +142,14 @@ fn recipe_files_and_settings_are_in_the_image() {
     let cat = |path: &str| stdout_of(Command::new(&debugfs).arg("-R").arg(format!("cat {path}")).arg(&rootimg));
 
     // Every inline file in the recipe, byte for byte.
-    let recipe: toml::Value = toml::from_str(&std::fs::read_to_string(root_dir().join("recipes/debian-12-minimal.toml")).unwrap()).unwrap();
+    let recipe: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root_dir().join("recipes/debian-12-minimal.toml")).unwrap()).unwrap();
     let mut checked = 0;
     if let Some(files) = recipe.get("files").and_then(|f| f.as_array()) {
         for f in files {
-            if let (Some(path), Some(content)) = (f.get("path").and_then(|v| v.as_str()), f.get("content").and_then(|v| v.as_str())) {
+            if let (Some(path), Some(content)) =
+                (f.get("path").and_then(|v| v.as_str()), f.get("content").and_then(|v| v.as_str()))
+            {
                 assert_eq!(cat(path), content, "{path}");
                 checked += 1;
             }
@@ -161,13 +166,20 @@ fn recipe_files_and_settings_are_in_the_image() {
     // The ESP's loader entry boots the root partition by its PARTUUID.
     let esp = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "vfat").unwrap();
     let entry = stdout_of(
-        Command::new("mtype").arg("-i").arg(format!("{}@@{}", image(b).display(), esp.offset_bytes)).arg("::/loader/entries/kiln.conf"),
+        Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@{}", image(b).display(), esp.offset_bytes))
+            .arg("::/loader/entries/kiln.conf"),
     );
     let root_partuuid = root.guid.to_lowercase();
     assert!(entry.contains(&format!("root=PARTUUID={root_partuuid}")), "{entry}");
     assert!(entry.contains("console=ttyS0,115200n8") && entry.contains("nvme_core.io_timeout=4294967295"), "{entry}");
     let dir = stdout_of(
-        Command::new("mdir").arg("-i").arg(format!("{}@@{}", image(b).display(), esp.offset_bytes)).arg("-b").arg("::/EFI/BOOT"),
+        Command::new("mdir")
+            .arg("-i")
+            .arg(format!("{}@@{}", image(b).display(), esp.offset_bytes))
+            .arg("-b")
+            .arg("::/EFI/BOOT"),
     );
     assert!(dir.to_uppercase().contains("BOOTX64.EFI"), "{dir}");
 }
@@ -215,4 +227,102 @@ fn boots_to_a_login_prompt() {
         eprintln!("{err}");
     }
     let _ = &b.manifest_path;
+}
+
+/// Builds a recipe once per test binary run (cached stage, fixed epoch), keyed by recipe+arch.
+fn built(recipe: &str, arch: Option<&str>) -> Option<Built> {
+    tool("mmdebstrap")?;
+    let dir = tempdir();
+    let out = dir.path().join("out");
+    let mut cmd = kiln();
+    cmd.arg("build").arg(root_dir().join(recipe)).arg("--out").arg(&out).arg("--json");
+    if let Some(a) = arch {
+        cmd.args(["--arch", a]);
+    }
+    let o = run_ok(cmd.env("KILN_CACHE_DIR", crate::common::cache_dir()).env("SOURCE_DATE_EPOCH", EPOCH));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let manifest_path = PathBuf::from(summary["manifest"].as_str().unwrap());
+    let manifest = Manifest::load(&manifest_path).unwrap();
+    Some(Built { _dir: dir, out, manifest_path, manifest })
+}
+
+fn boot_ok(image: &Path, extra: &[&str]) {
+    let o = kiln().arg("boot").arg(image).args(extra).output().unwrap();
+    assert!(o.status.success(), "kiln boot {extra:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn hybrid_image_boots_with_bios_and_with_uefi() {
+    let Some(b) = built("fixtures/build/hybrid.toml", None) else { return };
+    if tool("qemu-system-x86_64").is_none() {
+        return;
+    }
+    let img = image(&b);
+    // A BIOS boot partition, GRUB's code in a still-valid protective MBR.
+    let parts = &b.manifest.disk.partitions;
+    assert_eq!(parts[0].type_guid, "21686148-6449-6E6F-744E-656564454649");
+    let v = stdout_of(Command::new("sgdisk").arg("-v").arg(&img));
+    assert!(v.contains("No problems found"), "{v}");
+    let mbr = std::fs::read(&img).unwrap()[..512].to_vec();
+    assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+    assert_eq!(mbr[0x1c2], 0xee, "protective MBR partition type");
+    let boot_img = std::fs::read("/usr/lib/grub/i386-pc/boot.img").ok();
+    if let Some(bi) = boot_img {
+        assert_eq!(&mbr[..0x5a], &bi[..0x5a], "GRUB's boot code in the MBR");
+    }
+    let out = stdout_of(kiln().arg("inspect").arg(&img));
+    assert!(out.to_lowercase().contains("bios"), "kiln inspect shows the BIOS boot partition:\n{out}");
+    boot_ok(&img, &["--firmware", "bios", "--timeout", "900"]);
+    boot_ok(&img, &["--firmware", "uefi", "--timeout", "900"]);
+}
+
+#[test]
+fn arm64_from_the_same_recipe_boots_and_differs_only_where_it_must() {
+    let Some(x86) = minimal() else { return };
+    let Some(arm) = built("recipes/debian-12-minimal.toml", Some("arm64")) else { return };
+    let (xm, am) = (&x86.manifest, &arm.manifest);
+    assert_eq!(am.name, "debian-12-minimal-arm64");
+    assert_eq!(am.arch, kiln::platform::Arch::Arm64);
+    // Same recipe, same OS and partition layout; the root partition type says the architecture.
+    assert_eq!(xm.recipe.sha256, am.recipe.sha256);
+    assert_eq!((xm.os.as_str(), xm.boot), (am.os.as_str(), am.boot));
+    assert_eq!(xm.disk.partitions.len(), am.disk.partitions.len());
+    for (x, a) in xm.disk.partitions.iter().zip(&am.disk.partitions) {
+        assert_eq!(
+            (x.name.as_str(), x.first_lba, x.filesystem.as_str()),
+            (a.name.as_str(), a.first_lba, a.filesystem.as_str())
+        );
+    }
+    let root = am.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
+    assert_eq!(root.type_guid, kiln::platform::Arch::Arm64.root_partition_type());
+    // Packages: the same names but the kernel flavour, each built for its architecture.
+    let names = |m: &Manifest| m.packages.iter().map(|p| p.name.clone()).collect::<std::collections::BTreeSet<_>>();
+    let only_x86: Vec<_> = names(xm).difference(&names(am)).cloned().collect();
+    let only_arm: Vec<_> = names(am).difference(&names(xm)).cloned().collect();
+    assert!(only_x86.iter().all(|n| n.contains("amd64") || n.contains("intel") || n.contains("x86")), "{only_x86:?}");
+    assert!(only_arm.iter().all(|n| n.contains("arm64") || n.contains("arm")), "{only_arm:?}");
+    assert!(am.packages.iter().all(|p| p.arch == "arm64" || p.arch == "all"));
+    // The ESP boots the aa64 systemd-boot.
+    let esp = am.disk.partitions.iter().find(|p| p.filesystem == "vfat").unwrap();
+    let dir = stdout_of(
+        Command::new("mdir")
+            .arg("-i")
+            .arg(format!("{}@@{}", image(&arm).display(), esp.offset_bytes))
+            .args(["-b", "::/EFI/BOOT"]),
+    );
+    assert!(dir.to_uppercase().contains("BOOTAA64.EFI"), "{dir}");
+    // Clean file systems, then a boot under emulation.
+    let t = tempdir();
+    for p in &am.disk.partitions {
+        let dest = t.path().join(format!("p{}", p.number));
+        extract_partition(&arm, p.number, &dest);
+        match p.filesystem.as_str() {
+            "vfat" => drop(run_ok(Command::new("fsck.fat").arg("-n").arg(&dest))),
+            "ext4" => drop(run_ok(Command::new("e2fsck").arg("-fn").arg(&dest))),
+            _ => {}
+        }
+    }
+    if tool("qemu-system-aarch64").is_some() {
+        boot_ok(&image(&arm), &["--timeout", "1800"]);
+    }
 }

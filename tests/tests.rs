@@ -1,6 +1,8 @@
 //! kiln's integration tests: one binary, a module per area. Independent tools are the judges
 //! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU), never kiln's own reader alone.
 
+mod build;
 mod common;
+mod ext4;
 mod recipe;
 mod tar;

@@ -116,7 +116,79 @@ pub fn build(
         file.flush().map_err(err)?;
     }
     fs.unmount().map_err(FatError::Format)?;
+    fix_dot_entries(&mut dev).map_err(FatError::Format)?;
     Ok(dev)
+}
+
+fn le16(b: &[u8], at: usize) -> u64 {
+    u64::from(u16::from_le_bytes([b[at], b[at + 1]]))
+}
+fn le32(b: &[u8], at: usize) -> u64 {
+    u64::from(u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes")))
+}
+
+/// fatfs 0.3.6 writes a long-name entry in front of every `.` and `..` entry and points `..`
+/// of the root's children at the root's cluster; fsck.fat rejects both (the FAT spec wants
+/// bare 8.3 dot entries, and `..` = 0 for the root). Fix the directories up in place: drop
+/// the long-name entries before dot entries and zero `..` below the root.
+fn fix_dot_entries(dev: &mut SparseMem) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut bs = [0u8; 512];
+    dev.read_at(0, &mut bs);
+    let (bps, spc) = (le16(&bs, 11), u64::from(bs[13]));
+    let (rsv, fats, fat_size, root) = (le16(&bs, 14), u64::from(bs[16]), le32(&bs, 36), le32(&bs, 44));
+    let data_start = (rsv + fats * fat_size) * bps;
+    let cluster_bytes = (bps * spc) as usize;
+    let fat_entry = |dev: &SparseMem, c: u64| {
+        let mut e = [0u8; 4];
+        dev.read_at(rsv * bps + c * 4, &mut e);
+        u32::from_le_bytes(e) & 0x0FFF_FFFF
+    };
+    let mut todo = vec![(root, true)];
+    while let Some((cluster, is_root)) = todo.pop() {
+        if fat_entry(dev, cluster) < 0x0FFF_FFF8 {
+            return Err(std::io::Error::other("an ESP directory spans more than one cluster"));
+        }
+        let at = data_start + (cluster - 2) * cluster_bytes as u64;
+        let mut buf = vec![0u8; cluster_bytes];
+        dev.read_at(at, &mut buf);
+        let mut out: Vec<u8> = Vec::with_capacity(cluster_bytes);
+        let mut pending: Vec<u8> = Vec::new();
+        for e in buf.chunks(32) {
+            if e[0] == 0 {
+                break;
+            }
+            if e[11] == 0x0F {
+                pending.extend_from_slice(e);
+                continue;
+            }
+            let name = &e[..11];
+            let mut e = e.to_vec();
+            if name == b".          " || name == b"..         " {
+                pending.clear();
+                if name == b"..         " && !is_root && dotdot_names_root(&e, root) {
+                    e[20..22].fill(0);
+                    e[26..28].fill(0);
+                }
+            } else if e[11] & 0x10 != 0 && e[0] != 0xE5 {
+                let child = (le16(&e, 20) << 16) | le16(&e, 26);
+                todo.push((child, false));
+            }
+            out.append(&mut pending);
+            out.extend_from_slice(&e);
+        }
+        out.resize(cluster_bytes, 0);
+        if out != buf {
+            dev.seek(SeekFrom::Start(at))?;
+            std::io::Write::write_all(dev, &out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `..` entry names the root directory's cluster.
+fn dotdot_names_root(e: &[u8], root: u64) -> bool {
+    ((le16(e, 20) << 16) | le16(e, 26)) == root
 }
 
 #[cfg(test)]
@@ -130,5 +202,30 @@ mod tests {
         assert_eq!((t.time.hour, t.time.min, t.time.sec), (22, 13, 20));
         let t = dos_time(0);
         assert_eq!((t.date.year, t.date.month, t.date.day), (1980, 1, 1));
+    }
+}
+
+#[cfg(test)]
+mod fsck_tests {
+    use super::*;
+
+    #[test]
+    fn esp_is_clean_for_fsck_fat() {
+        let files = vec![
+            FatFile { path: "EFI/BOOT/BOOTX64.EFI".into(), bytes: vec![1; 100_000] },
+            FatFile { path: "loader/loader.conf".into(), bytes: b"timeout 0\n".to_vec() },
+            FatFile { path: "vmlinuz".into(), bytes: vec![2; 5_000_000] },
+        ];
+        let mem = build(256 << 20, 0x1234_5678, "ESP", &files, 1_700_000_000).unwrap();
+        let mut v = crate::formats::image::VecSink::default();
+        mem.emit(0, &mut v).unwrap();
+        crate::formats::image::Sink::finish(&mut v, 256 << 20).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("esp.img");
+        std::fs::write(&p, &v.bytes).unwrap();
+        if std::path::Path::new("/usr/sbin/fsck.fat").exists() {
+            let out = std::process::Command::new("/usr/sbin/fsck.fat").arg("-n").arg(&p).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        }
     }
 }

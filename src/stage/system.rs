@@ -91,6 +91,11 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
         let mnt_meta = Meta::new(0o755, 0, 0, t);
         tree.create_parents(format!("{mnt}/x").as_bytes(), &mnt_meta)
             .map_err(|source| SystemError::Tree { path: mnt.clone(), source })?;
+        // The boot entry loads /vmlinuz and /initrd.img from the ESP. With the ESP mounted,
+        // keep them current when a kernel or initramfs is upgraded inside the instance.
+        let hook = esp_hook(mnt);
+        put_file(tree, "/etc/kernel/postinst.d/zz-kiln-esp", &hook, 0o755, t)?;
+        put_file(tree, "/etc/initramfs/post-update.d/zz-kiln-esp", &hook, 0o755, t)?;
     }
     put_file(tree, "/etc/fstab", &fstab, 0o644, t)?;
 
@@ -150,6 +155,24 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
         notes.push("openssh-server is installed but `ssh` is not in [system].services.enable; Debian enables it by default anyway".into());
     }
     Ok(notes)
+}
+
+/// A hook for kernel postinst (`$1` = version) and initramfs post-update (`$1` = version,
+/// `$2` = initrd): copies the newest installed kernel and its initrd to the ESP, each written
+/// beside the old one and renamed, so an interrupted copy never leaves a broken boot file.
+fn esp_hook(esp: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+# Installed by kiln: the ESP's boot entry loads /vmlinuz and /initrd.img; keep them current.
+set -e
+esp="{esp}"
+[ -d "$esp/loader/entries" ] || exit 0
+version=$(ls /boot/vmlinuz-* 2>/dev/null | sed 's|^/boot/vmlinuz-||' | sort -V | tail -n 1)
+[ -n "$version" ] && [ -e "/boot/initrd.img-$version" ] || exit 0
+cp "/boot/vmlinuz-$version" "$esp/vmlinuz.kiln-new" && mv "$esp/vmlinuz.kiln-new" "$esp/vmlinuz"
+cp "/boot/initrd.img-$version" "$esp/initrd.img.kiln-new" && mv "$esp/initrd.img.kiln-new" "$esp/initrd.img"
+"#
+    )
 }
 
 fn unit_name(u: &str) -> String {

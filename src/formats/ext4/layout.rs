@@ -186,7 +186,6 @@ pub struct Ext4Plan {
     pub(super) built: Vec<Vec<u8>>,
     /// Bitmap of every used block (metadata included).
     pub(super) used: Vec<u64>,
-    pub(super) journal_blocks: u64,
     pub(super) fs_seed: u32,
     pub(super) reserved_blocks: u64,
 }
@@ -208,8 +207,6 @@ impl Ext4Plan {
 
 /// What the tree needs, independent of geometry.
 struct Needs {
-    /// Tree inode → ext4 inode number.
-    ino_of: Vec<u32>,
     /// ext4 inode number → tree inode (None for lost+found when kiln made it, and reserved).
     tree_of: Vec<Option<InodeId>>,
     /// Directory contents by ext4 inode: (name, child ino, file type).
@@ -377,7 +374,7 @@ fn collect(tree: &Tree) -> Result<Needs, Ext4Error> {
         paths.insert(LOST_FOUND_INO, "/lost+found".into());
     }
     let inode_count = u64::from(next - 1);
-    Ok(Needs { ino_of, tree_of, dirs, parent, data_blocks, inode_count, lost_found_made, paths })
+    Ok(Needs { tree_of, dirs, parent, data_blocks, inode_count, lost_found_made, paths })
 }
 
 /// Journal size for a file system of `blocks` (e2fsprogs' default table, in blocks).
@@ -796,17 +793,7 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
 
     regions.sort_by_key(|r| r.start);
     let reserved_blocks = geo.blocks * u64::from(opts.reserved_percent) / 100;
-    Ok(Ext4Plan {
-        geo,
-        opts: opts.clone(),
-        inodes,
-        regions,
-        built,
-        used,
-        journal_blocks: jblocks,
-        fs_seed,
-        reserved_blocks,
-    })
+    Ok(Ext4Plan { geo, opts: opts.clone(), inodes, regions, built, used, fs_seed, reserved_blocks })
 }
 
 fn push_leaves(built: &mut Vec<Vec<u8>>, regions: &mut Vec<Region>, leaves: Vec<(u64, Vec<u8>)>) {
