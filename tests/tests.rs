@@ -6,3 +6,5 @@ mod common;
 mod ext4;
 mod recipe;
 mod tar;
+mod moto;
+mod publish;
