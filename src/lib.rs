@@ -12,5 +12,6 @@ pub mod formats;
 pub mod manifest;
 pub mod platform;
 pub mod progress;
+pub mod publish;
 pub mod recipe;
 pub mod stage;

@@ -7,3 +7,5 @@ mod disk;
 mod ext4;
 mod recipe;
 mod tar;
+mod moto;
+mod publish;

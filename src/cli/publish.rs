@@ -1,9 +1,141 @@
-//! `kiln publish` (not built yet).
+//! `kiln publish`: a built image becomes an EBS snapshot and a registered AMI.
 
-/// (not built yet)
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kiln::publish::{self, PublishOptions};
+
+/// Upload a built image as an EBS snapshot and register it as an AMI (no build instance).
+///
+/// Reads NAME.manifest.json and the raw image beside it, sends exactly the 512 KiB blocks the
+/// manifest lists as holding data with the EBS direct APIs, registers the AMI with the
+/// recipe's [ami] settings, shares it, copies it to the other regions, and writes
+/// NAME.publish.json beside the manifest. Re-running for the same image finds the existing
+/// AMI instead of making a duplicate. Credentials and region come from the standard AWS
+/// chain (environment, profile, SSO, instance role).
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(after_help = "Examples:\n  \
+kiln publish out/debian-12-minimal-x86_64.manifest.json\n  \
+kiln publish --dry-run out/debian-12-minimal-x86_64.manifest.json\n  \
+kiln publish --region eu-west-1 --region us-east-1 out/web.manifest.json\n  \
+kiln publish --parent-manifest old/web.manifest.json --parent-snapshot snap-0123456789abcdef0 out/web.manifest.json\n  \
+kiln publish --resume out/web.manifest.json          # continue an interrupted upload\n  \
+kiln publish --endpoint-url http://127.0.0.1:5000 out/web.manifest.json   # a local stand-in (moto)\n\n\
+See docs/publish.md for encryption, incremental uploads and the IAM permissions needed.")]
+pub struct Args {
+    /// The build manifest (out/NAME.manifest.json); the image is found beside it.
+    pub manifest: PathBuf,
+    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Regions to publish to, replacing the recipe's; the first receives the upload, the
+    /// others a CopyImage. Repeat the flag for more than one.
+    #[arg(long = "region", value_name = "REGION")]
+    pub regions: Vec<String>,
+    /// PutSnapshotBlock requests in flight.
+    #[arg(long, value_name = "N", default_value_t = publish::DEFAULT_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+    /// Print what would be sent and created, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Incremental upload: the manifest of the image PREV was published from (needs --parent-snapshot).
+    #[arg(long, value_name = "PREV.manifest.json", requires = "parent_snapshot")]
+    pub parent_manifest: Option<PathBuf>,
+    /// Incremental upload: the snapshot published from --parent-manifest; only changed blocks are sent.
+    #[arg(long, value_name = "snap-…", requires = "parent_manifest")]
+    pub parent_snapshot: Option<String>,
+    /// Continue an interrupted upload (NAME.publish-state.json) without resending acknowledged blocks.
+    #[arg(long)]
+    pub resume: bool,
+    /// Keep the uploaded snapshot if registering the AMI fails (default: delete it).
+    #[arg(long)]
+    pub keep_snapshot: bool,
+    /// Minutes the snapshot accepts blocks (and `--resume` works); AWS allows 10 to 4320.
+    #[arg(long, value_name = "MIN", default_value_t = publish::DEFAULT_SNAPSHOT_TIMEOUT_MINUTES, value_parser = clap::value_parser!(i32).range(10..=4320))]
+    pub snapshot_timeout: i32,
+    /// Seconds to wait for the snapshot to complete and each AMI to become available.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub wait_timeout: u64,
+    /// Print the publish record (or with --dry-run, the plan) as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`kiln publish` is not built yet")
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let opts = PublishOptions {
+        endpoint_url: a.endpoint_url,
+        regions: a.regions,
+        concurrency: usize::from(a.concurrency),
+        dry_run: a.dry_run,
+        parent_manifest: a.parent_manifest,
+        parent_snapshot: a.parent_snapshot,
+        resume: a.resume,
+        keep_snapshot_on_failure: a.keep_snapshot,
+        snapshot_timeout_minutes: a.snapshot_timeout,
+        wait_timeout: Duration::from_secs(a.wait_timeout),
+        ..PublishOptions::default()
+    };
+    let what = || format!("publishing {}", a.manifest.display());
+    if a.dry_run {
+        let plan = publish::plan(&a.manifest, &opts).with_context(what)?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+            return Ok(());
+        }
+        println!("plan for {} (dry run: nothing is changed)", plan.manifest.display());
+        println!("  image          {}", plan.image.display());
+        println!("  AMI name       {}", plan.ami_name);
+        println!("  upload region  {}", plan.source_region);
+        if !plan.copy_regions.is_empty() {
+            println!("  copy to        {}", plan.copy_regions.join(", "));
+        }
+        println!(
+            "  snapshot       {} GiB{}{}",
+            plan.volume_gib,
+            if plan.encrypted { ", encrypted" } else { "" },
+            plan.parent_snapshot_id.as_ref().map(|p| format!(", parent {p}")).unwrap_or_default()
+        );
+        println!("  data blocks    {}", plan.data_blocks);
+        println!(
+            "  to send        {} blocks ({} of them zeros), {:.1} MiB",
+            plan.blocks_to_send,
+            plan.zero_blocks_to_send,
+            plan.bytes_to_send as f64 / 1048576.0
+        );
+        if plan.already_acknowledged > 0 {
+            println!(
+                "  acknowledged   {} blocks by an interrupted run (skipped with --resume)",
+                plan.already_acknowledged
+            );
+        }
+        for (r, id) in &plan.existing.amis {
+            println!("  exists         {id} in {r} (same name and image SHA-256; reused)");
+        }
+        if let Some(s) = &plan.existing.snapshot_id {
+            println!("  exists         snapshot {s} of this image (reused, nothing uploaded)");
+        }
+        println!("  API calls:");
+        for c in &plan.api_calls {
+            println!("    {c}");
+        }
+        return Ok(());
+    }
+    let progress = super::progress::TermProgress::new(a.json);
+    let rec = publish::publish(&a.manifest, &opts, &progress).with_context(what)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rec)?);
+    } else {
+        println!(
+            "snapshot {} ({} blocks sent, {:.1} MiB)",
+            rec.snapshot_id,
+            rec.blocks_sent,
+            rec.bytes_sent as f64 / 1048576.0
+        );
+        for r in &rec.amis {
+            println!("{}  {}{}", r.region, r.image_id, if r.reused { "  (existing)" } else { "" });
+        }
+        println!("record: {}", publish::record::record_path(&a.manifest).display());
+    }
+    Ok(())
 }

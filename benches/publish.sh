@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# kiln publish vs coldsnap upload, side by side against the same moto server and image.
+#
+#   benches/publish.sh [MANIFEST.json]
+#
+# Without an argument a 256 MiB test image with data in ~40% of its blocks (scattered) is made
+# with its manifest. Needs .ci/setup-moto; installs coldsnap with cargo into the cache (only here,
+# never in CI). Reports wall time of each, the ratio, and the blocks each sent (counted by moto's
+# ListSnapshotBlocks on the resulting snapshots).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cache="${KILN_CACHE_DIR:-/var/cache/kiln}"
+./.ci/setup-moto >/dev/null
+venv="$cache/moto-venv"
+if [ ! -x "$cache/coldsnap/bin/coldsnap" ]; then
+  cargo install coldsnap --locked --root "$cache/coldsnap"
+fi
+coldsnap="$cache/coldsnap/bin/coldsnap"
+cargo build --release --bin kiln
+kiln="${CARGO_TARGET_DIR:-target}/release/kiln"
+
+work="$(mktemp -d)"
+port="$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
+moto=$!
+trap 'kill $moto 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+url="$AWS_ENDPOINT_URL"
+
+manifest="${1:-}"
+if [ -z "$manifest" ]; then
+  manifest="$work/bench.manifest.json"
+  "$venv/bin/python" - "$work" <<'PY'
+import hashlib, json, os, random, sys
+work = sys.argv[1]; bs = 524288; nblocks = 512  # 256 MiB
+rng = random.Random(7)
+data = sorted(rng.sample(range(nblocks), nblocks * 2 // 5))
+raw = os.path.join(work, "bench.raw"); whole = hashlib.sha256(); blocks = []
+with open(raw, "wb") as f:
+    f.truncate(nblocks * bs)
+    for i in range(nblocks):
+        b = rng.randbytes(bs) if i in set(data) else bytes(bs)
+        if i in data:
+            f.seek(i * bs); f.write(b); blocks.append({"index": i, "sha256": hashlib.sha256(b).hexdigest()})
+        whole.update(b)
+ami = {"name": "bench-{sha}", "regions": ["us-east-1"], "root_volume": {"device": "/dev/xvda", "size_gib": 1, "volume_type": "gp3", "delete_on_termination": True},
+       "ena": True, "sriov": False, "tpm": False, "boot_mode": "uefi", "launch_permissions": {"accounts": [], "organizations": [], "organizational_units": [], "public": False},
+       "tags": {}, "volumes": [], "encrypted": False}
+m = {"manifest_version": 1, "kiln_version": "bench", "name": "bench", "recipe": {"path": "bench.toml", "sha256": "0" * 64}, "os": "debian-12", "arch": "x86_64", "boot": "uefi",
+     "source_date_epoch": 0, "packages": [], "image": {"file": "bench.raw", "size_bytes": nblocks * bs, "sha256": whole.hexdigest()},
+     "disk": {"label": "gpt", "guid": "00000000-0000-0000-0000-000000000000", "sector_size": 512, "partitions": []},
+     "blocks": {"block_size": bs, "data_blocks": blocks}, "ami": ami}
+json.dump(m, open(os.path.join(work, "bench.manifest.json"), "w"))
+PY
+fi
+raw="$(dirname "$manifest")/$("$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["image"]["file"])' "$manifest")"
+
+count_blocks() {
+  "$venv/bin/python" - "$url" "$1" <<'PY'
+import boto3, sys
+ebs = boto3.client("ebs", endpoint_url=sys.argv[1], region_name="us-east-1")
+n = 0; tok = None
+while True:
+    kw = {"SnapshotId": sys.argv[2]} | ({"NextToken": tok} if tok else {})
+    r = ebs.list_snapshot_blocks(**kw); n += len(r["Blocks"]); tok = r.get("NextToken")
+    if not tok: break
+print(n)
+PY
+}
+
+now() { date +%s.%N; }
+t0=$(now)
+"$kiln" publish --json "$manifest" >"$work/kiln.json"
+t1=$(now)
+"$coldsnap" upload --omit-zero-blocks "$raw" >"$work/coldsnap.out"
+t2=$(now)
+kiln_snap="$("$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot_id"])' "$work/kiln.json")"
+cold_snap="$(grep -o 'snap-[0-9a-f]*' "$work/coldsnap.out" | head -1)"
+kb=$(count_blocks "$kiln_snap"); cb=$(count_blocks "$cold_snap")
+awk -v k="$(echo "$t1 - $t0" | bc)" -v c="$(echo "$t2 - $t1" | bc)" -v kb="$kb" -v cb="$cb" 'BEGIN {
+  printf "kiln publish (upload+register): %.2f s, %d blocks\n", k, kb
+  printf "coldsnap upload (upload only):  %.2f s, %d blocks\n", c, cb
+  printf "ratio coldsnap/kiln: %.2fx\n", c / k }'

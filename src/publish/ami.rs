@@ -1,0 +1,300 @@
+//! EC2 side of publishing: find an existing AMI, RegisterImage, launch and create-volume
+//! permissions, tags, CopyImage to other regions, and cleanup after a failed registration.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{
+    ArchitectureValues, BlockDeviceMapping, BootModeValues, CreateVolumePermission,
+    CreateVolumePermissionModifications, EbsBlockDevice, Filter, ImageState, ImdsSupportValues, LaunchPermission,
+    LaunchPermissionModifications, PermissionGroup, ResourceType, Tag, TagSpecification, TpmSupportValues, VolumeType,
+};
+
+use super::retry::{with_retry, RetryPolicy};
+use super::PublishError;
+use crate::manifest::{AmiSettings, Manifest};
+use crate::progress::{Progress, Unit};
+
+/// Tag keys kiln puts on images and snapshots; `find_existing` matches on the first.
+pub const TAG_IMAGE_SHA: &str = "kiln:image-sha256";
+pub const TAG_RECIPE_SHA: &str = "kiln:recipe-sha256";
+pub const TAG_NAME: &str = "kiln:name";
+
+/// Expands `{date}`, `{arch}`, `{name}` and `{sha}` in the AMI name. The date is
+/// SOURCE_DATE_EPOCH's UTC day, never the wall clock, so a rebuild names the AMI the same.
+pub fn expand_name(template: &str, m: &Manifest) -> String {
+    let date = time::OffsetDateTime::from_unix_timestamp(m.source_date_epoch)
+        .map(|t| format!("{:04}{:02}{:02}", t.year(), u8::from(t.month()), t.day()))
+        .unwrap_or_else(|_| "00000000".into());
+    let sha = m.image.sha256.get(..12).unwrap_or(&m.image.sha256);
+    template
+        .replace("{date}", &date)
+        .replace("{arch}", m.arch.as_str())
+        .replace("{name}", &m.name)
+        .replace("{sha}", sha)
+}
+
+/// Every tag kiln puts on the image and the snapshot: the recipe's, then kiln's own.
+pub fn all_tags(s: &AmiSettings, m: &Manifest) -> Vec<(String, String)> {
+    let mut t: Vec<(String, String)> = s.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    t.push((TAG_IMAGE_SHA.into(), m.image.sha256.clone()));
+    t.push((TAG_RECIPE_SHA.into(), m.recipe.sha256.clone()));
+    t.push((TAG_NAME.into(), m.name.clone()));
+    t
+}
+
+fn ec2_tags(tags: &[(String, String)]) -> Vec<Tag> {
+    tags.iter().map(|(k, v)| Tag::builder().key(k).value(v).build()).collect()
+}
+
+/// An AMI of this name whose image SHA-256 tag matches, owned by this account.
+pub async fn find_existing(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    name: &str,
+    image_sha256: &str,
+) -> Result<Option<(String, Option<String>)>, PublishError> {
+    let out = with_retry(policy, "DescribeImages", || {
+        ec2.describe_images()
+            .owners("self")
+            .filters(Filter::builder().name("name").values(name).build())
+            .filters(Filter::builder().name(format!("tag:{TAG_IMAGE_SHA}")).values(image_sha256).build())
+            .send()
+    })
+    .await?;
+    Ok(out.images().iter().find(|i| i.state() != Some(&ImageState::Deregistered)).map(|i| {
+        let snap =
+            i.block_device_mappings().iter().find_map(|b| b.ebs().and_then(|e| e.snapshot_id())).map(str::to_string);
+        (i.image_id().unwrap_or_default().to_string(), snap)
+    }))
+}
+
+/// A completed snapshot this account owns with the image SHA-256 tag (a re-run after a failed
+/// registration can register it without uploading again).
+pub async fn find_snapshot(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    image_sha256: &str,
+    encrypted: bool,
+) -> Result<Option<String>, PublishError> {
+    let out = with_retry(policy, "DescribeSnapshots", || {
+        ec2.describe_snapshots()
+            .owner_ids("self")
+            .filters(Filter::builder().name(format!("tag:{TAG_IMAGE_SHA}")).values(image_sha256).build())
+            .filters(Filter::builder().name("status").values("completed").build())
+            .send()
+    })
+    .await?;
+    let mut snaps: Vec<_> = out.snapshots().iter().filter(|s| s.encrypted().unwrap_or(false) == encrypted).collect();
+    // Several matches can exist after interrupted runs; pick one deterministically.
+    snaps.sort_by_key(|s| s.snapshot_id().unwrap_or_default().to_string());
+    Ok(snaps.first().and_then(|s| s.snapshot_id()).map(str::to_string))
+}
+
+/// RegisterImage with every field the recipe sets.
+pub async fn register(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    s: &AmiSettings,
+    m: &Manifest,
+    name: &str,
+    snapshot_id: &str,
+    tags: &[(String, String)],
+) -> Result<String, PublishError> {
+    let mut root = EbsBlockDevice::builder()
+        .snapshot_id(snapshot_id)
+        .volume_size(i32::try_from(s.root_volume.size_gib).unwrap_or(i32::MAX))
+        .volume_type(VolumeType::from(s.root_volume.volume_type.as_str()))
+        .delete_on_termination(s.root_volume.delete_on_termination);
+    if let Some(i) = s.root_volume.iops {
+        root = root.iops(i32::try_from(i).unwrap_or(i32::MAX));
+    }
+    if let Some(t) = s.root_volume.throughput {
+        root = root.throughput(i32::try_from(t).unwrap_or(i32::MAX));
+    }
+    let mut mappings = vec![BlockDeviceMapping::builder().device_name(&s.root_volume.device).ebs(root.build()).build()];
+    for v in &s.volumes {
+        let mut e = EbsBlockDevice::builder()
+            .volume_size(i32::try_from(v.size_gib).unwrap_or(i32::MAX))
+            .volume_type(VolumeType::from(v.volume_type.as_str()))
+            .delete_on_termination(v.delete_on_termination)
+            .encrypted(v.encrypted)
+            .set_kms_key_id(v.kms_key_id.clone());
+        if let Some(i) = v.iops {
+            e = e.iops(i32::try_from(i).unwrap_or(i32::MAX));
+        }
+        if let Some(t) = v.throughput {
+            e = e.throughput(i32::try_from(t).unwrap_or(i32::MAX));
+        }
+        mappings.push(BlockDeviceMapping::builder().device_name(&v.device).ebs(e.build()).build());
+    }
+    // The snapshot got its tags at StartSnapshot; RegisterImage's snapshot TagSpecification
+    // only applies to snapshots RegisterImage itself creates, so only the image is tagged here.
+    let tag_spec =
+        TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(ec2_tags(tags))).build();
+    let out = with_retry(policy, "RegisterImage", || {
+        let mut req = ec2
+            .register_image()
+            .name(name)
+            .architecture(ArchitectureValues::from(m.arch.as_str()))
+            .root_device_name(&s.root_volume.device)
+            .virtualization_type("hvm")
+            .boot_mode(BootModeValues::from(s.boot_mode.as_str()))
+            .ena_support(s.ena)
+            .set_block_device_mappings(Some(mappings.clone()))
+            .tag_specifications(tag_spec.clone())
+            .set_description(s.description.clone());
+        if s.sriov {
+            // "simple" is the only value EC2 accepts: Intel 82599 VF networking.
+            req = req.sriov_net_support("simple");
+        }
+        if s.tpm {
+            req = req.tpm_support(TpmSupportValues::V20);
+        }
+        if s.imds.as_deref() == Some("v2.0") {
+            req = req.imds_support(ImdsSupportValues::V20);
+        }
+        req.send()
+    })
+    .await?;
+    out.image_id()
+        .map(str::to_string)
+        .ok_or_else(|| PublishError::Protocol("RegisterImage returned no image id".into()))
+}
+
+/// Launch permission on the AMI and create-volume permission on its snapshot, for the same
+/// accounts. Organizations cannot be granted create-volume permission by EC2; a launch
+/// permission through an organization is enough to launch.
+pub async fn share(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    s: &AmiSettings,
+    image_id: &str,
+    snapshot_id: &str,
+) -> Result<(), PublishError> {
+    let lp = &s.launch_permissions;
+    let mut adds: Vec<LaunchPermission> =
+        lp.accounts.iter().map(|a| LaunchPermission::builder().user_id(a).build()).collect();
+    adds.extend(lp.organizations.iter().map(|o| LaunchPermission::builder().organization_arn(o).build()));
+    adds.extend(lp.organizational_units.iter().map(|o| LaunchPermission::builder().organizational_unit_arn(o).build()));
+    if lp.public {
+        adds.push(LaunchPermission::builder().group(PermissionGroup::All).build());
+    }
+    if adds.is_empty() {
+        return Ok(());
+    }
+    let mods = LaunchPermissionModifications::builder().set_add(Some(adds)).build();
+    with_retry(policy, "ModifyImageAttribute", || {
+        ec2.modify_image_attribute().image_id(image_id).launch_permission(mods.clone()).send()
+    })
+    .await?;
+    let mut cv: Vec<CreateVolumePermission> =
+        lp.accounts.iter().map(|a| CreateVolumePermission::builder().user_id(a).build()).collect();
+    if lp.public {
+        cv.push(CreateVolumePermission::builder().group(PermissionGroup::All).build());
+    }
+    if !cv.is_empty() {
+        let mods = CreateVolumePermissionModifications::builder().set_add(Some(cv)).build();
+        with_retry(policy, "ModifySnapshotAttribute", || {
+            ec2.modify_snapshot_attribute()
+                .snapshot_id(snapshot_id)
+                .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+                .create_volume_permission(mods.clone())
+                .send()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn create_tags(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    ids: &[&str],
+    tags: &[(String, String)],
+) -> Result<(), PublishError> {
+    let t = ec2_tags(tags);
+    with_retry(policy, "CreateTags", || {
+        ec2.create_tags()
+            .set_resources(Some(ids.iter().map(|s| s.to_string()).collect()))
+            .set_tags(Some(t.clone()))
+            .send()
+    })
+    .await?;
+    Ok(())
+}
+
+/// CopyImage into this client's region. The client token is derived from the source image and
+/// region, so a retried call after a lost answer does not start a second copy.
+pub async fn copy(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    source_region: &str,
+    source_image: &str,
+    name: &str,
+    description: Option<&str>,
+    client_token: &str,
+) -> Result<String, PublishError> {
+    let out = with_retry(policy, "CopyImage", || {
+        ec2.copy_image()
+            .source_region(source_region)
+            .source_image_id(source_image)
+            .name(name)
+            .set_description(description.map(str::to_string))
+            .client_token(client_token)
+            .send()
+    })
+    .await?;
+    out.image_id().map(str::to_string).ok_or_else(|| PublishError::Protocol("CopyImage returned no image id".into()))
+}
+
+/// Waits until the AMI is `available`; returns its root snapshot id.
+pub async fn wait_available(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    image_id: &str,
+    timeout: Duration,
+    progress: &dyn Progress,
+) -> Result<Option<String>, PublishError> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(500);
+    progress.begin(&format!("waiting for {image_id}"), None, Unit::Items);
+    loop {
+        let out = with_retry(policy, "DescribeImages", || ec2.describe_images().image_ids(image_id).send()).await?;
+        if let Some(img) = out.images().first() {
+            match img.state() {
+                Some(ImageState::Available) => {
+                    progress.end(&format!("{image_id} available"));
+                    return Ok(img
+                        .block_device_mappings()
+                        .iter()
+                        .find_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
+                        .map(str::to_string));
+                }
+                Some(ImageState::Failed) | Some(ImageState::Error) | Some(ImageState::Invalid) => {
+                    return Err(PublishError::ImageFailed {
+                        image_id: image_id.into(),
+                        reason: img.state_reason().and_then(|r| r.message()).unwrap_or("").into(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(PublishError::Timeout {
+                what: format!("{image_id} to become available"),
+                secs: timeout.as_secs(),
+            });
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(15));
+    }
+}
+
+pub async fn delete_snapshot(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    snapshot_id: &str,
+) -> Result<(), PublishError> {
+    with_retry(policy, "DeleteSnapshot", || ec2.delete_snapshot().snapshot_id(snapshot_id).send()).await?;
+    Ok(())
+}

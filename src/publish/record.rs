@@ -1,0 +1,80 @@
+//! What publishing leaves beside the manifest: the publish record (`NAME.publish.json`) and,
+//! while an upload is under way, the resume state (`NAME.publish-state.json`). Both are written
+//! to a temporary name in the same directory and renamed, so a crash never leaves half a file.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The result of a publish, one entry per region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishRecord {
+    pub name: String,
+    pub image_sha256: String,
+    pub recipe_sha256: String,
+    /// The region the snapshot was uploaded to.
+    pub source_region: String,
+    pub snapshot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_snapshot_id: Option<String>,
+    /// Blocks sent by this run (zero when an existing snapshot or AMI was reused).
+    pub blocks_sent: u64,
+    pub bytes_sent: u64,
+    pub ami_name: String,
+    pub amis: Vec<RegionImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionImage {
+    pub region: String,
+    pub image_id: String,
+    pub snapshot_id: String,
+    /// True when the AMI already existed (same name and image SHA-256) and was reused.
+    pub reused: bool,
+}
+
+/// Resume state of one upload: which snapshot, and which blocks EBS acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    pub image_sha256: String,
+    pub snapshot_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_snapshot_id: Option<String>,
+    /// Acknowledged block indexes, ascending.
+    pub acked: Vec<u64>,
+}
+
+/// `out/NAME.manifest.json` → `out/NAME.<suffix>`.
+pub fn beside(manifest_path: &Path, suffix: &str) -> PathBuf {
+    let file = manifest_path.file_name().and_then(|f| f.to_str()).unwrap_or("image");
+    let stem = file.strip_suffix(".manifest.json").or_else(|| file.strip_suffix(".json")).unwrap_or(file);
+    manifest_path.with_file_name(format!("{stem}.{suffix}"))
+}
+
+pub fn record_path(manifest_path: &Path) -> PathBuf {
+    beside(manifest_path, "publish.json")
+}
+
+pub fn state_path(manifest_path: &Path) -> PathBuf {
+    beside(manifest_path, "publish-state.json")
+}
+
+/// Writes `value` as pretty JSON to `path` through a temp file and a rename.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    text.push(b'\n');
+    std::io::Write::write_all(&mut tmp, &text)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+pub fn read_state(path: &Path) -> std::io::Result<Option<UploadState>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(std::io::Error::other),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,355 @@
+//! Test services for publishing: moto in server mode (a local EC2/EBS stand-in) and a proxy in
+//! front of it that records every request kiln sends and can inject faults. moto accepts
+//! nearly anything and drops most RegisterImage fields, so assertions about what kiln sends
+//! are made against the recorded requests and the AWS API reference, not moto's state.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common;
+
+/// A moto_server child process on 127.0.0.1, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    /// None (with a SKIP line) locally when moto is not installed; a panic in CI.
+    pub fn start() -> Option<Moto> {
+        let cache = std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/kiln".into());
+        let bin = cache.join("moto-venv/bin/moto_server");
+        if !bin.is_file() {
+            if common::in_ci() {
+                panic!("{} is missing; .ci/setup-moto should have installed it", bin.display());
+            }
+            eprintln!("SKIP: moto is not installed (run .ci/setup-moto)");
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let m = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not listen on port {port} within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(m)
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One request as kiln sent it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Lower-case names.
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    /// Set when the proxy answered with an injected fault instead of forwarding.
+    pub faulted: bool,
+}
+
+impl Recorded {
+    /// The EC2 query API action (`Action=RegisterImage`), or the EBS operation by route.
+    pub fn action(&self) -> String {
+        if let Some(a) = self.form().get("Action") {
+            return a.clone();
+        }
+        let p = self.path.split('?').next().unwrap_or("");
+        match (self.method.as_str(), p) {
+            ("PUT", p) if p.contains("/blocks/") => "PutSnapshotBlock".into(),
+            ("POST", "/snapshots") => "StartSnapshot".into(),
+            ("POST", p) if p.starts_with("/snapshots/completion/") => "CompleteSnapshot".into(),
+            ("GET", p) if p.contains("/blocks/") => "GetSnapshotBlock".into(),
+            ("GET", p) if p.ends_with("/blocks") => "ListSnapshotBlocks".into(),
+            _ => format!("{} {}", self.method, p),
+        }
+    }
+    /// The form-encoded body of an EC2 query request, decoded.
+    pub fn form(&self) -> BTreeMap<String, String> {
+        let text = String::from_utf8_lossy(&self.body);
+        if !text.starts_with("Action=") && !text.contains("&Action=") {
+            return BTreeMap::new();
+        }
+        text.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (url_decode(k), url_decode(v))).collect()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+}
+
+fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the proxy does to requests.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Forward everything.
+    Pass,
+    /// Deterministic faults (seeded): about `percent`% of requests are dropped or answered with
+    /// 500/503/throttling, never more than 3 in a row so bounded retries always get through.
+    Faults { seed: u64, percent: u64 },
+    /// Answer every request of this action with 403 AccessDenied (a non-retryable error).
+    Deny { action: String },
+    /// Forward the first `n` requests of `action`, then deny the rest with 403.
+    DenyAfter { action: String, n: usize },
+}
+
+pub struct Proxy {
+    pub port: u16,
+    pub log: Arc<Mutex<Vec<Recorded>>>,
+    pub mode: Arc<Mutex<Mode>>,
+}
+
+struct Shared {
+    upstream: u16,
+    log: Arc<Mutex<Vec<Recorded>>>,
+    mode: Arc<Mutex<Mode>>,
+    rng: Mutex<(u64, u32)>,
+    counts: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1 and forwards to moto on `upstream`. The listener
+    /// thread lives until the test process ends; each test has its own proxy.
+    pub fn start(upstream: u16, mode: Mode) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mode = Arc::new(Mutex::new(mode));
+        let seed = match &*mode.lock().unwrap() {
+            Mode::Faults { seed, .. } => *seed,
+            _ => 0,
+        };
+        let shared = Arc::new(Shared {
+            upstream,
+            log: log.clone(),
+            mode: mode.clone(),
+            rng: Mutex::new((seed, 0)),
+            counts: Mutex::new(BTreeMap::new()),
+        });
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &shared);
+                });
+            }
+        });
+        Proxy { port, log, mode }
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.log.lock().unwrap().clone()
+    }
+    pub fn set_mode(&self, m: Mode) {
+        *self.mode.lock().unwrap() = m;
+    }
+    pub fn clear(&self) {
+        self.log.lock().unwrap().clear();
+    }
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Recorded>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.trim_end().splitn(3, ' ');
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(Recorded { method, path, headers, body, faulted: false }))
+}
+
+enum Fault {
+    Drop,
+    Status(u16, &'static str, &'static str),
+}
+
+fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
+    let action = req.action();
+    let mode = shared.mode.lock().unwrap().clone();
+    match mode {
+        Mode::Pass => None,
+        Mode::Deny { action: a } => {
+            (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
+        }
+        Mode::DenyAfter { action: a, n } => {
+            if a != action {
+                return None;
+            }
+            let mut c = shared.counts.lock().unwrap();
+            let k = c.entry(a).or_insert(0);
+            *k += 1;
+            (*k > n).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
+        }
+        Mode::Faults { percent, .. } => {
+            let mut g = shared.rng.lock().unwrap();
+            g.0 = g.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = g.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            if z % 100 >= percent || g.1 >= 3 {
+                g.1 = 0;
+                return None;
+            }
+            g.1 += 1;
+            Some(match (z >> 8) % 4 {
+                0 => Fault::Drop,
+                1 => Fault::Status(500, "InternalError", "kiln test proxy: injected 500"),
+                2 => Fault::Status(503, "ServiceUnavailable", "kiln test proxy: injected 503"),
+                _ => {
+                    if req.form().contains_key("Action") {
+                        Fault::Status(503, "RequestLimitExceeded", "kiln test proxy: injected throttling")
+                    } else {
+                        Fault::Status(429, "RequestThrottledException", "kiln test proxy: injected throttling")
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    while let Some(mut req) = read_request(&mut reader)? {
+        let fault = decide(shared, &req);
+        req.faulted = fault.is_some();
+        shared.log.lock().unwrap().push(req.clone());
+        match fault {
+            Some(Fault::Drop) => {
+                let _ = out.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Some(Fault::Status(status, code, msg)) => {
+                let (ctype, body) = if req.form().contains_key("Action") {
+                    ("text/xml", format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{code}</Code><Message>{msg}</Message></Error></Errors><RequestID>kiln-test</RequestID></Response>"))
+                } else {
+                    ("application/json", format!("{{\"message\":\"{msg}\"}}"))
+                };
+                write!(out, "HTTP/1.1 {status} Error\r\nContent-Type: {ctype}\r\nx-amzn-ErrorType: {code}\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+                out.flush()?;
+            }
+            None => {
+                let resp = forward(shared.upstream, &req)?;
+                out.write_all(&resp)?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends one request to moto on a fresh connection and returns the whole response; the
+/// response is re-framed with Content-Length so the client's connection can stay open.
+fn forward(port: u16, req: &Recorded) -> std::io::Result<Vec<u8>> {
+    let mut up = TcpStream::connect(("127.0.0.1", port))?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+    for (k, v) in &req.headers {
+        if k == "connection" || k == "expect" {
+            continue;
+        }
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    up.write_all(&req.body)?;
+    let mut raw = Vec::new();
+    up.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4).unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split..].to_vec();
+    let mut lines: Vec<&str> = head.trim_end().split("\r\n").collect();
+    let chunked = lines.iter().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")
+    });
+    if chunked {
+        body = dechunk(&body);
+    }
+    lines.retain(|l| {
+        let l = l.to_ascii_lowercase();
+        !(l.starts_with("content-length:") || l.starts_with("transfer-encoding:") || l.starts_with("connection:"))
+    });
+    let mut out = lines.join("\r\n");
+    out.push_str(&format!("\r\ncontent-length: {}\r\n\r\n", body.len()));
+    let mut v = out.into_bytes();
+    v.extend_from_slice(&body);
+    Ok(v)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(p) = b.windows(2).position(|w| w == b"\r\n") else { break };
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..p]).trim().split(';').next().unwrap_or("0"), 16)
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[p + 2..p + 2 + n]);
+        b = &b[p + 2 + n + 2..];
+    }
+    out
+}
