@@ -561,3 +561,34 @@ fn arm64_legacy_bios_is_refused_before_any_request() {
     assert!(err.contains("arm64") && err.contains("UEFI only"), "stderr: {err}");
     assert!(proxy.requests().is_empty(), "refused only after sending requests");
 }
+
+#[test]
+fn encrypted_snapshot_writes_zero_blocks_too() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let dir = common::tempdir();
+    let data: BTreeMap<u64, Vec<u8>> = [2u64, 6].iter().map(|&i| (i, block_bytes(i, 3))).collect();
+    let mut s = settings(&["us-east-1"]);
+    s.encrypted = true;
+    s.kms_key_arn = Some("arn:aws:kms:us-east-1:123456789012:key/00000000-0000-0000-0000-000000000000".into());
+    let manifest = write_image(dir.path(), "enc", 8, &data, s);
+    run_json(publish_cmd(&proxy, &manifest));
+    let reqs = proxy.requests();
+    let start: serde_json::Value = serde_json::from_slice(&of(&reqs, "StartSnapshot")[0].body).unwrap();
+    assert_eq!(start["Encrypted"], true);
+    assert!(start["KmsKeyArn"].as_str().unwrap().contains(":key/"));
+    // Every block of the image is written: unwritten blocks of an encrypted snapshot are undefined.
+    assert_eq!(check_puts(&reqs), (0..8).collect());
+    for r in of(&reqs, "PutSnapshotBlock") {
+        let i: u64 = r.path.split("/blocks/").nth(1).unwrap().parse().unwrap();
+        match data.get(&i) {
+            Some(d) => assert!(&r.body == d),
+            None => assert!(r.body.iter().all(|&b| b == 0), "block {i} should be zeros"),
+        }
+    }
+    let mut all = data.clone();
+    for i in 0..8 {
+        all.entry(i).or_insert_with(|| vec![0u8; BS]);
+    }
+    check_complete(&reqs, &all);
+}

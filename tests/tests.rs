@@ -3,6 +3,7 @@
 
 mod build;
 mod common;
+mod disk;
 mod ext4;
 mod recipe;
 mod tar;
