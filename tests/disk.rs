@@ -81,7 +81,8 @@ fn build(seed: &[u8], arch: Arch, size: Option<u64>) -> Built {
     Built { _dir: dir, image, plan, ids, sha256: sha.hex(), blocks: blocks.into_block_map() }
 }
 
-/// Copies `len` bytes at `offset` out of `image` with dd (byte-granular via iflag).
+/// Copies `len` bytes at `offset` out of `image` with dd (byte-granular via iflag; sparse, since
+/// the root partition is mostly zeros and test machines are short of disk).
 fn dd(image: &Path, offset: u64, len: u64, dest: &Path) {
     run_ok(
         Command::new("dd")
@@ -90,7 +91,7 @@ fn dd(image: &Path, offset: u64, len: u64, dest: &Path) {
             .arg("bs=1M")
             .arg(format!("skip={offset}"))
             .arg(format!("count={len}"))
-            .args(["iflag=skip_bytes,count_bytes", "status=none"]),
+            .args(["iflag=skip_bytes,count_bytes", "conv=sparse", "status=none"]),
     );
 }
 
