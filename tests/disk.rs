@@ -81,7 +81,8 @@ fn build(seed: &[u8], arch: Arch, size: Option<u64>) -> Built {
     Built { _dir: dir, image, plan, ids, sha256: sha.hex(), blocks: blocks.into_block_map() }
 }
 
-/// Copies `len` bytes at `offset` out of `image` with dd (byte-granular via iflag).
+/// Copies `len` bytes at `offset` out of `image` with dd (byte-granular via iflag; sparse, since
+/// the root partition is mostly zeros and test machines are short of disk).
 fn dd(image: &Path, offset: u64, len: u64, dest: &Path) {
     run_ok(
         Command::new("dd")
@@ -90,7 +91,7 @@ fn dd(image: &Path, offset: u64, len: u64, dest: &Path) {
             .arg("bs=1M")
             .arg(format!("skip={offset}"))
             .arg(format!("count={len}"))
-            .args(["iflag=skip_bytes,count_bytes", "status=none"]),
+            .args(["iflag=skip_bytes,count_bytes", "conv=sparse", "status=none"]),
     );
 }
 
@@ -299,4 +300,39 @@ fn missing_kernel_is_a_clear_error() {
     let boot = BootSetup { arch: Arch::X86_64, mode: BootMode::Uefi, cmdline: vec![] };
     let err = disk::esp_files(&tree, &ids, &boot).unwrap_err().to_string();
     assert!(err.contains("linux-image-cloud-amd64"), "{err}");
+}
+
+/// `kiln inspect --json` against sfdisk (table), dumpe2fs (ext4 superblock) and blkid (FAT id).
+#[test]
+fn inspect_agrees_with_sfdisk_dumpe2fs_and_blkid() {
+    let b = build(b"inspect", Arch::X86_64, None);
+    let j: Value =
+        serde_json::from_str(&stdout_of(crate::common::kiln().arg("inspect").arg(&b.image).arg("--json"))).unwrap();
+    let (Some(sfdisk), Some(dumpe2fs), Some(blkid)) = (tool("sfdisk"), tool("dumpe2fs"), tool("blkid")) else {
+        return;
+    };
+    let s: Value = serde_json::from_str(&stdout_of(Command::new(&sfdisk).arg("--json").arg(&b.image))).unwrap();
+    let sp = s["partitiontable"]["partitions"].as_array().unwrap();
+    let ip = j["partitions"].as_array().unwrap();
+    assert_eq!(sp.len(), ip.len());
+    for (x, y) in sp.iter().zip(ip) {
+        assert_eq!(x["start"], y["first_lba"]);
+        assert_eq!(x["uuid"].as_str().unwrap().to_uppercase(), y["guid"].as_str().unwrap());
+        assert_eq!(x["type"].as_str().unwrap().to_uppercase(), y["type_guid"].as_str().unwrap());
+    }
+    let t = tempdir();
+    let parts = b.plan.partitions();
+    let esp = t.path().join("esp");
+    dd(&b.image, parts[0].offset_bytes, parts[0].size_bytes, &esp);
+    let id = stdout_of(Command::new(&blkid).args(["-p", "-o", "value", "-s", "UUID"]).arg(&esp));
+    assert_eq!(ip[0]["filesystem"]["volume_id"].as_str().unwrap(), id.trim());
+    let root = t.path().join("root");
+    dd(&b.image, parts[1].offset_bytes, parts[1].size_bytes, &root);
+    let h = stdout_of(Command::new(&dumpe2fs).arg("-h").arg(&root));
+    let field = |k: &str| h.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().to_string();
+    let fs = &ip[1]["filesystem"];
+    assert_eq!(fs["uuid"].as_str().unwrap(), field("Filesystem UUID:"));
+    assert_eq!(fs["blocks"].as_u64().unwrap().to_string(), field("Block count:"));
+    assert_eq!(fs["free_blocks"].as_u64().unwrap().to_string(), field("Free blocks:"));
+    assert_eq!(fs["inodes"].as_u64().unwrap().to_string(), field("Inode count:"));
 }
