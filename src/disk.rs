@@ -124,11 +124,7 @@ pub struct BootSetup {
 }
 
 fn read_file(tree: &Tree, path: &str) -> Result<Option<Vec<u8>>, DiskError> {
-    let Ok(id) = tree.resolve(path.as_bytes()) else { return Ok(None) };
-    let Kind::File(c) = &tree.inode(id).kind else { return Ok(None) };
-    let mut buf = vec![0u8; c.size as usize];
-    tree.read_content(c, 0, &mut buf).map_err(|source| DiskError::Read { path: path.to_string(), source })?;
-    Ok(Some(buf))
+    tree.file_bytes(path.as_bytes()).map_err(|source| DiskError::Read { path: path.to_string(), source })
 }
 
 /// Orders Debian kernel versions like `6.1.0-28-cloud-amd64` numerically, piece by piece.

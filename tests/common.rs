@@ -118,31 +118,7 @@ pub fn debian_root_tar() -> Option<PathBuf> {
     .clone()
 }
 
-/// The first Debian archive URI in the host's apt sources (deb822 or one-line format).
+/// The build host's Debian mirror, found the way `kiln build` finds it.
 pub fn host_debian_mirror() -> Option<String> {
-    let mut files: Vec<PathBuf> = vec!["/etc/apt/sources.list".into()];
-    if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        v.sort();
-        files.extend(v);
-    }
-    for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
-        for line in text.lines() {
-            let line = line.trim();
-            let uri = if let Some(rest) = line.strip_prefix("URIs:") {
-                rest.split_whitespace().next()
-            } else if let Some(rest) = line.strip_prefix("deb ") {
-                rest.split_whitespace().find(|w| !w.starts_with('['))
-            } else {
-                None
-            };
-            if let Some(u) = uri {
-                if !u.contains("security") && (u.ends_with("/debian") || u.ends_with("/debian/")) {
-                    return Some(u.trim_end_matches('/').to_string());
-                }
-            }
-        }
-    }
-    None
+    kiln::stage::debian::host_mirror()
 }

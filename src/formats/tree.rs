@@ -618,6 +618,17 @@ impl Tree {
         }
     }
 
+    /// The whole content of the regular file at `path` (symlinks followed); None when there is
+    /// no regular file there.
+    pub fn file_bytes(&self, path: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let Ok(id) = self.resolve(path) else { return Ok(None) };
+        let Kind::File(c) = &self.inode(id).kind else { return Ok(None) };
+        let len = usize::try_from(c.size).map_err(|_| io::Error::other("file too large for memory"))?;
+        let mut buf = vec![0u8; len];
+        self.read_content(c, 0, &mut buf)?;
+        Ok(Some(buf))
+    }
+
     /// Reads `buf.len()` bytes of a file's content at `offset`, zero-filling holes.
     pub fn read_content(&self, content: &Content, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         buf.fill(0);

@@ -237,14 +237,10 @@ pub fn host_mirror_in(apt_dir: &Path) -> Option<String> {
 
 /// Packages dpkg records as installed in a staged tree (`/var/lib/dpkg/status`), sorted.
 pub fn installed_packages(tree: &crate::formats::tree::Tree) -> Vec<crate::manifest::Package> {
-    use crate::formats::tree::Kind;
-    let Ok(id) = tree.resolve(b"/var/lib/dpkg/status") else { return Vec::new() };
-    let Kind::File(c) = &tree.inode(id).kind else { return Vec::new() };
-    let mut buf = vec![0u8; c.size as usize];
-    if tree.read_content(c, 0, &mut buf).is_err() {
-        return Vec::new();
+    match tree.file_bytes(b"/var/lib/dpkg/status") {
+        Ok(Some(buf)) => parse_dpkg_status(&String::from_utf8_lossy(&buf)),
+        _ => Vec::new(),
     }
-    parse_dpkg_status(&String::from_utf8_lossy(&buf))
 }
 
 pub fn parse_dpkg_status(text: &str) -> Vec<crate::manifest::Package> {

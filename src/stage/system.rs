@@ -71,11 +71,8 @@ pub fn user_db(tree: &Tree) -> (String, String) {
 }
 
 fn read_text(tree: &Tree, path: &str) -> Option<String> {
-    let id = tree.resolve(path.as_bytes()).ok()?;
-    let Kind::File(c) = &tree.inode(id).kind else { return None };
-    let mut buf = vec![0u8; usize::try_from(c.size).ok()?];
-    tree.read_content(c, 0, &mut buf).ok()?;
-    Some(String::from_utf8_lossy(&buf).into_owned())
+    let bytes = tree.file_bytes(path.as_bytes()).ok()??;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Applies `cfg` to the tree. Returns notes worth showing the user.
