@@ -97,15 +97,11 @@ pub fn qemu_command(image: &Path, opts: &BootOptions, vars: Option<&Path>) -> Re
         }
         (Arch::Arm64, Firmware::Bios) => return Err(BootError::BiosOnArm),
     }
-    if !Path::new("/usr/bin").join(binary).is_file() && which(binary).is_none() {
+    if crate::platform::find_program(binary).is_none() {
         return Err(BootError::NoQemu { binary, package });
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     Ok(cmd)
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var("PATH").ok()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }
 
 /// Kills QEMU however the boot ends.

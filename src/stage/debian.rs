@@ -106,7 +106,7 @@ pub fn stage(base: &DebianBase, cache_dir: &Path, progress: &dyn Progress) -> Re
         source,
     })?;
     check_can_execute(base.arch)?;
-    let mmdebstrap = which("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
+    let mmdebstrap = crate::platform::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
 
     // mmdebstrap writes next to the final name and the rename publishes it: an interrupted run
     // leaves no tarball that a later build would trust.
@@ -177,16 +177,6 @@ pub fn check_can_execute(target: Arch) -> Result<(), StageError> {
     } else {
         Err(StageError::CannotExecute { host: std::env::consts::ARCH.to_string(), target })
     }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found
 }
 
 /// The first Debian archive URI in the build host's apt sources (deb822 `.sources` files or
