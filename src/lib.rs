@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod boot;
 pub mod build;
+pub mod bundle;
 pub mod disk;
 pub mod formats;
 pub mod manifest;

@@ -185,7 +185,7 @@ pub struct ExtraVolume {
 }
 
 /// `[bundle]` after validation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleSettings {
     /// 12-digit AWS account id.

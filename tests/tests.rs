@@ -2,6 +2,7 @@
 //! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU), never kiln's own reader alone.
 
 mod build;
+mod bundle;
 mod common;
 mod disk;
 mod ext4;
