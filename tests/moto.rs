@@ -135,6 +135,8 @@ pub enum Mode {
     Deny { action: String },
     /// Forward the first `n` requests of `action`, then deny the rest with 403.
     DenyAfter { action: String, n: usize },
+    /// Answer every S3 PutObject with this error, as S3 words it (XML `<Error>` body).
+    S3PutError { status: u16, code: &'static str, message: &'static str },
 }
 
 pub struct Proxy {
@@ -224,6 +226,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Recorded
 enum Fault {
     Drop,
     Status(u16, &'static str, &'static str),
+    S3(u16, &'static str, &'static str),
 }
 
 fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
@@ -231,6 +234,9 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
     let mode = shared.mode.lock().unwrap().clone();
     match mode {
         Mode::Pass => None,
+        Mode::S3PutError { status, code, message } => {
+            (req.method == "PUT" && !req.path.starts_with("/snapshots")).then_some(Fault::S3(status, code, message))
+        }
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
@@ -290,6 +296,15 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                     ("application/json", format!("{{\"message\":\"{msg}\"}}"))
                 };
                 write!(out, "HTTP/1.1 {status} Error\r\nContent-Type: {ctype}\r\nx-amzn-ErrorType: {code}\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+                out.flush()?;
+            }
+            Some(Fault::S3(status, code, msg)) => {
+                let body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{msg}</Message><RequestId>kiln-test</RequestId></Error>");
+                write!(
+                    out,
+                    "HTTP/1.1 {status} Error\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )?;
                 out.flush()?;
             }
             None => {

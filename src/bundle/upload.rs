@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use aws_sdk_ec2::types::{ArchitectureValues, Filter};
+use aws_sdk_ec2::types::{ArchitectureValues, Filter, ResourceType, Tag, TagSpecification};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ObjectCannedAcl;
 use base64::Engine as _;
@@ -19,6 +19,11 @@ use crate::aws::Endpoint;
 use crate::formats::bundle::BundleSummary;
 use crate::progress::{Progress, Unit};
 use crate::publish::retry::{with_retry, CallError, RetryPolicy};
+
+/// Tags on a registered bundle AMI: where its manifest is (which finds it again on a re-run)
+/// and the SHA-1 of the image's tar stream.
+pub const TAG_LOCATION: &str = "kiln:bundle-location";
+pub const TAG_TAR_SHA1: &str = "kiln:bundle-tar-sha1";
 
 /// `s3://bucket/prefix`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -196,14 +201,20 @@ async fn upload_async(
     if let Some(img) = existing.images().first() {
         let id = img.image_id().unwrap_or_default().to_string();
         let at = img.image_location().unwrap_or_default();
+        let tagged = img.tags().iter().any(|t| t.key() == Some(TAG_LOCATION) && t.value() == Some(&image_location));
         // EC2 reports the location of instance-store AMIs as given; a match means a re-run.
-        if at == image_location || at.ends_with(&format!("/{image_location}")) {
+        if tagged || at == image_location || at.ends_with(&format!("/{image_location}")) {
             rec.image_id = Some(id);
             rec.reused = true;
             return Ok(rec);
         }
         return Err(UploadError::NameTaken { name: reg.name.clone(), id, location: at.to_string() });
     }
+    let tags = vec![
+        Tag::builder().key(TAG_LOCATION).value(&image_location).build(),
+        Tag::builder().key(TAG_TAR_SHA1).value(&s.manifest.tar_sha1).build(),
+        Tag::builder().key(crate::publish::ami::TAG_NAME).value(&reg.name).build(),
+    ];
     let out = with_retry(&policy, "RegisterImage", || {
         ec2.register_image()
             .name(&reg.name)
@@ -211,11 +222,20 @@ async fn upload_async(
             .image_location(&image_location)
             .architecture(ArchitectureValues::from(reg.arch.as_str()))
             .virtualization_type("hvm")
+            .tag_specifications(
+                TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(tags.clone())).build(),
+            )
             .send()
     })
     .await
     .map_err(|e| call_error(e, &loc.bucket))?;
-    rec.image_id = out.image_id().map(str::to_string);
+    let id = out.image_id().unwrap_or_default().to_string();
+    // Tagged again on their own: some EC2 stand-ins drop TagSpecifications on RegisterImage,
+    // and the location tag is what finds this AMI on a re-run.
+    with_retry(&policy, "CreateTags", || ec2.create_tags().resources(&id).set_tags(Some(tags.clone())).send())
+        .await
+        .map_err(|e| call_error(e, &loc.bucket))?;
+    rec.image_id = Some(id);
     Ok(rec)
 }
 
