@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # kiln publish vs coldsnap upload, side by side against the same moto server and image.
 #
-#   benches/publish.sh [MANIFEST.json]
+#   benches/publish.sh [MANIFEST.json] [ROUNDS]
 #
 # Without an argument a 256 MiB test image with data in ~40% of its blocks (scattered) is made
 # with its manifest. Needs .ci/setup-moto; installs coldsnap with cargo into the cache (only here,
 # never in CI). Reports wall time of each, the ratio, and the blocks each sent (counted by moto's
-# ListSnapshotBlocks on the resulting snapshots).
+# ListSnapshotBlocks on the resulting snapshots). Each tool gets a fresh moto server per round, so
+# kiln cannot reuse what an earlier round uploaded; the order alternates between rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${KILN_CACHE_DIR:-/var/cache/kiln}"
@@ -20,14 +21,20 @@ cargo build --release --bin kiln
 kiln="${CARGO_TARGET_DIR:-target}/release/kiln"
 
 work="$(mktemp -d)"
-port="$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
-"$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
-moto=$!
-trap 'kill $moto 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+moto=""
+trap '[ -n "$moto" ] && kill $moto 2>/dev/null; rm -rf "$work"' EXIT
+start_moto() {
+  port="$("$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
+  moto=$!
+  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
+  url="$AWS_ENDPOINT_URL"
+}
+stop_moto() { kill "$moto" 2>/dev/null; wait "$moto" 2>/dev/null || true; moto=""; }
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-export AWS_ENDPOINT_URL="http://127.0.0.1:$port"
-url="$AWS_ENDPOINT_URL"
+venv_py="$venv/bin/python"
+rounds="${2:-3}"
 
 manifest="${1:-}"
 if [ -z "$manifest" ]; then
@@ -71,15 +78,35 @@ PY
 }
 
 now() { date +%s.%N; }
-t0=$(now)
-"$kiln" publish --json "$manifest" >"$work/kiln.json"
-t1=$(now)
-"$coldsnap" upload --omit-zero-blocks "$raw" >"$work/coldsnap.out"
-t2=$(now)
-kiln_snap="$("$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot_id"])' "$work/kiln.json")"
-cold_snap="$(grep -o 'snap-[0-9a-f]*' "$work/coldsnap.out" | head -1)"
-kb=$(count_blocks "$kiln_snap"); cb=$(count_blocks "$cold_snap")
-awk -v k="$(echo "$t1 - $t0" | bc)" -v c="$(echo "$t2 - $t1" | bc)" -v kb="$kb" -v cb="$cb" 'BEGIN {
-  printf "kiln publish (upload+register): %.2f s, %d blocks\n", k, kb
-  printf "coldsnap upload (upload only):  %.2f s, %d blocks\n", c, cb
-  printf "ratio coldsnap/kiln: %.2fx\n", c / k }'
+run_kiln() {
+  start_moto
+  local t0 t1; t0=$(now)
+  "$kiln" publish --json "$manifest" >"$work/kiln.json"
+  t1=$(now)
+  local snap; snap="$("$venv_py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot_id"])' "$work/kiln.json")"
+  echo "kiln $(echo "$t0 $t1" | awk '{print $2-$1}') $(count_blocks "$snap")" >>"$work/results"
+  stop_moto
+}
+run_coldsnap() {
+  start_moto
+  local t0 t1; t0=$(now)
+  "$coldsnap" upload --no-progress --omit-zero-blocks --wait "$raw" >"$work/coldsnap.out"
+  t1=$(now)
+  local snap; snap="$(grep -o 'snap-[0-9a-f]*' "$work/coldsnap.out" | head -1)"
+  echo "coldsnap $(echo "$t0 $t1" | awk '{print $2-$1}') $(count_blocks "$snap")" >>"$work/results"
+  stop_moto
+}
+for r in $(seq "$rounds"); do
+  if [ $((r % 2)) -eq 1 ]; then run_kiln; run_coldsnap; else run_coldsnap; run_kiln; fi
+done
+cat "$work/results" >&2
+"$venv_py" - "$work/results" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+t = {k: [float(r[1]) for r in rows if r[0] == k] for k in ("kiln", "coldsnap")}
+b = {k: sorted({int(r[2]) for r in rows if r[0] == k}) for k in ("kiln", "coldsnap")}
+k, c = statistics.median(t["kiln"]), statistics.median(t["coldsnap"])
+print(f"kiln publish (upload, wait, register): median {k:.2f} s over {len(t['kiln'])} rounds, blocks {b['kiln']}")
+print(f"coldsnap upload --wait:                median {c:.2f} s over {len(t['coldsnap'])} rounds, blocks {b['coldsnap']}")
+print(f"ratio coldsnap/kiln: {c / k:.2f}x")
+PY

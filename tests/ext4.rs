@@ -243,7 +243,7 @@ fn same_tree_and_seed_give_identical_bytes() {
 }
 
 #[test]
-fn a_directory_of_100000_entries() {
+fn a_directory_of_100000_entries_is_hashed_and_every_name_is_found() {
     let t = tempdir();
     let mut tree = Tree::new(meta(0o755, 0, 0, 0, 0));
     tree.insert(b"big", Kind::Dir(Dir::default()), meta(0o755, 0, 0, 0, 0), OnExisting::Error).unwrap();
@@ -251,12 +251,48 @@ fn a_directory_of_100000_entries() {
         let name = format!("big/entry-{i:06}-with-a-longer-name");
         tree.insert(name.as_bytes(), Kind::File(Content::empty()), meta(0o644, 0, 0, 0, 0), OnExisting::Error).unwrap();
     }
+    // Names that exercise the hash: longer than one 32-byte round, bytes above 0x7f (where
+    // signed and unsigned hashing differ), one byte, 255 bytes.
+    tree.insert(b"mixed", Kind::Dir(Dir::default()), meta(0o755, 0, 0, 0, 0), OnExisting::Error).unwrap();
+    let mut mixed = Vec::new();
+    for i in 0..3000usize {
+        let mut name = format!("{i}-").into_bytes();
+        name.extend(std::iter::repeat_n("é✓z".as_bytes(), i % 60).flatten());
+        name.truncate(255);
+        while std::str::from_utf8(&name).is_err() {
+            name.pop();
+        }
+        mixed.push(name);
+    }
+    mixed.push(b"x".to_vec());
+    for name in &mixed {
+        let path = [b"mixed/".as_slice(), name].concat();
+        tree.insert(&path, Kind::File(Content::empty()), meta(0o644, 0, 0, 0, 0), OnExisting::Error).unwrap();
+    }
     let img = t.path().join("big.img");
     write_image(&tree, &opts("big"), &img);
     e2fsck_clean(&img);
+    if let Some(debugfs) = tool("debugfs") {
+        // debugfs reads the index: two levels for 100,000 names, one for 3,001.
+        for (dir, levels) in [("/big", 1), ("/mixed", 0)] {
+            let out = Command::new(&debugfs).arg("-R").arg(format!("htree_dump {dir}")).arg(&img).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(&format!("Indirect levels: {levels}")), "{dir}:\n{}", &text[..text.len().min(2000)]);
+            assert!(text.contains("Hash Version: 1"), "{dir}: half_md4");
+        }
+    }
     with_mount(&img, |mnt| {
         assert_eq!(std::fs::read_dir(mnt.join("big")).unwrap().count(), 100_000);
-        assert!(mnt.join("big/entry-099999-with-a-longer-name").is_file());
+        // The kernel looks names up through the index: a wrong hash would hide them.
+        for i in (0..100_000u32).step_by(997).chain([99_999]) {
+            let p = mnt.join(format!("big/entry-{i:06}-with-a-longer-name"));
+            assert!(p.is_file(), "{} not found by lookup", p.display());
+        }
+        use std::os::unix::ffi::OsStrExt;
+        for name in &mixed {
+            let p = mnt.join("mixed").join(std::ffi::OsStr::from_bytes(name));
+            assert!(p.is_file(), "{} not found by lookup", p.display());
+        }
     });
 }
 

@@ -247,9 +247,7 @@ fn data_ranges(c: &Content) -> Vec<(u64, u64)> {
     out
 }
 
-fn dirent_len(name_len: usize) -> usize {
-    (8 + name_len).div_ceil(4) * 4
-}
+use super::htree::{self, dirent_len};
 
 /// Usable bytes of a directory block before the 12-byte checksum tail.
 const DIR_USABLE: usize = BLOCK_SIZE as usize - 12;
@@ -269,7 +267,7 @@ fn dir_block_count(entries: &[(Vec<u8>, u32, u8)]) -> u64 {
     blocks
 }
 
-fn collect(tree: &Tree) -> Result<Needs, Ext4Error> {
+fn collect(tree: &Tree, hash_seed: &[u8; 16]) -> Result<Needs, Ext4Error> {
     let mut ino_of = vec![0u32; tree.inodes().len()];
     let mut tree_of: Vec<Option<InodeId>> = vec![None; FIRST_INO as usize - 1];
     let mut paths = BTreeMap::new();
@@ -339,7 +337,19 @@ fn collect(tree: &Tree) -> Result<Needs, Ext4Error> {
                     }
                     entries.push((name.clone(), cino, file_type(ck)));
                 }
-                data_blocks += dir_block_count(&entries);
+                data_blocks += match htree::plan_leaves(&entries, hash_seed) {
+                    None => dir_block_count(&entries),
+                    Some(l) if l.fits() => l.block_count(),
+                    Some(_) => {
+                        return Err(Ext4Error::Unsupported {
+                            path,
+                            what: format!(
+                                "a directory of {} entries needs a third htree level (the large_dir feature), which kiln does not write",
+                                entries.len()
+                            ),
+                        })
+                    }
+                };
                 dirs.insert(ino, entries);
             }
             Kind::File(c) => {
@@ -568,7 +578,7 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
     if opts.label.len() > 16 {
         return Err(Ext4Error::LabelTooLong { label: opts.label.clone(), len: opts.label.len() });
     }
-    let needs = collect(tree)?;
+    let needs = collect(tree, &opts.hash_seed)?;
 
     // Geometry: the given size, or the smallest that fits plus headroom.
     let (geo, meta_map) = match opts.size {
@@ -717,7 +727,13 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
                 rec.is_dir = true;
                 let entries = &needs.dirs[&ino];
                 let parent = needs.parent[&ino];
-                let blocks = dir_blocks(ino, parent, entries, iseed);
+                let blocks = match htree::plan_leaves(entries, &opts.hash_seed) {
+                    Some(leaves) => {
+                        rec.flags |= htree::EXT4_INDEX_FL;
+                        htree::write(ino, parent, entries, &leaves, iseed)
+                    }
+                    None => dir_blocks(ino, parent, entries, iseed),
+                };
                 let runs = alloc.take(blocks.len() as u64).ok_or_else(no_space)?;
                 let first = built.len();
                 built.extend(blocks);
@@ -727,7 +743,7 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
                     k += l as usize;
                 }
                 rec.size = (built.len() - first) as u64 * BLOCK_SIZE;
-                rec.flags = EXT4_EXTENTS_FL;
+                rec.flags |= EXT4_EXTENTS_FL;
                 let extents = runs_to_extents(0, &runs);
                 let (iblock, leaves) = extent_tree(&path, &extents, &mut alloc, ino, fs_seed)?;
                 rec.i_block = iblock;
@@ -860,7 +876,8 @@ fn extent_tree(
     Ok((iblock, leaves))
 }
 
-/// A directory's blocks: `.`, `..`, the entries, and the checksum tail in every block.
+/// A small directory's one linear block (or several, for callers that index nothing): `.`,
+/// `..`, the entries, and the checksum tail in every block.
 fn dir_blocks(ino: u32, parent: u32, entries: &[(Vec<u8>, u32, u8)], iseed: u32) -> Vec<Vec<u8>> {
     let mut blocks: Vec<Vec<u8>> = Vec::new();
     let mut cur = vec![0u8; BLOCK_SIZE as usize];
@@ -876,16 +893,7 @@ fn dir_blocks(ino: u32, parent: u32, entries: &[(Vec<u8>, u32, u8)], iseed: u32)
         *last = *at;
         *at += l;
     };
-    let finish = |cur: &mut Vec<u8>, last: usize| {
-        // The last entry's record runs up to the tail.
-        let rec = (DIR_USABLE - last) as u16;
-        cur[last + 4..last + 6].copy_from_slice(&rec.to_le_bytes());
-        let t = DIR_USABLE;
-        cur[t + 4..t + 6].copy_from_slice(&12u16.to_le_bytes());
-        cur[t + 7] = 0xDE;
-        let c = csum::raw(iseed, &cur[..t]);
-        cur[t + 8..t + 12].copy_from_slice(&c.to_le_bytes());
-    };
+    let finish = |cur: &mut Vec<u8>, last: usize| htree::seal_leaf(cur, last, iseed);
     put(&mut cur, &mut at, &mut last, ino, b".", 2);
     put(&mut cur, &mut at, &mut last, parent, b"..", 2);
     for (name, cino, ft) in entries {

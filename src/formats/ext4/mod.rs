@@ -11,6 +11,7 @@
 //! e2fsprogs; e2fsck, debugfs and the kernel itself are the oracles in tests/ext4.rs.
 
 mod csum;
+mod htree;
 mod layout;
 mod write;
 
