@@ -7,6 +7,7 @@ use kiln::formats::ext4::{self, Ext4Options, SizeSpec};
 use kiln::formats::image::{Sink, SparseFile};
 use kiln::formats::tar::{read_tar, TarOptions};
 use kiln::formats::tree::Timestamp;
+use kiln::recipe::size::{self, DiskSize};
 
 /// Make an ext4 file system from a root tarball, without root, mounts or loop devices.
 ///
@@ -26,9 +27,9 @@ pub struct Args {
     pub tar: PathBuf,
     /// The image to write (replaced atomically).
     pub out: PathBuf,
-    /// File system size: bytes with a unit (512MiB, 2GiB, 1.5G) or `auto`.
+    /// File system size: an integer and a binary unit (512MiB, 2GiB) or `auto`.
     #[arg(long, default_value = "auto", value_parser = parse_size)]
-    pub size: SizeArg,
+    pub size: DiskSize,
     /// Volume label (at most 16 bytes).
     #[arg(long, default_value = "")]
     pub label: String,
@@ -37,29 +38,9 @@ pub struct Args {
     pub seed: String,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum SizeArg {
-    Auto,
-    Bytes(u64),
-}
-
-pub fn parse_size(s: &str) -> Result<SizeArg, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("auto") {
-        return Ok(SizeArg::Auto);
-    }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size; write it like 512MiB, 2GiB or auto"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" | "k" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        "T" | "TiB" => 1 << 40,
-        u => return Err(format!("unknown unit {u:?} in {s:?}; use KiB, MiB, GiB or TiB")),
-    };
-    Ok(SizeArg::Bytes((n * mult as f64) as u64))
+/// The same size syntax as recipes (binary units only, or `auto`), with the same messages.
+fn parse_size(s: &str) -> Result<DiskSize, String> {
+    size::parse_disk_size(s).map_err(|e| format!("{e}; write {} or auto", size::ACCEPTED))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -75,8 +56,8 @@ pub fn run(args: Args) -> Result<()> {
     opts.label = args.label.clone();
     opts.timestamp = epoch.unwrap_or(0);
     opts.size = match args.size {
-        SizeArg::Auto => SizeSpec::Auto { headroom_percent: 20, min_free_bytes: 64 << 20 },
-        SizeArg::Bytes(b) => SizeSpec::Bytes(b),
+        DiskSize::Auto => SizeSpec::Auto { headroom_percent: 20, min_free_bytes: 64 << 20 },
+        DiskSize::Bytes(b) => SizeSpec::Bytes(b),
     };
     let plan = ext4::plan(&tree, &opts).context("planning the file system")?;
     let mut out = SparseFile::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
