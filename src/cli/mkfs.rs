@@ -40,7 +40,10 @@ pub struct Args {
 
 /// The same size syntax as recipes (binary units only, or `auto`), with the same messages.
 fn parse_size(s: &str) -> Result<DiskSize, String> {
-    size::parse_disk_size(s).map_err(|e| format!("{e}; write {} or auto", size::ACCEPTED))
+    size::parse_disk_size(s).map_err(|e| match e {
+        size::SizeError::DecimalUnit { .. } => e.to_string(),
+        _ => format!("{e}; write {} or auto", size::ACCEPTED),
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {
