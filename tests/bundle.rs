@@ -68,6 +68,27 @@ fn between<'a>(text: &'a str, open: &str, close: &str) -> &'a str {
     &text[a..b]
 }
 
+/// A user key pair (PKCS#8), an EC2 certificate (its key PKCS#1) and the loaded credentials.
+fn creds(d: &Path) -> (PathBuf, PathBuf, Credentials) {
+    let (user_key, user_cert) = keypair(d, "user", false);
+    let (_ec2_key, ec2_cert) = keypair(d, "ec2", true);
+    let c = Credentials::load(&user_cert, &user_key, &ec2_cert).unwrap();
+    (user_key, user_cert, c)
+}
+
+fn spec(name: &str, threads: usize) -> BundleSpec {
+    BundleSpec {
+        name: name.into(),
+        member_name: format!("{name}.raw"),
+        arch: "x86_64".into(),
+        account: "123456789012".into(),
+        mtime: 1_700_000_000,
+        mappings: BundleSpec::default_mappings(),
+        level: 6,
+        threads,
+    }
+}
+
 #[test]
 fn round_trip_with_public_tools_only() {
     if !openssl_ok() {
@@ -75,21 +96,10 @@ fn round_trip_with_public_tools_only() {
     }
     let t = tempdir();
     let d = t.path();
-    let (user_key, user_cert) = keypair(d, "user", false);
-    let (_ec2_key, ec2_cert) = keypair(d, "ec2", true);
+    let (user_key, user_cert, creds) = creds(d);
     let img = d.join("disk.raw");
     let image = make_image(&img, 24);
-    let creds = Credentials::load(&user_cert, &user_key, &ec2_cert).unwrap();
-    let spec = BundleSpec {
-        name: "disk".into(),
-        member_name: "disk.raw".into(),
-        arch: "x86_64".into(),
-        account: "123456789012".into(),
-        mtime: 1_700_000_000,
-        mappings: BundleSpec::default_mappings(),
-        level: 6,
-        threads: 0,
-    };
+    let spec = spec("disk", 0);
     let mut rng = rand::rng();
     let secrets = Secrets::random(&mut rng);
     let out = d.join("out");
@@ -207,21 +217,10 @@ fn manifest_shape_is_pinned_against_a_fixed_key_and_iv() {
     }
     let t = tempdir();
     let d = t.path();
-    let (user_key, user_cert) = keypair(d, "user", false);
-    let (_k, ec2_cert) = keypair(d, "ec2", false);
+    let (_, _, creds) = creds(d);
     let img = d.join("golden.raw");
     make_image(&img, 14);
-    let creds = Credentials::load(&user_cert, &user_key, &ec2_cert).unwrap();
-    let spec = BundleSpec {
-        name: "golden".into(),
-        member_name: "golden.raw".into(),
-        arch: "x86_64".into(),
-        account: "123456789012".into(),
-        mtime: 1_700_000_000,
-        mappings: BundleSpec::default_mappings(),
-        level: 6,
-        threads: 2,
-    };
+    let spec = spec("golden", 2);
     let secrets = Secrets { key: *b"0123456789abcdef", iv: *b"fedcba9876543210" };
     let out = d.join("out");
     let s = bundle::bundle(&img, &out, &spec, &creds, secrets, &mut rand::rng(), &kiln::progress::Silent).unwrap();
@@ -362,19 +361,6 @@ fn bad_inputs_get_clear_errors_and_leave_nothing_behind() {
     assert!(std::fs::read(d.join("r.raw")).unwrap() == std::fs::read(&img).unwrap());
 }
 
-fn aws_env(c: &mut Command) -> &mut Command {
-    // Throwaway credentials for moto; never real ones.
-    c.env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_SESSION_TOKEN", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_ENDPOINT_URL")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-}
-
 fn s3_client(url: &str) -> (tokio::runtime::Runtime, aws_sdk_s3::Client, aws_sdk_ec2::Client) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let conf = rt.block_on(
@@ -404,7 +390,14 @@ fn upload_and_register_against_moto_send_what_ec2_needs() {
     let image = make_image(&img, 22);
     let run = |extra: &[&str]| {
         let mut c = kiln_bundle(d, &k, &img);
-        aws_env(&mut c).args(["--account", "123456789012", "--json", "--register", "--endpoint-url", &proxy.url()]);
+        crate::moto::fake_aws_env(&mut c).args([
+            "--account",
+            "123456789012",
+            "--json",
+            "--register",
+            "--endpoint-url",
+            &proxy.url(),
+        ]);
         c.args(["--upload", "s3://kiln-bundles/nightly/web/"]).args(extra);
         let o = c.output().unwrap();
         assert!(o.status.success(), "kiln bundle failed:\n{}", String::from_utf8_lossy(&o.stderr));
@@ -484,7 +477,7 @@ fn upload_and_register_against_moto_send_what_ec2_needs() {
         message: "The bucket does not allow ACLs",
     });
     let mut c = kiln_bundle(d, &k, &img);
-    aws_env(&mut c).args([
+    crate::moto::fake_aws_env(&mut c).args([
         "--account",
         "123456789012",
         "--endpoint-url",

@@ -64,6 +64,20 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Throwaway credentials and a fixed region for a kiln command talking to moto; never real
+/// ones, and nothing from the developer's own AWS configuration leaks in.
+pub fn fake_aws_env(c: &mut Command) -> &mut Command {
+    c.env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_SESSION_TOKEN", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+}
+
 /// One request as kiln sent it.
 #[derive(Debug, Clone)]
 pub struct Recorded {

@@ -142,15 +142,7 @@ fn test_image(regions: &[&str]) -> (TestImage, BTreeMap<u64, Vec<u8>>) {
 
 fn publish_cmd(proxy: &Proxy, manifest: &Path) -> std::process::Command {
     let mut c = common::kiln();
-    // Throwaway credentials for moto; never real ones.
-    c.env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_SESSION_TOKEN", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("AWS_PROFILE")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
+    crate::moto::fake_aws_env(&mut c)
         .args(["publish", "--json", "--endpoint-url", &proxy.url(), "--wait-timeout", "60"])
         .arg(manifest);
     c
