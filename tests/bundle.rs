@@ -489,3 +489,54 @@ fn upload_and_register_against_moto_send_what_ec2_needs() {
     assert!(err.contains("AccessControlListNotSupported") && err.contains("Bucket owner preferred"), "{err}");
     let _ = image;
 }
+
+#[test]
+fn upload_survives_dropped_connections_and_server_errors() {
+    if !openssl_ok() {
+        return;
+    }
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Faults { seed: 11, percent: 35 });
+    let (rt, s3, _) = s3_client(&moto.url());
+    rt.block_on(s3.create_bucket().bucket("kiln-faults").send()).unwrap();
+    let t = tempdir();
+    let d = t.path();
+    let k = keys(d);
+    let img = d.join("f.raw");
+    make_image(&img, 31);
+    let mut c = kiln_bundle(d, &k, &img);
+    crate::moto::fake_aws_env(&mut c).args([
+        "--account",
+        "123456789012",
+        "--endpoint-url",
+        &proxy.url(),
+        "--upload",
+        "s3://kiln-faults/p",
+        "--register",
+    ]);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "kiln bundle failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let reqs = proxy.requests();
+    assert!(reqs.iter().any(|r| r.faulted && r.method == "PUT"), "the proxy must have faulted some uploads");
+    for p in std::fs::read_dir(d.join("b")).unwrap().flatten() {
+        let name = p.file_name().into_string().unwrap();
+        if !name.contains(".part.") && !name.ends_with(".manifest.xml") {
+            continue;
+        }
+        let key = format!("p/{name}");
+        let got = rt.block_on(async {
+            s3.get_object()
+                .bucket("kiln-faults")
+                .key(&key)
+                .send()
+                .await
+                .unwrap()
+                .body
+                .collect()
+                .await
+                .unwrap()
+                .into_bytes()
+        });
+        assert!(got[..] == std::fs::read(p.path()).unwrap()[..], "{key} differs in the bucket");
+    }
+}
