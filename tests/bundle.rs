@@ -374,6 +374,24 @@ fn s3_client(url: &str) -> (tokio::runtime::Runtime, aws_sdk_s3::Client, aws_sdk
     (rt, s3, aws_sdk_ec2::Client::new(&conf))
 }
 
+/// An object's bytes as moto holds them.
+fn get_object(rt: &tokio::runtime::Runtime, s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+    rt.block_on(async {
+        s3.get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes()
+            .to_vec()
+    })
+}
+
 #[test]
 fn upload_and_register_against_moto_send_what_ec2_needs() {
     if !openssl_ok() {
@@ -445,19 +463,7 @@ fn upload_and_register_against_moto_send_what_ec2_needs() {
     assert_eq!(keys.len(), parts.len() + 1, "{keys:?}");
     for p in parts.iter().chain([&d.join("b/web.manifest.xml")]) {
         let key = format!("nightly/web/{}", p.file_name().unwrap().to_str().unwrap());
-        let got = rt.block_on(async {
-            s3.get_object()
-                .bucket("kiln-bundles")
-                .key(&key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes()
-        });
+        let got = get_object(&rt, &s3, "kiln-bundles", &key);
         assert!(got[..] == std::fs::read(p).unwrap()[..], "{key} differs in the bucket");
     }
     let imgs = rt.block_on(ec2.describe_images().image_ids(&ami).send()).unwrap();
@@ -524,19 +530,7 @@ fn upload_survives_dropped_connections_and_server_errors() {
             continue;
         }
         let key = format!("p/{name}");
-        let got = rt.block_on(async {
-            s3.get_object()
-                .bucket("kiln-faults")
-                .key(&key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes()
-        });
+        let got = get_object(&rt, &s3, "kiln-faults", &key);
         assert!(got[..] == std::fs::read(p.path()).unwrap()[..], "{key} differs in the bucket");
     }
 }

@@ -145,7 +145,6 @@ pub fn unbundle(
     let out = tmp.as_file();
     progress.begin("restoring", Some(member.map.iter().map(|r| r.len).sum()), Unit::Bytes);
     let mut buf = vec![0u8; 1 << 20];
-    let mut consumed: u64 = 0;
     for r in &member.map {
         let mut pos = r.offset;
         let end = r.offset + r.len;
@@ -159,13 +158,11 @@ pub fn unbundle(
                 }
             }
             pos += n as u64;
-            consumed += n as u64;
             progress.advance(n as u64);
         }
     }
     out.set_len(member.size).map_err(io_err("writing", output))?;
     // The rest of the stream (padding, end blocks) belongs to the digest too.
-    let _ = consumed;
     std::io::copy(&mut tar_in, &mut std::io::sink()).map_err(corrupt)?;
     let actual = hex::encode(tar_in.sha.finalize());
     if actual != m.tar_sha1 {
