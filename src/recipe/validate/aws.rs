@@ -623,14 +623,8 @@ pub(super) fn check_bundle(v: &mut V, b: &Loc<RawBundle>, arch: Arch, boot: Boot
     let user_key = path(v, &r.user_key, "bundle.user_key");
     let ec2_cert = path(v, &r.ec2_cert, "bundle.ec2_cert");
     if let Some(u) = &r.upload {
-        let bucket = u.value.strip_prefix("s3://").map(|rest| rest.split('/').next().unwrap_or(""));
-        let ok = bucket.is_some_and(|b| {
-            (3..=63).contains(&b.len())
-                && b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-                && b.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && b.ends_with(|c: char| c.is_ascii_alphanumeric())
-        });
-        if !ok {
+        // The same rule `kiln bundle --upload` applies, so a recipe that checks clean uploads.
+        if crate::bundle::upload::S3Location::parse(&u.value).is_err() {
             v.err(
                 u.span,
                 "bundle.upload",
