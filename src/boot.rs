@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::platform::Arch;
@@ -56,31 +56,95 @@ fn first_existing(paths: &[&str]) -> Option<PathBuf> {
     paths.iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
-/// The QEMU command line for `image`; `vars` is a writable copy of the UEFI variable store.
-pub fn qemu_command(image: &Path, opts: &BootOptions, vars: Option<&Path>) -> Result<Command, BootError> {
+/// A disk attached to the guest as NVMe, as Nitro attaches EBS volumes (IDE under BIOS).
+#[derive(Debug, Clone)]
+pub struct Drive {
+    pub path: PathBuf,
+    /// `raw` or `qcow2`.
+    pub format: &'static str,
+    /// Writes go to a throw-away temp file: the file never changes.
+    pub snapshot: bool,
+    /// The NVMe serial number the guest sees.
+    pub serial: String,
+}
+
+impl Drive {
+    /// The image itself, opened copy-on-write so booting never changes it.
+    pub fn image(path: &Path) -> Drive {
+        Drive { path: path.to_path_buf(), format: "raw", snapshot: true, serial: "kiln".into() }
+    }
+}
+
+/// Everything around the firmware: disks, network and SMBIOS identity.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub root: Drive,
+    pub extra: Vec<Drive>,
+    /// `-netdev`/`-device` arguments; none means no network card at all.
+    pub net_args: Vec<String>,
+    /// `-smbios` values (`type=1,manufacturer=…`).
+    pub smbios: Vec<String>,
+}
+
+impl Machine {
+    pub fn plain(image: &Path) -> Machine {
+        Machine { root: Drive::image(image), extra: vec![], net_args: vec![], smbios: vec![] }
+    }
+}
+
+fn drive_arg(id: &str, d: &Drive) -> String {
+    // A comma inside a -drive value must be doubled.
+    let path = d.path.display().to_string().replace(',', ",,");
+    let snap = if d.snapshot { ",snapshot=on" } else { "" };
+    format!("file={path},if=none,id={id},format={}{snap},readonly=off", d.format)
+}
+
+/// The QEMU command line for `machine`; `vars` is a writable copy of the UEFI variable store.
+pub fn qemu_command(machine: &Machine, opts: &BootOptions, vars: Option<&Path>) -> Result<Command, BootError> {
     let (binary, package) = match opts.arch {
         Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86"),
         Arch::Arm64 => ("qemu-system-aarch64", "qemu-system-arm"),
     };
     let mut cmd = Command::new(binary);
-    cmd.args(["-accel", "tcg", "-m", &opts.memory_mib.to_string(), "-smp", "2", "-nographic", "-nic", "none"]);
+    cmd.args(["-accel", "tcg", "-m", &opts.memory_mib.to_string(), "-smp", "2", "-nographic"]);
+    if machine.net_args.is_empty() {
+        cmd.args(["-nic", "none"]);
+    } else {
+        cmd.args(&machine.net_args);
+    }
     cmd.args(["-serial", "stdio", "-monitor", "none"]);
-    let drive = format!("file={},if=none,id=d0,format=raw,snapshot=on,readonly=off", image.display());
+    for s in &machine.smbios {
+        cmd.arg("-smbios").arg(s);
+    }
+    let pflash = |cmd: &mut Command, code: &Path| {
+        cmd.arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()));
+        if let Some(v) = vars {
+            cmd.arg("-drive").arg(format!("if=pflash,format=raw,file={}", v.display()));
+        }
+    };
+    let nvme = |cmd: &mut Command| {
+        for (i, d) in std::iter::once(&machine.root).chain(&machine.extra).enumerate() {
+            let id = format!("d{i}");
+            cmd.arg("-drive").arg(drive_arg(&id, d));
+            cmd.arg("-device").arg(format!("nvme,drive={id},serial={}", d.serial));
+        }
+    };
     match (opts.arch, opts.firmware) {
         (Arch::X86_64, Firmware::Uefi) => {
             let code = first_existing(&["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd"])
                 .ok_or(BootError::NoFirmware { what: "OVMF", path: "/usr/share/OVMF".into(), package: "ovmf" })?;
             cmd.args(["-machine", "q35"]);
-            cmd.arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()));
-            if let Some(v) = vars {
-                cmd.arg("-drive").arg(format!("if=pflash,format=raw,file={}", v.display()));
-            }
-            cmd.arg("-drive").arg(drive).args(["-device", "nvme,drive=d0,serial=kiln"]);
+            pflash(&mut cmd, &code);
+            nvme(&mut cmd);
         }
         (Arch::X86_64, Firmware::Bios) => {
             // SeaBIOS is QEMU's default firmware; the disk as IDE, the way Xen HVM shows it.
             cmd.args(["-machine", "pc"]);
-            cmd.arg("-drive").arg(drive).args(["-device", "ide-hd,drive=d0,bootindex=0"]);
+            cmd.arg("-drive").arg(drive_arg("d0", &machine.root)).args(["-device", "ide-hd,drive=d0,bootindex=0"]);
+            for (i, d) in machine.extra.iter().enumerate() {
+                let id = format!("d{}", i + 1);
+                cmd.arg("-drive").arg(drive_arg(&id, d)).arg("-device").arg(format!("ide-hd,drive={id}"));
+            }
         }
         (Arch::Arm64, Firmware::Uefi) => {
             let code = first_existing(&["/usr/share/AAVMF/AAVMF_CODE.fd"]).ok_or(BootError::NoFirmware {
@@ -89,11 +153,8 @@ pub fn qemu_command(image: &Path, opts: &BootOptions, vars: Option<&Path>) -> Re
                 package: "qemu-efi-aarch64",
             })?;
             cmd.args(["-machine", "virt", "-cpu", "max"]);
-            cmd.arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", code.display()));
-            if let Some(v) = vars {
-                cmd.arg("-drive").arg(format!("if=pflash,format=raw,file={}", v.display()));
-            }
-            cmd.arg("-drive").arg(drive).args(["-device", "nvme,drive=d0,serial=kiln"]);
+            pflash(&mut cmd, &code);
+            nvme(&mut cmd);
         }
         (Arch::Arm64, Firmware::Bios) => return Err(BootError::BiosOnArm),
     }
@@ -104,108 +165,137 @@ pub fn qemu_command(image: &Path, opts: &BootOptions, vars: Option<&Path>) -> Re
     Ok(cmd)
 }
 
-/// Kills QEMU however the boot ends.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn tail(console: &str, n: usize) -> String {
     let lines: Vec<&str> = console.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Boots `image` and waits for `opts.expect` on the serial console.
-pub fn boot(image: &Path, opts: &BootOptions) -> Result<BootReport, BootError> {
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |source| BootError::Io { what, source }
-    };
-    let tmp = tempfile::tempdir().map_err(io("creating a temp dir"))?;
-    let vars = match (opts.arch, opts.firmware) {
-        (_, Firmware::Bios) => None,
-        (Arch::X86_64, _) => {
-            let src = first_existing(&["/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd"]).ok_or(
-                BootError::NoFirmware { what: "OVMF variable", path: "/usr/share/OVMF".into(), package: "ovmf" },
-            )?;
-            Some(src)
-        }
-        (Arch::Arm64, _) => Some(first_existing(&["/usr/share/AAVMF/AAVMF_VARS.fd"]).ok_or(BootError::NoFirmware {
+/// A writable copy of the firmware's variable store in `dir`, when the firmware has one.
+fn uefi_vars(opts: &BootOptions, dir: &Path) -> Result<Option<PathBuf>, BootError> {
+    let src = match (opts.arch, opts.firmware) {
+        (_, Firmware::Bios) => return Ok(None),
+        (Arch::X86_64, _) => first_existing(&["/usr/share/OVMF/OVMF_VARS_4M.fd", "/usr/share/OVMF/OVMF_VARS.fd"])
+            .ok_or(BootError::NoFirmware { what: "OVMF variable", path: "/usr/share/OVMF".into(), package: "ovmf" })?,
+        (Arch::Arm64, _) => first_existing(&["/usr/share/AAVMF/AAVMF_VARS.fd"]).ok_or(BootError::NoFirmware {
             what: "AAVMF variable",
             path: "/usr/share/AAVMF".into(),
             package: "qemu-efi-aarch64",
-        })?),
+        })?,
     };
-    let vars_copy = match vars {
-        Some(src) => {
-            let dst = tmp.path().join("vars.fd");
-            std::fs::copy(&src, &dst).map_err(io("copying the UEFI variable store"))?;
-            Some(dst)
-        }
-        None => None,
-    };
-    let mut cmd = qemu_command(image, opts, vars_copy.as_deref())?;
-    let started = Instant::now();
-    let mut child = Guard(cmd.spawn().map_err(io("starting QEMU"))?);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let mut out = child.0.stdout.take().expect("piped");
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut console = String::new();
-    loop {
-        let left = opts.timeout.checked_sub(started.elapsed());
-        let Some(left) = left else {
-            return Err(BootError::Timeout {
-                expect: opts.expect.clone(),
-                secs: opts.timeout.as_secs(),
-                tail: tail(&console, 40),
-            });
+    let dst = dir.join("vars.fd");
+    std::fs::copy(&src, &dst)
+        .map_err(|source| BootError::Io { what: "copying the UEFI variable store".into(), source })?;
+    Ok(Some(dst))
+}
+
+/// A running guest. QEMU is killed when this is dropped, however the caller ends.
+pub struct Vm {
+    child: Child,
+    console: Arc<Mutex<String>>,
+    started: Instant,
+    _vars_dir: tempfile::TempDir,
+}
+
+impl Vm {
+    /// Powers on `machine`; the serial console is collected (and copied to `console_log` and,
+    /// with `opts.echo`, to stderr) as it arrives.
+    pub fn start(machine: &Machine, opts: &BootOptions, console_log: Option<&Path>) -> Result<Vm, BootError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| BootError::Io { what, source }
         };
-        match rx.recv_timeout(left.min(Duration::from_millis(500))) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                if opts.echo {
+        let vars_dir = tempfile::tempdir().map_err(io("creating a temp dir"))?;
+        let vars = uefi_vars(opts, vars_dir.path())?;
+        let mut cmd = qemu_command(machine, opts, vars.as_deref())?;
+        let mut log = match console_log {
+            Some(p) => Some(std::fs::File::create(p).map_err(io("creating the console log"))?),
+            None => None,
+        };
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(io("starting QEMU"))?;
+        let console = Arc::new(Mutex::new(String::new()));
+        let mut out = child.stdout.take().expect("piped");
+        let (sink, echo) = (console.clone(), opts.echo);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if echo {
                     eprint!("{text}");
                 }
-                console.push_str(&text);
-                if console.contains(&opts.expect) {
-                    return Ok(BootReport { seconds: started.elapsed().as_secs_f64(), console });
+                if let Some(f) = log.as_mut() {
+                    let _ = std::io::Write::write_all(f, &buf[..n]);
                 }
+                sink.lock().expect("console lock").push_str(&text);
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Ok(Some(status)) = child.0.try_wait() {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.0.stderr.take() {
-                        let _ = e.read_to_string(&mut err);
-                    }
-                    console.push_str(&err);
-                    return Err(BootError::Exited {
-                        expect: opts.expect.clone(),
-                        status: status.to_string(),
-                        tail: tail(&console, 40),
-                    });
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.0.wait().map(|s| s.to_string()).unwrap_or_default();
+        });
+        Ok(Vm { child, console, started, _vars_dir: vars_dir })
+    }
+
+    /// Seconds since power-on.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    pub fn console(&self) -> String {
+        self.console.lock().expect("console lock").clone()
+    }
+
+    /// Whether QEMU is still running; its exit status and error output when it is not.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
                 let mut err = String::new();
-                if let Some(mut e) = child.0.stderr.take() {
+                if let Some(mut e) = self.child.stderr.take() {
                     let _ = e.read_to_string(&mut err);
                 }
-                console.push_str(&err);
-                return Err(BootError::Exited { expect: opts.expect.clone(), status, tail: tail(&console, 40) });
+                Some(format!(
+                    "{status}{}",
+                    if err.trim().is_empty() { String::new() } else { format!(": {}", err.trim()) }
+                ))
             }
+            _ => None,
         }
     }
+
+    /// Waits until `expect` shows on the console; returns the seconds since power-on.
+    pub fn wait_for(&mut self, expect: &str, timeout: Duration) -> Result<f64, BootError> {
+        loop {
+            if self.console.lock().expect("console lock").contains(expect) {
+                return Ok(self.elapsed());
+            }
+            if let Some(status) = self.exited() {
+                // Let the reader thread drain what QEMU printed last.
+                std::thread::sleep(Duration::from_millis(200));
+                return Err(BootError::Exited { expect: expect.into(), status, tail: tail(&self.console(), 40) });
+            }
+            if self.started.elapsed() >= timeout {
+                return Err(BootError::Timeout {
+                    expect: expect.into(),
+                    secs: timeout.as_secs(),
+                    tail: tail(&self.console(), 40),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Boots `image` and waits for `opts.expect` on the serial console.
+pub fn boot(image: &Path, opts: &BootOptions) -> Result<BootReport, BootError> {
+    let mut vm = Vm::start(&Machine::plain(image), opts, None)?;
+    let seconds = vm.wait_for(&opts.expect, opts.timeout)?;
+    Ok(BootReport { seconds, console: vm.console() })
 }
 
 /// The architecture a disk was built for, from its GPT root partition type.
@@ -241,13 +331,13 @@ mod tests {
             memory_mib: 512,
             echo: false,
         };
-        if let Ok(cmd) = qemu_command(Path::new("/x.raw"), &opts, None) {
+        if let Ok(cmd) = qemu_command(&Machine::plain(Path::new("/x.raw")), &opts, None) {
             let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
             assert!(args.iter().any(|a| a.contains("ide-hd")), "{args:?}");
             assert!(args.iter().any(|a| a.contains("snapshot=on")), "{args:?}");
             assert!(args.contains(&"tcg".to_string()));
         }
         let arm = BootOptions { arch: Arch::Arm64, ..opts };
-        assert!(matches!(qemu_command(Path::new("/x.raw"), &arm, None), Err(BootError::BiosOnArm)));
+        assert!(matches!(qemu_command(&Machine::plain(Path::new("/x.raw")), &arm, None), Err(BootError::BiosOnArm)));
     }
 }

@@ -96,6 +96,12 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             let mut packages: Vec<String> =
                 debian::required_packages(recipe.arch).into_iter().map(String::from).collect();
             packages.extend(recipe.packages.iter().cloned());
+            // growpart, for kiln-growroot.service: the root fills whatever volume it gets.
+            packages.push("cloud-guest-utils".into());
+            if recipe.system.network == Network::Dhcp {
+                // The resolver the network hands out (Debian 12 split it from systemd).
+                packages.push("systemd-resolved".into());
+            }
             if recipe.boot.has_bios() {
                 // GRUB's BIOS modules, from which kiln builds core.img (no grub-install runs).
                 packages.push("grub-pc-bin".into());
@@ -138,6 +144,8 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let mut root_opts = Ext4Options::with_seed(&ids.root_fs_seed);
     root_opts.label = "root".into();
     root_opts.timestamp = epoch_secs;
+    let generalized = crate::stage::generalize::generalize(&mut tree);
+    progress.note(&format!("generalized: removed {} build-host and per-machine files", generalized.len()));
     apply_files(&mut tree, &recipe.files, epoch).context("adding the recipe's [[files]]")?;
     let sys = SystemConfig {
         hostname: recipe.system.hostname.clone(),
@@ -210,10 +218,30 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         blocks: block_map,
         ami: recipe.ami.clone().map(|a| crate::recipe::with_root_size(a, size)),
         bundle: recipe.bundle.clone(),
+        test: Some(test_settings(recipe, &tree)),
+        test_result: None,
     };
     let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
     write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
     Ok(BuildOutput { manifest_path, image_path, manifest, base_cached, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// How `kiln test` will log in: the recipe's user, else cloud-init's default user as the
+/// image configures it, else root.
+fn test_settings(recipe: &Recipe, tree: &Tree) -> manifest::TestSettings {
+    let cloud_init = tree.resolve(b"/usr/bin/cloud-init").is_ok();
+    let user = recipe
+        .test
+        .user
+        .clone()
+        .or_else(|| cloud_init.then(|| system::cloud_init_default_user(tree)).flatten())
+        .unwrap_or_else(|| "root".into());
+    manifest::TestSettings {
+        user,
+        commands: recipe.test.commands.clone(),
+        esp_mount: recipe.system.mount_esp.clone(),
+        cloud_init,
+    }
 }
 
 /// Lays the recipe's `[[files]]` over the tree, in recipe order (a later entry wins). Owners

@@ -10,6 +10,8 @@ pub mod build;
 pub mod bundle;
 pub mod disk;
 pub mod formats;
+pub mod imds;
+pub mod launch;
 pub mod manifest;
 pub mod platform;
 pub mod progress;

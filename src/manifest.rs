@@ -41,6 +41,38 @@ pub struct Manifest {
     /// Resolved `[bundle]` settings of the recipe, when it has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<BundleSettings>,
+    /// How `kiln test` logs in to this image and what it expects of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<TestSettings>,
+    /// What `kiln build --test` found; publishing pipelines can require `passed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_result: Option<TestResult>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestSettings {
+    /// Who logs in with the launch key: the recipe's `[test].user`, else cloud-init's default
+    /// user as the image configures it, else root.
+    pub user: String,
+    /// The recipe's `[test].commands`.
+    pub commands: Vec<String>,
+    /// Where the image mounts its ESP, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub esp_mount: Option<String>,
+    /// cloud-init is installed (it installs the launch key and runs user data).
+    pub cloud_init: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestResult {
+    pub passed: bool,
+    pub launches: u32,
+    /// Failed checks (`launch 1: growth`); empty when passed.
+    pub failures: Vec<String>,
+    /// The full report's file name, beside the manifest.
+    pub report: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

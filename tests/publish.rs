@@ -125,6 +125,8 @@ fn write_image(dir: &Path, name: &str, total: u64, data: &BTreeMap<u64, Vec<u8>>
         },
         ami: Some(ami),
         bundle: None,
+        test: None,
+        test_result: None,
     };
     let path = dir.join(format!("{name}.manifest.json"));
     std::fs::write(&path, m.to_json()).unwrap();

@@ -6,6 +6,7 @@ mod bundle;
 mod common;
 mod disk;
 mod ext4;
+mod launch;
 mod moto;
 mod publish;
 mod recipe;

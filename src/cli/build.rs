@@ -46,6 +46,10 @@ pub struct Args {
     /// Boot the image under QEMU after building and wait for the login prompt.
     #[arg(long)]
     pub boot: bool,
+    /// Launch the image after building the way EC2 would and check it (see `kiln test --help`);
+    /// the result is recorded in the manifest, and a failure stops --publish.
+    #[arg(long)]
+    pub test: bool,
     /// Publish the image after building: EBS snapshot and AMI per the recipe's [ami] section
     /// (see `kiln publish --help`; AWS credentials and region from the usual chain).
     #[arg(long)]
@@ -111,6 +115,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.boot {
         super::boot::boot_built(&out.image_path, m.arch, &progress)?;
+    }
+    if args.test {
+        super::test::test_built(&out.manifest_path, args.quiet || args.json)?;
     }
     if args.publish {
         let opts = kiln::publish::PublishOptions { endpoint_url: args.endpoint_url.clone(), ..Default::default() };

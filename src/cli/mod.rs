@@ -11,6 +11,7 @@ mod mkfs;
 #[allow(dead_code)] // used by build, publish and bundle as they land
 pub mod progress;
 mod publish;
+mod test;
 mod unbundle;
 
 /// kiln bakes golden machine images: a TOML recipe becomes a partitioned, bootable raw disk
@@ -18,8 +19,10 @@ mod unbundle;
 /// an instance-store bundle. No build instance, no loop devices, no mounts.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
-#[command(after_help = "Start with `kiln build recipes/debian-12-minimal.toml`, then `kiln boot out/<name>.raw`.\n\
-Every subcommand has its own --help with examples.")]
+#[command(
+    after_help = "Start with `kiln build recipes/debian-12-ec2.toml`, then `kiln test out/<name>.raw`, then `kiln publish out/<name>.manifest.json`.\n\
+Every subcommand has its own --help with examples."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,10 +34,14 @@ enum Command {
     Check(check::Args),
     Inspect(inspect::Args),
     Boot(boot::Args),
+    Test(test::Args),
     Mkfs(mkfs::Args),
     Publish(publish::Args),
     Bundle(bundle::Args),
     Unbundle(unbundle::Args),
+    /// Internal: QEMU runs this for each guest connection to the metadata service.
+    #[command(hide = true)]
+    ImdsRelay(test::RelayArgs),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -44,9 +51,11 @@ pub fn run() -> anyhow::Result<()> {
         Command::Check(a) => check::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Boot(a) => boot::run(a),
+        Command::Test(a) => test::run(a),
         Command::Mkfs(a) => mkfs::run(a),
         Command::Publish(a) => publish::run(a),
         Command::Bundle(a) => bundle::run(a),
         Command::Unbundle(a) => unbundle::run(a),
+        Command::ImdsRelay(a) => test::relay(a),
     }
 }

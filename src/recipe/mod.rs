@@ -215,6 +215,15 @@ pub struct System {
     pub mount_esp: Option<String>,
 }
 
+/// `[test]`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct TestSpec {
+    /// Who logs in with the launch key; None: the image's cloud-init default user, or root.
+    pub user: Option<String>,
+    /// Shell commands run over SSH as that user after the built-in checks; each must exit 0.
+    pub commands: Vec<String>,
+}
+
 /// A validated recipe. Every value here is one the later stages can use as it is.
 #[derive(Debug, Clone)]
 pub struct Recipe {
@@ -247,6 +256,8 @@ pub struct Recipe {
     /// volume size: [`with_root_size`] fills it in once the image's size is known.
     pub ami: Option<AmiSettings>,
     pub bundle: Option<BundleSettings>,
+    /// `[test]`: how `kiln test` logs in and what else it runs.
+    pub test: TestSpec,
     /// Things worth saying that do not stop a build (`kiln check` prints them).
     pub warnings: Vec<String>,
     loaded: Arc<Loaded>,

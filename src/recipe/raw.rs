@@ -54,6 +54,14 @@ pub struct RawRecipe {
     pub system: Option<Loc<RawSystem>>,
     pub ami: Option<Loc<RawAmi>>,
     pub bundle: Option<Loc<RawBundle>>,
+    pub test: Option<Loc<RawTest>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTest {
+    pub user: Option<Loc<String>>,
+    pub commands: Option<LocList<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -222,6 +230,10 @@ impl RawRecipe {
                 ec2_cert: pick(p.ec2_cert, c.ec2_cert),
                 upload: pick(p.upload, c.upload),
                 region: pick(p.region, c.region),
+            }),
+            test: deep(self.test, child.test, |p, c| RawTest {
+                user: pick(p.user, c.user),
+                commands: append(p.commands, c.commands),
             }),
         }
     }

@@ -2,5 +2,6 @@
 //! (cached by its inputs), then recipe files and generated system files are laid over it.
 
 pub mod debian;
+pub mod generalize;
 pub mod grub;
 pub mod system;

@@ -40,6 +40,65 @@ pub struct SystemConfig {
     pub dhcp: bool,
 }
 
+/// Built into Debian's libc: needs no `locales` package and no generation.
+pub const DEFAULT_LOCALE: &str = "C.UTF-8";
+
+const HOSTS: &str =
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n";
+
+/// Host keys are made on the instance, never baked: before sshd first starts, when none exist.
+/// (cloud-init, where installed, replaces them again with its own at first boot.)
+const SSH_HOSTKEYS_UNIT: &str = "# Written by kiln: SSH host keys are made per instance, at first boot.
+[Unit]
+Description=Generate SSH host keys for this instance
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+Before=ssh.service ssh.socket
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target ssh.service ssh.socket
+";
+
+/// Grows the root partition to the end of its volume (moving the backup GPT there), then the
+/// file system, at every boot: EC2 volumes are usually larger than the image and can be
+/// enlarged later. growpart (cloud-guest-utils) is what cloud-init itself uses, and works
+/// with or without cloud-init.
+const GROWROOT_SCRIPT: &str = r#"#!/bin/sh
+# Written by kiln: grow / to fill its volume.
+set -eu
+root=$(findmnt -no SOURCE /)
+disk=/dev/$(lsblk -no PKNAME "$root")
+part=$(cat "/sys/class/block/${root#/dev/}/partition")
+if out=$(growpart "$disk" "$part" 2>&1); then
+  echo "$out"
+  resize2fs "$root"
+else
+  case "$out" in
+    NOCHANGE*) echo "$out" ;;
+    *) echo "$out" >&2; exit 1 ;;
+  esac
+fi
+"#;
+
+const GROWROOT_UNIT: &str = "# Written by kiln: grow / to fill its volume.
+[Unit]
+Description=Grow the root partition and file system to fill the volume
+DefaultDependencies=no
+After=systemd-remount-fs.service
+Before=local-fs.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/kiln-growroot
+
+[Install]
+WantedBy=local-fs.target
+";
+
 const UNIT_DIRS: [&str; 3] = ["/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"];
 
 fn put_file(tree: &mut Tree, path: &str, text: &str, perm: u16, time: Timestamp) -> Result<(), SystemError> {
@@ -70,6 +129,47 @@ pub fn user_db(tree: &Tree) -> (String, String) {
     (read_text(tree, "/etc/passwd").unwrap_or_default(), read_text(tree, "/etc/group").unwrap_or_default())
 }
 
+/// The name of cloud-init's default user as the image configures it: `system_info.default_user.name`
+/// in `/etc/cloud/cloud.cfg`, overridden by `/etc/cloud/cloud.cfg.d/*.cfg` in name order (as
+/// cloud-init merges them). Reads only that key's simple block form.
+pub fn cloud_init_default_user(tree: &Tree) -> Option<String> {
+    let mut files = vec!["/etc/cloud/cloud.cfg".to_string()];
+    if let Ok(id) = tree.resolve(b"/etc/cloud/cloud.cfg.d") {
+        if let Kind::Dir(d) = &tree.inode(id).kind {
+            files.extend(
+                d.entries
+                    .keys()
+                    .filter(|n| n.ends_with(b".cfg"))
+                    .map(|n| format!("/etc/cloud/cloud.cfg.d/{}", String::from_utf8_lossy(n))),
+            );
+        }
+    }
+    files.iter().filter_map(|f| read_text(tree, f)).filter_map(|t| default_user_in(&t)).last()
+}
+
+fn default_user_in(yaml: &str) -> Option<String> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut block: Option<usize> = None;
+    for line in yaml.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        match block {
+            Some(i) if indent(line) > i => {
+                if let Some(v) = t.strip_prefix("name:") {
+                    let v = v.split('#').next().unwrap_or("").trim().trim_matches(['"', '\'']);
+                    if !v.is_empty() {
+                        return Some(v.to_string());
+                    }
+                }
+            }
+            _ => block = (t == "default_user:").then(|| indent(line)),
+        }
+    }
+    None
+}
+
 fn read_text(tree: &Tree, path: &str) -> Option<String> {
     let bytes = tree.file_bytes(path.as_bytes()).ok()??;
     Some(String::from_utf8_lossy(&bytes).into_owned())
@@ -98,14 +198,11 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
 
     if let Some(h) = &cfg.hostname {
         put_file(tree, "/etc/hostname", &format!("{h}\n"), 0o644, t)?;
-        put_file(
-            tree,
-            "/etc/hosts",
-            &format!("127.0.0.1\tlocalhost\n127.0.1.1\t{h}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
-            0o644,
-            t,
-        )?;
     }
+    // No line for the host's own name: an instance's name changes at launch (cloud-init sets
+    // it from the metadata service), and a stale `127.0.1.1 name` line would outlive it. The
+    // current name resolves through systemd-resolved, which answers for it itself.
+    put_file(tree, "/etc/hosts", HOSTS, 0o644, t)?;
 
     // systemd treats an empty machine-id as "first boot" and generates a fresh one.
     put_file(tree, "/etc/machine-id", "", 0o444, t)?;
@@ -121,9 +218,8 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
         put_symlink(tree, "/etc/localtime", &zone, t)?;
         put_file(tree, "/etc/timezone", &format!("{tz}\n"), 0o644, t)?;
     }
-    if let Some(l) = &cfg.locale {
-        put_file(tree, "/etc/default/locale", &format!("LANG={l}\n"), 0o644, t)?;
-    }
+    let locale = cfg.locale.as_deref().unwrap_or(DEFAULT_LOCALE);
+    put_file(tree, "/etc/default/locale", &format!("LANG={locale}\n"), 0o644, t)?;
 
     let mut enable: Vec<String> = Vec::new();
     if cfg.dhcp {
@@ -138,7 +234,29 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
         enable.push("systemd-networkd.service".into());
         if find_unit(tree, "systemd-resolved.service").is_some() {
             enable.push("systemd-resolved.service".into());
+            // The resolver is the one the network hands out, kept by resolved at boot.
+            put_symlink(tree, "/etc/resolv.conf", "../run/systemd/resolve/stub-resolv.conf", t)?;
         }
+    }
+    if tree.resolve(b"/usr/sbin/sshd").is_ok() {
+        put_file(tree, "/etc/systemd/system/kiln-ssh-hostkeys.service", SSH_HOSTKEYS_UNIT, 0o644, t)?;
+        enable.push("kiln-ssh-hostkeys.service".into());
+    }
+    if tree.resolve(b"/usr/bin/growpart").is_ok() {
+        put_file(tree, "/usr/local/sbin/kiln-growroot", GROWROOT_SCRIPT, 0o755, t)?;
+        put_file(tree, "/etc/systemd/system/kiln-growroot.service", GROWROOT_UNIT, 0o644, t)?;
+        enable.push("kiln-growroot.service".into());
+    }
+    if tree.resolve(b"/usr/bin/cloud-init").is_ok() {
+        // cloud-init's locale module otherwise sets en_US.UTF-8, which minbase cannot generate.
+        let locale = cfg.locale.as_deref().unwrap_or(DEFAULT_LOCALE);
+        put_file(
+            tree,
+            "/etc/cloud/cloud.cfg.d/00_kiln_locale.cfg",
+            &format!("# Written by kiln: the image's locale, so cloud-init leaves it as it is.\nlocale: {locale}\n"),
+            0o644,
+            t,
+        )?;
     }
     enable.extend(cfg.services_enable.iter().map(|u| unit_name(u)));
     let mut done = Vec::new();
@@ -276,6 +394,27 @@ mod tests {
         put_file(&mut tree, &format!("/usr/lib/systemd/system/{unit}"), text, 0o644, t).unwrap();
         put_symlink(&mut tree, "/lib", "usr/lib", t).unwrap();
         tree
+    }
+
+    #[test]
+    fn cloud_init_default_user_comes_from_the_last_file_that_sets_it() {
+        let debian = "system_info:\n   distro: debian\n   # default user\n   default_user:\n     name: debian\n     lock_passwd: True\n   paths:\n     cloud_dir: /var/lib/cloud/\n";
+        assert_eq!(default_user_in(debian).as_deref(), Some("debian"));
+        assert_eq!(default_user_in("users:\n  - name: bob\n"), None);
+        let t = Timestamp::default();
+        let mut tree = Tree::new(Meta::new(0o755, 0, 0, t));
+        put_file(&mut tree, "/etc/cloud/cloud.cfg", debian, 0o644, t).unwrap();
+        assert_eq!(cloud_init_default_user(&tree).as_deref(), Some("debian"));
+        put_file(
+            &mut tree,
+            "/etc/cloud/cloud.cfg.d/01_user.cfg",
+            "system_info:\n  default_user:\n    name: \"admin\"  # as Debian's AMIs\n",
+            0o644,
+            t,
+        )
+        .unwrap();
+        put_file(&mut tree, "/etc/cloud/cloud.cfg.d/05_logging.cfg", "output: {}\n", 0o644, t).unwrap();
+        assert_eq!(cloud_init_default_user(&tree).as_deref(), Some("admin"));
     }
 
     #[test]

@@ -19,9 +19,11 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use super::error::{list, list_and, nearest, Diagnostic, SourceMap, Span};
-use super::raw::{Loc, RawFile, RawImage, RawRecipe, RawSystem};
+use super::raw::{Loc, RawFile, RawImage, RawRecipe, RawSystem, RawTest};
 use super::size::{self, DiskSize, MIB, TIB};
-use super::{default_boot, Base, FileContent, FileEntry, FileKind, Loaded, Network, Os, Recipe, RecipeError, System};
+use super::{
+    default_boot, Base, FileContent, FileEntry, FileKind, Loaded, Network, Os, Recipe, RecipeError, System, TestSpec,
+};
 use crate::platform::{Arch, BootMode};
 
 /// Smallest image worth building: a GPT, an ESP and an ext4 root do not fit in less.
@@ -171,6 +173,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     };
     let ami = raw.ami.as_ref().map(|a| check_ami(&mut v, a, arch, boot, image_bytes, arch_override.is_some()));
     let bundle = raw.bundle.as_ref().map(|b| check_bundle(&mut v, b, arch, boot));
+    let test = raw.test.as_ref().map(|t| check_test(&mut v, &t.value)).unwrap_or_default();
 
     if !v.diags.is_empty() {
         return Err(v.into_error());
@@ -196,9 +199,43 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
         source_date_epoch,
         ami: ami.flatten(),
         bundle: bundle.flatten(),
+        test,
         warnings,
         loaded: loaded.clone(),
     })
+}
+
+fn check_test(v: &mut V, t: &RawTest) -> TestSpec {
+    let user = t.user.as_ref().and_then(|u| {
+        let s = &u.value;
+        let ok = !s.is_empty()
+            && s.len() <= 32
+            && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'));
+        if !ok {
+            v.err(
+                u.span,
+                "test.user",
+                format!("`{s}` is not a user name"),
+                Some("a login name as Debian's adduser accepts it: lower-case letters, digits, `_` and `-`, starting with a letter or `_`, at most 32 characters".into()),
+            );
+        }
+        ok.then(|| s.clone())
+    });
+    let mut commands = Vec::new();
+    for c in t.commands.iter().flat_map(|l| &l.value) {
+        if c.value.trim().is_empty() {
+            v.err(
+                c.span,
+                "test.commands",
+                "an empty command",
+                Some("each entry is a shell command run over SSH; it must exit 0".into()),
+            );
+        } else {
+            commands.push(c.value.clone());
+        }
+    }
+    TestSpec { user, commands }
 }
 
 fn check_name(v: &mut V, n: &Loc<String>) {
