@@ -397,10 +397,19 @@ pub fn relay_stdio(addr: &str) -> std::io::Result<()> {
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_service);
         let _ = to_service.shutdown(std::net::Shutdown::Write);
     });
+    // Every chunk is flushed as it comes: stdout is line-buffered, and an HTTP body need not
+    // end in a newline, so a buffered copy would hold the answer back until the guest gives up.
     let mut from_service = sock;
     let mut out = std::io::stdout().lock();
-    std::io::copy(&mut from_service, &mut out)?;
-    out.flush()?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut from_service, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
     drop(upstream);
     Ok(())
 }

@@ -72,7 +72,10 @@ fn checks(report: &Value, launch: usize) -> Vec<(String, String, String)> {
 #[test]
 fn ec2_image_launches_clean_twice_on_an_isolated_network() {
     let Some(image) = ec2_image() else { return };
-    let outside = "! timeout 10 bash -c 'exec 3<>/dev/tcp/192.0.2.1/80'";
+    // Routed through QEMU's side of the network (169.254.0.2), a connection to an outside
+    // address (TEST-NET-1) must still fail: restrict=on drops it.
+    let outside =
+        "sudo ip route add 192.0.2.1/32 via 169.254.0.2 && ! timeout 10 bash -c 'exec 3<>/dev/tcp/192.0.2.1/80'";
     let metadata = "timeout 10 bash -c 'exec 3<>/dev/tcp/169.254.169.254/80'";
     let (ok, report, err) = kiln_test(image, &["--launches", "2", "--run", outside, "--run", metadata]);
     assert!(ok && report["passed"] == true, "kiln test failed:\n{err}\n{report:#}");
@@ -137,4 +140,61 @@ fn test_help_teaches_with_examples() {
         let example = help.lines().any(|l| l.trim_start().starts_with("kiln test") && l.contains(flag));
         assert!(example || flag == "--identity", "no example uses {flag}:\n{help}");
     }
+}
+
+/// The relay QEMU runs per guest connection hands each answer over as it comes, while the
+/// connection stays open (HTTP keep-alive): a relay that buffered its output would leave the
+/// guest waiting for an answer that never ends in a newline.
+#[test]
+fn the_metadata_relay_answers_while_the_connection_stays_open() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let md = kiln::imds::InstanceMetadata {
+        instance_id: "i-0123456789abcdef0".into(),
+        ami_id: "ami-0123456789abcdef0".into(),
+        instance_type: "t3.micro".into(),
+        region: "us-east-1".into(),
+        availability_zone: "us-east-1a".into(),
+        account_id: "123456789012".into(),
+        architecture: "x86_64".into(),
+        local_hostname: "ip-169-254-0-15.ec2.internal".into(),
+        local_ipv4: "169.254.0.15".into(),
+        subnet_cidr: "169.254.0.0/16".into(),
+        mac: "02:00:00:00:00:01".into(),
+        public_keys: vec![],
+        user_data: None,
+        tokens_required: false,
+    };
+    let server = kiln::imds::Server::start(md).unwrap();
+    let mut relay = kiln()
+        .arg("imds-relay")
+        .arg(server.addr().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = relay.stdin.take().unwrap();
+    write!(stdin, "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n").unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = relay.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"i-0123456789abcdef0") {
+                let _ = tx.send(got.clone());
+            }
+        }
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(20));
+    drop(stdin);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let got = got.expect("no answer through the relay while the connection was open");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
 }

@@ -283,7 +283,7 @@ fn line(c: &Check) -> String {
 }
 
 fn print_report(r: &TestReport, report_path: &Path, logs: Option<&Path>) {
-    let secs = |s: Option<f64>| s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never".into());
+    let secs = |s: Option<f64>| s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "not seen".into());
     for l in &r.launches {
         eprintln!(
             "launch {} ({}): login prompt {}, SSH {}, cloud-init done {}, checks done {:.1} s",

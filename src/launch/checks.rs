@@ -34,7 +34,7 @@ root=$(findmnt -no SOURCE /); part=${root#/dev/}; disk=$(lsblk -no PKNAME "$root
 sec root_partition; echo "$part $(cat /sys/class/block/$part/start) $(cat /sys/class/block/$part/size)"
 sec disk; echo "$disk $(cat /sys/class/block/$disk/size)"
 sec gpt_backup_lba; dd if=/dev/$disk bs=512 skip=1 count=1 | od -An -tu8 -j32 -N8 | tr -d ' '
-sec root_fs_bytes; stat -f -c '%b %S' / | awk '{print $1 * $2}'
+sec root_fs_bytes; df -B1 --output=size / | tail -n 1 | tr -d ' '
 sec mounts; findmnt -rno TARGET,FSTYPE
 sec user_data_marker; cat /var/tmp/kiln-user-data
 sec user_data_seen; sha256sum /var/lib/cloud/instance/user-data.txt | cut -d' ' -f1
@@ -299,8 +299,9 @@ fn growth(f: &Facts, e: &Expect) -> Check {
     // Backup entries (32 sectors) and header (1) follow the last partition; alignment may
     // leave up to 1 MiB more.
     let part_ok = disk_bytes >= part_end_bytes && disk_bytes - part_end_bytes <= (1 << 20) + 33 * 512;
-    // ext4 counts its own metadata in the total; 2 % covers it on any volume size.
-    let fs_ok = fs > 0 && fs as f64 >= part_bytes as f64 * 0.98;
+    // statfs leaves ext4's own metadata (inode tables, journal: a few %) out of the size; a
+    // file system that did not grow is far below 90 % of a partition that did.
+    let fs_ok = fs > 0 && fs as f64 >= part_bytes as f64 * 0.9;
     let vol_ok = disk_bytes == e.volume_bytes;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     Check::new(

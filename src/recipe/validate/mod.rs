@@ -884,15 +884,24 @@ fn check_generated_conflicts(v: &mut V, files: &[Loc<RawFile>], system: &System)
                 "kiln leaves /etc/machine-id empty so every instance gets its own id on first boot",
                 "remove this entry: a fixed machine id would be shared by every instance",
             )),
-            "/etc/hostname" | "/etc/hosts" if system.hostname.is_some() => {
-                Some(("kiln writes /etc/hostname and /etc/hosts from [system].hostname", "set one or the other"))
+            "/etc/hostname" if system.hostname.is_some() => {
+                Some(("kiln writes /etc/hostname from [system].hostname", "set one or the other"))
             }
+            "/etc/hosts" => Some((
+                "kiln writes /etc/hosts without a line for the host's own name, which changes at launch (systemd-resolved answers for it)",
+                "add names with systemd-resolved or cloud-init's manage_etc_hosts instead",
+            )),
+            "/etc/resolv.conf" if system.network == Network::Dhcp => Some((
+                "with network = \"dhcp\", /etc/resolv.conf points to systemd-resolved, which uses the resolver the network hands out",
+                "set network = \"none\" to bring your own network configuration",
+            )),
             "/etc/localtime" | "/etc/timezone" if system.timezone.is_some() => {
                 Some(("kiln writes /etc/localtime and /etc/timezone from [system].timezone", "set one or the other"))
             }
-            "/etc/default/locale" if system.locale.is_some() => {
-                Some(("kiln writes /etc/default/locale from [system].locale", "set one or the other"))
-            }
+            "/etc/default/locale" => Some((
+                "kiln writes /etc/default/locale from [system].locale (C.UTF-8 by default)",
+                "set [system].locale instead",
+            )),
             _ => None,
         };
         if let Some((why, what)) = generated {
