@@ -110,6 +110,42 @@ fn ec2_image_launches_clean_twice_on_an_isolated_network() {
     assert!(image.with_file_name(name).is_file());
 }
 
+/// Without cloud-init, an image still grows, makes its own identity and takes its resolver
+/// from the network; kiln test logs in as root with the key handed over as a credential, and
+/// says that on EC2 nothing would install it.
+#[test]
+fn minimal_image_without_cloud_init_launches_clean_twice() {
+    let Some(image) = build("recipes/debian-12-minimal.toml") else { return };
+    let (ok, report, err) = kiln_test(&image, &["--launches", "2"]);
+    assert!(ok && report["passed"] == true, "kiln test failed:\n{err}\n{report:#}");
+    for l in 0..2 {
+        let c = checks(&report, l);
+        for want in ["ssh-login", "systemd", "growth", "machine-id", "host-keys", "dns", "kernel-cmdline"] {
+            assert!(c.iter().any(|(id, s, _)| id == want && s == "pass"), "launch {l}: {want} did not pass: {c:#?}");
+        }
+        for skipped in ["cloud-init", "user-data"] {
+            assert!(
+                c.iter().any(|(id, s, _)| id == skipped && s == "skip"),
+                "launch {l}: {skipped} not skipped: {c:#?}"
+            );
+        }
+        let login = c.iter().find(|(id, _, _)| id == "ssh-login").unwrap();
+        assert!(login.2.contains("nothing would install the launch key"), "{login:?}");
+        assert!(report["launches"][l]["timings"]["cloud_init_done_secs"].is_null());
+    }
+    assert_eq!(report["across_launches"][0]["status"], "pass");
+}
+
+/// The web server recipe's own [test] commands: nginx is active and serves the baked page.
+#[test]
+fn web_server_passes_its_own_checks() {
+    let Some(image) = build("recipes/web-server.toml") else { return };
+    let (ok, report, err) = kiln_test(&image, &[]);
+    assert!(ok && report["passed"] == true, "kiln test failed:\n{err}\n{report:#}");
+    let c = checks(&report, 0);
+    assert_eq!(c.iter().filter(|(id, s, _)| id.starts_with("recipe: ") && s == "pass").count(), 2, "{c:#?}");
+}
+
 /// An image with planted faults fails exactly the checks that should catch them, every
 /// other check still passes, kiln test exits non-zero, and the logs are kept.
 #[test]

@@ -514,8 +514,13 @@ fn run_checks(
     checks.push(Check::new("ssh-login", true, format!("{}@instance after {:.1} s{how}", ssh.user, vm.elapsed())));
 
     // Let first boot finish: cloud-init's stages, then every unit.
-    let o = ssh.run("command -v cloud-init >/dev/null || exit 0; cloud-init status --wait >/dev/null", None, left());
-    if matches!(&o, Ok(o) if o.status.code().is_some()) {
+    const NO_CLOUD_INIT: i32 = 100;
+    let o = ssh.run(
+        &format!("command -v cloud-init >/dev/null || exit {NO_CLOUD_INIT}; cloud-init status --wait >/dev/null"),
+        None,
+        left(),
+    );
+    if matches!(&o, Ok(o) if o.status.code().is_some_and(|c| c != NO_CLOUD_INIT)) {
         timings.cloud_init_done_secs = Some(vm.elapsed());
     }
     let _ = ssh.run("systemctl is-system-running --wait >/dev/null", None, left().min(Duration::from_secs(300)));
