@@ -80,6 +80,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let name = recipe.output_name();
 
     // 1. The OS base, as a tarball (cached when kiln staged it).
+    let mut apt = None;
     let (base_tar, base_cached) = match &recipe.base {
         Base::Tarball(path) => {
             if !path.is_file() {
@@ -108,6 +109,12 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             }
             packages.sort();
             packages.dedup();
+            apt = Some(system::AptSources {
+                suite: suite.clone(),
+                mirror: mirror.clone(),
+                security_mirror: debian::host_security_mirror(),
+                components: components.clone(),
+            });
             let base = DebianBase {
                 suite: suite.clone(),
                 arch: recipe.arch,
@@ -157,12 +164,25 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         timezone: recipe.system.timezone.clone(),
         locale: recipe.system.locale.clone(),
         dhcp: recipe.system.network == Network::Dhcp,
+        apt,
     };
     for note in system::configure(&mut tree, &sys).context("generating system files")? {
         progress.note(&note);
     }
     tree.clamp_times(epoch);
+    let allow: std::collections::BTreeSet<String> = recipe.audit_allow.iter().cloned().collect();
+    let findings = crate::stage::audit::audit(&tree, &allow);
+    if !findings.is_empty() {
+        let list: Vec<String> = findings.iter().map(|f| format!("  {}: {}", f.path, f.what)).collect();
+        bail!(
+            "the image would carry what a golden image must not ({} finding{}):\n{}\nRemove it from the recipe; if the image must ship it on purpose, list the path under [audit] allow = [\"…\"] in the recipe",
+            findings.len(),
+            if findings.len() == 1 { "" } else { "s" },
+            list.join("\n")
+        );
+    }
     let packages = debian::installed_packages(&tree);
+    let sbom_packages = debian::sbom_packages(&tree);
 
     // 4. ESP contents and the disk plan; nothing is written before the whole layout is known.
     let boot = BootSetup { arch: recipe.arch, mode: recipe.boot, cmdline: recipe.system.kernel_cmdline.clone() };
@@ -221,6 +241,18 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         test: Some(test_settings(recipe, &tree)),
         test_result: None,
     };
+    // The SBOM, beside the manifest: the image by SHA-256 and every package in it.
+    let sbom = crate::formats::spdx::document(
+        &crate::formats::spdx::SbomImage {
+            name: name.clone(),
+            sha256: manifest.image.sha256.clone(),
+            distro: manifest.os.clone(),
+            created_unix: epoch_secs,
+            tool: format!("kiln-{}", env!("CARGO_PKG_VERSION")),
+        },
+        &sbom_packages,
+    );
+    write_atomic(&opts.out_dir.join(format!("{name}.spdx.json")), sbom.as_bytes())?;
     let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
     write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
     Ok(BuildOutput { manifest_path, image_path, manifest, base_cached, seconds: started.elapsed().as_secs_f64() })

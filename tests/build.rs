@@ -367,3 +367,108 @@ fn arm64_from_the_same_recipe_boots_and_differs_only_where_it_must() {
         boot_ok(&image(&arm), &["--timeout", "1800"]);
     }
 }
+
+/// The build-time audit refuses what a golden image must not carry, naming each path and how
+/// to allow it, writes no image, and builds once the recipe allows each path explicitly.
+#[test]
+fn audit_refuses_planted_faults_unless_allowed() {
+    if tool("mmdebstrap").is_none() {
+        return;
+    }
+    let t = tempdir();
+    let o = kiln()
+        .arg("build")
+        .arg(root_dir().join("fixtures/build/audit-faults.toml"))
+        .arg("--out")
+        .arg(t.path())
+        .env("KILN_CACHE_DIR", crate::common::cache_dir())
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the audit let planted faults through:\n{err}");
+    for (path, what) in [
+        ("/root/.ssh/id_ed25519", "a private key"),
+        ("/etc/resolv.conf", "static resolver"),
+        ("/etc/app.conf", "world-writable"),
+    ] {
+        assert!(err.lines().any(|l| l.contains(path) && l.contains(what)), "{path} ({what}) not reported:\n{err}");
+    }
+    assert!(err.contains("3 findings") && err.contains("[audit] allow"), "{err}");
+    assert!(!t.path().join("audit-faults-x86_64.raw").exists(), "no image is written when the audit fails");
+    let Some(b) = built("fixtures/build/audit-allowed.toml", None) else { return };
+    assert!(image(&b).is_file());
+}
+
+/// What generalization removed and first boot replaces, read back with debugfs: no host keys,
+/// no seeds or build-host resolver, resolv.conf pointing at systemd-resolved, /etc/hosts with
+/// no stale line for the host's name, C.UTF-8, deb822 apt sources with -updates and security.
+#[test]
+fn the_image_is_generalized() {
+    let Some(b) = minimal() else { return };
+    let Some(debugfs) = tool("debugfs") else { return };
+    let t = tempdir();
+    let root = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
+    let rootimg = t.path().join("root.img");
+    extract_partition(b, root.number, &rootimg);
+    let run = |req: &str| {
+        let o = Command::new(&debugfs).arg("-R").arg(req).arg(&rootimg).output().unwrap();
+        (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let ls = run("ls -l /etc/ssh").0;
+    assert!(ls.contains("sshd_config"), "openssh-server is in the minimal image: {ls}");
+    assert!(!ls.contains("ssh_host_"), "host keys baked into the image:\n{ls}");
+    for gone in [
+        "/var/lib/systemd/random-seed",
+        "/var/lib/systemd/credential.secret",
+        "/var/lib/dbus/machine-id",
+        "/etc/apt/sources.list",
+    ] {
+        assert!(run(&format!("stat {gone}")).1.contains("File not found"), "{gone} is in the image");
+    }
+    assert!(run("stat /etc/resolv.conf").0.contains("Fast link dest: \"../run/systemd/resolve/stub-resolv.conf\""));
+    let (hosts, _) = run("cat /etc/hosts");
+    assert!(hosts.contains("localhost") && !hosts.contains("127.0.1.1"), "{hosts}");
+    assert_eq!(run("cat /etc/default/locale").0, "LANG=C.UTF-8\n");
+    let (sources, _) = run("cat /etc/apt/sources.list.d/debian.sources");
+    assert!(sources.contains("Suites: bookworm bookworm-updates"), "{sources}");
+    if kiln::stage::debian::host_security_mirror().is_some() {
+        assert!(sources.contains("Suites: bookworm-security"), "{sources}");
+    }
+    assert!(run("ls /var/log").0.lines().all(|l| !l.contains(".log")), "log files left in /var/log");
+}
+
+/// The SBOM beside the manifest is valid SPDX by the SPDX project's own tool, and lists exactly
+/// the manifest's packages with the image's SHA-256.
+#[test]
+fn sbom_is_valid_spdx_and_matches_the_manifest() {
+    let Some(b) = minimal() else { return };
+    let sbom_path = b.out.join(format!("{}.spdx.json", b.manifest.name));
+    let doc: Value = serde_json::from_slice(&std::fs::read(&sbom_path).unwrap()).unwrap();
+    assert_eq!(doc["spdxVersion"], "SPDX-2.3");
+    let image = &doc["packages"][0];
+    assert_eq!(image["checksums"][0]["checksumValue"], b.manifest.image.sha256.as_str());
+    let mut listed: Vec<(String, String, String)> = doc["packages"].as_array().unwrap()[1..]
+        .iter()
+        .map(|p| {
+            let purl = p["externalRefs"][0]["referenceLocator"].as_str().unwrap();
+            let arch = purl.split("arch=").nth(1).unwrap().split('&').next().unwrap().to_string();
+            (p["name"].as_str().unwrap().to_string(), p["versionInfo"].as_str().unwrap().to_string(), arch)
+        })
+        .collect();
+    listed.sort();
+    let want: Vec<(String, String, String)> =
+        b.manifest.packages.iter().map(|p| (p.name.clone(), p.version.clone(), p.arch.clone())).collect();
+    assert_eq!(listed, want);
+    let declared = doc["packages"].as_array().unwrap().iter().filter(|p| p["licenseDeclared"] != "NOASSERTION").count();
+    assert!(declared > want.len() / 2, "most Debian packages have a machine-readable copyright file");
+    let venv = crate::common::cache_dir().join("spdx-venv/bin/pyspdxtools");
+    if !venv.is_file() {
+        assert!(!in_ci(), "pyspdxtools missing: .ci/setup-spdx should have installed it");
+        eprintln!("SKIP: pyspdxtools not installed (run .ci/setup-spdx)");
+        return;
+    }
+    let o = Command::new(&venv).arg("-i").arg(&sbom_path).output().unwrap();
+    let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && !out.to_lowercase().contains("invalid"), "pyspdxtools rejects the SBOM:\n{out}");
+}

@@ -15,7 +15,12 @@ use std::process::Command;
 use crate::common::{debian_root_tar, kiln, run_ok, stdout_of, tempdir, tool};
 
 const BAD: &str = "fixtures/recipes/bad";
-const SHIPPED: [&str; 3] = ["recipes/debian-12-minimal.toml", "recipes/debian-12-ec2.toml", "recipes/web-server.toml"];
+const SHIPPED: [&str; 4] = [
+    "recipes/debian-12-minimal.toml",
+    "recipes/debian-12-ec2.toml",
+    "recipes/web-server.toml",
+    "recipes/debian-13-ec2.toml",
+];
 
 fn expectations(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
@@ -162,7 +167,8 @@ fn every_bad_fixture_fails_as_expected() {
 fn shipped_recipes_load() {
     for r in SHIPPED {
         let rec = recipe::load(Path::new(r)).unwrap_or_else(|e| panic!("{r}:\n{e}"));
-        assert_eq!(rec.os, Some(Os::Debian12), "{r}");
+        let os = if r.contains("debian-13") { Os::Debian13 } else { Os::Debian12 };
+        assert_eq!(rec.os, Some(os), "{r}");
         assert_eq!(rec.arch, Arch::X86_64);
         assert_eq!(rec.boot, BootMode::Uefi);
         assert!(rec.warnings.is_empty(), "{r}: {:?}", rec.warnings);
@@ -171,7 +177,7 @@ fn shipped_recipes_load() {
     }
     let min = recipe::load(Path::new(SHIPPED[0])).unwrap();
     assert_eq!(min.size, DiskSize::Bytes(2 << 30));
-    assert!(!min.packages.iter().any(|p| p == "openssh-server"));
+    assert_eq!(min.packages, ["openssh-server"], "the minimal image adds only an SSH server");
 
     let ec2 = recipe::load(Path::new(SHIPPED[1])).unwrap();
     for p in ["openssh-server", "cloud-init"] {

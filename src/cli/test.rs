@@ -113,9 +113,21 @@ fn locate(arg: &Path) -> Result<(PathBuf, Option<(PathBuf, Manifest)>)> {
     Ok((arg.to_path_buf(), manifest))
 }
 
+/// Where the report goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Lines on stderr.
+    Human,
+    /// The JSON report on stdout.
+    Json,
+    /// Nothing but the report file (`kiln build --test --json`, whose stdout is the build's).
+    Quiet,
+}
+
 pub fn run(args: Args) -> Result<()> {
     let (image, manifest) = locate(&args.image)?;
-    let report = test_image(&image, manifest.as_ref().map(|(_, m)| m), &args)?;
+    let output = if args.json { Output::Json } else { Output::Human };
+    let report = test_image(&image, manifest.as_ref().map(|(_, m)| m), &args, output)?;
     let passed = report.passed;
     if !passed {
         bail!("{}: {} check(s) failed: {}", image.display(), report.failures().len(), report.failures().join(", "));
@@ -138,11 +150,11 @@ pub fn test_built(manifest_path: &Path, quiet: bool) -> Result<()> {
         memory: 1024,
         console: false,
         keep_logs: false,
-        json: quiet,
+        json: false,
     };
     let (image, manifest) = locate(manifest_path)?;
     let (_, mut m) = manifest.expect("a build writes its manifest");
-    let report = test_image(&image, Some(&m), &args)?;
+    let report = test_image(&image, Some(&m), &args, if quiet { Output::Quiet } else { Output::Human })?;
     m.test_result = Some(TestResult {
         passed: report.passed,
         launches: report.launches.len() as u32,
@@ -161,7 +173,7 @@ fn report_path(image: &Path) -> PathBuf {
     image.with_file_name(format!("{}.test.json", name.strip_suffix(".raw").unwrap_or(&name)))
 }
 
-fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args) -> Result<TestReport> {
+fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Output) -> Result<TestReport> {
     let arch = match manifest {
         Some(m) => m.arch,
         None => kiln::boot::detect_arch(image).with_context(|| {
@@ -226,8 +238,8 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args) -> Result<
         region: ami.and_then(|a| a.regions.first().cloned()).unwrap_or_else(|| "us-east-1".into()),
         relay_exe: std::env::current_exe().context("finding kiln's own path for the metadata relay")?,
     };
-    let progress = TermProgress::new(args.json);
-    if !args.json {
+    let progress = TermProgress::new(output != Output::Human);
+    if output == Output::Human {
         eprintln!(
             "kiln test: {} ({}, {}), {} launch{} on a {} GiB root volume, {}",
             image.display(),
@@ -246,10 +258,10 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args) -> Result<
     let rpath = report_path(image);
     kiln::build::write_atomic(&rpath, format!("{json}\n").as_bytes())?;
     let logs = if !report.passed || args.keep_logs { Some(keep_logs(image, work.path(), &report)?) } else { None };
-    if args.json {
-        println!("{json}");
-    } else {
-        print_report(&report, &rpath, logs.as_deref());
+    match output {
+        Output::Json => println!("{json}"),
+        Output::Human => print_report(&report, &rpath, logs.as_deref()),
+        Output::Quiet => {}
     }
     Ok(report)
 }

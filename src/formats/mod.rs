@@ -6,5 +6,6 @@ pub mod fat;
 pub mod gpt;
 pub mod grub_pc;
 pub mod image;
+pub mod spdx;
 pub mod tar;
 pub mod tree;

@@ -258,6 +258,9 @@ pub struct Recipe {
     pub bundle: Option<BundleSettings>,
     /// `[test]`: how `kiln test` logs in and what else it runs.
     pub test: TestSpec,
+    /// `[audit].allow`: absolute paths the image ships on purpose although the audit would
+    /// refuse them (a deliberately shipped key).
+    pub audit_allow: Vec<String>,
     /// Things worth saying that do not stop a build (`kiln check` prints them).
     pub warnings: Vec<String>,
     loaded: Arc<Loaded>,

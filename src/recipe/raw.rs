@@ -55,6 +55,13 @@ pub struct RawRecipe {
     pub ami: Option<Loc<RawAmi>>,
     pub bundle: Option<Loc<RawBundle>>,
     pub test: Option<Loc<RawTest>>,
+    pub audit: Option<Loc<RawAudit>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub allow: Option<LocList<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -231,6 +238,7 @@ impl RawRecipe {
                 upload: pick(p.upload, c.upload),
                 region: pick(p.region, c.region),
             }),
+            audit: deep(self.audit, child.audit, |p, c| RawAudit { allow: append(p.allow, c.allow) }),
             test: deep(self.test, child.test, |p, c| RawTest {
                 user: pick(p.user, c.user),
                 commands: append(p.commands, c.commands),

@@ -185,7 +185,17 @@ pub fn host_mirror() -> Option<String> {
     host_mirror_in(Path::new("/etc/apt"))
 }
 
+/// The Debian security archive URI in the build host's apt sources, if it has one.
+pub fn host_security_mirror() -> Option<String> {
+    host_uri_in(Path::new("/etc/apt"), |u| u.ends_with("/debian-security"))
+}
+
 pub fn host_mirror_in(apt_dir: &Path) -> Option<String> {
+    host_uri_in(apt_dir, |u| !u.contains("security") && u.ends_with("/debian"))
+}
+
+/// The first archive URI in the apt sources under `apt_dir` that `want` accepts.
+fn host_uri_in(apt_dir: &Path, want: impl Fn(&str) -> bool) -> Option<String> {
     let mut files = vec![apt_dir.join("sources.list")];
     if let Ok(rd) = std::fs::read_dir(apt_dir.join("sources.list.d")) {
         let mut v: Vec<PathBuf> = rd
@@ -216,7 +226,7 @@ pub fn host_mirror_in(apt_dir: &Path) -> Option<String> {
             };
             for u in uris {
                 let u = u.trim_end_matches('/');
-                if !u.contains("security") && u.ends_with("/debian") {
+                if want(u) {
                     return Some(u.to_string());
                 }
             }
@@ -254,6 +264,41 @@ pub fn parse_dpkg_status(text: &str) -> Vec<crate::manifest::Package> {
     }
     out.sort();
     out
+}
+
+/// Every installed package with its source package and the licenses its copyright file
+/// names, for the SBOM; in the manifest's order.
+pub fn sbom_packages(tree: &crate::formats::tree::Tree) -> Vec<crate::formats::spdx::SbomPackage> {
+    let status = match tree.file_bytes(b"/var/lib/dpkg/status") {
+        Ok(Some(buf)) => String::from_utf8_lossy(&buf).into_owned(),
+        _ => return Vec::new(),
+    };
+    let mut sources = std::collections::BTreeMap::new();
+    for para in status.split("\n\n") {
+        let field = |k: &str| para.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+        if let Some(name) = field("Package: ") {
+            // `Source: name (version)` when the binary's version differs from its source's.
+            let source = field("Source: ").and_then(|s| s.split_whitespace().next()).unwrap_or(name);
+            sources.insert(name.to_string(), source.to_string());
+        }
+    }
+    parse_dpkg_status(&status)
+        .into_iter()
+        .map(|p| {
+            let copyright = format!("/usr/share/doc/{}/copyright", p.name);
+            let licenses = match tree.file_bytes(copyright.as_bytes()) {
+                Ok(Some(b)) => crate::formats::spdx::debian_copyright_licenses(&String::from_utf8_lossy(&b)),
+                _ => Vec::new(),
+            };
+            crate::formats::spdx::SbomPackage {
+                source: sources.get(&p.name).cloned().unwrap_or_else(|| p.name.clone()),
+                name: p.name,
+                version: p.version,
+                arch: p.arch,
+                licenses,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -38,6 +38,38 @@ pub struct SystemConfig {
     /// DHCP on every Ethernet NIC with systemd-networkd; false when the recipe brings its own
     /// network configuration (`[system].network = "none"`).
     pub dhcp: bool,
+    /// The image's own apt sources, when the base is a Debian suite.
+    pub apt: Option<AptSources>,
+}
+
+/// What the instance's apt reads: the suite and its `-updates` from the mirror, and the suite's
+/// security updates, as one deb822 file (`/etc/apt/sources.list.d/debian.sources`).
+#[derive(Debug, Clone)]
+pub struct AptSources {
+    pub suite: String,
+    pub mirror: String,
+    /// None: the build host names no security archive, and the image gets none.
+    pub security_mirror: Option<String>,
+    pub components: Vec<String>,
+}
+
+impl AptSources {
+    pub fn deb822(&self) -> String {
+        let key = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        let comps = self.components.join(" ");
+        let mut s = format!(
+            "# Written by kiln.\nTypes: deb\nURIs: {}\nSuites: {s} {s}-updates\nComponents: {comps}\nSigned-By: {key}\n",
+            self.mirror,
+            s = self.suite
+        );
+        if let Some(sec) = &self.security_mirror {
+            s.push_str(&format!(
+                "\nTypes: deb\nURIs: {sec}\nSuites: {}-security\nComponents: {comps}\nSigned-By: {key}\n",
+                self.suite
+            ));
+        }
+        s
+    }
 }
 
 /// Built into Debian's libc: needs no `locales` package and no generation.
@@ -195,6 +227,11 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
         put_file(tree, "/etc/initramfs/post-update.d/zz-kiln-esp", &hook, 0o755, t)?;
     }
     put_file(tree, "/etc/fstab", &fstab, 0o644, t)?;
+
+    if let Some(apt) = &cfg.apt {
+        let _ = tree.remove(b"/etc/apt/sources.list");
+        put_file(tree, "/etc/apt/sources.list.d/debian.sources", &apt.deb822(), 0o644, t)?;
+    }
 
     if let Some(h) = &cfg.hostname {
         put_file(tree, "/etc/hostname", &format!("{h}\n"), 0o644, t)?;
@@ -418,6 +455,20 @@ mod tests {
     }
 
     #[test]
+    fn apt_sources_carry_updates_and_security() {
+        let a = AptSources {
+            suite: "bookworm".into(),
+            mirror: "http://mirror.example/debian".into(),
+            security_mirror: Some("http://security.example/debian-security".into()),
+            components: vec!["main".into()],
+        };
+        let text = a.deb822();
+        assert!(text.contains("URIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"), "{text}");
+        assert!(text.contains("URIs: http://security.example/debian-security\nSuites: bookworm-security\n"), "{text}");
+        assert_eq!(text.matches("Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg").count(), 2);
+    }
+
+    #[test]
     fn enable_follows_install_section() {
         let mut tree = tree_with_unit(
             "ssh.service",
@@ -443,6 +494,7 @@ mod tests {
             timezone: None,
             locale: None,
             dhcp: true,
+            apt: None,
         }
     }
 

@@ -120,15 +120,14 @@ fn type_hint(key: &str) -> Option<&'static str> {
         "size" => "sizes are strings with a unit, like \"2GiB\" or \"512MiB\", or \"auto\"",
         "mode" => "write the mode as an octal string, like \"0644\" (a TOML integer cannot tell 644 from 0o644)",
         "owner" => "write the owner as \"user:group\", like \"root:root\" or \"0:0\"",
-        "include" | "exclude" | "enable" | "disable" | "kernel_cmdline" | "regions" | "accounts" | "commands" => {
-            "this is a list of strings, like [\"a\", \"b\"]"
-        }
+        "include" | "exclude" | "enable" | "disable" | "kernel_cmdline" | "regions" | "accounts" | "commands"
+        | "allow" => "this is a list of strings, like [\"a\", \"b\"]",
         "files" => "files are an array of tables: write each entry as a [[files]] section",
         "volumes" => "volumes are an array of tables: write each as an [[ami.volumes]] section",
         "account" => "write the account id as a string of 12 digits, like \"123456789012\" (ids may start with 0)",
         "source_date_epoch" => "seconds since 1970-01-01 UTC, as an integer",
         "extends" => "the path of one recipe, relative to this one, like \"base.toml\"",
-        "image" | "packages" | "system" | "ami" | "bundle" | "test" => {
+        "image" | "packages" | "system" | "ami" | "bundle" | "test" | "audit" => {
             "this is a table: write it as a [section] header (not [[section]]) with keys under it"
         }
         "services" => "`services` is a table: write `services.enable = [\"ssh\"]` (and `services.disable`)",

@@ -174,6 +174,19 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     let ami = raw.ami.as_ref().map(|a| check_ami(&mut v, a, arch, boot, image_bytes, arch_override.is_some()));
     let bundle = raw.bundle.as_ref().map(|b| check_bundle(&mut v, b, arch, boot));
     let test = raw.test.as_ref().map(|t| check_test(&mut v, &t.value)).unwrap_or_default();
+    let mut audit_allow = Vec::new();
+    for a in raw.audit.iter().flat_map(|a| a.value.allow.iter()).flat_map(|l| &l.value) {
+        if a.value.starts_with('/') && !a.value.ends_with('/') && !a.value.split('/').any(|c| c == ".." || c == ".") {
+            audit_allow.push(a.value.clone());
+        } else {
+            v.err(
+                a.span,
+                "audit.allow",
+                format!("`{}` is not an absolute path to one file", a.value),
+                Some("write the file's absolute path in the image, like \"/etc/app/tls.key\"".into()),
+            );
+        }
+    }
 
     if !v.diags.is_empty() {
         return Err(v.into_error());
@@ -200,6 +213,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
         ami: ami.flatten(),
         bundle: bundle.flatten(),
         test,
+        audit_allow,
         warnings,
         loaded: loaded.clone(),
     })
