@@ -261,3 +261,14 @@ fn the_metadata_relay_answers_while_the_connection_stays_open() {
     let got = got.expect("no answer through the relay while the connection was open");
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
 }
+
+/// Debian 13 (trixie) launches as clean as Debian 12: same recipe, next release.
+#[test]
+fn debian_13_ec2_image_launches_clean() {
+    let Some(image) = build("recipes/debian-13-ec2.toml") else { return };
+    let (ok, report, err) = kiln_test(&image, &[]);
+    assert!(ok && report["passed"] == true, "kiln test failed:\n{err}\n{report:#}");
+    let c = checks(&report, 0);
+    assert!(c.iter().all(|(_, s, _)| s == "pass"), "{c:#?}");
+    assert_eq!(c.len(), 10, "{c:#?}");
+}
