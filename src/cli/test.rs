@@ -88,13 +88,12 @@ pub struct Args {
 /// The image, its manifest (when there is one) and the manifest's path.
 fn locate(arg: &Path) -> Result<(PathBuf, Option<(PathBuf, Manifest)>)> {
     let name = arg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if let Some(stem) = name.strip_suffix(".manifest.json") {
+    if name.ends_with(".manifest.json") {
         let m = Manifest::load(arg)?;
         let image = m.image_path(arg);
         if !image.is_file() {
             bail!("{} names the image {}, which does not exist", arg.display(), image.display());
         }
-        let _ = stem;
         return Ok((image, Some((arg.to_path_buf(), m))));
     }
     if !arg.is_file() {
