@@ -51,6 +51,29 @@ pub struct InstanceMetadata {
     pub tokens_required: bool,
 }
 
+impl InstanceMetadata {
+    /// A plausible instance (t3.micro in us-east-1a, on 169.254.0.0/16) with no keys and no
+    /// user data, for tests and examples to start from.
+    pub fn sample() -> InstanceMetadata {
+        InstanceMetadata {
+            instance_id: "i-0123456789abcdef0".into(),
+            ami_id: "ami-0123456789abcdef0".into(),
+            instance_type: "t3.micro".into(),
+            region: "us-east-1".into(),
+            availability_zone: "us-east-1a".into(),
+            account_id: "123456789012".into(),
+            architecture: "x86_64".into(),
+            local_hostname: "ip-169-254-0-15.ec2.internal".into(),
+            local_ipv4: "169.254.0.15".into(),
+            subnet_cidr: "169.254.0.0/16".into(),
+            mac: "02:00:00:00:00:01".into(),
+            public_keys: vec![],
+            user_data: None,
+            tokens_required: false,
+        }
+    }
+}
+
 /// One request, as much of it as IMDS looks at.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
@@ -420,20 +443,10 @@ mod tests {
 
     fn md(required: bool) -> InstanceMetadata {
         InstanceMetadata {
-            instance_id: "i-0123456789abcdef0".into(),
-            ami_id: "ami-0123456789abcdef0".into(),
-            instance_type: "t3.micro".into(),
-            region: "us-east-1".into(),
-            availability_zone: "us-east-1a".into(),
-            account_id: "123456789012".into(),
-            architecture: "x86_64".into(),
-            local_hostname: "ip-169-254-0-15.ec2.internal".into(),
-            local_ipv4: "169.254.0.15".into(),
-            subnet_cidr: "169.254.0.0/16".into(),
-            mac: "02:00:00:00:00:01".into(),
             public_keys: vec![("kiln".into(), "ssh-ed25519 AAAA kiln".into())],
             user_data: Some(b"#!/bin/sh\ntrue\n".to_vec()),
             tokens_required: required,
+            ..InstanceMetadata::sample()
         }
     }
 

@@ -212,22 +212,7 @@ fn test_help_teaches_with_examples() {
 fn the_metadata_relay_answers_while_the_connection_stays_open() {
     use std::io::{Read, Write};
     use std::process::Stdio;
-    let md = kiln::imds::InstanceMetadata {
-        instance_id: "i-0123456789abcdef0".into(),
-        ami_id: "ami-0123456789abcdef0".into(),
-        instance_type: "t3.micro".into(),
-        region: "us-east-1".into(),
-        availability_zone: "us-east-1a".into(),
-        account_id: "123456789012".into(),
-        architecture: "x86_64".into(),
-        local_hostname: "ip-169-254-0-15.ec2.internal".into(),
-        local_ipv4: "169.254.0.15".into(),
-        subnet_cidr: "169.254.0.0/16".into(),
-        mac: "02:00:00:00:00:01".into(),
-        public_keys: vec![],
-        user_data: None,
-        tokens_required: false,
-    };
+    let md = kiln::imds::InstanceMetadata::sample();
     let server = kiln::imds::Server::start(md).unwrap();
     let mut relay = kiln()
         .arg("imds-relay")
