@@ -99,7 +99,7 @@ fn locate(arg: &Path) -> Result<(PathBuf, Option<(PathBuf, Manifest)>)> {
     if !arg.is_file() {
         bail!("{} does not exist (give the raw image or its .manifest.json)", arg.display());
     }
-    let manifest_path = arg.with_file_name(format!("{}.manifest.json", name.strip_suffix(".raw").unwrap_or(&name)));
+    let manifest_path = beside(arg, ".manifest.json");
     let manifest = if manifest_path.is_file() {
         let m = Manifest::load(&manifest_path)?;
         if m.image.file != name {
@@ -167,9 +167,14 @@ pub fn test_built(manifest_path: &Path, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-fn report_path(image: &Path) -> PathBuf {
+/// `OUT/NAME.raw` → `OUT/NAME{suffix}`: the files that go with an image.
+fn beside(image: &Path, suffix: &str) -> PathBuf {
     let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    image.with_file_name(format!("{}.test.json", name.strip_suffix(".raw").unwrap_or(&name)))
+    image.with_file_name(format!("{}{suffix}", name.strip_suffix(".raw").unwrap_or(&name)))
+}
+
+fn report_path(image: &Path) -> PathBuf {
+    beside(image, ".test.json")
 }
 
 fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Output) -> Result<TestReport> {
@@ -267,8 +272,7 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Ou
 
 /// Copies each launch's console log and metadata request log to NAME.test/ beside the image.
 fn keep_logs(image: &Path, work: &Path, report: &TestReport) -> Result<PathBuf> {
-    let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let dir = image.with_file_name(format!("{}.test", name.strip_suffix(".raw").unwrap_or(&name)));
+    let dir = beside(image, ".test");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for l in &report.launches {
         let n = l.launch;

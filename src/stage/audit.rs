@@ -114,16 +114,15 @@ fn packaged_paths(tree: &Tree) -> BTreeSet<String> {
     for name in d.entries.keys().filter(|n| n.ends_with(b".list")) {
         let p = format!("/var/lib/dpkg/info/{}", String::from_utf8_lossy(name));
         if let Ok(Some(bytes)) = tree.file_bytes(p.as_bytes()) {
-            out.extend(String::from_utf8_lossy(&bytes).lines().map(|l| {
+            for l in String::from_utf8_lossy(&bytes).lines() {
                 // Merged /usr: packages list /bin/x, /sbin/x, /lib/x; the tree has /usr/….
-                match l.split_once('/').map(|(_, r)| r) {
-                    Some(r) if r.starts_with("bin/") || r.starts_with("sbin/") || r.starts_with("lib/") => {
-                        format!("/usr/{r}")
-                    }
-                    _ => l.to_string(),
+                if let Some(r) =
+                    l.strip_prefix('/').filter(|r| ["bin/", "sbin/", "lib/"].iter().any(|d| r.starts_with(d)))
+                {
+                    out.insert(format!("/usr/{r}"));
                 }
-            }));
-            out.extend(String::from_utf8_lossy(&bytes).lines().map(String::from));
+                out.insert(l.to_string());
+            }
         }
     }
     out
