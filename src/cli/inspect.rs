@@ -6,15 +6,22 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-/// Show an image's partition table and file systems.
+/// Show an image's partition table and file systems, and audit what it carries.
 ///
 /// Reads the GPT (protective MBR, BIOS boot partition included), then summarises each file
 /// system: FAT (label, volume id, boot files) and ext4 (label, UUID, size, free space,
 /// inodes, features).
 ///
+/// With --audit, reads every ext4 file system back (no mount, nothing written) and reports
+/// what a golden image must not carry, as `kiln build` does at the end of every build: private
+/// keys, SSH host keys, a non-empty machine-id, random seeds, the build host's resolv.conf or
+/// hostname, world-writable files outside temporary directories, setuid files no package
+/// ships. Exits 1 when anything is found, so a pipeline can refuse an image built elsewhere.
+///
 /// Examples:
 ///   kiln inspect out/debian-12-minimal-x86_64.raw
 ///   kiln inspect out/debian-12-minimal-x86_64.raw --json | jq '.partitions[].type'
+///   kiln inspect --audit vendor-image.raw --allow /etc/ssl/private/shipped.key
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -23,6 +30,27 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Audit each ext4 file system for what a golden image must not carry; exit 1 on findings.
+    #[arg(long)]
+    pub audit: bool,
+    /// With --audit: a path that is there on purpose (like a recipe's [audit] allow); repeatable.
+    #[arg(long, value_name = "PATH", requires = "audit")]
+    pub allow: Vec<String>,
+}
+
+/// The audit of one ext4 partition: its findings, or why it could not be read.
+fn audit_partition(
+    image: &std::path::Path,
+    offset: u64,
+    allow: &std::collections::BTreeSet<String>,
+) -> serde_json::Value {
+    match kiln::formats::ext4::read_tree(image, offset) {
+        Ok(tree) => {
+            let findings = kiln::stage::audit::audit(&tree, allow);
+            json!({ "files": tree.live_inodes().count(), "findings": findings })
+        }
+        Err(e) => json!({ "error": e.to_string() }),
+    }
 }
 
 fn type_name(t: &str) -> &'static str {
@@ -158,13 +186,19 @@ pub fn run(args: Args) -> Result<()> {
     let mut mbr = [0u8; 512];
     f.read_exact(&mut mbr)?;
     let boot_code = mbr[..440].iter().any(|&b| b != 0);
+    let allow: std::collections::BTreeSet<String> = args.allow.iter().cloned().collect();
     let mut parts = Vec::new();
     for (n, p) in disk.partitions() {
         let t = p.part_type_guid.guid.hyphenated().to_string().to_uppercase();
         let offset = p.first_lba * 512;
         let psize = (p.last_lba - p.first_lba + 1) * 512;
         let fs = match ext4_summary(&mut f, offset)? {
-            Some(e) => e,
+            Some(mut e) => {
+                if args.audit {
+                    e["audit"] = audit_partition(&args.image, offset, &allow);
+                }
+                e
+            }
             None => fat_summary(&args.image, offset, psize).unwrap_or(json!(null)),
         };
         parts.push(json!({
@@ -186,9 +220,31 @@ pub fn run(args: Args) -> Result<()> {
         "mbr_boot_code": boot_code,
         "partitions": parts,
     });
+    // Audit verdict: findings, or a file system that could not be read, fail the command.
+    let audits: Vec<(u64, &serde_json::Value)> = v["partitions"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|p| Some((p["number"].as_u64()?, p["filesystem"].get("audit")?)))
+        .collect();
+    let found: usize = audits.iter().map(|(_, a)| a["findings"].as_array().map_or(0, Vec::len)).sum();
+    let unreadable = audits.iter().filter(|(_, a)| a.get("error").is_some()).count();
+    let verdict = || -> Result<()> {
+        if args.audit && audits.is_empty() {
+            anyhow::bail!("--audit: {} has no ext4 file system to audit", args.image.display());
+        }
+        if found + unreadable > 0 {
+            anyhow::bail!(
+                "audit: {found} finding(s){} in {}; a path shipped on purpose can be passed with --allow PATH",
+                if unreadable > 0 { format!(", {unreadable} file system(s) unreadable") } else { String::new() },
+                args.image.display()
+            );
+        }
+        Ok(())
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return verdict();
     }
     println!(
         "{}: {}, GPT disk {}",
@@ -237,6 +293,17 @@ pub fn run(args: Args) -> Result<()> {
             }
             _ => {}
         }
+        if let Some(a) = fs.get("audit") {
+            if let Some(e) = a["error"].as_str() {
+                println!("    audit: cannot read the file system: {e}");
+            } else {
+                let findings = a["findings"].as_array().cloned().unwrap_or_default();
+                println!("    audit: {} file(s) read, {} finding(s)", a["files"], findings.len());
+                for f in findings {
+                    println!("      {}: {}", f["path"].as_str().unwrap_or(""), f["what"].as_str().unwrap_or(""));
+                }
+            }
+        }
     }
-    Ok(())
+    verdict()
 }

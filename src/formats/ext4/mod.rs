@@ -13,9 +13,11 @@
 mod csum;
 mod htree;
 mod layout;
+pub mod read;
 mod write;
 
 pub use layout::Ext4Plan;
+pub use read::{read_tree, ReadError};
 
 use crate::formats::tree::{Tree, TreeError};
 
