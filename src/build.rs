@@ -30,8 +30,13 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// `--mirror`; the recipe's own mirror wins, the host's apt sources come last.
     pub mirror: Option<String>,
+    /// `--apt-mirror`: the archive the image's own apt reads; the recipe's wins, the build
+    /// mirror comes last.
+    pub apt_mirror: Option<String>,
     /// SOURCE_DATE_EPOCH from the environment; wins over the recipe's.
     pub source_date_epoch: Option<i64>,
+    /// `--offline`: the newest cached base, without reading the archive's state.
+    pub offline: bool,
 }
 
 #[derive(Debug)]
@@ -40,6 +45,8 @@ pub struct BuildOutput {
     pub image_path: PathBuf,
     pub manifest: Manifest,
     pub base_cached: bool,
+    /// Seconds since the base was staged (0 when this build staged it).
+    pub base_age_secs: u64,
     pub seconds: f64,
 }
 
@@ -81,6 +88,8 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
 
     // 1. The OS base, as a tarball (cached when kiln staged it).
     let mut apt = None;
+    let mut base_info = None;
+    let mut base_age_secs = 0;
     let (base_tar, base_cached) = match &recipe.base {
         Base::Tarball(path) => {
             if !path.is_file() {
@@ -88,7 +97,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             }
             (path.clone(), true)
         }
-        Base::Debian { suite, mirror, snapshot, components } => {
+        Base::Debian { suite, mirror, snapshot, components, apt_mirror, apt_security_mirror } => {
             let mirror = mirror
                 .clone()
                 .or_else(|| opts.mirror.clone())
@@ -109,22 +118,43 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             }
             packages.sort();
             packages.dedup();
+            let host_security = debian::host_security_mirror();
             apt = Some(system::AptSources {
                 suite: suite.clone(),
-                mirror: mirror.clone(),
-                security_mirror: debian::host_security_mirror(),
+                mirror: apt_mirror.clone().or_else(|| opts.apt_mirror.clone()).unwrap_or_else(|| mirror.clone()),
+                security_mirror: apt_security_mirror.clone().or_else(|| host_security.clone()),
                 components: components.clone(),
             });
             let base = DebianBase {
                 suite: suite.clone(),
                 arch: recipe.arch,
                 mirror,
+                // A snapshot pins the whole base; the host's security archive is not pinned.
+                security_mirror: if snapshot.is_some() { None } else { host_security },
                 components: components.clone(),
                 packages,
                 source_date_epoch: opts.source_date_epoch.or(recipe.source_date_epoch),
                 snapshot: snapshot.is_some(),
             };
-            let staged = debian::stage(&base, &opts.cache_dir, progress).context("staging the Debian base")?;
+            let freshness = if opts.offline { debian::Freshness::Offline } else { debian::Freshness::Online };
+            let staged =
+                debian::stage(&base, freshness, &opts.cache_dir, progress).context("staging the Debian base")?;
+            if opts.offline {
+                progress.note(&format!(
+                    "offline: the base was staged {} ({} ago) from the archive as of {}; newer packages may exist",
+                    staged.info.staged_at,
+                    human_age(staged.age_secs),
+                    staged
+                        .info
+                        .archive
+                        .iter()
+                        .map(|s| format!("{} {}", s.suite, s.date))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            base_age_secs = staged.age_secs;
+            base_info = Some(staged.info);
             (staged.tar, staged.cached)
         }
     };
@@ -233,6 +263,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         boot: recipe.boot,
         source_date_epoch: epoch_secs,
         packages,
+        base: base_info,
         image: manifest::ImageInfo { file: format!("{name}.raw"), size_bytes: size, sha256 },
         disk: plan.disk_info(),
         blocks: block_map,
@@ -255,7 +286,14 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     write_atomic(&opts.out_dir.join(format!("{name}.spdx.json")), sbom.as_bytes())?;
     let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
     write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
-    Ok(BuildOutput { manifest_path, image_path, manifest, base_cached, seconds: started.elapsed().as_secs_f64() })
+    Ok(BuildOutput {
+        manifest_path,
+        image_path,
+        manifest,
+        base_cached,
+        base_age_secs,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// How `kiln test` will log in: the recipe's user, else cloud-init's default user as the
@@ -343,6 +381,17 @@ impl<S: Sink> Sink for Counted<'_, S> {
         }
         Ok(())
     }
+}
+
+/// `3 days`, `5 hours`, `12 minutes`: how old a cached base is.
+pub fn human_age(secs: u64) -> String {
+    let (n, unit) = match secs {
+        s if s >= 2 * 86_400 => (s / 86_400, "days"),
+        s if s >= 2 * 3_600 => (s / 3_600, "hours"),
+        s if s >= 120 => (s / 60, "minutes"),
+        s => (s, "seconds"),
+    };
+    format!("{n} {unit}")
 }
 
 pub fn human_bytes(n: u64) -> String {

@@ -32,6 +32,9 @@ pub struct Manifest {
     pub source_date_epoch: i64,
     /// Installed packages (`dpkg-query`), sorted by name.
     pub packages: Vec<Package>,
+    /// The staged OS base this image was built on, when kiln staged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseInfo>,
     pub image: ImageInfo,
     pub disk: DiskInfo,
     pub blocks: BlockMap,
@@ -80,6 +83,29 @@ pub struct TestResult {
 pub struct RecipeInfo {
     pub path: String,
     /// SHA-256 (hex) over the recipe and everything it pulls in (extended recipes, source files).
+    pub sha256: String,
+}
+
+/// A staged base: when mmdebstrap ran, and the archive as it was then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseInfo {
+    /// The cache entry (SHA-256 over every input, the archive state included).
+    pub cache_key: String,
+    /// When the base was staged (RFC 3339, UTC): older than the build when it came from the cache.
+    pub staged_at: String,
+    /// Every suite the base was installed from, as the archive published it then.
+    pub archive: Vec<SuiteState>,
+}
+
+/// One apt suite as kiln saw it: its `InRelease`'s `Date` and SHA-256. A new upload to the
+/// suite (a security fix) changes both; a pinned snapshot never does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteState {
+    pub uri: String,
+    pub suite: String,
+    pub date: String,
     pub sha256: String,
 }
 

@@ -16,9 +16,11 @@ fn root_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Builds a recipe once per test run; returns the image path (its tempdir lives for the run).
-fn build(recipe: &str) -> Option<PathBuf> {
-    for t in ["mmdebstrap", "qemu-system-x86_64", "qemu-img", "ssh"] {
+/// Builds a recipe (for x86_64 unless `arch` says otherwise); returns the image path (its
+/// tempdir lives for the run).
+fn build_for(recipe: &str, arch: Option<&str>) -> Option<PathBuf> {
+    let qemu = if arch == Some("arm64") { "qemu-system-aarch64" } else { "qemu-system-x86_64" };
+    for t in ["mmdebstrap", qemu, "qemu-img", "ssh"] {
         tool(t)?;
     }
     let dir = Box::leak(Box::new(tempdir()));
@@ -27,6 +29,7 @@ fn build(recipe: &str) -> Option<PathBuf> {
         kiln()
             .arg("build")
             .arg(root_dir().join(recipe))
+            .args(arch.map(|a| ["--arch", a]).into_iter().flatten())
             .arg("--out")
             .arg(&out)
             .arg("--json")
@@ -37,6 +40,10 @@ fn build(recipe: &str) -> Option<PathBuf> {
     Some(PathBuf::from(summary["image"].as_str().unwrap()))
 }
 
+fn build(recipe: &str) -> Option<PathBuf> {
+    build_for(recipe, None)
+}
+
 fn ec2_image() -> Option<&'static PathBuf> {
     static I: OnceLock<Option<PathBuf>> = OnceLock::new();
     I.get_or_init(|| build("recipes/debian-12-ec2.toml")).as_ref()
@@ -44,7 +51,9 @@ fn ec2_image() -> Option<&'static PathBuf> {
 
 /// Runs `kiln test --json` and returns its exit status and report.
 fn kiln_test(image: &Path, extra: &[&str]) -> (bool, Value, String) {
-    let o = kiln().arg("test").arg(image).arg("--json").args(["--timeout", "1500"]).args(extra).output().unwrap();
+    // Under CI contention an x86_64 launch can take several minutes; an explicit --timeout wins.
+    let timeout: &[&str] = if extra.contains(&"--timeout") { &[] } else { &["--timeout", "1500"] };
+    let o = kiln().arg("test").arg(image).arg("--json").args(timeout).args(extra).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     let report: Value = serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("kiln test --json printed no report ({e}):\n{err}"));
@@ -256,4 +265,51 @@ fn debian_13_ec2_image_launches_clean() {
     let c = checks(&report, 0);
     assert!(c.iter().all(|(_, s, _)| s == "pass"), "{c:#?}");
     assert_eq!(c.len(), 10, "{c:#?}");
+}
+
+/// The same EC2 recipe built for arm64 (staged under qemu-user) differs from the x86_64 image
+/// only where the architecture must show, and launches clean the way a Graviton instance boots
+/// it: UEFI firmware (AAVMF), NVMe root, the metadata service, every built-in check.
+#[test]
+fn ec2_recipe_for_arm64_differs_only_where_it_must_and_launches_clean() {
+    let Some(x86) = ec2_image() else { return };
+    let Some(arm) = build_for("recipes/debian-12-ec2.toml", Some("arm64")) else { return };
+    let manifest = |image: &Path| {
+        let m = image.with_file_name(image.file_name().unwrap().to_string_lossy().replace(".raw", ".manifest.json"));
+        kiln::manifest::Manifest::load(&m).unwrap()
+    };
+    let (xm, am) = (manifest(x86), manifest(&arm));
+    assert_eq!(am.name, "debian-12-ec2-arm64");
+    assert_eq!(am.arch, kiln::platform::Arch::Arm64);
+    // Same recipe, OS and partition layout; the root partition type says the architecture.
+    assert_eq!(xm.recipe.sha256, am.recipe.sha256);
+    assert_eq!((xm.os.as_str(), xm.boot), (am.os.as_str(), am.boot));
+    assert_eq!(xm.disk.partitions.len(), am.disk.partitions.len());
+    for (x, a) in xm.disk.partitions.iter().zip(&am.disk.partitions) {
+        assert_eq!(
+            (x.name.as_str(), x.first_lba, x.filesystem.as_str()),
+            (a.name.as_str(), a.first_lba, a.filesystem.as_str())
+        );
+    }
+    let root = am.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
+    assert_eq!(root.type_guid, kiln::platform::Arch::Arm64.root_partition_type());
+    // The same package names but for the architecture's own (kernel flavour, boot loader).
+    let names = |m: &kiln::manifest::Manifest| {
+        m.packages.iter().map(|p| p.name.clone()).collect::<std::collections::BTreeSet<_>>()
+    };
+    let only_x86: Vec<_> = names(&xm).difference(&names(&am)).cloned().collect();
+    let only_arm: Vec<_> = names(&am).difference(&names(&xm)).cloned().collect();
+    assert!(only_x86.iter().all(|n| n.contains("amd64") || n.contains("intel") || n.contains("x86")), "{only_x86:?}");
+    assert!(only_arm.iter().all(|n| n.contains("arm64") || n.contains("arm")), "{only_arm:?}");
+    assert!(am.packages.iter().all(|p| p.arch == "arm64" || p.arch == "all"));
+    // Both were staged from the same state of the archive.
+    let suites = |m: &kiln::manifest::Manifest| m.base.as_ref().unwrap().archive.clone();
+    assert_eq!(suites(&xm), suites(&am));
+    // Under emulation an arm64 launch is slow: one launch, a longer deadline.
+    let (ok, report, err) = kiln_test(&arm, &["--timeout", "2700"]);
+    assert!(ok && report["passed"] == true, "kiln test failed:\n{err}\n{report:#}");
+    let c = checks(&report, 0);
+    for want in ["ssh-login", "systemd", "cloud-init", "user-data", "growth", "machine-id", "host-keys", "dns"] {
+        assert!(c.iter().any(|(id, s, _)| id == want && s == "pass"), "{want} did not pass: {c:#?}");
+    }
 }

@@ -253,6 +253,8 @@ fn full_recipe_every_key() {
             mirror: Some("http://archive.example.org/debian-snapshots/20250601T000000Z".into()),
             snapshot: Some("20250601T000000Z".into()),
             components: vec!["main".into(), "contrib".into()],
+            apt_mirror: Some("http://apt.example.org/debian".into()),
+            apt_security_mirror: None,
         }
     );
     assert_eq!(r.source_date_epoch, Some(1_700_000_000));

@@ -10,8 +10,10 @@ use super::progress::TermProgress;
 
 /// Build a bootable raw disk image from a recipe.
 ///
-/// Stages the OS with mmdebstrap (cached by its inputs, so a rebuild that changes only files or
-/// system settings reuses it), lays the recipe's files and generated system files over it, and
+/// Stages the OS with mmdebstrap from the suite, its -updates and its security suite. The staged
+/// base is cached by its inputs and by the state of the archive (each suite's InRelease): a
+/// rebuild that changes only files or system settings reuses it, and a new upload to the
+/// archive (a security fix) stages afresh. --offline uses the cache as it is. Then kiln lays the recipe's files and generated system files over it, and
 /// writes a GPT disk with a FAT32 ESP (systemd-boot) and an ext4 root in one ordered pass.
 ///
 /// Outputs, each written under a temporary name and renamed when complete:
@@ -37,6 +39,14 @@ pub struct Args {
     /// Debian mirror URL, used when the recipe names none (default: the host's apt sources).
     #[arg(long)]
     pub mirror: Option<String>,
+    /// The archive the image's own apt reads, when it is not the build mirror (the recipe's
+    /// `apt_mirror` wins).
+    #[arg(long, value_name = "URL")]
+    pub apt_mirror: Option<String>,
+    /// Use the newest staged base in the cache without asking the archive whether it changed
+    /// (no network); says how old the base is.
+    #[arg(long)]
+    pub offline: bool,
     /// Cache for staged bases [default: $KILN_CACHE_DIR, else ~/.cache/kiln].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -85,7 +95,9 @@ pub fn run(args: Args) -> Result<()> {
         out_dir: args.out.clone(),
         cache_dir: args.cache_dir.clone().unwrap_or_else(build::default_cache_dir),
         mirror: args.mirror.clone(),
+        apt_mirror: args.apt_mirror.clone(),
         source_date_epoch: source_date_epoch_from_env()?,
+        offline: args.offline,
     };
     let out = build::build(&recipe, &opts, &progress).with_context(|| format!("building {}", args.recipe.display()))?;
     let m = &out.manifest;
@@ -99,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
             "sha256": m.image.sha256,
             "data_blocks": m.blocks.data_blocks.len(),
             "base_cached": out.base_cached,
+            "base": m.base,
             "seconds": out.seconds,
         });
         println!("{summary}");

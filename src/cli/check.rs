@@ -60,11 +60,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn base_text(r: &Recipe) -> String {
     match &r.base {
-        Base::Debian { suite, mirror, snapshot, components } => {
+        Base::Debian { suite, mirror, snapshot, components, apt_mirror, .. } => {
             let mirror = mirror.as_deref().unwrap_or("the build host's apt sources");
             let snap = snapshot.as_deref().map(|s| format!(", snapshot {s}")).unwrap_or_default();
+            let apt = apt_mirror.as_deref().map(|m| format!("; the image's apt: {m}")).unwrap_or_default();
             format!(
-                "{} ({suite}, {}; mirror: {mirror}{snap})",
+                "{} ({suite}, {}; mirror: {mirror}{snap}{apt})",
                 r.os.map(|o| o.as_str()).unwrap_or("?"),
                 components.join(" ")
             )

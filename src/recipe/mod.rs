@@ -97,6 +97,11 @@ pub enum Base {
         snapshot: Option<String>,
         /// Archive components, `main` by default.
         components: Vec<String>,
+        /// The archive the image's own apt reads (`/etc/apt/sources.list.d/debian.sources`),
+        /// when it differs from the one kiln builds from. None: the build mirror.
+        apt_mirror: Option<String>,
+        /// The security archive the image's apt reads. None: the build host's.
+        apt_security_mirror: Option<String>,
     },
     /// A root tarball the user brings (absolute path), used as it is.
     Tarball(PathBuf),

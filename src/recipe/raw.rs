@@ -82,6 +82,8 @@ pub struct RawImage {
     pub base: Option<Loc<RawBase>>,
     pub mirror: Option<Loc<String>>,
     pub snapshot: Option<Loc<String>>,
+    pub apt_mirror: Option<Loc<String>>,
+    pub apt_security_mirror: Option<Loc<String>>,
     pub components: Option<LocList<String>>,
     pub source_date_epoch: Option<Loc<i64>>,
 }
@@ -260,6 +262,8 @@ impl RawImage {
             base: pick(p.base, c.base),
             mirror: pick(p.mirror, c.mirror),
             snapshot: pick(p.snapshot, c.snapshot),
+            apt_mirror: pick(p.apt_mirror, c.apt_mirror),
+            apt_security_mirror: pick(p.apt_security_mirror, c.apt_security_mirror),
             components: pick(p.components, c.components),
             source_date_epoch: pick(p.source_date_epoch, c.source_date_epoch),
         }

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
+use crate::manifest::{BaseInfo, SuiteState};
 use crate::platform::Arch;
 use crate::progress::{Progress, Unit};
 
@@ -27,7 +28,7 @@ pub fn required_packages(arch: Arch) -> Vec<&'static str> {
     ]
 }
 
-/// Everything that determines a staged Debian base.
+/// Everything that determines a staged Debian base, but for the state of the archive.
 #[derive(Debug, Clone)]
 pub struct DebianBase {
     /// Debian suite (`bookworm`, `trixie`).
@@ -35,15 +36,26 @@ pub struct DebianBase {
     pub arch: Arch,
     /// Archive URI (`http://…/debian`), already resolved.
     pub mirror: String,
+    /// The security archive (`http://…/debian-security`) for `SUITE-security`; None for a
+    /// snapshot mirror (the host's security archive is not pinned) or when none is known.
+    pub security_mirror: Option<String>,
     pub components: Vec<String>,
     /// Full package list (required plus recipe), sorted and de-duplicated.
     pub packages: Vec<String>,
     /// Passed to mmdebstrap so file times inside the base are clamped too.
     pub source_date_epoch: Option<i64>,
     /// The mirror is a snapshot archive (`[image].snapshot`): its Release files are past their
-    /// Valid-Until date by design, so apt must not reject them. Not part of the cache key: it
-    /// decides whether apt accepts the archive, not what gets installed.
+    /// Valid-Until date by design, so apt must not reject them.
     pub snapshot: bool,
+}
+
+/// Whether staging may look at the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Read each suite's InRelease; a base staged from another state of the archive is stale.
+    Online,
+    /// Use the newest base cached for these inputs, however old, without touching the network.
+    Offline,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,21 +64,31 @@ pub enum StageError {
     NoMirror,
     #[error("mmdebstrap is not installed; install it with `apt-get install mmdebstrap` (or run .ci/setup-host)")]
     NoMmdebstrap,
+    #[error("apt-helper (from apt) is not installed at {APT_HELPER}; kiln reads the archive's state with it")]
+    NoAptHelper,
     #[error("this {host} host cannot run {target} programs, which staging needs for package maintainer scripts; install qemu-user-static and binfmt-support (`apt-get install qemu-user-static binfmt-support`, or run .ci/setup-host) and make sure binfmt_misc is mounted")]
     CannotExecute { host: String, target: Arch },
+    #[error("cannot read {uri}/dists/{suite}/InRelease, which tells whether the cached base is current; check the mirror, or build from what is cached with --offline\n{detail}")]
+    ArchiveUnreachable { uri: String, suite: String, detail: String },
+    #[error("--offline: no base is cached in {dir} for these inputs ({suite} {arch}, this mirror and package list); build once with network access first")]
+    NothingCached { dir: PathBuf, suite: String, arch: Arch },
     #[error("{cmd} failed with {status}; the last lines of its output:\n{tail}\n(full log: {log})")]
     Failed { cmd: String, status: String, tail: String, log: PathBuf },
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 
+/// apt's own downloader: the host's apt proxies, https and file: URIs, as mmdebstrap gets them.
+pub const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
+
 impl DebianBase {
-    /// Hex SHA-256 over every input of the base: the cache key.
-    pub fn cache_key(&self) -> String {
+    /// Hex SHA-256 over every input of the base but the archive's state: bases staged from the
+    /// same inputs at different times share it (it starts their cache file names).
+    pub fn inputs_key(&self) -> String {
         let mut h = Sha256::new();
         // Bump the version when staging itself changes what a given input produces.
-        h.update(b"kiln-debian-base-v1\0");
-        for part in [&self.suite, self.arch.debian(), &self.mirror] {
+        h.update(b"kiln-debian-base-v2\0");
+        for part in [&self.suite, self.arch.debian(), &self.mirror, self.security_mirror.as_deref().unwrap_or("")] {
             h.update(part.as_bytes());
             h.update([0]);
         }
@@ -81,30 +103,136 @@ impl DebianBase {
         h.update(format!("{:?} {}", self.source_date_epoch, self.snapshot).as_bytes());
         hex::encode(h.finalize())
     }
+
+    /// Hex SHA-256 over every input and the archive's state: the cache key. A new upload to
+    /// any suite (a security fix) changes it, so the next build stages afresh.
+    pub fn cache_key(&self, archive: &[SuiteState]) -> String {
+        let mut h = Sha256::new();
+        h.update(self.inputs_key().as_bytes());
+        for s in archive {
+            for part in [&s.uri, &s.suite, &s.sha256] {
+                h.update(part.as_bytes());
+                h.update([0]);
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// The suites a base may be installed from: the suite and its `-updates` from the mirror,
+    /// and `-security` from the security archive. Only those the archive has are used.
+    pub fn candidate_suites(&self) -> Vec<(String, String)> {
+        let mut v =
+            vec![(self.mirror.clone(), self.suite.clone()), (self.mirror.clone(), format!("{}-updates", self.suite))];
+        if let Some(sec) = &self.security_mirror {
+            v.push((sec.clone(), format!("{}-security", self.suite)));
+        }
+        v
+    }
+
+    fn file_prefix(&self) -> String {
+        format!("{}-{}-{}-", self.suite, self.arch.debian(), &self.inputs_key()[..16])
+    }
+}
+
+/// The state of each candidate suite, read from its InRelease with apt's downloader. Nothing is
+/// verified here (mmdebstrap verifies what it installs): the digest only tells whether the
+/// archive moved. The suite itself must answer; `-updates` and `-security` may be absent (a
+/// local or snapshot archive), and are then left out of the sources.
+pub fn probe_archive(base: &DebianBase) -> Result<Vec<SuiteState>, StageError> {
+    if !Path::new(APT_HELPER).is_file() {
+        return Err(StageError::NoAptHelper);
+    }
+    let dir = tempfile::tempdir().map_err(|source| StageError::Io {
+        what: "creating a temporary directory in",
+        path: std::env::temp_dir(),
+        source,
+    })?;
+    let candidates = base.candidate_suites();
+    let mut cmd = Command::new(APT_HELPER);
+    // Files land in a private temporary directory the `_apt` user cannot write to.
+    cmd.arg("-o").arg("APT::Sandbox::User=root").arg("download-file");
+    for (i, (uri, suite)) in candidates.iter().enumerate() {
+        cmd.arg(format!("{uri}/dists/{suite}/InRelease")).arg(dir.path().join(i.to_string()));
+    }
+    // Exit status is not the verdict: a missing `-updates` is fine, the files present are.
+    let out = cmd.stdin(Stdio::null()).output().map_err(|source| StageError::Io {
+        what: "running",
+        path: APT_HELPER.into(),
+        source,
+    })?;
+    let mut states = Vec::new();
+    for (i, (uri, suite)) in candidates.into_iter().enumerate() {
+        match std::fs::read(dir.path().join(i.to_string())) {
+            Ok(bytes) => states.push(suite_state(uri, suite, &bytes)),
+            Err(_) if i > 0 => {}
+            Err(_) => {
+                let detail = String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter(|l| l.starts_with("E:") || l.starts_with("Err:") || l.starts_with("  "))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Err(StageError::ArchiveUnreachable { uri, suite, detail });
+            }
+        }
+    }
+    Ok(states)
+}
+
+/// A suite's state from its InRelease (or Release) text.
+pub fn suite_state(uri: String, suite: String, in_release: &[u8]) -> SuiteState {
+    let text = String::from_utf8_lossy(in_release);
+    let date = text.lines().find_map(|l| l.strip_prefix("Date:")).map(|d| d.trim().to_string()).unwrap_or_default();
+    SuiteState { uri, suite, date, sha256: hex::encode(Sha256::digest(in_release)) }
 }
 
 /// The staged base as a tarball in the cache.
 #[derive(Debug, Clone)]
 pub struct StagedBase {
     pub tar: PathBuf,
-    pub cache_key: String,
     /// True when the tarball came from the cache and mmdebstrap did not run.
     pub cached: bool,
+    /// When it was staged and from which state of the archive.
+    pub info: BaseInfo,
+    /// How long ago it was staged, in seconds (for --offline's note).
+    pub age_secs: u64,
 }
 
-/// Returns the cached base for these inputs, running mmdebstrap only when it is missing.
-pub fn stage(base: &DebianBase, cache_dir: &Path, progress: &dyn Progress) -> Result<StagedBase, StageError> {
-    let key = base.cache_key();
+/// Returns the base for these inputs and the archive as it is now, running mmdebstrap only when
+/// no base was staged from this state of the archive. A new base replaces the older ones staged
+/// from the same inputs. Offline, the newest cached base for these inputs is used.
+pub fn stage(
+    base: &DebianBase,
+    freshness: Freshness,
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<StagedBase, StageError> {
     let dir = cache_dir.join("bases");
-    let tar = dir.join(format!("{}-{}-{}.tar", base.suite, base.arch.debian(), &key[..16]));
-    if tar.is_file() {
-        return Ok(StagedBase { tar, cache_key: key, cached: true });
+    if freshness == Freshness::Offline {
+        return newest_cached(base, &dir)?.ok_or_else(|| StageError::NothingCached {
+            dir: dir.clone(),
+            suite: base.suite.clone(),
+            arch: base.arch,
+        });
+    }
+    let archive = probe_archive(base)?;
+    let key = base.cache_key(&archive);
+    let stem = format!("{}{}", base.file_prefix(), &key[..12]);
+    let tar = dir.join(format!("{stem}.tar"));
+    let record = dir.join(format!("{stem}.json"));
+    if let Some(found) = load_cached(&tar, &record) {
+        return Ok(found);
     }
     std::fs::create_dir_all(&dir).map_err(|source| StageError::Io {
         what: "creating cache dir",
         path: dir.clone(),
         source,
     })?;
+    // Builds of the same base wait for one staging instead of racing on the same files.
+    let lock_path = dir.join(format!("{stem}.lock"));
+    let _lock = lock_exclusive(&lock_path, progress)?;
+    if let Some(found) = load_cached(&tar, &record) {
+        return Ok(found);
+    }
     check_can_execute(base.arch)?;
     let mmdebstrap = crate::platform::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
 
@@ -124,7 +252,7 @@ pub fn stage(base: &DebianBase, cache_dir: &Path, progress: &dyn Progress) -> Re
         .arg("--customize-hook=rm -f \"$1/etc/machine-id\" \"$1/var/lib/dbus/machine-id\"; : > \"$1/etc/machine-id\"")
         .arg(&base.suite)
         .arg(&partial)
-        .arg(format!("deb {} {} {}", base.mirror, base.suite, base.components.join(" ")))
+        .args(archive.iter().map(|s| format!("deb {} {} {}", s.uri, s.suite, base.components.join(" "))))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -156,9 +284,73 @@ pub fn stage(base: &DebianBase, cache_dir: &Path, progress: &dyn Progress) -> Re
         let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
         return Err(StageError::Failed { cmd: cmdline, status: status.to_string(), tail, log });
     }
+    let staged_at = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default();
+    let info = BaseInfo { cache_key: key, staged_at, archive };
+    // The record first: a tarball without one is not trusted (see load_cached).
+    let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
+    std::fs::write(&record, json).map_err(io("writing", &record))?;
     std::fs::rename(&partial, &tar).map_err(io("publishing staged base", &tar))?;
+    remove_older(base, &dir, &stem);
     progress.end(&format!("{} packages requested", base.packages.len()));
-    Ok(StagedBase { tar, cache_key: key, cached: false })
+    Ok(StagedBase { tar, cached: false, info, age_secs: 0 })
+}
+
+/// Holds an exclusive flock on `path` until dropped, saying so when it has to wait.
+fn lock_exclusive(path: &Path, progress: &dyn Progress) -> Result<std::fs::File, StageError> {
+    use std::os::fd::AsRawFd;
+    let io = |source| StageError::Io { what: "locking", path: path.to_path_buf(), source };
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        progress.note(&format!("waiting for another build staging the same base ({})", path.display()));
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(f)
+}
+
+/// A cached tarball with its record, or None when either is missing or unreadable.
+fn load_cached(tar: &Path, record: &Path) -> Option<StagedBase> {
+    let info: BaseInfo = serde_json::from_slice(&std::fs::read(record).ok()?).ok()?;
+    let age_secs = std::fs::metadata(tar).ok()?.modified().ok()?.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    Some(StagedBase { tar: tar.to_path_buf(), cached: true, info, age_secs })
+}
+
+/// Cached bases for these inputs, whatever archive state they came from.
+fn cached_stems(base: &DebianBase, dir: &Path) -> Vec<String> {
+    let prefix = base.file_prefix();
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut v: Vec<String> = rd
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".tar").filter(|s| s.starts_with(&prefix)).map(String::from))
+        .collect();
+    v.sort();
+    v
+}
+
+fn newest_cached(base: &DebianBase, dir: &Path) -> Result<Option<StagedBase>, StageError> {
+    let found = cached_stems(base, dir)
+        .into_iter()
+        .filter_map(|stem| load_cached(&dir.join(format!("{stem}.tar")), &dir.join(format!("{stem}.json"))))
+        .min_by_key(|b| b.age_secs);
+    Ok(found)
+}
+
+/// Removes bases staged from older states of the archive: nothing would choose them again but
+/// --offline, which prefers the newest. A build already reading one holds it open.
+fn remove_older(base: &DebianBase, dir: &Path, keep: &str) {
+    for stem in cached_stems(base, dir) {
+        if stem != keep {
+            for ext in ["tar", "json", "log", "lock"] {
+                let _ = std::fs::remove_file(dir.join(format!("{stem}.{ext}")));
+            }
+        }
+    }
 }
 
 /// Fails early, with what to install, when the host cannot run the target's binaries.
@@ -340,21 +532,33 @@ mod tests {
             suite: "bookworm".into(),
             arch: Arch::X86_64,
             mirror: "http://m/debian".into(),
+            security_mirror: Some("http://m/debian-security".into()),
             components: vec!["main".into()],
             packages: vec!["a".into()],
             source_date_epoch: None,
             snapshot: false,
         };
-        let k = b.cache_key();
+        let k = b.inputs_key();
         let mut c = b.clone();
         c.packages.push("b".into());
-        assert_ne!(c.cache_key(), k);
+        assert_ne!(c.inputs_key(), k);
         let mut c = b.clone();
         c.arch = Arch::Arm64;
-        assert_ne!(c.cache_key(), k);
+        assert_ne!(c.inputs_key(), k);
         let mut c = b.clone();
         c.source_date_epoch = Some(1);
-        assert_ne!(c.cache_key(), k);
-        assert_eq!(b.clone().cache_key(), k);
+        assert_ne!(c.inputs_key(), k);
+        let mut c = b.clone();
+        c.security_mirror = None;
+        assert_ne!(c.inputs_key(), k);
+        assert_eq!(b.clone().inputs_key(), k);
+        // The archive's state: a new InRelease in any suite is a new key, the same one is not.
+        let state = |text: &str| vec![suite_state("http://m/debian".into(), "bookworm".into(), text.as_bytes())];
+        let old = state("Origin: Debian\nDate: Sat, 01 Jun 2024 00:00:00 UTC\n");
+        let new = state("Origin: Debian\nDate: Sun, 02 Jun 2024 00:00:00 UTC\n");
+        assert_eq!(old[0].date, "Sat, 01 Jun 2024 00:00:00 UTC");
+        assert_eq!(b.cache_key(&old), b.cache_key(&old.clone()));
+        assert_ne!(b.cache_key(&old), b.cache_key(&new));
+        assert_ne!(b.cache_key(&old), b.cache_key(&[]));
     }
 }

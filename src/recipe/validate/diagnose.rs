@@ -103,7 +103,17 @@ fn table_name(path: &[String]) -> String {
 fn home_of(field: &str, current: &str) -> Option<&'static str> {
     let home = match field {
         "extends" => "the top level, before the first [section]",
-        "name" | "os" | "arch" | "boot" | "size" | "base" | "mirror" | "snapshot" | "components"
+        "name"
+        | "os"
+        | "arch"
+        | "boot"
+        | "size"
+        | "base"
+        | "mirror"
+        | "snapshot"
+        | "components"
+        | "apt_mirror"
+        | "apt_security_mirror"
         | "source_date_epoch" => "[image]",
         "include" | "exclude" => "[packages]",
         "path" | "content" | "source" | "symlink" | "dir" | "mode" | "owner" => "a [[files]] entry",

@@ -320,7 +320,13 @@ fn check_base(v: &mut V, image: &RawImage, header: Span) -> (Option<Os>, Base) {
     });
     if let Some(t) = tarball {
         let Some(t) = t else { return (None, Base::Tarball(PathBuf::new())) };
-        for (key, val) in [("os", &image.os), ("mirror", &image.mirror), ("snapshot", &image.snapshot)] {
+        for (key, val) in [
+            ("os", &image.os),
+            ("mirror", &image.mirror),
+            ("snapshot", &image.snapshot),
+            ("apt_mirror", &image.apt_mirror),
+            ("apt_security_mirror", &image.apt_security_mirror),
+        ] {
             if let Some(val) = val {
                 v.err(
                     val.span,
@@ -388,17 +394,7 @@ fn check_base(v: &mut V, image: &RawImage, header: Span) -> (Option<Os>, Base) {
         }
     });
     let mirror = image.mirror.as_ref().and_then(|m| {
-        let u = &m.value;
-        let scheme_ok = ["http://", "https://", "file:/"].iter().any(|p| u.starts_with(p));
-        if !scheme_ok || u.chars().any(char::is_whitespace) {
-            v.err(
-                m.span,
-                "image.mirror",
-                format!("`{u}` is not an archive URL"),
-                Some("an http://, https:// or file:/ URL of a Debian archive (the directory holding dists/ and pool/)".into()),
-            );
-            return None;
-        }
+        let u = archive_url(v, m, "image.mirror")?;
         if u.contains("{snapshot}") != image.snapshot.is_some() {
             let help = if image.snapshot.is_some() {
                 "with `snapshot` set, the mirror must say where the timestamp goes, like \"https://snapshots.example.org/archive/debian/{snapshot}\""
@@ -413,6 +409,9 @@ fn check_base(v: &mut V, image: &RawImage, header: Span) -> (Option<Os>, Base) {
             None => u.clone(),
         })
     });
+    let apt_mirror = image.apt_mirror.as_ref().and_then(|m| archive_url(v, m, "image.apt_mirror")).cloned();
+    let apt_security_mirror =
+        image.apt_security_mirror.as_ref().and_then(|m| archive_url(v, m, "image.apt_security_mirror")).cloned();
     if let (Some(s), None) = (&image.snapshot, &image.mirror) {
         v.err(
             s.span,
@@ -438,7 +437,36 @@ fn check_base(v: &mut V, image: &RawImage, header: Span) -> (Option<Os>, Base) {
         }
     };
     let suite = os.map(|o| o.suite().to_string()).unwrap_or_default();
-    (os, Base::Debian { suite, mirror, snapshot: snapshot.map(|s| s.value.clone()), components })
+    (
+        os,
+        Base::Debian {
+            suite,
+            mirror,
+            snapshot: snapshot.map(|s| s.value.clone()),
+            components,
+            apt_mirror,
+            apt_security_mirror,
+        },
+    )
+}
+
+/// An archive URL (`mirror`, `apt_mirror`, `apt_security_mirror`), or a diagnostic.
+fn archive_url<'a>(v: &mut V, m: &'a Loc<String>, key: &str) -> Option<&'a String> {
+    let u = &m.value;
+    let scheme_ok = ["http://", "https://", "file:/"].iter().any(|p| u.starts_with(p));
+    if !scheme_ok || u.chars().any(char::is_whitespace) {
+        v.err(
+            m.span,
+            key,
+            format!("`{u}` is not an archive URL"),
+            Some(
+                "an http://, https:// or file:/ URL of a Debian archive (the directory holding dists/ and pool/)"
+                    .into(),
+            ),
+        );
+        return None;
+    }
+    Some(u)
 }
 
 /// Debian package names (policy §5.6.1): lowercase letters, digits, `+ - .`, at least two
