@@ -41,7 +41,11 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
     let mut tree = Tree::new(Meta::new(0o755, 0, 0, Timestamp::default()));
     let source = tree.add_source(path).map_err(io_err)?;
     let file = File::open(path).map_err(io_err)?;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+    // Unbuffered on purpose: headers are read at their exact size and file contents are
+    // skipped with a seek, so the archive is read once here (headers) and once more where the
+    // image is written (contents), never refilled and thrown away. A buffer would be refilled
+    // after every seek past a file's contents: 40 times the archive's size in copies.
+    let mut archive = tar::Archive::new(file);
     let mut spool: Option<Spool> = None;
     let entries = archive.entries_with_seek().map_err(io_err)?;
     for (index, entry) in entries.enumerate() {
