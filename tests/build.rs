@@ -329,6 +329,32 @@ fn hybrid_image_boots_with_bios_and_with_uefi() {
     boot_ok(&restored, &["--firmware", "bios", "--timeout", "900"]);
 }
 
+/// A Debian 13 hybrid image boots with SeaBIOS on GRUB built from trixie's own modules: the
+/// MBR holds the image's boot.img (read from its root with debugfs), not the build host's.
+#[test]
+fn debian_13_hybrid_boots_bios_with_its_own_grub() {
+    let Some(b) = built("fixtures/build/hybrid-13.toml", None) else { return };
+    let (Some(debugfs), Some(_)) = (tool("debugfs"), tool("qemu-system-x86_64")) else { return };
+    assert_eq!(b.manifest.os, "debian-13");
+    let t = tempdir();
+    let root = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
+    let rootimg = t.path().join("root.img");
+    extract_partition(&b, root.number, &rootimg);
+    let own = t.path().join("boot.img");
+    run_ok(
+        Command::new(debugfs)
+            .arg("-R")
+            .arg(format!("dump /usr/lib/grub/i386-pc/boot.img {}", own.display()))
+            .arg(&rootimg),
+    );
+    let own = std::fs::read(&own).unwrap();
+    let mbr = std::fs::read(image(&b)).unwrap()[..512].to_vec();
+    assert_eq!(&mbr[..0x5a], &own[..0x5a], "the MBR holds the image's own boot.img");
+    let grub = b.manifest.packages.iter().find(|p| p.name == "grub-pc-bin").expect("grub-pc-bin installed");
+    assert!(grub.version.starts_with("2.12"), "trixie's GRUB: {grub:?}");
+    boot_ok(&image(&b), &["--firmware", "bios", "--timeout", "900"]);
+}
+
 /// The build-time audit refuses what a golden image must not carry, naming each path and how
 /// to allow it, writes no image, and builds once the recipe allows each path explicitly.
 #[test]
