@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::disk::{self, BootSetup, DiskIds, DiskSpec};
 use crate::formats::ext4::{self, Ext4Options, SizeSpec};
-use crate::formats::image::{BlockDigests, Sha256Sink, Sink, SparseFile, Tee};
+use crate::formats::image::{BlockDigests, Offload, Sha256Sink, Sink, SparseFile, Tee};
 use crate::formats::tar::{read_tar, TarOptions};
 use crate::formats::tree::{Content, Dir, Kind, Meta, OnExisting, Timestamp, Tree};
 use crate::manifest::{self, Manifest, EBS_BLOCK_SIZE, MANIFEST_VERSION};
@@ -238,13 +238,15 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let size = plan.size_bytes();
     progress.begin("writing image", Some(size), Unit::Bytes);
     let mut file = SparseFile::create(&image_path).with_context(|| format!("creating {}", image_path.display()))?;
-    let mut sha = Sha256Sink::new();
-    let mut blocks = BlockDigests::new(EBS_BLOCK_SIZE);
+    // The whole-image SHA-256 and the block digests run on a second core while this one plans
+    // and writes; they see the same ordered stream.
+    let mut digests =
+        Offload::spawn((Sha256Sink::new(), BlockDigests::new(EBS_BLOCK_SIZE))).context("starting the digest thread")?;
     {
-        let mut counted =
-            Counted { inner: Tee(vec![&mut file as &mut dyn Sink, &mut sha, &mut blocks]), progress, at: 0 };
+        let mut counted = Counted { inner: Tee(vec![&mut file as &mut dyn Sink, &mut digests]), progress, at: 0 };
         disk::write(&plan, &tree, &mut counted).context("writing the image")?;
     }
+    let (sha, blocks) = digests.join().context("hashing the image")?;
     let sha256 = sha.hex();
     let block_map = blocks.into_block_map();
     file.persist().with_context(|| format!("finishing {}", image_path.display()))?;

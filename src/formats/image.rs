@@ -283,6 +283,134 @@ impl Sink for Tee<'_> {
     }
 }
 
+impl<A: Sink, B: Sink> Sink for (A, B) {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_at(offset, data)?;
+        self.1.write_at(offset, data)
+    }
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        self.0.finish(len)?;
+        self.1.finish(len)
+    }
+}
+
+/// Bytes handed to the worker at once: large enough that the queue costs nothing per byte.
+const OFFLOAD_CHUNK: usize = 1 << 20;
+/// Chunks in flight: the writer runs at most this far ahead of the worker (bounded memory).
+const OFFLOAD_DEPTH: usize = 8;
+
+enum Handoff {
+    Data(u64, Vec<u8>),
+    Finish(u64),
+}
+
+/// Runs a sink on a thread of its own, so its work (hashing the image) overlaps the caller's
+/// (planning and writing it) on another core. The stream is copied into recycled chunks and
+/// handed over through a bounded queue, in order: the inner sink sees exactly the calls it
+/// would have seen, so its result is the same bytes for bytes.
+pub struct Offload<S: Sink + Send + 'static> {
+    queue: Option<std::sync::mpsc::SyncSender<Handoff>>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    allocated: usize,
+    /// The chunk being filled: its offset and bytes (contiguous writes are batched).
+    open: Option<(u64, Vec<u8>)>,
+    worker: Option<std::thread::JoinHandle<(S, io::Result<()>)>>,
+}
+
+impl<S: Sink + Send + 'static> Offload<S> {
+    pub fn spawn(mut inner: S) -> io::Result<Self> {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Handoff>(OFFLOAD_DEPTH);
+        let (give_back, free) = std::sync::mpsc::channel::<Vec<u8>>();
+        let worker = std::thread::Builder::new().name("kiln-digests".into()).spawn(move || {
+            let mut result = Ok(());
+            for h in rx {
+                if result.is_err() {
+                    continue; // drain, so the writer never blocks on a dead worker
+                }
+                result = match h {
+                    Handoff::Data(offset, mut buf) => {
+                        let r = inner.write_at(offset, &buf);
+                        buf.clear();
+                        let _ = give_back.send(buf);
+                        r
+                    }
+                    Handoff::Finish(len) => inner.finish(len),
+                };
+            }
+            (inner, result)
+        })?;
+        Ok(Offload { queue: Some(queue), free, allocated: 0, open: None, worker: Some(worker) })
+    }
+
+    fn send(&mut self, h: Handoff) -> io::Result<()> {
+        let q = self.queue.as_ref().ok_or_else(|| io::Error::other("the stream was already finished"))?;
+        q.send(h).map_err(|_| io::Error::other("the digest worker stopped"))
+    }
+
+    fn flush_open(&mut self) -> io::Result<()> {
+        match self.open.take() {
+            Some((offset, buf)) => self.send(Handoff::Data(offset, buf)),
+            None => Ok(()),
+        }
+    }
+
+    fn empty_chunk(&mut self) -> io::Result<Vec<u8>> {
+        if let Ok(b) = self.free.try_recv() {
+            return Ok(b);
+        }
+        if self.allocated < OFFLOAD_DEPTH + 2 {
+            self.allocated += 1;
+            return Ok(Vec::with_capacity(OFFLOAD_CHUNK));
+        }
+        self.free.recv().map_err(|_| io::Error::other("the digest worker stopped"))
+    }
+
+    /// Waits for the worker and returns the inner sink, after [`Sink::finish`].
+    pub fn join(mut self) -> io::Result<S> {
+        self.queue.take();
+        let worker = self.worker.take().expect("joined once");
+        let (inner, result) = worker.join().map_err(|_| io::Error::other("the digest worker panicked"))?;
+        result.map(|()| inner)
+    }
+}
+
+impl<S: Sink + Send + 'static> Sink for Offload<S> {
+    fn write_at(&mut self, mut offset: u64, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let contiguous =
+                matches!(&self.open, Some((o, b)) if o + b.len() as u64 == offset && b.len() < OFFLOAD_CHUNK);
+            if !contiguous {
+                self.flush_open()?;
+                let buf = self.empty_chunk()?;
+                self.open = Some((offset, buf));
+            }
+            let (_, buf) = self.open.as_mut().expect("opened above");
+            let n = data.len().min(OFFLOAD_CHUNK - buf.len());
+            buf.extend_from_slice(&data[..n]);
+            offset += n as u64;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        self.flush_open()?;
+        self.send(Handoff::Finish(len))?;
+        self.queue.take();
+        Ok(())
+    }
+}
+
+impl<S: Sink + Send + 'static> Drop for Offload<S> {
+    fn drop(&mut self) {
+        // An abandoned stream (an error upstream) still ends the worker.
+        self.queue.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 /// A sparse in-memory block device for writers that need `Read + Write + Seek` (the gpt and
 /// fatfs crates): only 4 KiB chunks that were written take memory, and [`SparseMem::emit`]
 /// turns the result back into an ordered stream.
@@ -402,6 +530,38 @@ impl io::Seek for SparseMem {
 mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom, Write};
+
+    /// On its own thread, a sink computes exactly what it computes inline, and an error it
+    /// meets reaches the caller.
+    #[test]
+    fn offload_gives_the_same_digests_and_reports_errors() {
+        let block = 512 * 1024;
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut at = 4096u64;
+        for i in 0..3000u64 {
+            let len = [1usize, 4096, 70_000, 3 << 20][(i % 4) as usize];
+            writes.push((at, (0..len).map(|k| (k as u64 * 31 + i) as u8).collect()));
+            at += len as u64 + [0, 1, 4096, 9 << 20][(i % 3) as usize];
+        }
+        let len = at + 12345;
+        let mut inline = (Sha256Sink::new(), BlockDigests::new(block));
+        let mut off = Offload::spawn((Sha256Sink::new(), BlockDigests::new(block))).unwrap();
+        for (o, d) in &writes {
+            inline.write_at(*o, d).unwrap();
+            off.write_at(*o, d).unwrap();
+        }
+        inline.finish(len).unwrap();
+        off.finish(len).unwrap();
+        let (sha, blocks) = off.join().unwrap();
+        assert_eq!(sha.hex(), inline.0.hex());
+        assert_eq!(blocks.into_block_map(), inline.1.into_block_map());
+
+        let mut off = Offload::spawn(Sha256Sink::new()).unwrap();
+        off.write_at(10 << 20, b"late").unwrap();
+        off.write_at(0, b"goes back").unwrap();
+        off.finish(20 << 20).unwrap();
+        assert!(off.join().is_err(), "a write that goes back is an error");
+    }
 
     #[test]
     fn sparse_mem_reads_back_and_emits_only_data() {
