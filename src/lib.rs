@@ -13,6 +13,7 @@ pub mod formats;
 pub mod imds;
 pub mod launch;
 pub mod manifest;
+pub mod message;
 pub mod platform;
 pub mod progress;
 pub mod publish;

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("kiln: error: {err:#}");
+            eprintln!("kiln: error: {}", kiln::message::render(err.chain()));
             ExitCode::from(1)
         }
     }

@@ -264,9 +264,9 @@ pub struct BundleSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("reading manifest {path}: {source}")]
+    #[error("reading manifest {path}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("manifest {path} is not a kiln build manifest: {source}")]
+    #[error("manifest {path} is not a kiln build manifest")]
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("manifest {path} has version {found}; this kiln reads version {MANIFEST_VERSION} (rebuild the image with this kiln)")]
     Version { path: PathBuf, found: u32 },

@@ -594,6 +594,7 @@ fn a_stale_base_is_restaged_and_an_unchanged_one_kept() {
     let o = build(&["--offline"]);
     let offline = summary(&o);
     assert_eq!(offline["base_cached"], true);
+    assert!(offline["base_age_secs"].is_u64());
     assert_eq!(offline["base"], third["base"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("offline: the base was staged"));
     let o = build(&[]);

@@ -7,6 +7,7 @@ mod common;
 mod disk;
 mod ext4;
 mod launch;
+mod messages;
 mod moto;
 mod publish;
 mod recipe;

@@ -111,6 +111,7 @@ pub fn run(args: Args) -> Result<()> {
             "sha256": m.image.sha256,
             "data_blocks": m.blocks.data_blocks.len(),
             "base_cached": out.base_cached,
+            "base_age_secs": out.base_age_secs,
             "base": m.base,
             "seconds": out.seconds,
         });

@@ -147,7 +147,7 @@ fn summary_json(r: &Recipe) -> serde_json::Value {
 
 fn error_json(args: &Args, e: &RecipeError) -> serde_json::Value {
     let errors: Vec<serde_json::Value> = match e {
-        RecipeError::Read { .. } => vec![serde_json::json!({ "message": e.to_string() })],
+        RecipeError::Read { .. } => vec![serde_json::json!({ "message": kiln::message::render_error(e) })],
         RecipeError::Invalid { diagnostics } => diagnostics
             .iter()
             .map(|d| {

@@ -49,7 +49,7 @@ fn audit_partition(
             let findings = kiln::stage::audit::audit(&tree, allow);
             json!({ "files": tree.live_inodes().count(), "findings": findings })
         }
-        Err(e) => json!({ "error": e.to_string() }),
+        Err(e) => json!({ "error": kiln::message::render_error(&e) }),
     }
 }
 
@@ -253,18 +253,26 @@ pub fn run(args: Args) -> Result<()> {
         v["disk_guid"].as_str().unwrap_or("")
     );
     println!("MBR boot code: {}", if boot_code { "present (legacy BIOS boot)" } else { "none (UEFI only)" });
-    println!("{:<3} {:<10} {:<22} {:>10} {:>10} {:>10}  GUID", "#", "name", "type", "start", "end", "size");
-    for p in v["partitions"].as_array().expect("array") {
-        println!(
-            "{:<3} {:<10} {:<22} {:>10} {:>10} {:>10}  {}",
-            p["number"],
-            p["name"].as_str().unwrap_or(""),
-            p["type"].as_str().unwrap_or(""),
-            p["first_lba"],
-            p["last_lba"],
-            kiln::build::human_bytes(p["size_bytes"].as_u64().unwrap_or(0)),
-            p["guid"].as_str().unwrap_or("")
-        );
+    let rows: Vec<Vec<String>> = v["partitions"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| {
+            vec![
+                p["number"].to_string(),
+                p["name"].as_str().unwrap_or("").to_string(),
+                p["type"].as_str().unwrap_or("").to_string(),
+                p["first_lba"].to_string(),
+                p["last_lba"].to_string(),
+                kiln::build::human_bytes(p["size_bytes"].as_u64().unwrap_or(0)),
+                p["guid"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    let lines = super::table(&["#", "name", "type", "start", "end", "size", "GUID"], &[0, 3, 4, 5], &rows);
+    println!("{}", lines[0]);
+    for (p, line) in v["partitions"].as_array().expect("array").iter().zip(&lines[1..]) {
+        println!("{line}");
         let fs = &p["filesystem"];
         match fs["type"].as_str() {
             Some("ext4") => println!(

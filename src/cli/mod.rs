@@ -44,6 +44,39 @@ enum Command {
     ImdsRelay(test::RelayArgs),
 }
 
+/// A table as lines, header first: each column as wide as its widest cell (counted in
+/// characters), the columns in `right` right-aligned (numbers), two spaces between columns.
+pub fn table(header: &[&str], right: &[usize], rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            let pad = " ".repeat(w - cell.chars().count());
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if right.contains(&i) {
+                out.push_str(&pad);
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                if i + 1 < cells.len() {
+                    out.push_str(&pad);
+                }
+            }
+        }
+        out
+    };
+    let mut lines = vec![line(header.to_vec())];
+    lines.extend(rows.iter().map(|r| line(r.iter().map(String::as_str).collect())));
+    lines
+}
+
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

@@ -75,7 +75,7 @@ pub struct Diagnostic {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read recipe {}: {source}", path.display())]
+    #[error("cannot read recipe {}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}", render_all(diagnostics))]
     Invalid { diagnostics: Vec<Diagnostic> },
