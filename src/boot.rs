@@ -300,21 +300,8 @@ pub fn boot(image: &Path, opts: &BootOptions) -> Result<BootReport, BootError> {
 
 /// The architecture a disk was built for, from its GPT root partition type.
 pub fn detect_arch(image: &Path) -> Option<Arch> {
-    let mut f = std::fs::File::open(image).ok()?;
-    let mut head = vec![0u8; 512 * 34];
-    f.read_exact(&mut head).ok()?;
-    if &head[512..520] != b"EFI PART" {
-        return None;
-    }
-    for e in head[1024..].chunks(128) {
-        let t = uuid::Uuid::from_bytes_le(e[..16].try_into().ok()?).hyphenated().to_string().to_uppercase();
-        for a in Arch::ALL {
-            if t == a.root_partition_type() {
-                return Some(a);
-            }
-        }
-    }
-    None
+    let types = crate::formats::gpt::partition_types(image)?;
+    Arch::ALL.into_iter().find(|a| types.iter().any(|t| t == a.root_partition_type()))
 }
 
 #[cfg(test)]

@@ -227,8 +227,17 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             DiskSize::Auto => None,
         },
         esp_size_bytes: ESP_SIZE_BYTES,
-        boot,
         timestamp: epoch_secs,
+        // GRUB's BIOS half, from the image's own grub-pc-bin modules.
+        bios_boot: if boot.mode.has_bios() && boot.arch == crate::platform::Arch::X86_64 {
+            Some(
+                crate::stage::grub::build_bios_boot(&tree, &ids.esp_fs_uuid())
+                    .context("building GRUB's BIOS boot code")?,
+            )
+        } else {
+            None
+        },
+        boot,
     };
     let plan = disk::plan(&spec, &ids, &esp, &tree, root_opts).context("planning the disk layout")?;
 

@@ -27,8 +27,7 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// Partition alignment: 1 MiB (a multiple of EBS's 512 KiB block and of any SSD page).
 const ALIGN_SECTORS: u64 = MIB / SECTOR;
-pub const BIOS_BOOT_TYPE: &str = "21686148-6449-6E6F-744E-656564454649";
-pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+pub use crate::formats::gpt::types::{BIOS_BOOT as BIOS_BOOT_TYPE, ESP as ESP_TYPE};
 /// Size of the BIOS boot partition; GRUB's core.img is about 160 KiB.
 const BIOS_BOOT_BYTES: u64 = MIB;
 
@@ -54,8 +53,8 @@ pub enum DiskError {
     Fat(#[from] fat::FatError),
     #[error(transparent)]
     Gpt(#[from] gpt::GptError),
-    #[error(transparent)]
-    Grub(#[from] grub::GrubStageError),
+    #[error("a BIOS boot needs GRUB's boot code, made while staging; none was given")]
+    NoBiosBoot,
     #[error("placing GRUB's boot code: {0}")]
     GrubPlace(#[from] grub_pc::GrubError),
     #[error("writing the image: {0}")]
@@ -194,6 +193,9 @@ pub struct DiskSpec {
     pub esp_size_bytes: u64,
     pub boot: BootSetup,
     pub timestamp: i64,
+    /// GRUB's MBR code and core image for a BIOS boot, made while staging from the image's
+    /// own GRUB (`stage::grub::build_bios_boot`): planning places bytes, it runs nothing.
+    pub bios_boot: Option<BiosBoot>,
 }
 
 /// One partition of the plan.
@@ -350,9 +352,10 @@ pub fn plan(
 
     let (mbr_code, bios_core) = match bios_range {
         Some((first, last)) => {
-            let BiosBoot { boot_img, mut core_img } = grub::build_bios_boot(root, &ids.esp_fs_uuid())?;
+            let BiosBoot { boot_img, core_img } = spec.bios_boot.as_ref().ok_or(DiskError::NoBiosBoot)?;
+            let mut core_img = core_img.clone();
             let mut mbr = [0u8; 512];
-            grub_pc::install_boot_code(&mut mbr, &boot_img, first)?;
+            grub_pc::install_boot_code(&mut mbr, boot_img, first)?;
             grub_pc::place_core(&mut core_img, first, last - first + 1)?;
             let code: [u8; 440] = mbr[..440].try_into().expect("440 bytes");
             (Some(code), Some((first * SECTOR, core_img)))

@@ -53,8 +53,8 @@ impl Arch {
     /// Discoverable Partitions Specification root type for this architecture.
     pub fn root_partition_type(self) -> &'static str {
         match self {
-            Arch::X86_64 => "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
-            Arch::Arm64 => "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+            Arch::X86_64 => crate::formats::gpt::types::LINUX_ROOT_X86_64,
+            Arch::Arm64 => crate::formats::gpt::types::LINUX_ROOT_ARM64,
         }
     }
     /// Debian's cloud kernel flavour (NVMe and ENA drivers built in or as modules).
@@ -67,6 +67,18 @@ impl Arch {
     /// The architecture this process runs on.
     pub fn host() -> Option<Arch> {
         Arch::parse(std::env::consts::ARCH)
+    }
+}
+
+/// An architecture name kiln does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an architecture kiln builds; use x86_64 (or amd64) or arm64 (or aarch64)")]
+pub struct UnknownArch(pub String);
+
+impl std::str::FromStr for Arch {
+    type Err = UnknownArch;
+    fn from_str(s: &str) -> Result<Arch, UnknownArch> {
+        Arch::parse(s).ok_or_else(|| UnknownArch(s.to_string()))
     }
 }
 

@@ -64,7 +64,7 @@ fn build(seed: &[u8], arch: Arch, size: Option<u64>) -> Built {
     let ids = DiskIds::derive(seed);
     let boot = BootSetup { arch, mode: BootMode::Uefi, cmdline: vec!["quiet".into()] };
     let esp = disk::esp_files(&tree, &ids, &boot).expect("esp files");
-    let spec = DiskSpec { size, esp_size_bytes: 64 << 20, boot, timestamp: EPOCH };
+    let spec = DiskSpec { size, esp_size_bytes: 64 << 20, boot, timestamp: EPOCH, bios_boot: None };
     let mut root_opts = Ext4Options::with_seed(&ids.root_fs_seed);
     root_opts.timestamp = EPOCH;
     let plan = disk::plan(&spec, &ids, &esp, &tree, root_opts).expect("plan");

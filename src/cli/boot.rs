@@ -8,8 +8,6 @@ use kiln::boot::{self, BootOptions, Firmware};
 use kiln::platform::Arch;
 use kiln::progress::{Progress, Unit};
 
-use super::build::parse_arch;
-
 /// Boot an image the way EC2 sees it and wait for the login prompt.
 ///
 /// x86_64: QEMU q35 with OVMF (UEFI) and the disk as NVMe, like Nitro; with --firmware bios,
@@ -27,7 +25,7 @@ pub struct Args {
     /// The raw disk image.
     pub image: PathBuf,
     /// Architecture [default: from the image's root partition type].
-    #[arg(long, value_parser = parse_arch)]
+    #[arg(long)]
     pub arch: Option<Arch>,
     /// Firmware: uefi or bios.
     #[arg(long, default_value = "uefi", value_parser = ["uefi", "bios"])]

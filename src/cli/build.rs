@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long, short, default_value = "out")]
     pub out: PathBuf,
     /// Build for this architecture instead of the recipe's (x86_64, arm64).
-    #[arg(long, value_parser = parse_arch)]
+    #[arg(long)]
     pub arch: Option<Arch>,
     /// Debian mirror URL, used when the recipe names none (default: the host's apt sources).
     #[arg(long)]
@@ -70,10 +70,6 @@ pub struct Args {
     /// Only warnings and errors on stderr.
     #[arg(long, short)]
     pub quiet: bool,
-}
-
-pub fn parse_arch(s: &str) -> Result<Arch, String> {
-    Arch::parse(s).ok_or_else(|| format!("unknown architecture {s:?}; use x86_64 or arm64"))
 }
 
 pub fn source_date_epoch_from_env() -> Result<Option<i64>> {

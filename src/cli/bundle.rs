@@ -46,8 +46,8 @@ pub struct Args {
     #[arg(long)]
     pub name: Option<String>,
     /// Architecture of a raw image that has no build manifest beside it.
-    #[arg(long, value_parser = ["x86_64", "arm64"])]
-    pub arch: Option<String>,
+    #[arg(long)]
+    pub arch: Option<Arch>,
     /// gzip level: 1 is fastest, 9 smallest.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub level: u32,
@@ -89,7 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ec2_cert: a.ec2_cert,
         out_dir: a.out_dir,
         name: a.name,
-        arch: a.arch.as_deref().and_then(Arch::parse),
+        arch: a.arch,
         level: a.level,
         threads: a.threads,
         upload: a.upload,

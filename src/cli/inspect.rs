@@ -53,61 +53,24 @@ fn audit_partition(
     }
 }
 
-fn type_name(t: &str) -> &'static str {
-    match t {
-        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" => "EFI System",
-        "21686148-6449-6E6F-744E-656564454649" => "BIOS boot",
-        "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709" => "Linux root (x86-64)",
-        "B921B045-1DF0-41C3-AF44-4C6F280D3FAE" => "Linux root (ARM64)",
-        "0FC63DAF-8483-4772-8E79-3D69D8477DE4" => "Linux filesystem",
-        _ => "unknown",
-    }
-}
-
-/// Summary of an ext4 superblock at `offset`, or None when there is none.
-fn ext4_summary(f: &mut std::fs::File, offset: u64) -> Result<Option<serde_json::Value>> {
-    let mut sb = [0u8; 1024];
-    f.seek(SeekFrom::Start(offset + 1024))?;
-    f.read_exact(&mut sb)?;
-    let u16at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]);
-    let u32at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4"));
-    if u16at(0x38) != 0xEF53 {
-        return Ok(None);
-    }
-    let bs = 1024u64 << u32at(0x18);
-    let label = String::from_utf8_lossy(&sb[0x78..0x88]).trim_end_matches('\0').to_string();
-    let uuid: [u8; 16] = sb[0x68..0x78].try_into().expect("16");
-    let (compat, incompat, ro) = (u32at(0x5C), u32at(0x60), u32at(0x64));
-    let mut features = Vec::new();
-    for (set, bit, name) in [
-        (compat, 0x4, "has_journal"),
-        (compat, 0x8, "ext_attr"),
-        (compat, 0x20, "dir_index"),
-        (incompat, 0x2, "filetype"),
-        (incompat, 0x40, "extent"),
-        (incompat, 0x80, "64bit"),
-        (incompat, 0x200, "flex_bg"),
-        (ro, 0x1, "sparse_super"),
-        (ro, 0x2, "large_file"),
-        (ro, 0x8, "huge_file"),
-        (ro, 0x20, "dir_nlink"),
-        (ro, 0x40, "extra_isize"),
-        (ro, 0x400, "metadata_csum"),
-    ] {
-        if set & bit != 0 {
-            features.push(name);
-        }
-    }
+/// Summary of the ext4 file system at `offset`, or None when there is none.
+fn ext4_summary(image: &std::path::Path, offset: u64) -> Result<Option<serde_json::Value>> {
+    let sb = match kiln::formats::ext4::read::Superblock::read_at(image, offset) {
+        Ok(Some(sb)) => sb,
+        Ok(None) => return Ok(None),
+        // A damaged superblock is something to show, not a reason to stop.
+        Err(e) => return Ok(Some(json!({ "type": "ext4", "error": kiln::message::render_error(&e) }))),
+    };
     Ok(Some(json!({
         "type": "ext4",
-        "label": label,
-        "uuid": kiln::formats::ext4::uuid_string(&uuid),
-        "block_size": bs,
-        "blocks": u32at(0x04),
-        "free_blocks": u32at(0x0C),
-        "inodes": u32at(0x00),
-        "free_inodes": u32at(0x10),
-        "features": features,
+        "label": sb.label,
+        "uuid": kiln::formats::ext4::uuid_string(&sb.uuid),
+        "block_size": sb.block_size,
+        "blocks": sb.blocks,
+        "free_blocks": sb.free_blocks,
+        "inodes": sb.inodes,
+        "free_inodes": sb.free_inodes,
+        "features": sb.feature_names(),
     })))
 }
 
@@ -192,7 +155,7 @@ pub fn run(args: Args) -> Result<()> {
         let t = p.part_type_guid.guid.hyphenated().to_string().to_uppercase();
         let offset = p.first_lba * 512;
         let psize = (p.last_lba - p.first_lba + 1) * 512;
-        let fs = match ext4_summary(&mut f, offset)? {
+        let fs = match ext4_summary(&args.image, offset)? {
             Some(mut e) => {
                 if args.audit {
                     e["audit"] = audit_partition(&args.image, offset, &allow);
@@ -204,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
         parts.push(json!({
             "number": n,
             "name": p.name,
-            "type": type_name(&t),
+            "type": kiln::formats::gpt::types::name(&t),
             "type_guid": t,
             "guid": p.part_guid.hyphenated().to_string().to_uppercase(),
             "first_lba": p.first_lba,
@@ -275,6 +238,9 @@ pub fn run(args: Args) -> Result<()> {
         println!("{line}");
         let fs = &p["filesystem"];
         match fs["type"].as_str() {
+            Some("ext4") if fs.get("error").is_some() => {
+                println!("    ext4, unreadable: {}", fs["error"].as_str().unwrap_or(""))
+            }
             Some("ext4") => println!(
                 "    ext4 {:?} UUID {}: {} blocks of {} ({} free), {} inodes ({} free), features: {}",
                 fs["label"].as_str().unwrap_or(""),

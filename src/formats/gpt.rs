@@ -11,6 +11,35 @@ use gpt::partition_types::Type;
 
 use super::image::{Sink, SparseMem};
 
+/// Partition type GUIDs kiln writes and names (UEFI spec; the Discoverable Partitions
+/// Specification for the roots), upper-case as `sgdisk` and the manifest print them.
+pub mod types {
+    pub const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+    pub const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+    pub const LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+    pub const LINUX_ROOT_ARM64: &str = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE";
+    pub const LINUX_FILESYSTEM: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+
+    /// What a partition type is, for people.
+    pub fn name(guid: &str) -> &'static str {
+        match guid.to_ascii_uppercase().as_str() {
+            ESP => "EFI System",
+            BIOS_BOOT => "BIOS boot",
+            LINUX_ROOT_X86_64 => "Linux root (x86-64)",
+            LINUX_ROOT_ARM64 => "Linux root (ARM64)",
+            LINUX_FILESYSTEM => "Linux filesystem",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Every partition's type GUID in the GPT of the disk image at `path` (upper-case), read with
+/// the gpt crate; None when it has no readable GPT.
+pub fn partition_types(path: &std::path::Path) -> Option<Vec<String>> {
+    let disk = gpt::GptConfig::new().writable(false).open(path).ok()?;
+    Some(disk.partitions().values().map(|p| p.part_type_guid.guid.hyphenated().to_string().to_uppercase()).collect())
+}
+
 pub const SECTOR: u64 = 512;
 /// First usable LBA with 128 entries of 128 bytes: MBR, header, 32 sectors of entries.
 pub const FIRST_USABLE_LBA: u64 = 34;

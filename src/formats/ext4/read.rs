@@ -18,7 +18,7 @@ use super::layout::{EXT4_EXTENTS_FL, ROOT_INO};
 
 const MAGIC: u16 = 0xEF53;
 const EXTENT_MAGIC: u16 = 0xF30A;
-const INCOMPAT_64BIT: u32 = 0x80;
+const INCOMPAT_64BIT: u32 = super::features::BIT64;
 const INLINE_DATA_FL: u32 = 0x1000_0000;
 /// Extent trees are at most 5 levels deep (the kernel's limit).
 const MAX_EXTENT_DEPTH: u16 = 5;
@@ -39,17 +39,23 @@ fn bad(what: impl Into<String>) -> ReadError {
     ReadError::Malformed(what.into())
 }
 
-/// The superblock fields reading needs, checked for sanity.
+/// The superblock: what reading needs, checked for sanity, and what `kiln inspect` shows.
 #[derive(Debug, Clone)]
 pub struct Superblock {
     pub block_size: u64,
     pub blocks: u64,
+    pub free_blocks: u64,
     pub inodes: u32,
+    pub free_inodes: u32,
     pub inodes_per_group: u32,
     pub inode_size: u64,
     pub first_data_block: u64,
     pub desc_size: u64,
+    pub compat: u32,
     pub incompat: u32,
+    pub ro_compat: u32,
+    pub uuid: [u8; 16],
+    pub label: String,
 }
 
 impl Superblock {
@@ -69,15 +75,22 @@ impl Superblock {
         let blocks_hi = if incompat & INCOMPAT_64BIT != 0 { u64::from(u32at(0x150)) } else { 0 };
         let desc_size = if incompat & INCOMPAT_64BIT != 0 { u64::from(u16at(0xFE)) } else { 32 };
         let inode_size = u64::from(u16at(0x58));
+        let free_hi = if incompat & INCOMPAT_64BIT != 0 { u64::from(u32at(0x158)) } else { 0 };
         let sb = Superblock {
             block_size,
             blocks: u64::from(u32at(0x04)) | blocks_hi << 32,
+            free_blocks: u64::from(u32at(0x0C)) | free_hi << 32,
             inodes: u32at(0x00),
+            free_inodes: u32at(0x10),
             inodes_per_group: u32at(0x28),
             inode_size,
             first_data_block: u64::from(u32at(0x14)),
             desc_size,
+            compat: u32at(0x5C),
             incompat,
+            ro_compat: u32at(0x64),
+            uuid: sb[0x68..0x78].try_into().expect("16 bytes"),
+            label: String::from_utf8_lossy(&sb[0x78..0x88]).trim_end_matches('\0').to_string(),
         };
         if sb.inodes_per_group == 0 || !(128..=block_size).contains(&sb.inode_size) || sb.desc_size < 32 {
             return Err(bad(format!(
@@ -86,6 +99,26 @@ impl Superblock {
             )));
         }
         Ok(sb)
+    }
+}
+
+impl Superblock {
+    /// The superblock of the file system at byte `offset` of `image`; None when there is no
+    /// ext4 magic there.
+    pub fn read_at(image: &Path, offset: u64) -> Result<Option<Superblock>, ReadError> {
+        let file = File::open(image)?;
+        let mut raw = [0u8; 1024];
+        file.read_exact_at(&mut raw, offset.checked_add(1024).ok_or_else(|| bad("offset"))?)?;
+        match Superblock::parse(&raw, offset) {
+            Ok(sb) => Ok(Some(sb)),
+            Err(ReadError::NotExt4(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// e2fsprogs' names of the features set.
+    pub fn feature_names(&self) -> Vec<&'static str> {
+        super::features::names(self.compat, self.incompat, self.ro_compat)
     }
 }
 

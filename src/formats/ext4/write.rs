@@ -3,18 +3,20 @@
 
 use super::csum;
 use super::layout::{Ext4Plan, InodeRec, RegionKind, FIRST_INO, FLEX, JOURNAL_INO};
-use super::{Ext4Error, BLOCKS_PER_GROUP, BLOCK_SIZE, INODE_SIZE};
+use super::{features, Ext4Error, BLOCKS_PER_GROUP, BLOCK_SIZE, INODE_SIZE};
 use crate::formats::image::Sink;
 use crate::formats::tree::{Kind, Timestamp, Tree};
 
 const BS: usize = BLOCK_SIZE as usize;
 
-/// Compat: has_journal, ext_attr, dir_index.
-const COMPAT: u32 = 0x4 | 0x8 | 0x20;
-/// Incompat: filetype, extents, flex_bg.
-const INCOMPAT: u32 = 0x2 | 0x40 | 0x200;
-/// RO compat: sparse_super, large_file, huge_file, dir_nlink, extra_isize, metadata_csum.
-const RO_COMPAT: u32 = 0x1 | 0x2 | 0x8 | 0x20 | 0x40 | 0x400;
+const COMPAT: u32 = features::HAS_JOURNAL | features::EXT_ATTR | features::DIR_INDEX;
+const INCOMPAT: u32 = features::FILETYPE | features::EXTENTS | features::FLEX_BG;
+const RO_COMPAT: u32 = features::SPARSE_SUPER
+    | features::LARGE_FILE
+    | features::HUGE_FILE
+    | features::DIR_NLINK
+    | features::EXTRA_ISIZE
+    | features::METADATA_CSUM;
 /// bg_flags: the inode table is zeroed (holes read as zeros).
 const BG_INODE_ZEROED: u16 = 0x4;
 
