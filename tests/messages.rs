@@ -76,3 +76,14 @@ fn the_inspect_table_lines_up() {
         assert_eq!(row[..size_end].trim_end().len(), size_end, "size in {row:?}\n{out}");
     }
 }
+
+/// Every command that takes an architecture parses it the same way and says what it accepts.
+#[test]
+fn every_arch_flag_parses_one_way() {
+    for cmd in [&["build", "r.toml"][..], &["check", "r.toml"], &["boot", "x.raw"], &["bundle", "x.raw"]] {
+        let o = kiln().args(cmd).args(["--arch", "sparc"]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{cmd:?}: {err}");
+        assert!(err.contains("`sparc` is not an architecture kiln builds") && err.contains("x86_64"), "{cmd:?}: {err}");
+    }
+}

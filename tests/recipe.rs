@@ -596,3 +596,19 @@ network = "none"
         serde_json::from_slice(&run_ok(kiln().args(["check", "--json"]).arg(&recipe)).stdout).unwrap();
     assert_eq!(manifest["recipe"]["sha256"], check["sha256"]);
 }
+
+/// Every independent problem in one run, as compilers do: a wrong type and a misspelt key
+/// (which stop the TOML parser) and a bad value (which the validator finds) come out together,
+/// each with its own position, in the text and in `--json`.
+#[test]
+fn every_problem_in_one_run() {
+    let e = check_bad("three-faults.toml");
+    assert_eq!(e.diagnostics().len(), 3, "{e}");
+    let out = kiln().args(["check", "--json", "fixtures/recipes/bad/three-faults.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let errors = v["errors"].as_array().unwrap();
+    let mut lines: Vec<u64> = errors.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    lines.sort();
+    assert_eq!(lines, [9, 10, 13], "{v:#}");
+}

@@ -9,9 +9,10 @@ use kiln::recipe::{self, Base, FileContent, FileKind, Recipe, RecipeError};
 /// Validate a recipe without building anything.
 ///
 /// Reads the recipe and every recipe it extends, checks every key and value, checks that the
-/// files it names exist, and prints a summary. Problems are reported with the recipe file,
-/// line and column, what is accepted, and the nearest valid key. Exits with status 1 when the
-/// recipe is invalid, so it fits in CI before a build.
+/// files it names exist, and prints a summary. Every problem is reported in one run (a
+/// misspelt key does not hide a wrong type or a bad value after it), each with the recipe
+/// file, line and column, what is accepted, and the nearest valid key. Exits with status 1
+/// when the recipe is invalid, so it fits in CI before a build.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 kiln check recipes/debian-12-minimal.toml\n  \
@@ -22,15 +23,11 @@ pub struct Args {
     pub recipe: PathBuf,
     /// Check for this architecture instead of the recipe's (`x86_64` or `arm64`), as
     /// `kiln build --arch` would.
-    #[arg(long, value_parser = parse_arch)]
+    #[arg(long)]
     pub arch: Option<Arch>,
     /// Print the summary (or the errors) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_arch(s: &str) -> Result<Arch, String> {
-    Arch::parse(s).ok_or_else(|| format!("`{s}` is not an architecture; use x86_64 or arm64"))
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

@@ -301,9 +301,11 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
 
     // Parse the chain leaf first; merge base first.
     let mut raws: Vec<RawRecipe> = Vec::new();
+    let mut parse_problems: Vec<Diagnostic> = Vec::new();
     let mut current = 0;
     loop {
-        let raw = parse_file(&sources, current)?;
+        let (raw, problems) = parse_file(&sources, current)?;
+        parse_problems.extend(problems);
         let Some(ext) = raw.extends.clone() else {
             raws.push(raw);
             break;
@@ -313,7 +315,19 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
     }
     let merged = raws.into_iter().rev().reduce(RawRecipe::merge).unwrap_or_default();
     let loaded = Arc::new(Loaded { sources, merged });
-    validate::validate(path, loaded, None)
+    let validated = validate::validate(path, loaded, None);
+    if parse_problems.is_empty() {
+        return validated;
+    }
+    // The rest of the recipe is still checked, so every problem shows in one run; what the
+    // validator says of a key that was blanked for a parse problem is that problem again.
+    let blanked: Vec<String> = parse_problems.iter().filter_map(|d| d.key.clone()).collect();
+    if let Err(RecipeError::Invalid { diagnostics }) = validated {
+        parse_problems.extend(diagnostics.into_iter().filter(|d| {
+            !d.key.as_ref().is_some_and(|k| blanked.iter().any(|b| k == b || k.starts_with(&format!("{b}."))))
+        }));
+    }
+    Err(RecipeError::Invalid { diagnostics: parse_problems })
 }
 
 impl Recipe {
@@ -347,12 +361,35 @@ fn read_text(path: &Path) -> std::io::Result<String> {
     })
 }
 
-/// Parses one recipe file into its raw form; syntax errors, unknown keys and wrong types come
-/// out as diagnostics naming the key.
-fn parse_file(sources: &SourceMap, id: usize) -> Result<RawRecipe, RecipeError> {
-    let text = &sources.files[id].text;
-    let result = raw::with_file(id, || toml::from_str::<RawRecipe>(text));
-    result.map_err(|e| RecipeError::Invalid { diagnostics: vec![validate::toml_diagnostic(sources, id, &e)] })
+/// A recipe with more problems than this is reported this far.
+const MAX_PARSE_DIAGNOSTICS: usize = 32;
+
+/// Parses one recipe file into its raw form; unknown keys and wrong types come out as
+/// diagnostics naming the key, all of them: after each one the entry is blanked (positions
+/// kept) and the file parsed again. Returns the raw form of what remains with the diagnostics;
+/// an error when even that cannot be had (a syntax error).
+fn parse_file(sources: &SourceMap, id: usize) -> Result<(RawRecipe, Vec<Diagnostic>), RecipeError> {
+    let mut text = sources.files[id].text.clone();
+    let mut diagnostics = Vec::new();
+    loop {
+        let e = match raw::with_file(id, || toml::from_str::<RawRecipe>(&text)) {
+            Ok(raw) => return Ok((raw, diagnostics)),
+            Err(e) => e,
+        };
+        diagnostics.push(validate::toml_diagnostic(sources, id, &e));
+        let lines = e.span().and_then(|s| validate::entry_lines(&text, s.start));
+        match lines {
+            Some(r) if diagnostics.len() < MAX_PARSE_DIAGNOSTICS && text[r.clone()].trim() != "" => {
+                // A space per byte (newlines kept): every other offset stays where it was.
+                let blank: String = text[r.clone()]
+                    .chars()
+                    .flat_map(|c| std::iter::repeat_n(if c == '\n' { '\n' } else { ' ' }, c.len_utf8()))
+                    .collect();
+                text.replace_range(r, &blank);
+            }
+            _ => return Err(RecipeError::Invalid { diagnostics }),
+        }
+    }
 }
 
 /// Reads the recipe that file `from` extends, returning its id.

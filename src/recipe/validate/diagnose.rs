@@ -86,6 +86,61 @@ fn toml_words(serde_msg: &str) -> String {
     out.join(" ").replace("a array", "an array").replace("expected table", "expected a table")
 }
 
+/// The byte range of whole lines that holds the entry at `offset` (its key or its value): a
+/// `key = value` pair with all its lines, or a `[table]` / `[[array]]` header with its body up
+/// to the next header. Blanking it lets the parser go on to the next problem with every other
+/// position unchanged. None when `text` does not parse as TOML.
+pub(in crate::recipe) fn entry_lines(text: &str, offset: usize) -> Option<std::ops::Range<usize>> {
+    let table = DeTable::parse(text).ok()?;
+    let (start, end, header) = entry_at(text, table.get_ref(), offset)?;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let mut line_end = text[end..].find('\n').map_or(text.len(), |i| end + i + 1);
+    if header {
+        // The body runs to the next header line.
+        while line_end < text.len() {
+            let next = text[line_end..].find('\n').map_or(text.len(), |i| line_end + i + 1);
+            if text[line_end..next].trim_start().starts_with('[') {
+                break;
+            }
+            line_end = next;
+        }
+    }
+    Some(line_start..line_end)
+}
+
+/// (start, end, is a header table) of the innermost entry holding `offset`. A key written in
+/// a `[header]` line names a table (or an array of tables) whose body follows the header.
+fn entry_at(text: &str, table: &DeTable<'_>, offset: usize) -> Option<(usize, usize, bool)> {
+    for (k, v) in table.iter() {
+        match v.get_ref() {
+            DeValue::Table(t) => {
+                if let Some(found) = entry_at(text, t, offset) {
+                    return Some(found);
+                }
+            }
+            DeValue::Array(a) => {
+                for item in a.iter() {
+                    if let DeValue::Table(t) = item.get_ref() {
+                        if let Some(found) = entry_at(text, t, offset) {
+                            return Some(found);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        let (ks, vs) = (k.span(), v.span());
+        if ks.contains(&offset) || vs.contains(&offset) {
+            let line = text[..ks.start].rfind('\n').map_or(0, |i| i + 1);
+            if text[line..].trim_start().starts_with('[') {
+                return Some((ks.start, ks.end, true));
+            }
+            return Some((ks.start.min(vs.start), ks.end.max(vs.end), false));
+        }
+    }
+    None
+}
+
 /// `[image]`, `[ami.root_volume]`, or `[[files]] entry 2` for `files[1]`.
 fn table_name(path: &[String]) -> String {
     let dotted = path.join(".");

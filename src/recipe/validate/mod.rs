@@ -9,7 +9,7 @@ mod aws;
 mod diagnose;
 
 use aws::{check_ami, check_bundle};
-pub(super) use diagnose::toml_diagnostic;
+pub(super) use diagnose::{entry_lines, toml_diagnostic};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
