@@ -21,14 +21,13 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 echo "root tarball: $tar ($(du -h "$tar" | cut -f1)), file system size $size"
 for i in $(seq "$rounds"); do
   rm -rf "$work/root" "$work"/*.img; sync
-  start=$(date +%s.%N)
-  mkdir "$work/root" && tar -xpf "$tar" -C "$work/root" --numeric-owner
-  mke2fs -q -F -t ext4 -d "$work/root" "$work/ref.img" "$size"
-  ref=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}')
-  /usr/bin/time -f "%e %M" -o "$work/time" env SOURCE_DATE_EPOCH=1700000000 "$kiln" mkfs "$tar" "$work/kiln.img" --size "${size}iB" 2>/dev/null
-  read -r ks km < "$work/time"
-  e2fsck -fn "$work/kiln.img" >/dev/null
-  echo "round $i: tar -x + mke2fs -d ${ref}s   kiln mkfs ${ks}s (peak RSS $((km / 1024)) MiB, e2fsck clean)"
+  /usr/bin/time -f "%e %U %S" -o "$work/reftime" bash -c 'mkdir "$1/root" && tar -xpf "$2" -C "$1/root" --numeric-owner && mke2fs -q -F -t ext4 -d "$1/root" "$1/ref.img" "$3" >/dev/null 2>&1' _ "$work" "$tar" "$size"
+  read -r ref ru rsys < "$work/reftime"
+  sync
+  /usr/bin/time -f "%e %M %U %S" -o "$work/time" env SOURCE_DATE_EPOCH=1700000000 "$kiln" mkfs "$tar" "$work/kiln.img" --size "${size}iB" 2>/dev/null
+  read -r ks km ku ksys < "$work/time"
+  e2fsck -fn "$work/kiln.img" >/dev/null 2>&1
+  echo "round $i: tar -x + mke2fs -d ${ref}s (user ${ru}s, sys ${rsys}s)   kiln mkfs ${ks}s (user ${ku}s, sys ${ksys}s, peak RSS $((km / 1024)) MiB, e2fsck clean)"
   echo "$ref" >> "$work/r"; echo "$ks" >> "$work/k"; echo "$km" >> "$work/m"
 done
 r=$(median < "$work/r"); k=$(median < "$work/k"); m=$(sort -n "$work/m" | tail -1)
