@@ -288,17 +288,20 @@ fn keep_logs(image: &Path, work: &Path, report: &TestReport) -> Result<PathBuf> 
     Ok(dir)
 }
 
-fn line(c: &Check) -> String {
+/// One check as a report line; `width` is the longest check id, so the evidence lines up.
+fn line(c: &Check, width: usize) -> String {
     let tag = match c.status {
         Status::Pass => "PASS",
         Status::Fail => "FAIL",
         Status::Skip => "skip",
     };
-    format!("  {tag}  {:<16} {}", c.id, c.evidence)
+    format!("  {tag}  {:<width$}  {}", c.id, c.evidence)
 }
 
 fn print_report(r: &TestReport, report_path: &Path, logs: Option<&Path>) {
     let secs = |s: Option<f64>| s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "not seen".into());
+    let all = r.launches.iter().flat_map(|l| &l.checks).chain(&r.across_launches);
+    let width = all.map(|c| c.id.chars().count()).max().unwrap_or(0);
     for l in &r.launches {
         eprintln!(
             "launch {} ({}): login prompt {}, SSH {}, cloud-init done {}, checks done {:.1} s",
@@ -310,7 +313,7 @@ fn print_report(r: &TestReport, report_path: &Path, logs: Option<&Path>) {
             l.timings.checks_done_secs
         );
         for c in &l.checks {
-            eprintln!("{}", line(c));
+            eprintln!("{}", line(c, width));
         }
         let with_token = l.imds_requests.iter().filter(|e| e.with_token).count();
         let refused = l.imds_requests.iter().filter(|e| e.status == 401).count();
@@ -322,7 +325,7 @@ fn print_report(r: &TestReport, report_path: &Path, logs: Option<&Path>) {
         );
     }
     for c in &r.across_launches {
-        eprintln!("{}", line(c));
+        eprintln!("{}", line(c, width));
     }
     let total: usize = r.launches.iter().map(|l| l.checks.len()).sum::<usize>() + r.across_launches.len();
     let failed = r.failures();
