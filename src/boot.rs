@@ -37,7 +37,7 @@ pub enum BootError {
     NoFirmware { what: &'static str, path: String, package: &'static str },
     #[error("legacy BIOS boot exists only for x86_64")]
     BiosOnArm,
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
     #[error("no {expect:?} on the console after {secs} s; the last lines were:\n{tail}")]
     Timeout { expect: String, secs: u64, tail: String },

@@ -39,7 +39,7 @@ pub enum DiskError {
     NoInitrd { version: String },
     #[error("no systemd-boot EFI binary at /{path}; add systemd-boot-efi to [packages].include")]
     NoBootloader { path: &'static str },
-    #[error("reading {path} from the root tree: {source}")]
+    #[error("reading {path} from the root tree")]
     Read { path: String, source: std::io::Error },
     #[error("the disk is {have_bytes} bytes, but ESP and partition table alone need {need_bytes}; give a larger size")]
     TooSmall { need_bytes: u64, have_bytes: u64 },
@@ -55,9 +55,9 @@ pub enum DiskError {
     Gpt(#[from] gpt::GptError),
     #[error("a BIOS boot needs GRUB's boot code, made while staging; none was given")]
     NoBiosBoot,
-    #[error("placing GRUB's boot code: {0}")]
+    #[error("placing GRUB's boot code")]
     GrubPlace(#[from] grub_pc::GrubError),
-    #[error("writing the image: {0}")]
+    #[error("writing the image")]
     Io(#[from] std::io::Error),
 }
 

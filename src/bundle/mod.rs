@@ -92,7 +92,7 @@ pub enum BundleStageError {
     RegisterWithoutUpload,
     #[error(transparent)]
     Upload(#[from] upload::UploadError),
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write { path: PathBuf, source: std::io::Error },
 }
 

@@ -92,7 +92,7 @@ pub struct UploadRecord {
 pub enum UploadError {
     #[error("`{0}` is not an S3 location: write s3://BUCKET/PREFIX (bucket names are 3 to 63 lowercase letters, digits, `-` and `.`)")]
     Location(String),
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{message}{}", advice.as_deref().map(|a| format!("\n  {a}")).unwrap_or_default())]
     Call { message: String, advice: Option<String> },

@@ -10,7 +10,7 @@ use super::image::SparseMem;
 pub enum FatError {
     #[error("formatting the FAT32 file system: {0}")]
     Format(std::io::Error),
-    #[error("writing {path} into the FAT file system: {source}")]
+    #[error("writing {path} into the FAT file system")]
     Write { path: String, source: std::io::Error },
     #[error("the ESP needs at least {need_bytes} bytes for its files; it has {have_bytes} (raise the ESP size)")]
     TooSmall { need_bytes: u64, have_bytes: u64 },

@@ -19,9 +19,9 @@ use super::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, Timestamp
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
-    #[error("reading tar archive {path}: {source}")]
+    #[error("reading tar archive {path}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("tar archive {path}, entry {index} ({name:?}): {source}")]
+    #[error("tar archive {path}, entry {index} ({name:?})")]
     Tree { path: PathBuf, index: u64, name: String, source: TreeError },
     #[error("tar archive {path}, entry {index} ({name:?}): {what}")]
     Entry { path: PathBuf, index: u64, name: String, what: String },

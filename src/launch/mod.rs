@@ -82,7 +82,7 @@ pub enum LaunchError {
     VolumeTooSmall { volume_bytes: u64, image_bytes: u64 },
     #[error("{cmd} failed: {detail}")]
     Command { cmd: String, detail: String },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io { what: String, source: std::io::Error },
     #[error(transparent)]
     Imds(#[from] crate::imds::ServeError),
@@ -483,7 +483,7 @@ fn run_checks(
         match ssh.run("true", None, Duration::from_secs(20).min(left())) {
             Ok(o) if o.status.success() => break,
             Ok(o) => last_err = text(&o.stderr),
-            Err(e) => last_err = e.to_string(),
+            Err(e) => last_err = crate::message::render_error(&e),
         }
         // sshd answers but refuses the key: give first boot time to install it, not forever.
         if last_err.contains("Permission denied") {
@@ -558,7 +558,7 @@ fn run_checks(
                     format!("exit {code}{}", if tail.is_empty() { String::new() } else { format!(": {tail}") }),
                 )
             }
-            Err(e) => Check::new(&format!("recipe: {cmd}"), false, e.to_string()),
+            Err(e) => Check::new(&format!("recipe: {cmd}"), false, crate::message::render_error(&e)),
         };
         checks.push(c);
     }

@@ -87,7 +87,7 @@ pub enum PublishError {
     NoRegion,
     #[error("cannot publish: {0}")]
     Refused(String),
-    #[error("reading image {path}: {source}")]
+    #[error("reading image {path}")]
     ReadImage { path: PathBuf, source: std::io::Error },
     #[error("image {path} is {found} bytes but its manifest says {expected}; the image changed since it was built: rebuild it")]
     ImageSize { path: PathBuf, expected: u64, found: u64 },
@@ -107,7 +107,7 @@ pub enum PublishError {
     Timeout { what: String, secs: u64 },
     #[error("resume state {path}: {reason}")]
     Resume { path: PathBuf, reason: String },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     WriteFile { path: PathBuf, source: std::io::Error },
     #[error("unexpected answer from AWS: {0}")]
     Protocol(String),

@@ -74,7 +74,7 @@ pub enum StageError {
     NothingCached { dir: PathBuf, suite: String, arch: Arch },
     #[error("{cmd} failed with {status}; the last lines of its output:\n{tail}\n(full log: {log})")]
     Failed { cmd: String, status: String, tail: String, log: PathBuf },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 

@@ -40,7 +40,7 @@ pub enum GrubStageError {
     NoMkimage,
     #[error("{cmd} failed with {status}:\n{stderr}")]
     Mkimage { cmd: String, status: String, stderr: String },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 

@@ -13,7 +13,7 @@ pub enum SystemError {
     NoUnit { unit: String },
     #[error("service {unit:?} has no [Install] section, so it cannot be enabled (it is started by another unit or by socket activation)")]
     NotInstallable { unit: String },
-    #[error("generating {path}: {source}")]
+    #[error("generating {path}")]
     Tree { path: String, source: TreeError },
     #[error("time zone {tz:?} is not in the image (no /usr/share/zoneinfo/{tz}); add \"tzdata\" to [packages].include, or check the name against the tz database")]
     NoTimezone { tz: String },

@@ -33,7 +33,7 @@ pub const PART_SIZE: u64 = 10 * 1024 * 1024;
 /// Errors of the bundle format; messages are lowercase and carry the values that explain them.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Key { path: PathBuf, message: String },

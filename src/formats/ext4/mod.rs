@@ -164,9 +164,9 @@ pub enum Ext4Error {
     XattrsTooLarge { path: String, need: usize, max: usize },
     #[error("{path}: the file needs {extents} extents, more than one level of extent index blocks holds")]
     TooFragmented { path: String, extents: usize },
-    #[error("invalid tree: {0}")]
+    #[error("invalid tree")]
     Tree(#[from] TreeError),
-    #[error("writing the file system: {0}")]
+    #[error("writing the file system")]
     Io(#[from] std::io::Error),
 }
 

@@ -31,7 +31,7 @@ pub enum ReadError {
     NotExt4(u64),
     #[error("malformed ext4: {0}")]
     Malformed(String),
-    #[error("reading the image: {0}")]
+    #[error("reading the image")]
     Io(#[from] std::io::Error),
 }
 
