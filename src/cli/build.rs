@@ -13,8 +13,9 @@ use super::progress::TermProgress;
 /// Stages the OS with mmdebstrap from the suite, its -updates and its security suite. The staged
 /// base is cached by its inputs and by the state of the archive (each suite's InRelease): a
 /// rebuild that changes only files or system settings reuses it, and a new upload to the
-/// archive (a security fix) stages afresh. --offline uses the cache as it is. Then kiln lays the recipe's files and generated system files over it, and
-/// writes a GPT disk with a FAT32 ESP (systemd-boot) and an ext4 root in one ordered pass.
+/// archive (a security fix) stages afresh. --offline uses the cache as it is. Then kiln lays
+/// the recipe's files and generated system files over the base, and writes a GPT disk with a
+/// FAT32 ESP (systemd-boot) and an ext4 root in one ordered pass.
 ///
 /// Outputs, each written under a temporary name and renamed when complete:
 ///   OUT/NAME-ARCH.raw             the sparse raw disk

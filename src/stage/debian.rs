@@ -208,7 +208,7 @@ pub fn stage(
 ) -> Result<StagedBase, StageError> {
     let dir = cache_dir.join("bases");
     if freshness == Freshness::Offline {
-        return newest_cached(base, &dir)?.ok_or_else(|| StageError::NothingCached {
+        return newest_cached(base, &dir).ok_or_else(|| StageError::NothingCached {
             dir: dir.clone(),
             suite: base.suite.clone(),
             arch: base.arch,
@@ -217,9 +217,7 @@ pub fn stage(
     let archive = probe_archive(base)?;
     let key = base.cache_key(&archive);
     let stem = format!("{}{}", base.file_prefix(), &key[..12]);
-    let tar = dir.join(format!("{stem}.tar"));
-    let record = dir.join(format!("{stem}.json"));
-    if let Some(found) = load_cached(&tar, &record) {
+    if let Some(found) = load_cached(&dir, &stem) {
         return Ok(found);
     }
     std::fs::create_dir_all(&dir).map_err(|source| StageError::Io {
@@ -230,9 +228,10 @@ pub fn stage(
     // Builds of the same base wait for one staging instead of racing on the same files.
     let lock_path = dir.join(format!("{stem}.lock"));
     let _lock = lock_exclusive(&lock_path, progress)?;
-    if let Some(found) = load_cached(&tar, &record) {
+    if let Some(found) = load_cached(&dir, &stem) {
         return Ok(found);
     }
+    let (tar, record) = (dir.join(format!("{stem}.tar")), dir.join(format!("{stem}.json")));
     check_can_execute(base.arch)?;
     let mmdebstrap = crate::platform::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
 
@@ -314,11 +313,13 @@ fn lock_exclusive(path: &Path, progress: &dyn Progress) -> Result<std::fs::File,
     Ok(f)
 }
 
-/// A cached tarball with its record, or None when either is missing or unreadable.
-fn load_cached(tar: &Path, record: &Path) -> Option<StagedBase> {
-    let info: BaseInfo = serde_json::from_slice(&std::fs::read(record).ok()?).ok()?;
-    let age_secs = std::fs::metadata(tar).ok()?.modified().ok()?.elapsed().map(|d| d.as_secs()).unwrap_or(0);
-    Some(StagedBase { tar: tar.to_path_buf(), cached: true, info, age_secs })
+/// The cached tarball `STEM.tar` with its record `STEM.json`, or None when either is missing
+/// or unreadable.
+fn load_cached(dir: &Path, stem: &str) -> Option<StagedBase> {
+    let tar = dir.join(format!("{stem}.tar"));
+    let info: BaseInfo = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
+    let age_secs = std::fs::metadata(&tar).ok()?.modified().ok()?.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    Some(StagedBase { tar, cached: true, info, age_secs })
 }
 
 /// Cached bases for these inputs, whatever archive state they came from.
@@ -333,12 +334,8 @@ fn cached_stems(base: &DebianBase, dir: &Path) -> Vec<String> {
     v
 }
 
-fn newest_cached(base: &DebianBase, dir: &Path) -> Result<Option<StagedBase>, StageError> {
-    let found = cached_stems(base, dir)
-        .into_iter()
-        .filter_map(|stem| load_cached(&dir.join(format!("{stem}.tar")), &dir.join(format!("{stem}.json"))))
-        .min_by_key(|b| b.age_secs);
-    Ok(found)
+fn newest_cached(base: &DebianBase, dir: &Path) -> Option<StagedBase> {
+    cached_stems(base, dir).into_iter().filter_map(|stem| load_cached(dir, &stem)).min_by_key(|b| b.age_secs)
 }
 
 /// Removes bases staged from older states of the archive: nothing would choose them again but

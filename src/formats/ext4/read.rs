@@ -18,7 +18,6 @@ use super::layout::{EXT4_EXTENTS_FL, ROOT_INO};
 
 const MAGIC: u16 = 0xEF53;
 const EXTENT_MAGIC: u16 = 0xF30A;
-const INCOMPAT_64BIT: u32 = super::features::BIT64;
 const INLINE_DATA_FL: u32 = 0x1000_0000;
 /// Extent trees are at most 5 levels deep (the kernel's limit).
 const MAX_EXTENT_DEPTH: u16 = 5;
@@ -72,10 +71,10 @@ impl Superblock {
         }
         let block_size = 1024u64 << log;
         let incompat = u32at(0x60);
-        let blocks_hi = if incompat & INCOMPAT_64BIT != 0 { u64::from(u32at(0x150)) } else { 0 };
-        let desc_size = if incompat & INCOMPAT_64BIT != 0 { u64::from(u16at(0xFE)) } else { 32 };
+        let blocks_hi = if incompat & super::features::BIT64 != 0 { u64::from(u32at(0x150)) } else { 0 };
+        let desc_size = if incompat & super::features::BIT64 != 0 { u64::from(u16at(0xFE)) } else { 32 };
         let inode_size = u64::from(u16at(0x58));
-        let free_hi = if incompat & INCOMPAT_64BIT != 0 { u64::from(u32at(0x158)) } else { 0 };
+        let free_hi = if incompat & super::features::BIT64 != 0 { u64::from(u32at(0x158)) } else { 0 };
         let sb = Superblock {
             block_size,
             blocks: u64::from(u32at(0x04)) | blocks_hi << 32,
@@ -106,14 +105,18 @@ impl Superblock {
     /// The superblock of the file system at byte `offset` of `image`; None when there is no
     /// ext4 magic there.
     pub fn read_at(image: &Path, offset: u64) -> Result<Option<Superblock>, ReadError> {
-        let file = File::open(image)?;
-        let mut raw = [0u8; 1024];
-        file.read_exact_at(&mut raw, offset.checked_add(1024).ok_or_else(|| bad("offset"))?)?;
-        match Superblock::parse(&raw, offset) {
+        match Superblock::read_from(&File::open(image)?, offset) {
             Ok(sb) => Ok(Some(sb)),
             Err(ReadError::NotExt4(_)) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The superblock of the file system at byte `offset` of `file`.
+    fn read_from(file: &File, offset: u64) -> Result<Superblock, ReadError> {
+        let mut raw = [0u8; 1024];
+        file.read_exact_at(&mut raw, offset.checked_add(1024).ok_or_else(|| bad("offset"))?)?;
+        Superblock::parse(&raw, offset)
     }
 
     /// e2fsprogs' names of the features set.
@@ -147,9 +150,7 @@ struct RawInode {
 impl Reader {
     fn open(image: &Path, base: u64) -> Result<Reader, ReadError> {
         let file = File::open(image)?;
-        let mut raw = [0u8; 1024];
-        file.read_exact_at(&mut raw, base.checked_add(1024).ok_or_else(|| bad("offset"))?)?;
-        let sb = Superblock::parse(&raw, base)?;
+        let sb = Superblock::read_from(&file, base)?;
         let groups = u64::from(sb.inodes.div_ceil(sb.inodes_per_group));
         // A terabyte file system has 8192 groups of 64 bytes: 32 MiB of descriptors is plenty.
         if groups == 0 || sb.desc_size > 1024 || groups * sb.desc_size > 32 << 20 {
