@@ -37,14 +37,7 @@ fn make_image(path: &Path, data_mib: usize) -> Vec<u8> {
     let size = (data_mib as u64 + 8) << 20;
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut data = vec![0u8; data_mib << 20];
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let data = crate::common::XorShift(0x9e37_79b9_7f4a_7c15).bytes(data_mib << 20);
     use std::os::unix::fs::FileExt;
     f.write_all_at(b"boot sector", 0).unwrap();
     f.write_all_at(&data, 3 << 20).unwrap();

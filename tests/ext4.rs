@@ -16,7 +16,7 @@ use kiln::formats::image::{Sink, SparseFile};
 use kiln::formats::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, Timestamp, Tree};
 use sha2::{Digest, Sha256};
 
-use crate::common::{require_root, run_ok, stdout_of, tempdir, tool};
+use crate::common::{require_root, run_ok, stdout_of, tempdir, tool, XorShift};
 
 fn meta(perm: u16, uid: u32, gid: u32, secs: i64, nanos: u32) -> Meta {
     Meta::new(perm, uid, gid, Timestamp::new(secs, nanos))
@@ -245,15 +245,7 @@ fn the_reader_reads_what_mke2fs_wrote() {
     for i in 0..3000 {
         std::fs::write(src.join(format!("etc/many/file-{i:05}")), format!("{i}\n")).unwrap();
     }
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let random: Vec<u8> = (0..3_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let random = XorShift(0x9e37_79b9_7f4a_7c15).bytes(3_000_000);
     std::fs::write(src.join("random.bin"), &random).unwrap();
     let sparse = std::fs::File::create(src.join("sparse")).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&sparse, b"start", 0).unwrap();
@@ -299,13 +291,8 @@ fn the_reader_survives_corrupt_metadata() {
     // descriptors, bitmaps, inode table, directories); flip bytes there.
     let span = good.len().min(1_536 << 10);
     let bad = t.path().join("bad.img");
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let mut next = || rng.next_u64();
     let (mut ok, mut err) = (0, 0);
     for _ in 0..300 {
         let mut img = good.clone();

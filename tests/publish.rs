@@ -30,14 +30,11 @@ struct TestImage {
 
 fn block_bytes(index: u64, salt: u8) -> Vec<u8> {
     let mut v = vec![0u8; BS];
-    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(salt);
+    let mut rng = crate::common::XorShift(index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(salt));
     for (i, b) in v.iter_mut().enumerate() {
         // Sparse-ish content: some zero runs inside a data block, as real filesystems have.
         if i % 4096 < 3000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
+            *b = rng.next_u64() as u8;
         }
     }
     v
