@@ -65,6 +65,12 @@ pub fn default_cache_dir() -> PathBuf {
     }
 }
 
+/// Digests of recipe source files (a tarball base above all), kept in the cache so a rebuild
+/// reads an unchanged tarball once, to assemble it, and not a second time to hash it.
+pub fn digest_cache(cache_dir: &Path) -> crate::recipe::DigestCache {
+    crate::recipe::DigestCache::at(cache_dir.join("digests"))
+}
+
 /// Seed for every identifier in the image (disk and partition GUIDs, filesystem UUIDs, hash
 /// seeds). It depends on the recipe's name, OS and architecture only, so editing a file in
 /// the recipe changes the blocks that hold that file and not every checksummed metadata block

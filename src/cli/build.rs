@@ -83,14 +83,15 @@ pub fn source_date_epoch_from_env() -> Result<Option<i64>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let mut recipe = kiln::recipe::load(&args.recipe)?;
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(build::default_cache_dir);
+    let mut recipe = kiln::recipe::load_with(&args.recipe, build::digest_cache(&cache_dir))?;
     if let Some(arch) = args.arch {
         recipe = recipe.with_arch(arch)?;
     }
     let progress = TermProgress::new(args.quiet || args.json);
     let opts = BuildOptions {
         out_dir: args.out.clone(),
-        cache_dir: args.cache_dir.clone().unwrap_or_else(build::default_cache_dir),
+        cache_dir,
         mirror: args.mirror.clone(),
         apt_mirror: args.apt_mirror.clone(),
         source_date_epoch: source_date_epoch_from_env()?,

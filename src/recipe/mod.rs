@@ -10,6 +10,7 @@
 //!
 //! `docs/recipes.md` documents every key.
 
+mod digest;
 pub mod error;
 mod raw;
 pub mod size;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use digest::{DigestCache, FileDigest};
 pub use error::{Diagnostic, Position, RecipeError};
 pub use size::DiskSize;
 
@@ -276,6 +278,7 @@ pub struct Recipe {
 struct Loaded {
     sources: SourceMap,
     merged: RawRecipe,
+    digests: DigestCache,
 }
 
 /// `[ami]` settings with the root volume sized for an image of `image_bytes`, when the recipe
@@ -291,8 +294,14 @@ pub fn with_root_size(mut ami: AmiSettings, image_bytes: u64) -> AmiSettings {
 /// Extends chains longer than this are surely a mistake (and would be slow to read).
 const MAX_EXTENDS_DEPTH: usize = 16;
 
-/// Reads, merges and validates the recipe at `path` and every recipe it extends.
+/// Reads, merges and validates the recipe at `path` and every recipe it extends, reading
+/// every source file it names to hash it.
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
+    load_with(path, DigestCache::none())
+}
+
+/// [`load`], taking the digests of unchanged source files from `digests`.
+pub fn load_with(path: &Path, digests: DigestCache) -> Result<Recipe, RecipeError> {
     let text = read_text(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
     let canonical =
         std::fs::canonicalize(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
@@ -314,7 +323,7 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
         current = open_extended(&mut sources, current, &ext)?;
     }
     let merged = raws.into_iter().rev().reduce(RawRecipe::merge).unwrap_or_default();
-    let loaded = Arc::new(Loaded { sources, merged });
+    let loaded = Arc::new(Loaded { sources, merged, digests });
     let validated = validate::validate(path, loaded, None);
     if parse_problems.is_empty() {
         return validated;

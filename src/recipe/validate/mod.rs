@@ -12,7 +12,6 @@ use aws::{check_ami, check_bundle};
 pub(super) use diagnose::{entry_lines, toml_diagnostic};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,7 +21,8 @@ use super::error::{list, list_and, nearest, Diagnostic, SourceMap, Span};
 use super::raw::{Loc, RawFile, RawImage, RawRecipe, RawSystem, RawTest};
 use super::size::{self, DiskSize, MIB, TIB};
 use super::{
-    default_boot, Base, FileContent, FileEntry, FileKind, Loaded, Network, Os, Recipe, RecipeError, System, TestSpec,
+    default_boot, Base, DigestCache, FileContent, FileEntry, FileKind, Loaded, Network, Os, Recipe, RecipeError,
+    System, TestSpec,
 };
 use crate::platform::{Arch, BootMode};
 
@@ -191,7 +191,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     if !v.diags.is_empty() {
         return Err(v.into_error());
     }
-    let sha256 = recipe_hash(&mut v, &raw.files, &files, &base, &image.base);
+    let sha256 = recipe_hash(&mut v, &loaded.digests, &raw.files, &files, &base, &image.base);
     if !v.diags.is_empty() {
         return Err(v.into_error());
     }
@@ -962,22 +962,24 @@ fn check_generated_conflicts(v: &mut V, files: &[Loc<RawFile>], system: &System)
 // ---- hash -----------------------------------------------------------------------------------
 
 /// The recipe hash, over, in this order:
-/// 1. `kiln-recipe-v1\0`;
+/// 1. `kiln-recipe-v2\0`;
 /// 2. each recipe file, base-most first: `recipe\0`, its length (u64 LE), its bytes;
-/// 3. each `[[files]]` source, in `files` order: `source\0`, the image path, `\0`, the length
-///    (u64 LE), the bytes;
-/// 4. a tarball base: `tarball\0`, the length (u64 LE), the bytes.
+/// 3. each `[[files]]` source, in `files` order: `source\0`, the image path, `\0`, the file's
+///    length (u64 LE) and SHA-256;
+/// 4. a tarball base: `tarball\0`, its length (u64 LE) and SHA-256.
 ///
-/// Lengths frame every part, so no two different inputs hash the same bytes.
+/// Lengths frame every part, so no two different inputs hash the same bytes. Files enter by
+/// their own digest so an unchanged one need not be read again ([`DigestCache`]).
 fn recipe_hash(
     v: &mut V,
+    digests: &DigestCache,
     raw_files: &Option<Vec<Loc<RawFile>>>,
     files: &[FileEntry],
     base: &Base,
     raw_base: &Option<Loc<super::raw::RawBase>>,
 ) -> String {
     let mut h = Sha256::new();
-    h.update(b"kiln-recipe-v1\0");
+    h.update(b"kiln-recipe-v2\0");
     for f in v.src.files.iter().rev() {
         h.update(b"recipe\0");
         h.update((f.text.len() as u64).to_le_bytes());
@@ -994,40 +996,27 @@ fn recipe_hash(
             h.update(b"source\0");
             h.update(f.path.as_bytes());
             h.update([0]);
-            hash_file(v, &mut h, p, at, "files.source");
+            hash_file(v, digests, &mut h, p, at, "files.source");
         }
     }
     if let Base::Tarball(p) = base {
         h.update(b"tarball\0");
         let at = raw_base.as_ref().and_then(|b| b.value.tarball.as_ref());
-        hash_file(v, &mut h, p, at, "image.base.tarball");
+        hash_file(v, digests, &mut h, p, at, "image.base.tarball");
     }
     hex::encode(h.finalize())
 }
 
-fn hash_file(v: &mut V, h: &mut Sha256, path: &Path, at: Option<&Loc<String>>, key: &str) {
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        h.update(len.to_le_bytes());
-        let mut buf = vec![0u8; 1 << 20];
-        let mut seen = 0u64;
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            seen += n as u64;
-            h.update(&buf[..n]);
+fn hash_file(v: &mut V, digests: &DigestCache, h: &mut Sha256, path: &Path, at: Option<&Loc<String>>, key: &str) {
+    match digests.digest(path) {
+        Ok(d) => {
+            h.update(d.len.to_le_bytes());
+            h.update(d.sha256);
         }
-        if seen != len {
-            return Err(std::io::Error::other(format!("it changed while being read ({len} bytes, then {seen})")));
+        Err(e) => {
+            let span = at.map(|a| a.span).unwrap_or(Span { file: 0, start: 0, end: 0 });
+            v.err(span, key, format!("cannot read {}: {e}", path.display()), None);
         }
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let span = at.map(|a| a.span).unwrap_or(Span { file: 0, start: 0, end: 0 });
-        v.err(span, key, format!("cannot read {}: {e}", path.display()), None);
     }
 }
 
