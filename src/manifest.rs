@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::formats::image::{BlockDigest, BlockMap};
 use crate::platform::{Arch, BootMode};
 
 /// EBS direct APIs move snapshots in blocks of 512 KiB.
@@ -155,22 +156,6 @@ pub struct PartitionInfo {
     pub fs_uuid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs_label: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlockMap {
-    pub block_size: u64,
-    /// Blocks that hold data, ascending by index; every other block is all zeros.
-    pub data_blocks: Vec<BlockDigest>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BlockDigest {
-    pub index: u64,
-    /// SHA-256 (hex) of the block's 524288 bytes.
-    pub sha256: String,
 }
 
 /// `[ami]` after validation: every value is one EC2 accepts, sizes in whole GiB.

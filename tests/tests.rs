@@ -11,4 +11,5 @@ mod messages;
 mod moto;
 mod publish;
 mod recipe;
+mod structure;
 mod tar;

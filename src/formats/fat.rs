@@ -217,9 +217,9 @@ mod fsck_tests {
             FatFile { path: "vmlinuz".into(), bytes: vec![2; 5_000_000] },
         ];
         let mem = build(256 << 20, 0x1234_5678, "ESP", &files, 1_700_000_000).unwrap();
-        let mut v = crate::formats::image::VecSink::default();
+        let mut v = crate::image::VecSink::default();
         mem.emit(0, &mut v).unwrap();
-        crate::formats::image::Sink::finish(&mut v, 256 << 20).unwrap();
+        crate::image::Sink::finish(&mut v, 256 << 20).unwrap();
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("esp.img");
         std::fs::write(&p, &v.bytes).unwrap();

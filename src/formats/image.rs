@@ -7,6 +7,8 @@
 
 use std::io;
 
+use serde::{Deserialize, Serialize};
+
 /// Consumer of an ordered extent stream.
 pub trait Sink {
     /// `data` belongs at `offset`. Offsets are strictly ascending across calls and never overlap
@@ -205,6 +207,24 @@ impl Sink for Sha256Sink {
     }
 }
 
+/// Which blocks of an image hold data, and their digests: what an EBS upload sends and what a
+/// read-back is checked against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockMap {
+    pub block_size: u64,
+    /// Blocks that hold data, ascending by index; every other block is all zeros.
+    pub data_blocks: Vec<BlockDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDigest {
+    pub index: u64,
+    /// SHA-256 (hex) of the block's 524288 bytes.
+    pub sha256: String,
+}
+
 /// SHA-256 of every fixed-size block that received data (EBS snapshots move 512 KiB blocks).
 /// A block whose received bytes are all zero is left out: it reads back as zeros anyway.
 pub struct BlockDigests {
@@ -212,7 +232,7 @@ pub struct BlockDigests {
     current: Option<u64>,
     buf: Vec<u8>,
     dirty: bool,
-    blocks: Vec<crate::manifest::BlockDigest>,
+    blocks: Vec<BlockDigest>,
 }
 
 impl BlockDigests {
@@ -224,17 +244,16 @@ impl BlockDigests {
         use sha2::Digest;
         if let Some(index) = self.current.take() {
             if self.dirty && self.buf.iter().any(|&b| b != 0) {
-                self.blocks
-                    .push(crate::manifest::BlockDigest { index, sha256: hex::encode(sha2::Sha256::digest(&self.buf)) });
+                self.blocks.push(BlockDigest { index, sha256: hex::encode(sha2::Sha256::digest(&self.buf)) });
             }
             self.buf.fill(0);
             self.dirty = false;
         }
     }
 
-    pub fn into_block_map(mut self) -> crate::manifest::BlockMap {
+    pub fn into_block_map(mut self) -> BlockMap {
         self.close_block();
-        crate::manifest::BlockMap { block_size: self.block_size, data_blocks: self.blocks }
+        BlockMap { block_size: self.block_size, data_blocks: self.blocks }
     }
 }
 

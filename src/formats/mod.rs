@@ -1,4 +1,9 @@
-//! On-disk formats. Each is a plain library: no AWS, no async, no CLI, no progress bars.
+//! kiln's on-disk formats, a crate of their own: the tree a root file system is built from,
+//! tar in, ext4, FAT, GPT, the GRUB BIOS boot area, the EC2 instance-store bundle, the image
+//! stream with its digests, and SPDX out. Each is a plain library. This crate depends on no
+//! AWS SDK, async runtime, command line, terminal or manifest code, and because it is a
+//! separate crate the compiler holds it to that: nothing here can name kiln's other modules.
+//! The fuzz targets (`fuzz/`) build against it alone.
 
 pub mod bundle;
 pub mod ext4;
@@ -6,6 +11,7 @@ pub mod fat;
 pub mod gpt;
 pub mod grub_pc;
 pub mod image;
+pub mod progress;
 pub mod spdx;
 pub mod tar;
 pub mod tree;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::csum;
 use super::{Ext4Error, Ext4Options, SizeSpec, BLOCKS_PER_GROUP, BLOCK_SIZE, INODE_SIZE};
-use crate::formats::tree::{Content, InodeId, Kind, Timestamp, Tree};
+use crate::tree::{Content, InodeId, Kind, Timestamp, Tree};
 
 pub(super) const INODES_PER_BLOCK: u64 = BLOCK_SIZE / INODE_SIZE;
 /// Groups per flex group (`s_log_groups_per_flex` = 4), mke2fs's default.
@@ -666,8 +666,7 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
             }
             None => (None, None),
         };
-        let t =
-            |f: fn(&crate::formats::tree::Meta) -> Timestamp| meta.map(f).unwrap_or(Timestamp::new(opts.timestamp, 0));
+        let t = |f: fn(&crate::tree::Meta) -> Timestamp| meta.map(f).unwrap_or(Timestamp::new(opts.timestamp, 0));
         let mut rec = InodeRec {
             mode: kind.map(|k| k.mode_type()).unwrap_or(0o040000) | meta.map(|m| m.perm).unwrap_or(0o700),
             uid: meta.map(|m| m.uid).unwrap_or(0),

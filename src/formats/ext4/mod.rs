@@ -19,7 +19,7 @@ mod write;
 pub use layout::Ext4Plan;
 pub use read::{read_tree, ReadError};
 
-use crate::formats::tree::{Tree, TreeError};
+use crate::tree::{Tree, TreeError};
 
 /// ext4 feature bits (Documentation/filesystems/ext4/super.rst): which set each is in, its bit
 /// and e2fsprogs' name; the writer's sets and the reader's names both come from here.

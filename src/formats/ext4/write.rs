@@ -4,8 +4,8 @@
 use super::csum;
 use super::layout::{Ext4Plan, InodeRec, RegionKind, FIRST_INO, FLEX, JOURNAL_INO};
 use super::{features, Ext4Error, BLOCKS_PER_GROUP, BLOCK_SIZE, INODE_SIZE};
-use crate::formats::image::Sink;
-use crate::formats::tree::{Kind, Timestamp, Tree};
+use crate::image::Sink;
+use crate::tree::{Kind, Timestamp, Tree};
 
 const BS: usize = BLOCK_SIZE as usize;
 

@@ -1,0 +1,91 @@
+//! The house rules the compiler cannot see by itself: the format crate's dependencies, and
+//! one definition for each fact that used to be written in several places.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every `.rs` file under `dir`.
+fn sources(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `file:line` of every line under src/ containing `needle` (case-insensitive).
+fn lines_with(needle: &str) -> Vec<String> {
+    let needle = needle.to_lowercase();
+    let mut hits = Vec::new();
+    for f in sources(&repo().join("src")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            if line.to_lowercase().contains(&needle) {
+                hits.push(format!("{}:{}", f.strip_prefix(repo()).unwrap().display(), i + 1));
+            }
+        }
+    }
+    hits
+}
+
+/// The formats are a crate of their own so that nothing of AWS, async, the command line or the
+/// terminal can reach them; its dependency tree (as cargo resolves it, not as the manifest
+/// reads) must stay that way, so the fuzz targets keep building without the AWS SDK.
+#[test]
+fn the_formats_crate_depends_on_no_aws_async_cli_or_terminal_code() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(repo())
+        .args(["tree", "--offline", "-p", "kiln-formats", "-e", "normal", "--prefix", "none", "-f", "{p}"])
+        .output()
+        .expect("cargo tree runs");
+    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8(out.stdout).unwrap();
+    let names: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(names.contains(&"kiln-formats") && names.contains(&"sha2"), "unexpected cargo tree output:\n{tree}");
+    let forbidden = |n: &&str| {
+        n.starts_with("aws-")
+            || ["tokio", "hyper", "clap", "indicatif", "anyhow", "kiln"].contains(n)
+            || n.starts_with("tokio-")
+    };
+    let bad: Vec<&str> = names.iter().copied().filter(forbidden).collect();
+    assert!(bad.is_empty(), "kiln-formats now depends on {bad:?}");
+}
+
+/// Each of these facts was once written in several modules; one definition each now.
+#[test]
+fn each_fact_is_defined_once() {
+    for fact in [
+        // Partition type GUIDs: the ESP, the x86_64 and arm64 root, BIOS boot.
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+        "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+        "21686148-6449-6E6F-744E-656564454649",
+        // ext4 feature names (and with them their bits).
+        "\"metadata_csum\"",
+        "\"flex_bg\"",
+        // Architecture names as users write them.
+        "\"aarch64\"",
+    ] {
+        let hits = lines_with(fact);
+        assert_eq!(hits.len(), 1, "{fact} is written at {hits:?}");
+    }
+    // The fuzz targets use the format crate, not the files by path.
+    for f in [sources(&repo().join("fuzz/fuzz_targets")), sources(&repo().join("fuzz/src"))].concat() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(!text.contains("#[path"), "{} includes sources by path", f.display());
+    }
+}
