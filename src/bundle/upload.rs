@@ -16,9 +16,9 @@ use md5::{Digest, Md5};
 use serde::Serialize;
 
 use crate::aws::Endpoint;
+use crate::aws::{with_retry, AwsError, RetryPolicy};
 use crate::formats::bundle::BundleSummary;
 use crate::progress::{Progress, Unit};
-use crate::publish::retry::{with_retry, CallError, RetryPolicy};
 
 /// Tags on a registered bundle AMI: where its manifest is (which finds it again on a re-run)
 /// and the SHA-1 of the image's tar stream.
@@ -103,11 +103,9 @@ pub enum UploadError {
 }
 
 /// Turns a failed call into a message that says what to do about it.
-fn call_error(e: CallError, bucket: &str) -> UploadError {
+fn call_error(e: AwsError, bucket: &str) -> UploadError {
     let message = e.to_string();
-    let m = e.message();
-    let code = m.split_whitespace().next().unwrap_or("");
-    let advice = match code {
+    let advice = match e.code().unwrap_or("") {
         "AccessControlListNotSupported" => Some(format!(
             "bucket {bucket} has ACLs disabled (Object Ownership \"Bucket owner enforced\"), but EC2 reads bundles through the aws-exec-read ACL: set its Object Ownership to \"Bucket owner preferred\" (aws s3api put-bucket-ownership-controls --bucket {bucket} --ownership-controls 'Rules=[{{ObjectOwnership=BucketOwnerPreferred}}]') or use another bucket"
         )),

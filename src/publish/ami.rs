@@ -9,8 +9,8 @@ use aws_sdk_ec2::types::{
     LaunchPermissionModifications, PermissionGroup, ResourceType, Tag, TagSpecification, TpmSupportValues, VolumeType,
 };
 
-use super::retry::{with_retry, RetryPolicy};
 use super::PublishError;
+use crate::aws::{with_retry, RetryPolicy};
 use crate::manifest::{AmiSettings, Manifest};
 use crate::progress::{Progress, Unit};
 

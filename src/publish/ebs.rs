@@ -14,8 +14,8 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use super::record::{self, UploadState};
-use super::retry::{with_retry, RetryPolicy};
 use super::PublishError;
+use crate::aws::{with_retry, RetryPolicy};
 use crate::manifest::EBS_BLOCK_SIZE;
 use crate::progress::{Progress, Unit};
 

@@ -4,13 +4,13 @@
 //! already exists (an AMI with the same name and image SHA-256, or a completed snapshot of the
 //! same image), upload the snapshot with the EBS direct APIs ([`ebs`]), register the AMI,
 //! share it, copy it to the other regions ([`ami`]), and write the publish record ([`record`]).
-//! Retries live in one place ([`retry`]). This module and `crate::aws` are the only code that
-//! knows the AWS SDK and tokio; the entry points are synchronous.
+//! Retries and the AWS error type live in one place ([`crate::aws::retry`]). This module,
+//! `bundle::upload` and `crate::aws` are the only code that knows the AWS SDK and tokio; the
+//! entry points are synchronous.
 
 pub mod ami;
 pub mod ebs;
 pub mod record;
-pub mod retry;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,11 +20,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::aws::Endpoint;
+use crate::aws::{AwsError, RetryPolicy};
 use crate::manifest::{AmiSettings, Manifest, ManifestError, EBS_BLOCK_SIZE};
 use crate::platform::Arch;
 use crate::progress::Progress;
 pub use record::{PublishRecord, RegionImage};
-use retry::{CallError, RetryPolicy};
 
 /// PutSnapshotBlock requests in flight. Not tuned by measurement yet (benches/publish.sh has not
 /// been run): 16 overlaps request latency well beyond what 2 cores can hash and send, and stays
@@ -98,7 +98,7 @@ pub enum PublishError {
     #[error("{blocks} blocks is more than the EBS direct APIs can address")]
     TooManyBlocks { blocks: u64 },
     #[error(transparent)]
-    Aws(#[from] CallError),
+    Aws(#[from] AwsError),
     #[error("snapshot {snapshot_id} is in state {state}: {message}")]
     SnapshotFailed { snapshot_id: String, state: String, message: String },
     #[error("image {image_id} failed: {reason}")]

@@ -2,6 +2,10 @@
 //! chain and region, with an endpoint override for local stand-ins (moto) or private endpoints.
 //! Only `publish` and `bundle` upload code depends on this module.
 
+pub mod retry;
+
+pub use retry::{with_retry, AwsError, Failure, RetryPolicy};
+
 /// Where to send requests and for which region.
 #[derive(Debug, Clone, Default)]
 pub struct Endpoint {
