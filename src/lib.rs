@@ -9,6 +9,7 @@ pub mod boot;
 pub mod build;
 pub mod bundle;
 pub mod disk;
+pub mod ec2;
 pub use kiln_formats as formats;
 pub mod imds;
 pub mod launch;

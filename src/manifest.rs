@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ec2::{Ec2BootMode, ImdsSupport, VolumeType};
 pub use crate::formats::image::{BlockDigest, BlockMap};
 use crate::platform::{Arch, BootMode};
 
@@ -175,9 +176,8 @@ pub struct AmiSettings {
     pub tpm: bool,
     /// `v2.0` to require IMDSv2, or none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub imds: Option<String>,
-    /// EC2 BootMode value: `uefi`, `legacy-bios` or `uefi-preferred`.
-    pub boot_mode: String,
+    pub imds: Option<ImdsSupport>,
+    pub boot_mode: Ec2BootMode,
     pub launch_permissions: LaunchPermissions,
     pub tags: BTreeMap<String, String>,
     pub volumes: Vec<ExtraVolume>,
@@ -193,7 +193,7 @@ pub struct RootVolume {
     /// `/dev/xvda`.
     pub device: String,
     pub size_gib: u32,
-    pub volume_type: String,
+    pub volume_type: VolumeType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iops: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,7 +216,7 @@ pub struct LaunchPermissions {
 pub struct ExtraVolume {
     pub device: String,
     pub size_gib: u32,
-    pub volume_type: String,
+    pub volume_type: VolumeType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iops: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +255,37 @@ pub enum ManifestError {
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("manifest {path} has version {found}; this kiln reads version {MANIFEST_VERSION} (rebuild the image with this kiln)")]
     Version { path: PathBuf, found: u32 },
+}
+
+impl AmiSettings {
+    /// Every EC2 rule these settings break, with the recipe key each is about (`ami.tpm`,
+    /// `ami.volumes[1].iops`): the rules `kiln check` applies to the recipe, applied again.
+    pub fn problems(&self, arch: Arch, image_boot: BootMode) -> Vec<(String, crate::ec2::Problem)> {
+        use crate::ec2::{check_boot, check_volume, VolumeRequest};
+        let mut out: Vec<(String, crate::ec2::Problem)> = check_boot(arch, image_boot, self.boot_mode, self.tpm, false)
+            .into_iter()
+            .map(|p| (format!("ami.{}", p.field), p))
+            .collect();
+        let r = &self.root_volume;
+        let volumes =
+            std::iter::once(("ami.root_volume".to_string(), r.volume_type, r.size_gib, r.iops, r.throughput, true))
+                .chain(self.volumes.iter().enumerate().map(|(i, v)| {
+                    (format!("ami.volumes[{i}]"), v.volume_type, v.size_gib, v.iops, v.throughput, false)
+                }));
+        for (prefix, volume_type, size_gib, iops, throughput, root) in volumes {
+            let req = VolumeRequest {
+                volume_type,
+                size_gib: Some(size_gib),
+                iops: iops.map(i64::from),
+                throughput: throughput.map(i64::from),
+                root,
+            };
+            if let Err(ps) = check_volume(&req) {
+                out.extend(ps.into_iter().map(|p| (format!("{prefix}.{}", p.field), p)));
+            }
+        }
+        out
+    }
 }
 
 impl Manifest {

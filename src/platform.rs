@@ -108,14 +108,6 @@ impl BootMode {
             BootMode::Hybrid => "hybrid",
         }
     }
-    /// EC2 RegisterImage `BootMode` value.
-    pub fn ec2_boot_mode(self) -> &'static str {
-        match self {
-            BootMode::Uefi => "uefi",
-            BootMode::Bios => "legacy-bios",
-            BootMode::Hybrid => "uefi-preferred",
-        }
-    }
     pub fn has_uefi(self) -> bool {
         matches!(self, BootMode::Uefi | BootMode::Hybrid)
     }

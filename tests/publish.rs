@@ -48,7 +48,7 @@ fn settings(regions: &[&str]) -> AmiSettings {
         root_volume: RootVolume {
             device: "/dev/xvda".into(),
             size_gib: 2,
-            volume_type: "gp3".into(),
+            volume_type: kiln::ec2::VolumeType::Gp3,
             iops: Some(3000),
             throughput: Some(125),
             delete_on_termination: true,
@@ -56,8 +56,8 @@ fn settings(regions: &[&str]) -> AmiSettings {
         ena: true,
         sriov: true,
         tpm: true,
-        imds: Some("v2.0".into()),
-        boot_mode: "uefi".into(),
+        imds: Some(kiln::ec2::ImdsSupport::V2),
+        boot_mode: kiln::ec2::Ec2BootMode::Uefi,
         launch_permissions: LaunchPermissions {
             accounts: vec!["111122223333".into()],
             organizations: vec!["arn:aws:organizations::111122223333:organization/o-abcdefghij".into()],
@@ -68,7 +68,7 @@ fn settings(regions: &[&str]) -> AmiSettings {
         volumes: vec![ExtraVolume {
             device: "/dev/sdb".into(),
             size_gib: 100,
-            volume_type: "gp3".into(),
+            volume_type: kiln::ec2::VolumeType::Gp3,
             iops: Some(3000),
             throughput: Some(125),
             encrypted: true,
@@ -537,21 +537,59 @@ fn failed_registration_deletes_the_new_snapshot() {
     assert!(del[0].form()["SnapshotId"].starts_with("snap-"));
 }
 
+/// `kiln publish` judges the manifest's AMI settings by the rules `kiln check` applies to the
+/// recipe (a manifest may be edited, or made by another tool): each broken rule is refused
+/// before any request, in the words `kiln check` uses for the same mistake in a recipe.
 #[test]
-fn arm64_legacy_bios_is_refused_before_any_request() {
+fn invalid_ami_settings_are_refused_with_the_words_of_kiln_check() {
     let Some(moto) = Moto::start() else { return };
     let proxy = Proxy::start(moto.port, Mode::Pass);
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, &str, Edit); 3] = [
+        ("arm64-ami-legacy-bios.toml", "ami.boot_mode", |m| {
+            m["arch"] = "arm64".into();
+            m["ami"]["boot_mode"] = "legacy-bios".into();
+            m["ami"]["tpm"] = false.into();
+        }),
+        ("tpm-without-uefi.toml", "ami.tpm", |m| {
+            m["boot"] = "bios".into();
+            m["ami"]["boot_mode"] = "legacy-bios".into();
+        }),
+        ("ami-ranges.toml", "ami.volumes[1].iops", |m| {
+            m["ami"]["volumes"][0]["volume_type"] = "io2".into();
+            m["ami"]["volumes"][0]["iops"] = serde_json::Value::Null;
+            m["ami"]["volumes"][0]["throughput"] = serde_json::Value::Null;
+        }),
+    ];
+    for (fixture, key, edit) in cases {
+        let out =
+            common::kiln().args(["check", "--json", &format!("fixtures/recipes/bad/{fixture}")]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let errors = v["errors"].as_array().unwrap();
+        let said = errors.iter().find(|e| e["key"] == key).unwrap_or_else(|| panic!("{fixture}: no {key} in {v}"));
+        let message = said["message"].as_str().unwrap();
+
+        let (img, _) = test_image(&["us-east-1"]);
+        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&img.manifest).unwrap()).unwrap();
+        edit(&mut m);
+        std::fs::write(&img.manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+        let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{fixture}: published anyway");
+        // The manifest's first extra volume is the recipe's second: same rule, same words.
+        let key = key.replace("volumes[1]", "volumes[0]");
+        assert!(err.contains(&format!("{key}: {message}")), "{fixture}: kiln check says {message:?}; publish: {err}");
+        assert!(proxy.requests().is_empty(), "{fixture}: refused only after sending requests");
+    }
+    // A value EC2 does not know is refused when the manifest is read, naming the value.
     let (img, _) = test_image(&["us-east-1"]);
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&img.manifest).unwrap()).unwrap();
-    m["arch"] = "arm64".into();
-    m["ami"]["boot_mode"] = "legacy-bios".into();
-    m["ami"]["tpm"] = false.into();
+    m["ami"]["root_volume"]["volume_type"] = "gp4".into();
     std::fs::write(&img.manifest, serde_json::to_vec(&m).unwrap()).unwrap();
     let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("arm64") && err.contains("UEFI only"), "stderr: {err}");
-    assert!(proxy.requests().is_empty(), "refused only after sending requests");
+    assert!(!out.status.success() && err.contains("gp4"), "{err}");
+    assert!(proxy.requests().is_empty());
 }
 
 #[test]

@@ -189,7 +189,7 @@ fn shipped_recipes_load() {
     assert!(String::from_utf8_lossy(bytes).contains("datasource_list: [ Ec2, None ]"));
     let ami = ec2.ami.as_ref().expect("[ami]");
     assert!(!ami.launch_permissions.public && ami.launch_permissions.accounts.is_empty());
-    assert_eq!(ami.boot_mode, "uefi");
+    assert_eq!(ami.boot_mode.as_str(), "uefi");
 
     let web = recipe::load(Path::new(SHIPPED[2])).unwrap();
     assert_eq!(web.output_name(), "web-server-x86_64");
@@ -297,9 +297,9 @@ fn full_recipe_every_key() {
     assert_eq!(a.regions, vec!["eu-west-1", "us-east-1"]);
     assert_eq!(a.root_volume.size_gib, 8);
     assert_eq!((a.root_volume.iops, a.root_volume.throughput), (Some(4000), Some(250)));
-    assert_eq!(a.boot_mode, "uefi-preferred");
+    assert_eq!(a.boot_mode.as_str(), "uefi-preferred");
     assert!(a.ena && a.sriov && !a.tpm && a.encrypted);
-    assert_eq!(a.imds.as_deref(), Some("v2.0"));
+    assert_eq!(a.imds.map(|i| i.as_str()), Some("v2.0"));
     assert_eq!(a.launch_permissions.accounts, vec!["123456789012", "012345678901"]);
     assert_eq!(a.launch_permissions.organizational_units.len(), 1);
     // tags merge key by key, the child winning.

@@ -124,14 +124,25 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// A request that failed for good: at once (not retryable) or after every attempt. The one
 /// AWS error type of kiln, for publish and bundle alike.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{operation} failed{}: {last}", if *attempts > 1 { format!(" after {attempts} attempts; last error") } else { String::new() })]
+#[derive(Debug, Clone)]
 pub struct AwsError {
     /// What was asked (`RegisterImage`, `PutSnapshotBlock 12`).
     pub operation: String,
     pub attempts: u32,
     /// The last attempt's failure.
     pub last: Failure,
+}
+
+impl std::error::Error for AwsError {}
+
+impl std::fmt::Display for AwsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.last.retryable {
+            write!(f, "{} failed after {} attempts; last error: {}", self.operation, self.attempts, self.last)
+        } else {
+            write!(f, "{} failed: {} (not retryable)", self.operation, self.last)
+        }
+    }
 }
 
 impl AwsError {
@@ -210,7 +221,7 @@ mod tests {
             retryable: false,
         };
         let e = AwsError { operation: "RegisterImage".into(), attempts: 1, last: denied.clone() };
-        assert_eq!(e.to_string(), "RegisterImage failed: AccessDenied (HTTP 403): not allowed");
+        assert_eq!(e.to_string(), "RegisterImage failed: AccessDenied (HTTP 403): not allowed (not retryable)");
         assert_eq!(e.code(), Some("AccessDenied"));
         let slow = Failure { code: None, status: None, message: "no answer within 60 s".into(), retryable: true };
         let e = AwsError { operation: "PutSnapshotBlock 3".into(), attempts: 10, last: slow };

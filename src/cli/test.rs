@@ -224,7 +224,7 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Ou
         extra_volume_bytes: ami
             .map(|a| a.volumes.iter().map(|v| u64::from(v.size_gib) << 30).collect())
             .unwrap_or_default(),
-        tokens_required: ami.and_then(|a| a.imds.as_deref()) == Some("v2.0"),
+        tokens_required: ami.and_then(|a| a.imds) == Some(kiln::ec2::ImdsSupport::V2),
         user: user.clone(),
         root_key_credential: !cloud_init && user == "root",
         key,

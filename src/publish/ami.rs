@@ -100,30 +100,35 @@ pub async fn register(
     snapshot_id: &str,
     tags: &[(String, String)],
 ) -> Result<String, PublishError> {
+    // EC2 takes these as i32; validated settings always fit, and one that does not is an
+    // error, never a clamped value.
+    let int = |n: u32, what: &str| {
+        i32::try_from(n).map_err(|_| PublishError::Refused(format!("{what} {n} is more than EC2 accepts")))
+    };
     let mut root = EbsBlockDevice::builder()
         .snapshot_id(snapshot_id)
-        .volume_size(i32::try_from(s.root_volume.size_gib).unwrap_or(i32::MAX))
+        .volume_size(int(s.root_volume.size_gib, "root volume size")?)
         .volume_type(VolumeType::from(s.root_volume.volume_type.as_str()))
         .delete_on_termination(s.root_volume.delete_on_termination);
     if let Some(i) = s.root_volume.iops {
-        root = root.iops(i32::try_from(i).unwrap_or(i32::MAX));
+        root = root.iops(int(i, "root volume iops")?);
     }
     if let Some(t) = s.root_volume.throughput {
-        root = root.throughput(i32::try_from(t).unwrap_or(i32::MAX));
+        root = root.throughput(int(t, "root volume throughput")?);
     }
     let mut mappings = vec![BlockDeviceMapping::builder().device_name(&s.root_volume.device).ebs(root.build()).build()];
     for v in &s.volumes {
         let mut e = EbsBlockDevice::builder()
-            .volume_size(i32::try_from(v.size_gib).unwrap_or(i32::MAX))
+            .volume_size(int(v.size_gib, "volume size")?)
             .volume_type(VolumeType::from(v.volume_type.as_str()))
             .delete_on_termination(v.delete_on_termination)
             .encrypted(v.encrypted)
             .set_kms_key_id(v.kms_key_id.clone());
         if let Some(i) = v.iops {
-            e = e.iops(i32::try_from(i).unwrap_or(i32::MAX));
+            e = e.iops(int(i, "volume iops")?);
         }
         if let Some(t) = v.throughput {
-            e = e.throughput(i32::try_from(t).unwrap_or(i32::MAX));
+            e = e.throughput(int(t, "volume throughput")?);
         }
         mappings.push(BlockDeviceMapping::builder().device_name(&v.device).ebs(e.build()).build());
     }
@@ -150,7 +155,7 @@ pub async fn register(
         if s.tpm {
             req = req.tpm_support(TpmSupportValues::V20);
         }
-        if s.imds.as_deref() == Some("v2.0") {
+        if s.imds == Some(crate::ec2::ImdsSupport::V2) {
             req = req.imds_support(ImdsSupportValues::V20);
         }
         req.send()

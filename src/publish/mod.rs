@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 use crate::aws::Endpoint;
 use crate::aws::{AwsError, RetryPolicy};
 use crate::manifest::{AmiSettings, Manifest, ManifestError, EBS_BLOCK_SIZE};
-use crate::platform::Arch;
 use crate::progress::Progress;
 pub use record::{PublishRecord, RegionImage};
 
@@ -431,19 +430,11 @@ fn parse_digest(s: &str) -> Option<[u8; 32]> {
 
 /// Combinations EC2 would reject, refused before anything is uploaded.
 fn check_settings(m: &Manifest, s: &AmiSettings) -> Result<(), PublishError> {
-    if m.arch == Arch::Arm64 && s.boot_mode == "legacy-bios" {
-        return Err(PublishError::Refused(
-            "arm64 AMIs boot with UEFI only (Graviton has no BIOS); set boot_mode = \"uefi\" in [ami] or build with [image] boot = \"uefi\"".into(),
-        ));
-    }
-    if s.tpm && s.boot_mode == "legacy-bios" {
-        return Err(PublishError::Refused("TPM v2.0 needs UEFI; set tpm = false or boot_mode = \"uefi\"".into()));
-    }
-    if !["uefi", "legacy-bios", "uefi-preferred"].contains(&s.boot_mode.as_str()) {
-        return Err(PublishError::Refused(format!(
-            "boot_mode {:?} is not one EC2 knows (uefi, legacy-bios, uefi-preferred)",
-            s.boot_mode
-        )));
+    // The manifest may have been edited or made elsewhere: the rules `kiln check` applies to
+    // the recipe judge it again, with the same words.
+    if let Some((key, p)) = s.problems(m.arch, m.boot).into_iter().next() {
+        let help = p.help.map(|h| format!("; {h}")).unwrap_or_default();
+        return Err(PublishError::Refused(format!("{key}: {}{help}", p.message)));
     }
     let need_gib = m.image.size_bytes.div_ceil(GIB);
     if u64::from(s.root_volume.size_gib) < need_gib {

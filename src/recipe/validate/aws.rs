@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{check_source_file, V};
+use crate::ec2::{check_boot, check_volume as check_volume_rules, Ec2BootMode, ImdsSupport, VolumeRequest, VolumeType};
 use crate::manifest::{AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RootVolume};
 use crate::platform::{Arch, BootMode};
 use crate::recipe::error::{list, Span};
@@ -11,61 +12,6 @@ use crate::recipe::size::{self, GIB};
 
 /// EC2 allows 50 tags per resource; kiln adds its own (image SHA-256, recipe hash, name).
 const MAX_USER_TAGS: usize = 45;
-
-const VOLUME_TYPES: [&str; 7] = ["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"];
-
-/// EBS limits per volume type (Amazon EBS volume types, User Guide): size in GiB, and for the
-/// types that take them, provisioned IOPS and throughput (MiB/s) ranges and the largest
-/// IOPS-per-GiB ratio.
-struct VolumeLimits {
-    size_gib: (u32, u32),
-    iops: Option<(u32, u32)>,
-    iops_per_gib: u32,
-    iops_required: bool,
-    throughput: Option<(u32, u32)>,
-    bootable: bool,
-}
-
-fn limits(t: &str) -> VolumeLimits {
-    let plain = |lo, hi, bootable| VolumeLimits {
-        size_gib: (lo, hi),
-        iops: None,
-        iops_per_gib: 0,
-        iops_required: false,
-        throughput: None,
-        bootable,
-    };
-    match t {
-        "gp3" => VolumeLimits {
-            size_gib: (1, 65_536),
-            iops: Some((3_000, 80_000)),
-            iops_per_gib: 500,
-            iops_required: false,
-            throughput: Some((125, 2_000)),
-            bootable: true,
-        },
-        "io1" => VolumeLimits {
-            size_gib: (4, 16_384),
-            iops: Some((100, 64_000)),
-            iops_per_gib: 50,
-            iops_required: true,
-            throughput: None,
-            bootable: true,
-        },
-        "io2" => VolumeLimits {
-            size_gib: (4, 65_536),
-            iops: Some((100, 256_000)),
-            iops_per_gib: 1_000,
-            iops_required: true,
-            throughput: None,
-            bootable: true,
-        },
-        // Throughput-optimised and cold HDD cannot be boot volumes.
-        "st1" | "sc1" => plain(125, 16_384, false),
-        "standard" => plain(1, 1_024, true),
-        _ => plain(1, 16_384, true), // gp2
-    }
-}
 
 fn valid_region(r: &str) -> bool {
     // `us-east-1`, `eu-central-2`, `us-gov-west-1`, `ap-southeast-4`: a two-letter area,
@@ -127,18 +73,19 @@ fn gib_of(v: &mut V, s: &Loc<String>, key: &str) -> Option<u32> {
 
 struct CheckedVolume {
     size_gib: Option<u32>,
-    volume_type: String,
+    volume_type: VolumeType,
     iops: Option<u32>,
     throughput: Option<u32>,
 }
 
+/// A volume's type, size and performance, judged by EC2's rules ([`crate::ec2::check_volume`]),
+/// each problem reported at the value it is about.
 fn check_volume(v: &mut V, vol: &Loc<RawVolume>, prefix: &str, root: bool) -> Option<CheckedVolume> {
     let r = &vol.value;
-    let before = v.diags.len();
     let volume_type = match &r.volume_type {
-        None => "gp3".to_string(),
-        Some(t) => match v.one_of(t, &format!("{prefix}.type"), &VOLUME_TYPES) {
-            Some(t) => t.to_string(),
+        None => VolumeType::Gp3,
+        Some(t) => match v.one_of(t, &format!("{prefix}.type"), VolumeType::NAMES) {
+            Some(t) => t.parse().expect("one of the names"),
             None => {
                 // Without a type the other limits are unknown; the size can still be checked.
                 if let Some(s) = &r.size {
@@ -148,91 +95,35 @@ fn check_volume(v: &mut V, vol: &Loc<RawVolume>, prefix: &str, root: bool) -> Op
             }
         },
     };
-    let lim = limits(&volume_type);
-    if root && !lim.bootable {
-        let t = r.volume_type.as_ref().expect("type given");
-        v.err(
-            t.span,
-            format!("{prefix}.type"),
-            format!("{volume_type} volumes cannot be boot volumes"),
-            Some("use gp3 (or gp2, io1, io2) for the root volume".into()),
-        );
-    }
+    let size_given = r.size.is_some();
     let size_gib = r.size.as_ref().and_then(|s| gib_of(v, s, &format!("{prefix}.size")));
-    if let (Some(g), Some(s)) = (size_gib, &r.size) {
-        if !(lim.size_gib.0..=lim.size_gib.1).contains(&g) {
-            v.err(
-                s.span,
-                format!("{prefix}.size"),
-                format!(
-                    "{volume_type} volumes are {} to {} GiB; {} is outside",
-                    lim.size_gib.0, lim.size_gib.1, s.value
-                ),
-                None,
-            );
-        }
+    if size_given && size_gib.is_none() {
+        return None;
     }
-    let mut num = |field: &Option<Loc<i64>>, name: &str, range: Option<(u32, u32)>, unit: &str| -> Option<u32> {
-        let f = field.as_ref()?;
-        let key = format!("{prefix}.{name}");
-        let Some((lo, hi)) = range else {
-            let takes = if name == "iops" { "gp3, io1 and io2" } else { "gp3" };
-            v.err(
-                f.span,
-                key,
-                format!("{volume_type} volumes do not take `{name}`"),
-                Some(format!("only {takes} volumes have provisioned {name}")),
-            );
-            return None;
-        };
-        match u32::try_from(f.value) {
-            Ok(n) if (lo..=hi).contains(&n) => Some(n),
-            _ => {
-                v.err(
-                    f.span,
-                    key,
-                    format!("{name} {} is out of range for {volume_type}", f.value),
-                    Some(format!("{volume_type} accepts {lo} to {hi} {unit}")),
-                );
-                None
-            }
-        }
+    let req = VolumeRequest {
+        volume_type,
+        size_gib,
+        iops: r.iops.as_ref().map(|l| l.value),
+        throughput: r.throughput.as_ref().map(|l| l.value),
+        root,
     };
-    let iops = num(&r.iops, "iops", lim.iops, "IOPS");
-    let throughput = num(&r.throughput, "throughput", lim.throughput, "MiB/s");
-    if lim.iops_required && r.iops.is_none() {
-        v.err(
-            Span { end: vol.span.start, ..vol.span },
-            format!("{prefix}.iops"),
-            format!("{volume_type} volumes need `iops`"),
-            Some(format!("set iops between {} and {}", lim.iops.map_or(0, |r| r.0), lim.iops.map_or(0, |r| r.1))),
-        );
-    }
-    // The per-GiB ratio applies above gp3's free baseline of 3000 IOPS.
-    if let (Some(i), Some(g), Some(f)) = (iops, size_gib, &r.iops) {
-        let baseline = if volume_type == "gp3" { 3_000 } else { 0 };
-        if i > baseline && u64::from(i) > u64::from(g) * u64::from(lim.iops_per_gib) {
-            v.err(
-                f.span,
-                format!("{prefix}.iops"),
-                format!("{i} IOPS is more than {volume_type} allows for {g} GiB"),
-                Some(format!("{volume_type} allows at most {} IOPS per GiB", lim.iops_per_gib)),
-            );
+    match check_volume_rules(&req) {
+        Ok(values) => Some(CheckedVolume { size_gib, volume_type, iops: values.iops, throughput: values.throughput }),
+        Err(problems) => {
+            let header = Span { end: vol.span.start, ..vol.span };
+            for p in problems {
+                let span = match p.field {
+                    "type" => r.volume_type.as_ref().map(|l| l.span),
+                    "size" => r.size.as_ref().map(|l| l.span),
+                    "iops" => r.iops.as_ref().map(|l| l.span),
+                    "throughput" => r.throughput.as_ref().map(|l| l.span),
+                    _ => None,
+                };
+                v.err(span.unwrap_or(header), format!("{prefix}.{}", p.field), p.message, p.help);
+            }
+            None
         }
     }
-    // gp3 throughput is at most 0.25 MiB/s per provisioned IOPS.
-    if let (Some(t), Some(f)) = (throughput, &r.throughput) {
-        let i = iops.unwrap_or(3_000);
-        if t > 125 && u64::from(t) * 4 > u64::from(i) {
-            v.err(
-                f.span,
-                format!("{prefix}.throughput"),
-                format!("{t} MiB/s needs at least {} IOPS", u64::from(t) * 4),
-                Some("gp3 throughput is at most 0.25 MiB/s per provisioned IOPS".into()),
-            );
-        }
-    }
-    (v.diags.len() == before).then_some(CheckedVolume { size_gib, volume_type, iops, throughput })
 }
 
 fn check_device(v: &mut V, d: &Loc<String>, key: &str) -> Option<char> {
@@ -296,55 +187,27 @@ pub(super) fn check_ami(
 
     // Boot mode: from [image].boot unless set, and only one the image can actually boot.
     let boot_mode = match &r.boot_mode {
-        None => boot.ec2_boot_mode().to_string(),
-        Some(b) => {
-            let m =
-                v.one_of(b, "ami.boot_mode", &["uefi", "legacy-bios", "uefi-preferred"]).unwrap_or("uefi").to_string();
-            if arch == Arch::Arm64 && m != "uefi" {
-                let via = if arch_from_flag { " (arm64 was chosen with --arch)" } else { "" };
-                v.err(
-                    b.span,
-                    "ami.boot_mode",
-                    format!("boot_mode = \"{m}\" cannot be registered for arm64{via}"),
-                    Some("Graviton (arm64) instances boot UEFI only, so arm64 AMIs are registered as \"uefi\"; remove `boot_mode` or set it to \"uefi\"".into()),
-                );
-            } else {
-                let bootable = match m.as_str() {
-                    "legacy-bios" => boot.has_bios(),
-                    "uefi" => boot.has_uefi(),
-                    _ => boot == BootMode::Hybrid,
-                };
-                if !bootable {
-                    v.err(
-                        b.span,
-                        "ami.boot_mode",
-                        format!("boot_mode = \"{m}\" does not match the image, which boots {}", match boot {
-                            BootMode::Uefi => "UEFI only",
-                            BootMode::Bios => "legacy BIOS only",
-                            BootMode::Hybrid => "both ways",
-                        }),
-                        Some(format!("[image].boot = \"{boot}\" registers as \"{}\"; set [image].boot = \"hybrid\" for an image that boots both ways", boot.ec2_boot_mode())),
-                    );
-                }
-            }
-            m
-        }
+        None => boot.ec2_boot_mode(),
+        Some(b) => v
+            .one_of(b, "ami.boot_mode", Ec2BootMode::NAMES)
+            .map(|m| m.parse().expect("one of the names"))
+            .unwrap_or(boot.ec2_boot_mode()),
     };
     let tpm = r.tpm.as_ref().is_some_and(|t| t.value);
-    if tpm && boot_mode != "uefi" {
-        let t = r.tpm.as_ref().expect("tpm set");
-        v.err(
-            t.span,
-            "ami.tpm",
-            format!("tpm = true needs UEFI boot; this AMI would be registered as \"{boot_mode}\""),
-            Some("NitroTPM is only available to AMIs registered with boot_mode = \"uefi\"; use [image].boot = \"uefi\" (or set boot_mode = \"uefi\" with a hybrid image), or remove tpm".into()),
-        );
+    if r.boot_mode.is_some() || tpm {
+        for p in check_boot(arch, boot, boot_mode, tpm, arch_from_flag) {
+            let span = match p.field {
+                "tpm" => r.tpm.as_ref().map(|t| t.span),
+                _ => r.boot_mode.as_ref().map(|b| b.span),
+            };
+            v.err(span.unwrap_or(a.span), format!("ami.{}", p.field), p.message, p.help);
+        }
     }
     let imds = match &r.imds {
-        None => Some("v2.0".to_string()),
+        None => Some(ImdsSupport::V2),
         Some(i) => match v.one_of(i, "ami.imds", &["v2.0", "optional"]) {
             Some("optional") => None,
-            _ => Some("v2.0".to_string()),
+            _ => Some(ImdsSupport::V2),
         },
     };
 

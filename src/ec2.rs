@@ -1,0 +1,339 @@
+//! EC2's rules for an AMI's settings: the values it accepts, as types, and the limits that tie
+//! them together. The same rules judge a recipe (`kiln check`, `kiln build`, which point at the
+//! line) and a manifest (`kiln publish`, which may be handed one that was edited or made by
+//! another tool), so both say the same thing of the same mistake.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::platform::{Arch, BootMode};
+
+/// One broken rule: which setting (`boot_mode`, `tpm`, `type`, `size`, `iops`, `throughput`),
+/// what is wrong, and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: &'static str,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+fn problem(field: &'static str, message: String, help: Option<String>) -> Problem {
+    Problem { field, message, help }
+}
+
+/// A value that is not one of an enumeration's names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}` is not a valid {what}; accepted values: {accepted}")]
+pub struct UnknownValue {
+    pub what: &'static str,
+    pub value: String,
+    pub accepted: String,
+}
+
+macro_rules! names {
+    ($(#[$m:meta])* $ty:ident, $what:literal, { $($variant:ident = $name:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $ty {
+            $(#[serde(rename = $name)] $variant,)+
+        }
+        impl $ty {
+            /// Every value, as EC2 spells it.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $name,)+ }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+        impl FromStr for $ty {
+            type Err = UnknownValue;
+            fn from_str(s: &str) -> Result<Self, UnknownValue> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(UnknownValue { what: $what, value: s.into(), accepted: Self::NAMES.join(", ") }),
+                }
+            }
+        }
+    };
+}
+
+names!(
+    /// RegisterImage `BootMode`.
+    Ec2BootMode, "boot mode", { Uefi = "uefi", LegacyBios = "legacy-bios", UefiPreferred = "uefi-preferred" }
+);
+names!(
+    /// EBS volume types.
+    VolumeType, "volume type", {
+        Gp2 = "gp2", Gp3 = "gp3", Io1 = "io1", Io2 = "io2", St1 = "st1", Sc1 = "sc1", Standard = "standard",
+    }
+);
+names!(
+    /// RegisterImage `ImdsSupport`: `v2.0` requires IMDSv2 tokens on every instance.
+    ImdsSupport, "IMDS support", { V2 = "v2.0" }
+);
+
+impl BootMode {
+    /// How EC2 registers an image that boots this way.
+    pub fn ec2_boot_mode(self) -> Ec2BootMode {
+        match self {
+            BootMode::Uefi => Ec2BootMode::Uefi,
+            BootMode::Bios => Ec2BootMode::LegacyBios,
+            BootMode::Hybrid => Ec2BootMode::UefiPreferred,
+        }
+    }
+}
+
+/// EBS limits per volume type (Amazon EBS volume types, User Guide): size in GiB, and for the
+/// types that take them, provisioned IOPS and throughput (MiB/s) ranges and the largest
+/// IOPS-per-GiB ratio.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeLimits {
+    pub size_gib: (u32, u32),
+    pub iops: Option<(u32, u32)>,
+    pub iops_per_gib: u32,
+    pub iops_required: bool,
+    pub throughput: Option<(u32, u32)>,
+    pub bootable: bool,
+}
+
+impl VolumeType {
+    pub fn limits(self) -> VolumeLimits {
+        let plain = |lo, hi, bootable| VolumeLimits {
+            size_gib: (lo, hi),
+            iops: None,
+            iops_per_gib: 0,
+            iops_required: false,
+            throughput: None,
+            bootable,
+        };
+        match self {
+            VolumeType::Gp3 => VolumeLimits {
+                size_gib: (1, 65_536),
+                iops: Some((3_000, 80_000)),
+                iops_per_gib: 500,
+                iops_required: false,
+                throughput: Some((125, 2_000)),
+                bootable: true,
+            },
+            VolumeType::Io1 => VolumeLimits {
+                size_gib: (4, 16_384),
+                iops: Some((100, 64_000)),
+                iops_per_gib: 50,
+                iops_required: true,
+                throughput: None,
+                bootable: true,
+            },
+            VolumeType::Io2 => VolumeLimits {
+                size_gib: (4, 65_536),
+                iops: Some((100, 256_000)),
+                iops_per_gib: 1_000,
+                iops_required: true,
+                throughput: None,
+                bootable: true,
+            },
+            // Throughput-optimised and cold HDD cannot be boot volumes.
+            VolumeType::St1 | VolumeType::Sc1 => plain(125, 16_384, false),
+            VolumeType::Standard => plain(1, 1_024, true),
+            VolumeType::Gp2 => plain(1, 16_384, true),
+        }
+    }
+}
+
+/// What a volume asks for; numbers as written (a recipe may hold any integer).
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeRequest {
+    pub volume_type: VolumeType,
+    pub size_gib: Option<u32>,
+    pub iops: Option<i64>,
+    pub throughput: Option<i64>,
+    pub root: bool,
+}
+
+/// The checked numbers of a volume that broke no rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeValues {
+    pub iops: Option<u32>,
+    pub throughput: Option<u32>,
+}
+
+/// Every rule `v` breaks, or its checked values.
+pub fn check_volume(v: &VolumeRequest) -> Result<VolumeValues, Vec<Problem>> {
+    let t = v.volume_type;
+    let lim = t.limits();
+    let mut out = Vec::new();
+    if v.root && !lim.bootable {
+        out.push(problem(
+            "type",
+            format!("{t} volumes cannot be boot volumes"),
+            Some("use gp3 (or gp2, io1, io2) for the root volume".into()),
+        ));
+    }
+    if let Some(g) = v.size_gib {
+        if !(lim.size_gib.0..=lim.size_gib.1).contains(&g) {
+            out.push(problem(
+                "size",
+                format!("{t} volumes are {} to {} GiB; {g} GiB is outside", lim.size_gib.0, lim.size_gib.1),
+                None,
+            ));
+        }
+    }
+    let mut num = |value: Option<i64>, field: &'static str, range: Option<(u32, u32)>, unit: &str| -> Option<u32> {
+        let value = value?;
+        let Some((lo, hi)) = range else {
+            let takes = if field == "iops" { "gp3, io1 and io2" } else { "gp3" };
+            out.push(problem(
+                field,
+                format!("{t} volumes do not take `{field}`"),
+                Some(format!("only {takes} volumes have provisioned {field}")),
+            ));
+            return None;
+        };
+        match u32::try_from(value) {
+            Ok(n) if (lo..=hi).contains(&n) => Some(n),
+            _ => {
+                out.push(problem(
+                    field,
+                    format!("{field} {value} is out of range for {t}"),
+                    Some(format!("{t} accepts {lo} to {hi} {unit}")),
+                ));
+                None
+            }
+        }
+    };
+    let iops = num(v.iops, "iops", lim.iops, "IOPS");
+    let throughput = num(v.throughput, "throughput", lim.throughput, "MiB/s");
+    if lim.iops_required && v.iops.is_none() {
+        out.push(problem(
+            "iops",
+            format!("{t} volumes need `iops`"),
+            Some(format!("set iops between {} and {}", lim.iops.map_or(0, |r| r.0), lim.iops.map_or(0, |r| r.1))),
+        ));
+    }
+    // The per-GiB ratio applies above gp3's free baseline of 3000 IOPS.
+    if let (Some(i), Some(g)) = (iops, v.size_gib) {
+        let baseline = if t == VolumeType::Gp3 { 3_000 } else { 0 };
+        if i > baseline && u64::from(i) > u64::from(g) * u64::from(lim.iops_per_gib) {
+            out.push(problem(
+                "iops",
+                format!("{i} IOPS is more than {t} allows for {g} GiB"),
+                Some(format!("{t} allows at most {} IOPS per GiB", lim.iops_per_gib)),
+            ));
+        }
+    }
+    // gp3 throughput is at most 0.25 MiB/s per provisioned IOPS.
+    if let Some(tp) = throughput {
+        let i = iops.unwrap_or(3_000);
+        if tp > 125 && u64::from(tp) * 4 > u64::from(i) {
+            out.push(problem(
+                "throughput",
+                format!("{tp} MiB/s needs at least {} IOPS", u64::from(tp) * 4),
+                Some("gp3 throughput is at most 0.25 MiB/s per provisioned IOPS".into()),
+            ));
+        }
+    }
+    if out.is_empty() {
+        Ok(VolumeValues { iops, throughput })
+    } else {
+        Err(out)
+    }
+}
+
+/// The rules between the boot mode an AMI is registered with, the image and the architecture:
+/// arm64 is UEFI only, the mode must be one the image boots, and NitroTPM needs UEFI.
+/// `arch_from_flag` adds that arm64 was chosen on the command line, when it was.
+pub fn check_boot(arch: Arch, image: BootMode, mode: Ec2BootMode, tpm: bool, arch_from_flag: bool) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if arch == Arch::Arm64 && mode != Ec2BootMode::Uefi {
+        let via = if arch_from_flag { " (arm64 was chosen with --arch)" } else { "" };
+        out.push(problem(
+            "boot_mode",
+            format!("boot_mode = \"{mode}\" cannot be registered for arm64{via}"),
+            Some("Graviton (arm64) instances boot UEFI only, so arm64 AMIs are registered as \"uefi\"; remove `boot_mode` or set it to \"uefi\"".into()),
+        ));
+    } else {
+        let bootable = match mode {
+            Ec2BootMode::LegacyBios => image.has_bios(),
+            Ec2BootMode::Uefi => image.has_uefi(),
+            Ec2BootMode::UefiPreferred => image == BootMode::Hybrid,
+        };
+        if !bootable {
+            let how = match image {
+                BootMode::Uefi => "UEFI only",
+                BootMode::Bios => "legacy BIOS only",
+                BootMode::Hybrid => "both ways",
+            };
+            out.push(problem(
+                "boot_mode",
+                format!("boot_mode = \"{mode}\" does not match the image, which boots {how}"),
+                Some(format!("[image].boot = \"{image}\" registers as \"{}\"; set [image].boot = \"hybrid\" for an image that boots both ways", image.ec2_boot_mode())),
+            ));
+        }
+    }
+    if tpm && mode != Ec2BootMode::Uefi {
+        out.push(problem(
+            "tpm",
+            format!("tpm = true needs UEFI boot; this AMI would be registered as \"{mode}\""),
+            Some("NitroTPM is only available to AMIs registered with boot_mode = \"uefi\"; use [image].boot = \"uefi\" (or set boot_mode = \"uefi\" with a hybrid image), or remove tpm".into()),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_text_and_json() {
+        for n in Ec2BootMode::NAMES {
+            let m: Ec2BootMode = n.parse().unwrap();
+            assert_eq!(m.as_str(), *n);
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{n}\""));
+        }
+        for n in VolumeType::NAMES {
+            let t: VolumeType = serde_json::from_str(&format!("\"{n}\"")).unwrap();
+            assert_eq!(t.to_string(), *n);
+        }
+        let e = "gp4".parse::<VolumeType>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "`gp4` is not a valid volume type; accepted values: gp2, gp3, io1, io2, st1, sc1, standard"
+        );
+        assert!(serde_json::from_str::<ImdsSupport>("\"v1.0\"").is_err());
+    }
+
+    #[test]
+    fn volume_rules() {
+        let req =
+            |t, size, iops, throughput, root| VolumeRequest { volume_type: t, size_gib: size, iops, throughput, root };
+        assert_eq!(
+            check_volume(&req(VolumeType::Gp3, Some(8), Some(4000), Some(250), true)),
+            Ok(VolumeValues { iops: Some(4000), throughput: Some(250) })
+        );
+        let fields = |r: Result<VolumeValues, Vec<Problem>>| r.unwrap_err().iter().map(|p| p.field).collect::<Vec<_>>();
+        assert_eq!(fields(check_volume(&req(VolumeType::St1, Some(500), None, None, true))), ["type"]);
+        assert_eq!(fields(check_volume(&req(VolumeType::Gp2, Some(20_000), None, None, false))), ["size"]);
+        assert_eq!(fields(check_volume(&req(VolumeType::Io2, Some(10), None, None, false))), ["iops"]);
+        assert_eq!(fields(check_volume(&req(VolumeType::Io1, Some(10), Some(1000), None, false))), ["iops"]);
+        assert_eq!(fields(check_volume(&req(VolumeType::Gp3, Some(8), Some(i64::MAX), None, false))), ["iops"]);
+        assert_eq!(fields(check_volume(&req(VolumeType::Gp2, Some(8), None, Some(200), false))), ["throughput"]);
+        assert_eq!(fields(check_volume(&req(VolumeType::Gp3, Some(100), None, Some(1000), false))), ["throughput"]);
+    }
+
+    #[test]
+    fn boot_rules() {
+        assert!(check_boot(Arch::X86_64, BootMode::Hybrid, Ec2BootMode::UefiPreferred, false, false).is_empty());
+        assert!(check_boot(Arch::Arm64, BootMode::Uefi, Ec2BootMode::Uefi, true, false).is_empty());
+        let p = check_boot(Arch::Arm64, BootMode::Hybrid, Ec2BootMode::LegacyBios, true, true);
+        assert_eq!(p.iter().map(|p| p.field).collect::<Vec<_>>(), ["boot_mode", "tpm"]);
+        assert!(p[0].message.ends_with("(arm64 was chosen with --arch)"));
+        let p = check_boot(Arch::X86_64, BootMode::Uefi, Ec2BootMode::LegacyBios, false, false);
+        assert_eq!(p[0].message, "boot_mode = \"legacy-bios\" does not match the image, which boots UEFI only");
+    }
+}
