@@ -110,6 +110,34 @@ fn checksum_file_verifies_with_sha256sum() {
     assert!(text.starts_with(&b.manifest.image.sha256));
 }
 
+/// Outputs are created as open(2) would create them (0666 less the umask, which kiln inherits
+/// from this test), not owner-only: the uploader or artifact server of a build machine is
+/// often another user. No temporary file is left beside them.
+#[test]
+fn outputs_follow_the_umask_and_leave_no_temporaries() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(b) = minimal() else { return };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|u| u32::from_str_radix(u.trim(), 8).unwrap())
+        .unwrap();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&b.out).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask, "{name} has mode {mode:o} under umask {umask:03o}");
+        assert!(!name.starts_with('.'), "{name} was left behind");
+        names.push(name);
+    }
+    names.sort();
+    for suffix in [".raw", ".raw.sha256", ".manifest.json", ".spdx.json"] {
+        assert!(names.iter().any(|n| n.ends_with(suffix)), "no *{suffix} among {names:?}");
+    }
+}
+
 #[test]
 fn filesystems_are_clean_by_fsck_fat_and_e2fsck() {
     let Some(b) = minimal() else { return };

@@ -239,6 +239,7 @@ pub fn run(r: &Resolved, o: &BundleOptions, progress: &dyn Progress) -> Result<B
     }
     let path = r.out_dir.join(format!("{}.bundle.json", r.spec.name));
     let json = serde_json::to_vec_pretty(&record).expect("the record serialises");
-    std::fs::write(&path, json).map_err(|source| BundleStageError::Write { path: path.clone(), source })?;
+    crate::formats::atomic::write(&path, &json)
+        .map_err(|source| BundleStageError::Write { path: path.clone(), source })?;
     Ok(record)
 }

@@ -97,9 +97,7 @@ const PENDING_MAX: usize = 8 << 20;
 
 impl SparseFile {
     pub fn create(dest: &std::path::Path) -> io::Result<SparseFile> {
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".partial").tempfile_in(dir)?;
+        let tmp = crate::atomic::temp_beside(dest)?;
         Ok(SparseFile { tmp: Some(tmp), dest: dest.to_path_buf(), pending: Vec::new(), pending_at: 0, len: None })
     }
 
@@ -113,6 +111,19 @@ impl SparseFile {
         Ok(())
     }
 
+    /// Starts writing the data out to the disk without waiting for it, so the fsync in
+    /// [`SparseFile::persist`] finds little left to do when other work (hashing) ran meanwhile.
+    pub fn start_writeback(&mut self) -> io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        self.flush_pending()?;
+        let fd = self.tmp.as_ref().expect("open until persisted").as_file().as_raw_fd();
+        // SAFETY: fd is an open file descriptor owned by self for the duration of the call.
+        if unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Moves the finished file to its destination (after [`Sink::finish`]).
     pub fn persist(mut self) -> io::Result<()> {
         self.flush_pending()?;
@@ -120,9 +131,7 @@ impl SparseFile {
             return Err(io::Error::other("image stream was not finished"));
         }
         let tmp = self.tmp.take().expect("open until persisted");
-        tmp.as_file().sync_data()?;
-        tmp.persist(&self.dest).map_err(|e| e.error)?;
-        Ok(())
+        crate::atomic::persist(tmp, &self.dest)
     }
 }
 

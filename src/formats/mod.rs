@@ -5,6 +5,7 @@
 //! separate crate the compiler holds it to that: nothing here can name kiln's other modules.
 //! The fuzz targets (`fuzz/`) build against it alone.
 
+pub mod atomic;
 pub mod bundle;
 pub mod ext4;
 pub mod fat;

@@ -61,14 +61,9 @@ pub fn state_path(manifest_path: &Path) -> PathBuf {
 
 /// Writes `value` as pretty JSON to `path` through a temp file and a rename.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     let mut text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     text.push(b'\n');
-    std::io::Write::write_all(&mut tmp, &text)?;
-    tmp.as_file().sync_data()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    crate::formats::atomic::write(path, &text)
 }
 
 pub fn read_state(path: &Path) -> std::io::Result<Option<UploadState>> {

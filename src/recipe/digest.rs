@@ -140,12 +140,8 @@ fn lookup(slot: &Path, now: &Stamp) -> Option<FileDigest> {
 }
 
 fn store(slot: &Path, e: &Entry) -> io::Result<()> {
-    let dir = slot.parent().expect("slot is inside the cache dir");
-    std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    serde_json::to_writer(&mut tmp, e).map_err(io::Error::other)?;
-    tmp.persist(slot).map_err(|e| e.error)?;
-    Ok(())
+    std::fs::create_dir_all(slot.parent().expect("slot is inside the cache dir"))?;
+    crate::formats::atomic::write(slot, &serde_json::to_vec(e).map_err(io::Error::other)?)
 }
 
 #[cfg(test)]

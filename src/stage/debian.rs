@@ -276,7 +276,7 @@ pub fn stage(
         }
     }
     let status = child.wait().map_err(io("waiting for mmdebstrap", &partial))?;
-    std::fs::write(&log, &log_text).map_err(io("writing log", &log))?;
+    crate::formats::atomic::write(&log, log_text.as_bytes()).map_err(io("writing log", &log))?;
     if !status.success() {
         let _ = std::fs::remove_file(&partial);
         let tail: Vec<&str> = log_text.lines().rev().take(25).collect();
@@ -291,8 +291,10 @@ pub fn stage(
     let info = BaseInfo { cache_key: key, staged_at, archive };
     // The record first: a tarball without one is not trusted (see load_cached).
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
-    std::fs::write(&record, json).map_err(io("writing", &record))?;
+    crate::formats::atomic::write(&record, &json).map_err(io("writing", &record))?;
+    std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(io("writing", &partial))?;
     std::fs::rename(&partial, &tar).map_err(io("publishing staged base", &tar))?;
+    crate::formats::atomic::sync_dir(&dir).map_err(io("publishing staged base", &tar))?;
     remove_older(base, &dir, &stem);
     progress.end(&format!("{} packages requested", base.packages.len()));
     Ok(StagedBase { tar, cached: false, info, age_secs: 0 })

@@ -138,10 +138,7 @@ pub fn unbundle(
 
     let member = tar::read_member(&mut tar_in).map_err(BundleError::Corrupt)?;
     let out_dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".kiln-unbundle-")
-        .tempfile_in(out_dir)
-        .map_err(io_err("creating a temporary file in", out_dir))?;
+    let tmp = crate::atomic::temp_beside(output).map_err(io_err("creating a temporary file in", out_dir))?;
     let out = tmp.as_file();
     progress.begin("restoring", Some(member.map.iter().map(|r| r.len).sum()), Unit::Bytes);
     let mut buf = vec![0u8; 1 << 20];
@@ -174,8 +171,7 @@ pub fn unbundle(
             member.size, m.size
         )));
     }
-    out.sync_all().map_err(io_err("writing", output))?;
-    tmp.persist(output).map_err(|e| io_err("renaming into", output)(e.error))?;
+    crate::atomic::persist(tmp, output).map_err(io_err("writing", output))?;
     progress.end("restored");
     Ok(UnbundleSummary { manifest: m, output: output.to_path_buf(), member_name: member.name })
 }
