@@ -252,6 +252,11 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let image_path = opts.out_dir.join(format!("{name}.raw"));
     let size = plan.size_bytes();
     progress.begin("writing image", Some(size), Unit::Bytes);
+    // Temporary files a killed build left here (SIGKILL gives no chance to clean up).
+    for suffix in [".raw", ".raw.sha256", ".spdx.json", ".manifest.json"] {
+        let p = opts.out_dir.join(format!("{name}{suffix}"));
+        crate::formats::atomic::remove_stale(&p).with_context(|| format!("cleaning up beside {}", p.display()))?;
+    }
     let mut file = SparseFile::create(&image_path).with_context(|| format!("creating {}", image_path.display()))?;
     // The whole-image SHA-256 is the longest single job (it hashes the zeros too, about 1.5 s
     // per 2 GiB with SHA instructions), so it gets the second core to itself; this one plans,
@@ -267,6 +272,8 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     file.start_writeback().with_context(|| format!("writing {}", image_path.display()))?;
     let sha256 = whole.join().context("hashing the image")?.hex();
     let block_map = blocks.into_block_map();
+    // The last moment to stop with nothing published; from here the outputs are written out.
+    crate::interrupt::check()?;
     file.persist().with_context(|| format!("finishing {}", image_path.display()))?;
     progress.end(&format!("{} ({} data blocks of 512 KiB)", human_bytes(size), block_map.data_blocks.len()));
 
@@ -380,6 +387,8 @@ struct Counted<'a, S> {
 
 impl<S: Sink> Sink for Counted<'_, S> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        // A stop request ends the write; the temporary image is removed as it is dropped.
+        crate::interrupt::check().map_err(|stop| std::io::Error::new(std::io::ErrorKind::Interrupted, stop))?;
         self.inner.write_at(offset, data)?;
         let end = offset + data.len() as u64;
         if end > self.at {

@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn kernel_versions_sort_numerically() {
-        let mut v = vec!["6.1.0-9-cloud-amd64".to_string(), "6.1.0-28-cloud-amd64".to_string()];
+        let mut v = ["6.1.0-9-cloud-amd64".to_string(), "6.1.0-28-cloud-amd64".to_string()];
         v.sort_by_key(|x| version_key(x));
         assert_eq!(v.last().unwrap(), "6.1.0-28-cloud-amd64");
     }

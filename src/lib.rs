@@ -12,6 +12,7 @@ pub mod disk;
 pub mod ec2;
 pub use kiln_formats as formats;
 pub mod imds;
+pub mod interrupt;
 pub mod launch;
 pub mod manifest;
 pub mod message;

@@ -117,18 +117,16 @@ fn checksum_file_verifies_with_sha256sum() {
 fn outputs_follow_the_umask_and_leave_no_temporaries() {
     use std::os::unix::fs::PermissionsExt;
     let Some(b) = minimal() else { return };
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let umask = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Umask:"))
-        .map(|u| u32::from_str_radix(u.trim(), 8).unwrap())
-        .unwrap();
+    // What open(2) gives under this process's umask, which kiln inherited.
+    let probe = tempdir();
+    let made = std::fs::File::create(probe.path().join("probe")).unwrap();
+    let expected = made.metadata().unwrap().permissions().mode() & 0o777;
     let mut names = Vec::new();
     for e in std::fs::read_dir(&b.out).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().to_string_lossy().into_owned();
         let mode = e.metadata().unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o666 & !umask, "{name} has mode {mode:o} under umask {umask:03o}");
+        assert_eq!(mode, expected, "{name} has mode {mode:o}, not {expected:o} as open(2) gives");
         assert!(!name.starts_with('.'), "{name} was left behind");
         names.push(name);
     }
@@ -641,4 +639,101 @@ fn a_stale_base_is_restaged_and_an_unchanged_one_kept() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no base is cached"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Names of the hidden (temporary) files in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// Starts `kiln build` and sends `signal` once the image is being written (its temporary
+/// file exists); returns the exit status and stderr.
+fn build_stopped_by(recipe: &Path, out: &Path, cache: &Path, signal: i32) -> (std::process::ExitStatus, String) {
+    let mut child = kiln()
+        .arg("build")
+        .arg(recipe)
+        .arg("--out")
+        .arg(out)
+        .arg("-q")
+        .env("KILN_CACHE_DIR", cache)
+        .env("SOURCE_DATE_EPOCH", EPOCH)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !temporaries(out).iter().any(|n| n.ends_with(".partial")) {
+        assert!(started.elapsed().as_secs() < 120, "the build never started writing its image");
+        assert!(child.try_wait().unwrap().is_none(), "the build ended before it could be stopped");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Build servers stop jobs: SIGINT and SIGTERM end a build cleanly (exit 130 and 143, a
+/// message, temporary files removed, the previous outputs untouched); a build killed with
+/// SIGKILL leaves its temporary image, which the next build removes.
+#[test]
+fn a_stopped_build_publishes_nothing_and_a_killed_one_is_cleaned_up() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(archive) = crate::common::debian_root_tar() else { return };
+    let t = tempdir();
+    let (out, cache, recipe) = (t.path().join("out"), t.path().join("cache"), t.path().join("stop.toml"));
+    let write_recipe = |motd: &str| {
+        std::fs::write(
+            &recipe,
+            format!(
+                "[image]\nname = \"stop\"\narch = \"x86_64\"\nsize = \"3GiB\"\nbase = {{ tarball = \"{}\" }}\n\n[system]\nnetwork = \"none\"\n\n[[files]]\npath = \"/etc/motd\"\ncontent = \"{motd}\"\n",
+                archive.display()
+            ),
+        )
+        .unwrap()
+    };
+    let build = || {
+        run_ok(
+            kiln()
+                .arg("build")
+                .arg(&recipe)
+                .arg("--out")
+                .arg(&out)
+                .env("KILN_CACHE_DIR", &cache)
+                .env("SOURCE_DATE_EPOCH", EPOCH),
+        )
+    };
+    write_recipe("first");
+    build();
+    let manifest = std::fs::read(out.join("stop-x86_64.manifest.json")).unwrap();
+    let sums = std::fs::read(out.join("stop-x86_64.raw.sha256")).unwrap();
+
+    write_recipe("second");
+    for (signal, code, name) in [(libc::SIGINT, 130, "SIGINT"), (libc::SIGTERM, 143, "SIGTERM")] {
+        let (status, err) = build_stopped_by(&recipe, &out, &cache, signal);
+        assert_eq!(status.code(), Some(code), "{name}: {status:?}, stderr: {err}");
+        assert!(err.contains(&format!("stopped by {name}")) && err.contains("nothing new was published"), "{err}");
+        assert_eq!(temporaries(&out), Vec::<String>::new(), "{name} left temporary files");
+        assert_eq!(std::fs::read(out.join("stop-x86_64.manifest.json")).unwrap(), manifest, "{name}");
+        assert_eq!(std::fs::read(out.join("stop-x86_64.raw.sha256")).unwrap(), sums, "{name}");
+        let check = stdout_of(Command::new("sha256sum").arg("-c").arg("stop-x86_64.raw.sha256").current_dir(&out));
+        assert!(check.trim().ends_with(": OK"), "{name}: the earlier image no longer matches: {check}");
+    }
+
+    let (status, _) = build_stopped_by(&recipe, &out, &cache, libc::SIGKILL);
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let left = temporaries(&out);
+    assert_eq!(left.len(), 1, "SIGKILL should leave the temporary image: {left:?}");
+    // Only leftovers a few seconds old are taken for a dead build's: age this one.
+    let f = std::fs::File::options().write(true).open(out.join(&left[0])).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
+    drop(f);
+    build();
+    assert_eq!(temporaries(&out), Vec::<String>::new(), "the next build did not clean up");
+    assert_ne!(std::fs::read(out.join("stop-x86_64.manifest.json")).unwrap(), manifest);
+    let check = stdout_of(Command::new("sha256sum").arg("-c").arg("stop-x86_64.raw.sha256").current_dir(&out));
+    assert!(check.trim().ends_with(": OK"), "{check}");
 }

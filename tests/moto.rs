@@ -126,7 +126,7 @@ fn url_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 => {
+            b'%' if i + 2 < b.len() => {
                 out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
                 i += 2;
             }
@@ -370,8 +370,7 @@ fn forward(port: u16, req: &Recorded) -> std::io::Result<Vec<u8>> {
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(p) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(p) = b.windows(2).position(|w| w == b"\r\n") {
         let n = usize::from_str_radix(String::from_utf8_lossy(&b[..p]).trim().split(';').next().unwrap_or("0"), 16)
             .unwrap_or(0);
         if n == 0 {

@@ -83,6 +83,7 @@ pub fn source_date_epoch_from_env() -> Result<Option<i64>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    kiln::interrupt::install().context("setting up signal handling")?;
     let cache_dir = args.cache_dir.clone().unwrap_or_else(build::default_cache_dir);
     let mut recipe = kiln::recipe::load_with(&args.recipe, build::digest_cache(&cache_dir))?;
     if let Some(arch) = args.arch {

@@ -15,13 +15,67 @@ use std::path::Path;
 use tempfile::NamedTempFile;
 
 /// A temporary file beside `dest`, named `.NAME.XXXXXX.partial`, mode 0666 less the umask.
+/// It is flock'ed while open, so [`remove_stale`] can tell a live writer's file from one a
+/// killed process left behind.
 pub fn temp_beside(dest: &Path) -> io::Result<NamedTempFile> {
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".partial")
+    let tmp = tempfile::Builder::new()
+        .prefix(&temp_prefix(dest))
+        .suffix(TEMP_SUFFIX)
         .permissions(std::fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir_of(dest))
+        .tempfile_in(dir_of(dest))?;
+    lock(tmp.as_file(), libc::LOCK_EX)?;
+    Ok(tmp)
+}
+
+const TEMP_SUFFIX: &str = ".partial";
+/// Leftovers younger than this are left alone: a writer flocks its file right after creating
+/// it, and this covers the moment between the two.
+const STALE_AFTER_SECS: u64 = 10;
+
+fn temp_prefix(dest: &Path) -> String {
+    format!(".{}.", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
+fn lock(f: &std::fs::File, how: libc::c_int) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::flock(f.as_raw_fd(), how) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes the temporary files of `dest` that a killed process left behind (SIGKILL, power
+/// loss): those no process holds a lock on, older than a few seconds. Returns how many.
+pub fn remove_stale(dest: &Path) -> io::Result<usize> {
+    let prefix = temp_prefix(dest);
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir_of(dest)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(&prefix) && name.ends_with(TEMP_SUFFIX)) {
+            continue;
+        }
+        let path = e.path();
+        let Ok(f) = std::fs::File::open(&path) else { continue };
+        let old = f
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() >= STALE_AFTER_SECS);
+        if old && lock(&f, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Puts a finished temporary file at `dest`: fsync, rename, fsync the directory.
@@ -75,5 +129,32 @@ mod tests {
         drop(t);
         assert_eq!(std::fs::read(&dest).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn only_unowned_old_leftovers_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("img.raw");
+        let age = |p: &Path, secs: u64| {
+            let f = std::fs::File::options().write(true).open(p).unwrap();
+            f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(secs)).unwrap();
+        };
+        // A killed writer's file: no lock, old.
+        let dead = d.path().join(".img.raw.abc123.partial");
+        std::fs::write(&dead, b"half").unwrap();
+        age(&dead, 60);
+        // A killed writer's file seconds ago: maybe not yet locked by a live one, kept.
+        let fresh = d.path().join(".img.raw.def456.partial");
+        std::fs::write(&fresh, b"half").unwrap();
+        // A live writer's file, old but locked.
+        let live = temp_beside(&dest).unwrap();
+        age(live.path(), 60);
+        // Another output's leftover is not this one's business.
+        let other = d.path().join(".other.raw.abc123.partial");
+        std::fs::write(&other, b"x").unwrap();
+        age(&other, 60);
+
+        assert_eq!(remove_stale(&dest).unwrap(), 1);
+        assert!(!dead.exists() && fresh.exists() && live.path().exists() && other.exists());
     }
 }

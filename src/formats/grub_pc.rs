@@ -99,6 +99,6 @@ mod tests {
         assert_eq!(u16::from_le_bytes(core[508..510].try_into().unwrap()), 59);
         assert_eq!(u16::from_le_bytes(core[510..512].try_into().unwrap()), 0x820);
         assert_eq!(place_core(&mut core, 2048, 10), Err(GrubError::CoreTooBig { need: 60, have: 10 }));
-        assert_eq!(place_core(&mut vec![0; 100], 0, 10), Err(GrubError::CoreImgSize(100)));
+        assert_eq!(place_core(&mut [0; 100], 0, 10), Err(GrubError::CoreImgSize(100)));
     }
 }

@@ -60,6 +60,8 @@ pub enum Freshness {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
     #[error("no Debian mirror given and none found in the build host's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/); set `mirror` under [image] in the recipe or pass --mirror URL")]
     NoMirror,
     #[error("mmdebstrap is not installed; install it with `apt-get install mmdebstrap` (or run .ci/setup-host)")]
@@ -264,6 +266,7 @@ pub fn stage(
         move |source| StageError::Io { what, path: path.to_path_buf(), source }
     }
     let mut child = cmd.spawn().map_err(io("starting mmdebstrap", &partial))?;
+    let stop_with_us = crate::interrupt::Child::register(child.id());
     let mut log_text = String::new();
     if let Some(err) = child.stderr.take() {
         for line in BufReader::new(err).lines() {
@@ -275,7 +278,13 @@ pub fn stage(
             log_text.push('\n');
         }
     }
-    let status = child.wait().map_err(io("waiting for mmdebstrap", &partial))?;
+    let status = child.wait().map_err(io("waiting for mmdebstrap", &partial));
+    drop(stop_with_us);
+    let status = status?;
+    if let Err(stop) = crate::interrupt::check() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(stop.into());
+    }
     crate::formats::atomic::write(&log, log_text.as_bytes()).map_err(io("writing log", &log))?;
     if !status.success() {
         let _ = std::fs::remove_file(&partial);

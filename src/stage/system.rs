@@ -176,7 +176,7 @@ pub fn cloud_init_default_user(tree: &Tree) -> Option<String> {
             );
         }
     }
-    files.iter().filter_map(|f| read_text(tree, f)).filter_map(|t| default_user_in(&t)).last()
+    files.iter().rev().filter_map(|f| read_text(tree, f)).find_map(|t| default_user_in(&t))
 }
 
 fn default_user_in(yaml: &str) -> Option<String> {

@@ -294,7 +294,7 @@ mod tests {
     #[test]
     fn numbers_switch_to_base256_past_octal_range() {
         let mut f = [0u8; 12];
-        put_num(&mut f, 0o7777_7777_777);
+        put_num(&mut f, 0o77_777_777_777);
         assert_eq!(&f[..11], b"77777777777");
         put_num(&mut f, 1 << 33);
         assert_eq!(f[0], 0x80);

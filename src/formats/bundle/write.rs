@@ -279,7 +279,6 @@ fn produce_tar(
     let pad = tar::trailer_len(so_far) as usize;
     buf.resize(buf.len() + pad, 0);
     flush(&mut buf, &mut len)?;
-    drop(flush);
     Ok((hex::encode(sha.finalize()), crc.finalize(), len))
 }
 

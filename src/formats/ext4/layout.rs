@@ -833,6 +833,11 @@ fn runs_to_extents(mut logical: u64, runs: &[(u64, u64)]) -> Vec<Extent> {
     out
 }
 
+/// The 60-byte `i_block` of an inode: an extent header and up to four extents.
+type InodeBlock = [u8; 60];
+/// An extent-tree block below the root: where it goes (block number) and its bytes.
+type IndexBlock = (u64, Vec<u8>);
+
 /// The inode's i_block (extent root) and any leaf blocks `(block, bytes)` it needs.
 fn extent_tree(
     path: &str,
@@ -840,7 +845,7 @@ fn extent_tree(
     alloc: &mut Alloc<'_>,
     ino: u32,
     fs_seed: u32,
-) -> Result<([u8; 60], Vec<(u64, Vec<u8>)>), Ext4Error> {
+) -> Result<(InodeBlock, Vec<IndexBlock>), Ext4Error> {
     let mut iblock = [0u8; 60];
     if extents.len() <= 4 {
         put_extent_header(&mut iblock, extents.len() as u16, 4, 0);
