@@ -121,7 +121,7 @@ impl Upload<'_> {
         }));
         self.save_state(&state)?;
 
-        let todo: Vec<BlockJob> = self.jobs.iter().filter(|j| !acked.contains(&j.index)).copied().collect();
+        let todo = super::blocks::still_to_send(&self.jobs, &acked);
         let total = self.jobs.len() as u64;
         let sent = self.put_blocks(&snapshot_id, todo, total, acked.len() as u64, &state).await;
         // Whatever happened, keep what EBS acknowledged so `--resume` need not send it again.

@@ -9,6 +9,7 @@
 //! entry points are synchronous.
 
 pub mod ami;
+pub mod blocks;
 pub mod ebs;
 pub mod record;
 
@@ -98,6 +99,8 @@ pub enum PublishError {
     TooManyBlocks { blocks: u64 },
     #[error(transparent)]
     Aws(#[from] AwsError),
+    #[error(transparent)]
+    Blocks(#[from] blocks::BlockPlanError),
     #[error("snapshot {snapshot_id} is in state {state}: {message}")]
     SnapshotFailed { snapshot_id: String, state: String, message: String },
     #[error("image {image_id} failed: {reason}")]
@@ -244,68 +247,14 @@ impl Ctx {
         self.manifest.image_path(&self.manifest_path)
     }
 
-    /// Which blocks to send, and where their bytes come from.
+    /// Which blocks to send, and where their bytes come from ([`blocks`]).
     fn jobs(&self) -> Result<Vec<ebs::BlockJob>, PublishError> {
-        use ebs::{BlockJob, Source};
-        let m = &self.manifest;
-        if m.blocks.block_size != EBS_BLOCK_SIZE {
-            return Err(PublishError::Refused(format!(
-                "manifest block size is {}, EBS needs {EBS_BLOCK_SIZE}",
-                m.blocks.block_size
-            )));
-        }
-        let mut data: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-        for b in &m.blocks.data_blocks {
-            data.insert(
-                b.index,
-                parse_digest(&b.sha256).ok_or_else(|| {
-                    PublishError::Refused(format!("manifest block {} has a malformed digest {:?}", b.index, b.sha256))
-                })?,
-            );
-        }
-        let image_blocks = m.image.size_bytes.div_ceil(EBS_BLOCK_SIZE);
-        if let Some((&last, _)) = data.last_key_value() {
-            if last >= image_blocks {
-                return Err(PublishError::Refused(format!(
-                    "manifest lists block {last}, but the image has only {image_blocks} blocks"
-                )));
-            }
-        }
-        let zero = ebs::zero_block_digest();
-        let mut jobs = Vec::new();
-        match &self.parent {
-            Some((pm, _)) => {
-                let mut old: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
-                for b in &pm.blocks.data_blocks {
-                    old.insert(b.index, parse_digest(&b.sha256).unwrap_or(zero));
-                }
-                for (&i, &d) in &data {
-                    if old.get(&i) != Some(&d) {
-                        jobs.push(BlockJob { index: i, source: Source::Image(d) });
-                    }
-                }
-                // A block with data in the parent but zeros now would otherwise be inherited.
-                for &i in old.keys() {
-                    if !data.contains_key(&i) && i < self.volume_gib() as u64 * (GIB / EBS_BLOCK_SIZE) {
-                        jobs.push(BlockJob { index: i, source: Source::Zero });
-                    }
-                }
-            }
-            None if self.settings.encrypted => {
-                // Encrypted snapshots read back undefined data for blocks never written, so
-                // every block of the image is written, zeros included (see docs/publish.md).
-                for i in 0..image_blocks {
-                    jobs.push(BlockJob { index: i, source: data.get(&i).map_or(Source::Zero, |&d| Source::Image(d)) });
-                }
-            }
-            None => {
-                for (&i, &d) in &data {
-                    jobs.push(BlockJob { index: i, source: Source::Image(d) });
-                }
-            }
-        }
-        jobs.sort_by_key(|j| j.index);
-        Ok(jobs)
+        let target = match &self.parent {
+            Some((pm, _)) => blocks::Target::Child { parent: &pm.blocks },
+            None if self.settings.encrypted => blocks::Target::Encrypted,
+            None => blocks::Target::New,
+        };
+        Ok(blocks::blocks_to_send(&self.manifest.blocks, self.manifest.image.size_bytes, target)?)
     }
 
     fn volume_gib(&self) -> i64 {
@@ -421,11 +370,6 @@ impl Ctx {
             jobs,
         })
     }
-}
-
-fn parse_digest(s: &str) -> Option<[u8; 32]> {
-    let v = hex::decode(s).ok()?;
-    v.try_into().ok()
 }
 
 /// Combinations EC2 would reject, refused before anything is uploaded.
