@@ -1,0 +1,72 @@
+//! The recipe hash: every byte that decides the image, with source files by their digest.
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::recipe::raw::RawBase;
+
+/// The recipe hash, over, in this order:
+/// 1. `kiln-recipe-v2\0`;
+/// 2. each recipe file, base-most first: `recipe\0`, its length (u64 LE), its bytes;
+/// 3. each `[[files]]` source, in `files` order: `source\0`, the image path, `\0`, the file's
+///    length (u64 LE) and SHA-256;
+/// 4. a tarball base: `tarball\0`, its length (u64 LE) and SHA-256.
+///
+/// Lengths frame every part, so no two different inputs hash the same bytes. Files enter by
+/// their own digest so an unchanged one need not be read again ([`DigestCache`]).
+pub(super) fn recipe_hash(
+    v: &mut V,
+    digests: &DigestCache,
+    raw_files: &Option<Vec<Loc<RawFile>>>,
+    files: &[FileEntry],
+    base: &Base,
+    raw_base: &Option<Loc<RawBase>>,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(b"kiln-recipe-v2\0");
+    for f in v.src.files.iter().rev() {
+        h.update(b"recipe\0");
+        h.update((f.text.len() as u64).to_le_bytes());
+        h.update(f.text.as_bytes());
+    }
+    // Entries that failed validation were dropped, so match sources to their raw entry by
+    // position among the raw entries with a source.
+    let source_spans: Vec<&Loc<String>> = raw_files.iter().flatten().filter_map(|f| f.value.source.as_ref()).collect();
+    let mut n = 0;
+    for f in files {
+        if let FileKind::File { content: FileContent::Source(p) } = &f.kind {
+            let at = source_spans.get(n).copied();
+            n += 1;
+            h.update(b"source\0");
+            h.update(f.path.as_bytes());
+            h.update([0]);
+            hash_file(v, digests, &mut h, p, at, "files.source");
+        }
+    }
+    if let Base::Tarball(p) = base {
+        h.update(b"tarball\0");
+        let at = raw_base.as_ref().and_then(|b| b.value.tarball.as_ref());
+        hash_file(v, digests, &mut h, p, at, "image.base.tarball");
+    }
+    hex::encode(h.finalize())
+}
+
+pub(super) fn hash_file(
+    v: &mut V,
+    digests: &DigestCache,
+    h: &mut Sha256,
+    path: &Path,
+    at: Option<&Loc<String>>,
+    key: &str,
+) {
+    match digests.digest(path) {
+        Ok(d) => {
+            h.update(d.len.to_le_bytes());
+            h.update(d.sha256);
+        }
+        Err(e) => {
+            let span = at.map(|a| a.span).unwrap_or(Span { file: 0, start: 0, end: 0 });
+            v.err(span, key, format!("cannot read {}: {e}", path.display()), None);
+        }
+    }
+}
