@@ -274,11 +274,23 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let block_map = blocks.into_block_map();
     // The last moment to stop with nothing published; from here the outputs are written out.
     crate::interrupt::check()?;
+    // A manifest or checksum must never describe another image: the old ones go before the
+    // new image takes the name, and the new manifest comes last. A reader that finds a
+    // manifest finds its image; a crash in between leaves an image without a manifest.
+    let sha_path = opts.out_dir.join(format!("{name}.raw.sha256"));
+    let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
+    for old in [&manifest_path, &sha_path] {
+        match std::fs::remove_file(old) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("replacing {}", old.display()))
+            }
+            _ => {}
+        }
+    }
     file.persist().with_context(|| format!("finishing {}", image_path.display()))?;
     progress.end(&format!("{} ({} data blocks of 512 KiB)", human_bytes(size), block_map.data_blocks.len()));
 
     // 6. Checksum file and manifest, each written whole then renamed into place.
-    let sha_path = opts.out_dir.join(format!("{name}.raw.sha256"));
     write_atomic(&sha_path, format!("{sha256}  {name}.raw\n").as_bytes())?;
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
@@ -311,7 +323,6 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         &sbom_packages,
     );
     write_atomic(&opts.out_dir.join(format!("{name}.spdx.json")), sbom.as_bytes())?;
-    let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
     write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
     Ok(BuildOutput {
         manifest_path,

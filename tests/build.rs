@@ -556,12 +556,12 @@ fn a_stale_base_is_restaged_and_an_unchanged_one_kept() {
         line.trim().to_string()
     };
     let mirror = format!("http://127.0.0.1:{port}");
-    let build = |extra: &[&str]| {
+    let build_to = |out: &str, extra: &[&str]| {
         kiln()
             .arg("build")
             .arg(root_dir().join("fixtures/build/fresh.toml"))
             .arg("--out")
-            .arg(t.path().join("out"))
+            .arg(t.path().join(out))
             .args(["--json", "--mirror", &mirror])
             .args(extra)
             .env("KILN_CACHE_DIR", &cache)
@@ -569,6 +569,7 @@ fn a_stale_base_is_restaged_and_an_unchanged_one_kept() {
             .output()
             .unwrap()
     };
+    let build = |extra: &[&str]| build_to("out", extra);
     let summary = |o: &std::process::Output| -> Value {
         assert!(o.status.success(), "kiln build failed:\n{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
@@ -586,7 +587,20 @@ fn a_stale_base_is_restaged_and_an_unchanged_one_kept() {
         s["base"]["archive"].as_array().unwrap().iter().map(|a| a["suite"].as_str().unwrap().to_string()).collect()
     };
 
-    let first = summary(&build(&[]));
+    // Two builds of the recipe at once on one empty cache: one stages, the other waits for
+    // it (a lock per cache entry) and reuses the base; both images are the same bytes.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| build_to("out", &[]));
+        let b = s.spawn(|| build_to("out-concurrent", &[]));
+        (summary(&a.join().unwrap()), summary(&b.join().unwrap()))
+    });
+    let mut cached = [a["base_cached"].as_bool().unwrap(), b["base_cached"].as_bool().unwrap()];
+    cached.sort();
+    assert_eq!(cached, [false, true], "one build stages, the other reuses: {a:#} {b:#}");
+    assert_eq!(a["sha256"], b["sha256"]);
+    assert_eq!(a["base"], b["base"]);
+    assert_eq!(bases().len(), 1);
+    let first = if a["base_cached"] == false { a } else { b };
     assert_eq!(first["base_cached"], false);
     assert!(suites(&first).starts_with(&["bookworm".to_string(), "bookworm-updates".to_string()]), "{first:#}");
     for a in first["base"]["archive"].as_array().unwrap() {
