@@ -149,6 +149,9 @@ pub enum Mode {
     Deny { action: String },
     /// Forward the first `n` requests of `action`, then deny the rest with 403.
     DenyAfter { action: String, n: usize },
+    /// Forward every request of this action `ms` milliseconds late (an upload slow enough to
+    /// be killed in the middle).
+    Slow { action: String, ms: u64 },
     /// Answer every S3 PutObject with this error, as S3 words it (XML `<Error>` body).
     S3PutError { status: u16, code: &'static str, message: &'static str },
 }
@@ -157,12 +160,15 @@ pub struct Proxy {
     pub port: u16,
     pub log: Arc<Mutex<Vec<Recorded>>>,
     pub mode: Arc<Mutex<Mode>>,
+    /// Paths of forwarded requests whose 2xx answer was handed to the client in full.
+    pub answered: Arc<Mutex<Vec<String>>>,
 }
 
 struct Shared {
     upstream: u16,
     log: Arc<Mutex<Vec<Recorded>>>,
     mode: Arc<Mutex<Mode>>,
+    answered: Arc<Mutex<Vec<String>>>,
     rng: Mutex<(u64, u32)>,
     counts: Mutex<BTreeMap<String, usize>>,
 }
@@ -174,6 +180,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let answered = Arc::new(Mutex::new(Vec::new()));
         let mode = Arc::new(Mutex::new(mode));
         let seed = match &*mode.lock().unwrap() {
             Mode::Faults { seed, .. } => *seed,
@@ -183,6 +190,7 @@ impl Proxy {
             upstream,
             log: log.clone(),
             mode: mode.clone(),
+            answered: answered.clone(),
             rng: Mutex::new((seed, 0)),
             counts: Mutex::new(BTreeMap::new()),
         });
@@ -195,7 +203,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, log, mode }
+        Proxy { port, log, mode, answered }
     }
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -208,6 +216,10 @@ impl Proxy {
     }
     pub fn clear(&self) {
         self.log.lock().unwrap().clear();
+        self.answered.lock().unwrap().clear();
+    }
+    pub fn answered(&self) -> Vec<String> {
+        self.answered.lock().unwrap().clone()
     }
 }
 
@@ -239,6 +251,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Recorded
 
 enum Fault {
     Drop,
+    Delay(u64),
     Status(u16, &'static str, &'static str),
     S3(u16, &'static str, &'static str),
 }
@@ -251,6 +264,7 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
         Mode::S3PutError { status, code, message } => {
             (req.method == "PUT" && !req.path.starts_with("/snapshots")).then_some(Fault::S3(status, code, message))
         }
+        Mode::Slow { action: a, ms } => (a == action).then_some(Fault::Delay(ms)),
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
@@ -296,7 +310,7 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut out = conn;
     while let Some(mut req) = read_request(&mut reader)? {
         let fault = decide(shared, &req);
-        req.faulted = fault.is_some();
+        req.faulted = fault.as_ref().is_some_and(|f| !matches!(f, Fault::Delay(_)));
         shared.log.lock().unwrap().push(req.clone());
         match fault {
             Some(Fault::Drop) => {
@@ -321,10 +335,16 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 )?;
                 out.flush()?;
             }
-            None => {
+            Some(Fault::Delay(_)) | None => {
+                if let Some(Fault::Delay(ms)) = fault {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
                 let resp = forward(shared.upstream, &req)?;
                 out.write_all(&resp)?;
                 out.flush()?;
+                if resp.starts_with(b"HTTP/1.1 2") || resp.starts_with(b"HTTP/1.0 2") {
+                    shared.answered.lock().unwrap().push(req.path.clone());
+                }
             }
         }
     }

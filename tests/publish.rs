@@ -456,6 +456,71 @@ fn resume_continues_without_resending_acknowledged_blocks() {
     assert_eq!(read_back(&moto.url(), &snap), data);
 }
 
+/// A publish killed with SIGKILL in the middle of the upload, then simply run again: the
+/// same snapshot is finished (no second StartSnapshot), no block EBS had acknowledged is
+/// sent again but the one in flight at the kill, the snapshot reads back identical, and one
+/// snapshot and one AMI exist.
+#[test]
+fn a_publish_killed_mid_upload_finishes_on_the_next_run() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Slow { action: "PutSnapshotBlock".into(), ms: 300 });
+    let (img, data) = test_image(&["us-east-1"]);
+    let mut first = publish_cmd(&proxy, &img.manifest);
+    first.args(["--concurrency", "1"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut child = first.spawn().unwrap();
+    let put = |p: &String| p.contains("/blocks/");
+    let started = Instant::now();
+    while proxy.answered().iter().filter(|p| put(p)).count() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the upload never got going");
+        assert!(child.try_wait().unwrap().is_none(), "the publish ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let index = |p: &String| -> u64 { p.split("/blocks/").nth(1).unwrap().split('?').next().unwrap().parse().unwrap() };
+    let acked: BTreeSet<u64> = proxy.answered().iter().filter(|p| put(p)).map(index).collect();
+    assert!(acked.len() < data.len(), "killed too late: every block was already sent");
+    let snap = of(&proxy.requests(), "StartSnapshot").len();
+    assert_eq!(snap, 1);
+
+    proxy.set_mode(Mode::Pass);
+    proxy.clear();
+    let rec = run_json(publish_cmd(&proxy, &img.manifest));
+    let reqs = proxy.requests();
+    assert!(of(&reqs, "StartSnapshot").is_empty(), "the re-run started a second snapshot");
+    let again: Vec<u64> = of(&reqs, "PutSnapshotBlock")
+        .iter()
+        .map(|r| r.path.split("/blocks/").nth(1).unwrap().split('?').next().unwrap().parse().unwrap())
+        .collect();
+    let resent: Vec<&u64> = again.iter().filter(|i| acked.contains(i)).collect();
+    // With one block in flight at a time, at most the block whose answer arrived as the
+    // process died can be sent twice.
+    assert!(resent.len() <= 1, "acknowledged blocks sent again: {resent:?} (acked before the kill: {acked:?})");
+    let all: BTreeSet<u64> = acked.iter().chain(again.iter()).copied().collect();
+    assert_eq!(all, data.keys().copied().collect::<BTreeSet<u64>>(), "every data block reached EBS");
+    check_complete(&reqs, &data);
+    let snap_id = rec["snapshot_id"].as_str().unwrap();
+    assert_eq!(read_back(&moto.url(), snap_id), data);
+    assert!(!img.dir.path().join("img.publish-state.json").exists());
+    assert!(!img.dir.path().join("img.publish-state.acks").exists());
+    // One snapshot and one AMI in the account.
+    let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&moto.url(), "us-east-1"));
+    let rt = rt();
+    let snaps = rt.block_on(ec2.describe_snapshots().owner_ids("self").send()).unwrap();
+    // moto holds snapshots of its own sample AMIs too: count kiln's, by their description.
+    let ids: Vec<_> = snaps
+        .snapshots()
+        .iter()
+        .filter(|s| s.description().is_some_and(|d| d.starts_with("kiln ")))
+        .filter_map(|s| s.snapshot_id())
+        .collect();
+    assert_eq!(ids, [snap_id], "kiln's snapshots in the account");
+    let images = rt.block_on(ec2.describe_images().owners("self").send()).unwrap();
+    let ours: Vec<_> =
+        images.images().iter().filter(|i| i.name().is_some_and(|n| n.starts_with("kiln-test-"))).collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+}
+
 #[test]
 fn incremental_sends_only_changed_blocks() {
     let Some(moto) = Moto::start() else { return };

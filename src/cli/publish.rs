@@ -20,7 +20,7 @@ kiln publish out/debian-12-minimal-x86_64.manifest.json\n  \
 kiln publish --dry-run out/debian-12-minimal-x86_64.manifest.json\n  \
 kiln publish --region eu-west-1 --region us-east-1 out/web.manifest.json\n  \
 kiln publish --parent-manifest old/web.manifest.json --parent-snapshot snap-0123456789abcdef0 out/web.manifest.json\n  \
-kiln publish --resume out/web.manifest.json          # continue an interrupted upload\n  \
+kiln publish out/web.manifest.json   # again after a failure or a kill: continues the upload\n  \
 kiln publish --endpoint-url http://127.0.0.1:5000 out/web.manifest.json   # a local stand-in (moto)\n\n\
 See docs/publish.md for encryption, incremental uploads and the IAM permissions needed.")]
 pub struct Args {
@@ -45,7 +45,9 @@ pub struct Args {
     /// Incremental upload: the snapshot published from --parent-manifest; only changed blocks are sent.
     #[arg(long, value_name = "snap-…", requires = "parent_manifest")]
     pub parent_snapshot: Option<String>,
-    /// Continue an interrupted upload (NAME.publish-state.json) without resending acknowledged blocks.
+    /// Continue an interrupted upload (NAME.publish-state.json) without resending acknowledged
+    /// blocks. This is what every run does when it finds that state; the flag only adds a note
+    /// when there is nothing to resume.
     #[arg(long)]
     pub resume: bool,
     /// Keep the uploaded snapshot if registering the AMI fails (default: delete it).
@@ -104,10 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             plan.bytes_to_send as f64 / 1048576.0
         );
         if plan.already_acknowledged > 0 {
-            println!(
-                "  acknowledged   {} blocks by an interrupted run (skipped with --resume)",
-                plan.already_acknowledged
-            );
+            println!("  acknowledged   {} blocks by an interrupted run (skipped)", plan.already_acknowledged);
         }
         for (r, id) in &plan.existing.amis {
             println!("  exists         {id} in {r} (same name and image SHA-256; reused)");

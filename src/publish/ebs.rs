@@ -150,6 +150,7 @@ impl Upload<'_> {
             });
         }
         let _ = std::fs::remove_file(&self.state_path);
+        let _ = std::fs::remove_file(record::journal_path(&self.state_path));
         wait_completed(&self.ec2, &snapshot_id, &self.policy, self.wait_timeout, self.progress).await?;
         Ok(Uploaded { snapshot_id, blocks_sent: sent, bytes_sent: sent * EBS_BLOCK_SIZE })
     }
@@ -198,7 +199,11 @@ impl Upload<'_> {
         st.acked.sort_unstable();
         st.acked.dedup();
         record::write_json_atomic(&self.state_path, &st)
-            .map_err(|source| PublishError::WriteFile { path: self.state_path.clone(), source })
+            .map_err(|source| PublishError::WriteFile { path: self.state_path.clone(), source })?;
+        // Everything the journal held is in the state file now.
+        let journal = record::journal_path(&self.state_path);
+        std::fs::File::create(&journal).map_err(|source| PublishError::WriteFile { path: journal, source })?;
+        Ok(())
     }
 
     async fn put_blocks(
@@ -220,6 +225,10 @@ impl Upload<'_> {
         let done = Arc::new(std::sync::atomic::AtomicU64::new(already));
         let mut set = tokio::task::JoinSet::new();
         let mut last_save = Instant::now();
+        let journal_path = record::journal_path(&self.state_path);
+        let journal_err = |source| PublishError::WriteFile { path: journal_path.clone(), source };
+        let mut journal =
+            std::fs::OpenOptions::new().create(true).append(true).open(&journal_path).map_err(journal_err)?;
         let mut sent = 0u64;
         let mut iter = todo.into_iter();
         let mut result = Ok(());
@@ -267,8 +276,9 @@ impl Upload<'_> {
                     sent += 1;
                     self.progress.advance(EBS_BLOCK_SIZE);
                     state.lock().unwrap_or_else(|e| e.into_inner()).acked.push(index);
-                    // Saving after every block would rewrite the file thousands of times; a
-                    // block acknowledged but not yet saved is merely sent again on resume.
+                    // One short append per block (one write(2), whole or not at all for a
+                    // killed process); the state file is rewritten about once a second.
+                    std::io::Write::write_all(&mut journal, format!("{index}\n").as_bytes()).map_err(journal_err)?;
                     if last_save.elapsed() > Duration::from_secs(1) {
                         self.save_state(state)?;
                         last_save = Instant::now();
@@ -324,6 +334,32 @@ fn read_block(file: &std::fs::File, path: &Path, image_size: u64, job: BlockJob)
         });
     }
     Ok(bytes::Bytes::from(buf))
+}
+
+/// Whether the snapshot of an interrupted upload can still take blocks. One that expired (EBS
+/// puts a pending snapshot in `error` after its timeout) or was deleted gives the reason it
+/// cannot be resumed.
+pub async fn still_pending(
+    ec2: &aws_sdk_ec2::Client,
+    snapshot_id: &str,
+    policy: &RetryPolicy,
+) -> Result<Result<(), String>, PublishError> {
+    use aws_sdk_ec2::types::SnapshotState;
+    let out =
+        match with_retry(policy, "DescribeSnapshots", || ec2.describe_snapshots().snapshot_ids(snapshot_id).send())
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => return Ok(Err("it no longer exists".into())),
+            Err(e) => return Err(e.into()),
+        };
+    // Only `error` (what an expired pending snapshot becomes) and absence rule it out; a
+    // stand-in such as moto may already call a pending snapshot `completed`.
+    Ok(match out.snapshots().first().and_then(|s| s.state()) {
+        None => Err("it no longer exists".into()),
+        Some(SnapshotState::Error) => Err("it is in state error (a pending snapshot expires after its timeout)".into()),
+        Some(_) => Ok(()),
+    })
 }
 
 /// Polls DescribeSnapshots until the snapshot is `completed`.

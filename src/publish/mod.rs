@@ -138,7 +138,7 @@ pub struct Plan {
     /// Of those, blocks sent as zeros (encrypted snapshots; blocks zeroed since the parent).
     pub zero_blocks_to_send: u64,
     pub bytes_to_send: u64,
-    /// Blocks acknowledged by an interrupted run that `--resume` would skip.
+    /// Blocks acknowledged by an interrupted run, which this run skips.
     pub already_acknowledged: u64,
     pub existing: Existing,
     pub api_calls: Vec<String>,
@@ -324,10 +324,10 @@ impl Ctx {
         let already = jobs.iter().filter(|j| acked.contains(&j.index)).count() as u64;
         let zero = jobs.iter().filter(|j| j.source == ebs::Source::Zero).count() as u64;
         let need_upload = !existing.amis.contains_key(&self.regions[0]) && existing.snapshot_id.is_none();
-        let to_send = if need_upload { jobs.len() as u64 - if self.opts.resume { already } else { 0 } } else { 0 };
+        let to_send = if need_upload { jobs.len() as u64 - already } else { 0 };
         let mut calls = Vec::new();
         if need_upload {
-            if self.opts.resume && existing.resumable_snapshot_id.is_some() {
+            if existing.resumable_snapshot_id.is_some() {
                 calls.push(format!("resume snapshot {}", existing.resumable_snapshot_id.as_deref().unwrap_or("")));
             } else {
                 calls.push(format!(
@@ -426,14 +426,26 @@ async fn publish_async(
             progress.note(&format!("snapshot {s} already holds this image; registering it"));
             s.clone()
         } else {
-            let resume = if opts.resume {
-                let st = ctx.resume_state()?;
-                if st.is_none() {
-                    progress.note("nothing to resume; starting a new upload");
+            // An interrupted upload of this image is resumed whenever its state is found (a
+            // re-run after a kill must not start a second snapshot), unless its pending
+            // snapshot expired: then the upload starts over.
+            let resume = match ctx.resume_state()? {
+                Some(st) => match ebs::still_pending(&ec2, &st.snapshot_id, &policy).await? {
+                    Ok(()) => Some(st),
+                    Err(why) => {
+                        progress.note(&format!(
+                            "the interrupted upload's snapshot {} cannot be resumed: {why}; starting over",
+                            st.snapshot_id
+                        ));
+                        None
+                    }
+                },
+                None => {
+                    if opts.resume {
+                        progress.note("nothing to resume; starting a new upload");
+                    }
+                    None
                 }
-                st
-            } else {
-                None
             };
             let up = ebs::Upload {
                 ebs: ebs_c.clone(),

@@ -66,10 +66,28 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
     crate::formats::atomic::write(path, &text)
 }
 
+/// Acknowledgements since the state file was last written, beside it: one decimal block
+/// index per line, appended as EBS answers each block, so an upload killed at any moment
+/// (SIGKILL) loses at most the blocks that were in flight. Writing the state file empties it.
+pub fn journal_path(state_path: &Path) -> PathBuf {
+    state_path.with_extension("acks")
+}
+
+/// The resume state, with the journal's acknowledgements merged in.
 pub fn read_state(path: &Path) -> std::io::Result<Option<UploadState>> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(std::io::Error::other),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    let mut st: UploadState = match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let journal = match std::fs::read_to_string(journal_path(path)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    // A line without its newline was cut short by the kill: it does not count.
+    st.acked.extend(journal.split_inclusive('\n').filter_map(|l| l.strip_suffix('\n')?.parse::<u64>().ok()));
+    st.acked.sort_unstable();
+    st.acked.dedup();
+    Ok(Some(st))
 }
