@@ -152,6 +152,9 @@ pub enum Mode {
     /// Forward every request of this action `ms` milliseconds late (an upload slow enough to
     /// be killed in the middle).
     Slow { action: String, ms: u64 },
+    /// Forward the first request of this action, then drop the connection instead of passing
+    /// its answer on: the server did the work, the client never hears of it.
+    LoseFirstReply { action: String },
     /// Answer every S3 PutObject with this error, as S3 words it (XML `<Error>` body).
     S3PutError { status: u16, code: &'static str, message: &'static str },
 }
@@ -252,6 +255,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> std::io::Result<Option<Recorded
 enum Fault {
     Drop,
     Delay(u64),
+    LoseReply,
     Status(u16, &'static str, &'static str),
     S3(u16, &'static str, &'static str),
 }
@@ -265,6 +269,15 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
             (req.method == "PUT" && !req.path.starts_with("/snapshots")).then_some(Fault::S3(status, code, message))
         }
         Mode::Slow { action: a, ms } => (a == action).then_some(Fault::Delay(ms)),
+        Mode::LoseFirstReply { action: a } => {
+            if a != action {
+                return None;
+            }
+            let mut c = shared.counts.lock().unwrap();
+            let k = c.entry(a).or_insert(0);
+            *k += 1;
+            (*k == 1).then_some(Fault::LoseReply)
+        }
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
@@ -310,10 +323,15 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut out = conn;
     while let Some(mut req) = read_request(&mut reader)? {
         let fault = decide(shared, &req);
-        req.faulted = fault.as_ref().is_some_and(|f| !matches!(f, Fault::Delay(_)));
+        req.faulted = fault.as_ref().is_some_and(|f| !matches!(f, Fault::Delay(_) | Fault::LoseReply));
         shared.log.lock().unwrap().push(req.clone());
         match fault {
             Some(Fault::Drop) => {
+                let _ = out.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Some(Fault::LoseReply) => {
+                let _ = forward(shared.upstream, &req)?;
                 let _ = out.shutdown(Shutdown::Both);
                 return Ok(());
             }

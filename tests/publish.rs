@@ -521,6 +521,52 @@ fn a_publish_killed_mid_upload_finishes_on_the_next_run() {
     assert_eq!(ours.len(), 1, "{ours:?}");
 }
 
+/// The server did the work and the answer was lost: the retry must not make a second
+/// resource. StartSnapshot's retry carries the same client token (EBS answers it with the
+/// same snapshot); for RegisterImage (no token) and CopyImage (moto ignores its token) kiln
+/// finds the AMI the lost attempt made by its name instead of sending the call again.
+#[test]
+fn a_lost_reply_leaves_exactly_one_resource() {
+    for action in ["StartSnapshot", "RegisterImage", "CopyImage"] {
+        let Some(moto) = Moto::start() else { return };
+        let proxy = Proxy::start(moto.port, Mode::LoseFirstReply { action: action.into() });
+        let (img, data) = test_image(&["us-east-1", "eu-west-1"]);
+        let rec = run_json(publish_cmd(&proxy, &img.manifest));
+        let reqs = proxy.requests();
+        let tries = of(&reqs, action);
+        if action != "StartSnapshot" {
+            // Not sent again: the AMI the lost attempt made is found by its name.
+            assert_eq!(tries.len(), 1, "{action}: registered again after the lost reply");
+        } else {
+            assert!(tries.len() >= 2, "{action}: the lost reply was not retried");
+        }
+        let token = |r: &Recorded| -> Option<String> {
+            r.header("x-amz-client-token").map(str::to_string).or_else(|| {
+                serde_json::from_slice::<serde_json::Value>(&r.body)
+                    .ok()
+                    .and_then(|v| v["ClientToken"].as_str().map(str::to_string))
+                    .or_else(|| r.form().get("ClientToken").cloned())
+            })
+        };
+        if action == "StartSnapshot" {
+            let tokens: BTreeSet<Option<String>> = tries.iter().map(|r| token(r)).collect();
+            assert_eq!(tokens.len(), 1, "{action}: attempts carry different client tokens: {tokens:?}");
+            assert!(tokens.iter().next().unwrap().is_some(), "{action} has no client token");
+        }
+        let snap_id = rec["snapshot_id"].as_str().unwrap();
+        assert_eq!(read_back(&moto.url(), snap_id), data, "{action}");
+        let rt = rt();
+        let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&moto.url(), "us-east-1"));
+        let images = rt.block_on(ec2.describe_images().owners("self").send()).unwrap();
+        let ours = images.images().iter().filter(|i| i.name().is_some_and(|n| n.starts_with("kiln-test-"))).count();
+        assert_eq!(ours, 1, "{action}: AMIs in us-east-1");
+        let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&moto.url(), "eu-west-1"));
+        let images = rt.block_on(ec2.describe_images().owners("self").send()).unwrap();
+        let ours = images.images().iter().filter(|i| i.name().is_some_and(|n| n.starts_with("kiln-test-"))).count();
+        assert_eq!(ours, 1, "{action}: AMIs in eu-west-1");
+    }
+}
+
 #[test]
 fn incremental_sends_only_changed_blocks() {
     let Some(moto) = Moto::start() else { return };

@@ -53,12 +53,23 @@ pub async fn find_existing(
     name: &str,
     image_sha256: &str,
 ) -> Result<Option<(String, Option<String>)>, PublishError> {
+    find_image(ec2, policy, name, Some(image_sha256)).await
+}
+
+/// The AMI of this name this account owns, with its root snapshot; with `image_sha256`, only
+/// one tagged with it.
+async fn find_image(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    name: &str,
+    image_sha256: Option<&str>,
+) -> Result<Option<(String, Option<String>)>, PublishError> {
     let out = with_retry(policy, "DescribeImages", || {
-        ec2.describe_images()
-            .owners("self")
-            .filters(Filter::builder().name("name").values(name).build())
-            .filters(Filter::builder().name(format!("tag:{TAG_IMAGE_SHA}")).values(image_sha256).build())
-            .send()
+        let mut req = ec2.describe_images().owners("self").filters(Filter::builder().name("name").values(name).build());
+        if let Some(sha) = image_sha256 {
+            req = req.filters(Filter::builder().name(format!("tag:{TAG_IMAGE_SHA}")).values(sha).build());
+        }
+        req.send()
     })
     .await?;
     Ok(out.images().iter().find(|i| i.state() != Some(&ImageState::Deregistered)).map(|i| {
@@ -88,6 +99,56 @@ pub async fn find_snapshot(
     // Several matches can exist after interrupted runs; pick one deterministically.
     snaps.sort_by_key(|s| s.snapshot_id().unwrap_or_default().to_string());
     Ok(snaps.first().and_then(|s| s.snapshot_id()).map(str::to_string))
+}
+
+/// What a call that makes an AMI came back with.
+enum Created<T> {
+    Answered(T),
+    /// The AMI an attempt made whose answer was lost.
+    Found(String),
+}
+
+/// Runs a call that makes a named AMI (RegisterImage, CopyImage) so that a lost answer never
+/// leaves a second AMI. RegisterImage takes no client token, and a stand-in may ignore
+/// CopyImage's. AMI names are unique in an account and region: an AMI of this name that was
+/// not there before the first attempt and is there before a retry is the one an attempt
+/// made, and is the answer (its tags are not consulted: CreateTags sets them afterwards).
+async fn create_named<T, E, F, Fut>(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    name: &str,
+    operation: &str,
+    mut send: F,
+) -> Result<Created<T>, PublishError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<T, aws_sdk_ec2::error::SdkError<E, aws_sdk_ec2::config::http::HttpResponse>>,
+    >,
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    let taken_before = find_image(ec2, policy, name, None).await?.is_some();
+    let once = RetryPolicy { max_attempts: 1, ..*policy };
+    let mut attempt = 0;
+    loop {
+        if attempt > 0 {
+            tokio::time::sleep(crate::aws::retry::backoff(policy, attempt - 1, &mut rand::rng())).await;
+            if !taken_before {
+                if let Some((id, _)) = find_image(ec2, policy, name, None).await? {
+                    return Ok(Created::Found(id));
+                }
+            }
+        }
+        attempt += 1;
+        match with_retry(&once, operation, &mut send).await {
+            Ok(out) => return Ok(Created::Answered(out)),
+            Err(e) if e.last.retryable && attempt < policy.max_attempts => continue,
+            Err(mut e) => {
+                e.attempts = attempt;
+                return Err(e.into());
+            }
+        }
+    }
 }
 
 /// RegisterImage with every field the recipe sets.
@@ -136,7 +197,7 @@ pub async fn register(
     // only applies to snapshots RegisterImage itself creates, so only the image is tagged here.
     let tag_spec =
         TagSpecification::builder().resource_type(ResourceType::Image).set_tags(Some(ec2_tags(tags))).build();
-    let out = with_retry(policy, "RegisterImage", || {
+    let send = || {
         let mut req = ec2
             .register_image()
             .name(name)
@@ -159,8 +220,11 @@ pub async fn register(
             req = req.imds_support(ImdsSupportValues::V20);
         }
         req.send()
-    })
-    .await?;
+    };
+    let out = match create_named(ec2, policy, name, "RegisterImage", send).await? {
+        Created::Answered(out) => out,
+        Created::Found(id) => return Ok(id),
+    };
     out.image_id()
         .map(str::to_string)
         .ok_or_else(|| PublishError::Protocol("RegisterImage returned no image id".into()))
@@ -239,7 +303,7 @@ pub async fn copy(
     description: Option<&str>,
     client_token: &str,
 ) -> Result<String, PublishError> {
-    let out = with_retry(policy, "CopyImage", || {
+    let send = || {
         ec2.copy_image()
             .source_region(source_region)
             .source_image_id(source_image)
@@ -247,8 +311,11 @@ pub async fn copy(
             .set_description(description.map(str::to_string))
             .client_token(client_token)
             .send()
-    })
-    .await?;
+    };
+    let out = match create_named(ec2, policy, name, "CopyImage", send).await? {
+        Created::Answered(out) => out,
+        Created::Found(id) => return Ok(id),
+    };
     out.image_id().map(str::to_string).ok_or_else(|| PublishError::Protocol("CopyImage returned no image id".into()))
 }
 
