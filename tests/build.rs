@@ -751,3 +751,70 @@ fn a_stopped_build_publishes_nothing_and_a_killed_one_is_cleaned_up() {
     let check = stdout_of(Command::new("sha256sum").arg("-c").arg("stop-x86_64.raw.sha256").current_dir(&out));
     assert!(check.trim().ends_with(": OK"), "{check}");
 }
+
+/// Pids of running processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A build killed outright (SIGKILL) while mmdebstrap stages its base takes mmdebstrap down
+/// with it (an orphan would go on writing the partial tarball the next build writes afresh),
+/// and the next build stages a whole base.
+#[test]
+fn a_build_killed_while_staging_takes_mmdebstrap_with_it() {
+    if tool("mmdebstrap").is_none() {
+        return;
+    }
+    if kiln::stage::debian::host_mirror().is_none() {
+        assert!(!in_ci(), "the CI host's apt sources name a Debian mirror");
+        return;
+    }
+    let t = tempdir();
+    let cache = t.path().join("cache");
+    let build = || {
+        kiln()
+            .arg("build")
+            .arg(root_dir().join("fixtures/build/fresh.toml"))
+            .arg("--out")
+            .arg(t.path().join("out"))
+            .arg("--json")
+            .env("KILN_CACHE_DIR", &cache)
+            .env("SOURCE_DATE_EPOCH", EPOCH)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = build();
+    let marker = cache.join("bases").to_string_lossy().into_owned();
+    let started = std::time::Instant::now();
+    let staging = loop {
+        let p: Vec<u32> = processes_with(&marker).into_iter().filter(|&p| p != child.id()).collect();
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(started.elapsed().as_secs() < 120, "mmdebstrap never started");
+        assert!(child.try_wait().unwrap().is_none(), "the build ended before staging");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let started = std::time::Instant::now();
+    while staging.iter().any(|p| Path::new(&format!("/proc/{p}")).exists() && processes_with(&marker).contains(p)) {
+        assert!(started.elapsed().as_secs() < 30, "mmdebstrap outlived the build that started it");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = build().wait_with_output().unwrap();
+    assert!(out.status.success(), "the next build failed");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["base_cached"], false, "a killed staging must not be reused: {v:#}");
+}

@@ -265,6 +265,18 @@ pub fn stage(
     fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StageError + 'a {
         move |source| StageError::Io { what, path: path.to_path_buf(), source }
     }
+    // If kiln dies without a chance to stop it (SIGKILL), the kernel stops mmdebstrap too:
+    // an orphan would go on writing the partial tarball that the next build (its lock gone
+    // with this process) writes afresh.
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(io("starting mmdebstrap", &partial))?;
     let stop_with_us = crate::interrupt::Child::register(child.id());
     let mut log_text = String::new();
