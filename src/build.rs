@@ -109,8 +109,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
                 .or_else(|| opts.mirror.clone())
                 .or_else(debian::host_mirror)
                 .ok_or(debian::StageError::NoMirror)?;
-            let mut packages: Vec<String> =
-                debian::required_packages(recipe.arch).into_iter().map(String::from).collect();
+            let mut packages: Vec<String> = recipe.arch.required_packages().into_iter().map(String::from).collect();
             packages.extend(recipe.packages.iter().cloned());
             // growpart, for kiln-growroot.service: the root fills whatever volume it gets.
             packages.push("cloud-guest-utils".into());

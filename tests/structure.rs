@@ -1,4 +1,4 @@
-//! The house rules the compiler cannot see by itself: the format crate's dependencies, and
+//! The house rules the compiler cannot see by itself: the library crates' dependencies, and
 //! one definition for each fact that used to be written in several places.
 
 use std::path::{Path, PathBuf};
@@ -41,28 +41,31 @@ fn lines_with(needle: &str) -> Vec<String> {
     hits
 }
 
-/// The formats are a crate of their own so that nothing of AWS, async, the command line or the
-/// terminal can reach them; its dependency tree (as cargo resolves it, not as the manifest
-/// reads) must stay that way, so the fuzz targets keep building without the AWS SDK.
+/// The formats and the recipe and manifest model are crates of their own so that nothing of
+/// AWS, async, the command line or the terminal can reach them; their dependency trees (as
+/// cargo resolves them, not as the manifests read) must stay that way, so the fuzz targets
+/// keep building without the AWS SDK.
 #[test]
-fn the_formats_crate_depends_on_no_aws_async_cli_or_terminal_code() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(repo())
-        .args(["tree", "--offline", "-p", "kiln-formats", "-e", "normal", "--prefix", "none", "-f", "{p}"])
-        .output()
-        .expect("cargo tree runs");
-    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
-    let tree = String::from_utf8(out.stdout).unwrap();
-    let names: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
-    assert!(names.contains(&"kiln-formats") && names.contains(&"sha2"), "unexpected cargo tree output:\n{tree}");
-    let forbidden = |n: &&str| {
-        n.starts_with("aws-")
-            || ["tokio", "hyper", "clap", "indicatif", "anyhow", "kiln"].contains(n)
-            || n.starts_with("tokio-")
-    };
-    let bad: Vec<&str> = names.iter().copied().filter(forbidden).collect();
-    assert!(bad.is_empty(), "kiln-formats now depends on {bad:?}");
+fn the_formats_and_model_crates_depend_on_no_aws_async_cli_or_terminal_code() {
+    for krate in ["kiln-formats", "kiln-model"] {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .current_dir(repo())
+            .args(["tree", "--offline", "-p", krate, "-e", "normal", "--prefix", "none", "-f", "{p}"])
+            .output()
+            .expect("cargo tree runs");
+        assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        let tree = String::from_utf8(out.stdout).unwrap();
+        let names: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        assert!(names.contains(&krate) && names.contains(&"sha2"), "unexpected cargo tree output:\n{tree}");
+        let forbidden = |n: &&str| {
+            n.starts_with("aws-")
+                || ["tokio", "hyper", "clap", "indicatif", "anyhow", "kiln"].contains(n)
+                || n.starts_with("tokio-")
+        };
+        let bad: Vec<&str> = names.iter().copied().filter(forbidden).collect();
+        assert!(bad.is_empty(), "{krate} now depends on {bad:?}");
+    }
 }
 
 /// Each of these facts was once written in several modules; one definition each now.

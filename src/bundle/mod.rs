@@ -163,7 +163,7 @@ pub fn resolve(o: &BundleOptions) -> Result<Resolved, BundleStageError> {
     if o.register && upload_url.is_none() {
         return Err(BundleStageError::RegisterWithoutUpload);
     }
-    let upload = upload_url.as_deref().map(upload::S3Location::parse).transpose()?;
+    let upload = upload_url.as_deref().map(upload::S3Location::parse).transpose().map_err(upload::UploadError::from)?;
     let mtime = manifest
         .as_ref()
         .map(|m| m.source_date_epoch)

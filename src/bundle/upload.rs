@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::aws::Endpoint;
 use crate::aws::{with_retry, AwsError, RetryPolicy};
+pub use crate::ec2::S3Location;
 use crate::formats::bundle::BundleSummary;
 use crate::progress::{Progress, Unit};
 
@@ -24,38 +25,6 @@ use crate::progress::{Progress, Unit};
 /// and the SHA-1 of the image's tar stream.
 pub const TAG_LOCATION: &str = "kiln:bundle-location";
 pub const TAG_TAR_SHA1: &str = "kiln:bundle-tar-sha1";
-
-/// `s3://bucket/prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct S3Location {
-    pub bucket: String,
-    /// Without leading or trailing `/`; may be empty.
-    pub prefix: String,
-}
-
-impl S3Location {
-    pub fn parse(s: &str) -> Result<S3Location, UploadError> {
-        let bad = || UploadError::Location(s.to_string());
-        let rest = s.strip_prefix("s3://").ok_or_else(bad)?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let ok = (3..=63).contains(&bucket.len())
-            && bucket.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
-            && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
-        if !ok {
-            return Err(bad());
-        }
-        Ok(S3Location { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() })
-    }
-
-    pub fn key(&self, file: &str) -> String {
-        if self.prefix.is_empty() {
-            file.to_string()
-        } else {
-            format!("{}/{file}", self.prefix)
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct Register {
@@ -90,8 +59,8 @@ pub struct UploadRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("`{0}` is not an S3 location: write s3://BUCKET/PREFIX (bucket names are 3 to 63 lowercase letters, digits, `-` and `.`)")]
-    Location(String),
+    #[error(transparent)]
+    Location(#[from] crate::ec2::BadS3Location),
     #[error("reading {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{message}{}", advice.as_deref().map(|a| format!("\n  {a}")).unwrap_or_default())]

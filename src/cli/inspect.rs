@@ -1,6 +1,5 @@
 //! `kiln inspect`: the partition table and a summary of each file system.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
@@ -53,136 +52,22 @@ fn audit_partition(
     }
 }
 
-/// Summary of the ext4 file system at `offset`, or None when there is none.
-fn ext4_summary(image: &std::path::Path, offset: u64) -> Option<serde_json::Value> {
-    let sb = match kiln::formats::ext4::read::Superblock::read_at(image, offset) {
-        Ok(Some(sb)) => sb,
-        Ok(None) => return None,
-        // A damaged superblock is something to show, not a reason to stop.
-        Err(e) => return Some(json!({ "type": "ext4", "error": kiln::message::render_error(&e) })),
-    };
-    Some(json!({
-        "type": "ext4",
-        "label": sb.label,
-        "uuid": kiln::formats::ext4::uuid_string(&sb.uuid),
-        "block_size": sb.block_size,
-        "blocks": sb.blocks,
-        "free_blocks": sb.free_blocks,
-        "inodes": sb.inodes,
-        "free_inodes": sb.free_inodes,
-        "features": sb.feature_names(),
-    }))
-}
-
-fn fat_summary(path: &std::path::Path, offset: u64, size: u64) -> Option<serde_json::Value> {
-    let f = std::fs::File::open(path).ok()?;
-    let window = Window { f, start: offset, len: size, pos: 0 };
-    let fs = fatfs::FileSystem::new(window, fatfs::FsOptions::new()).ok()?;
-    let mut files = Vec::new();
-    fn walk<T: fatfs::ReadWriteSeek>(dir: fatfs::Dir<T>, prefix: &str, out: &mut Vec<String>, depth: u32) {
-        for e in dir.iter().flatten() {
-            let name = e.file_name();
-            if name == "." || name == ".." {
-                continue;
-            }
-            let p = format!("{prefix}/{name}");
-            if e.is_dir() && depth < 4 {
-                walk(e.to_dir(), &p, out, depth + 1);
-            } else if !e.is_dir() {
-                out.push(format!("{p} ({} bytes)", e.len()));
+pub fn run(args: Args) -> Result<()> {
+    let disk = kiln::formats::inspect::read(&args.image)
+        .with_context(|| format!("{} has no readable GPT", args.image.display()))?;
+    let allow: std::collections::BTreeSet<String> = args.allow.iter().cloned().collect();
+    let size = disk.size_bytes;
+    let boot_code = disk.mbr_boot_code;
+    let mut v = serde_json::to_value(&disk)?;
+    v.as_object_mut().expect("object").insert("image".into(), json!(args.image));
+    if args.audit {
+        for (p, pv) in disk.partitions.iter().zip(v["partitions"].as_array_mut().expect("array")) {
+            use kiln::formats::inspect::FileSystem::{Ext4, Ext4Unreadable};
+            if let (Some(Ext4(_) | Ext4Unreadable { .. }), Some(offset)) = (&p.filesystem, p.offset_bytes) {
+                pv["filesystem"]["audit"] = audit_partition(&args.image, offset, &allow);
             }
         }
     }
-    walk(fs.root_dir(), "", &mut files, 0);
-    let id = fs.volume_id();
-    Some(json!({
-        "type": "vfat",
-        "label": fs.volume_label().trim_end().to_string(),
-        "volume_id": format!("{:04X}-{:04X}", id >> 16, id & 0xffff),
-        "files": files,
-    }))
-}
-
-/// A partition of the image file as a device of its own, for fatfs.
-#[derive(Debug)]
-struct Window {
-    f: std::fs::File,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-impl Read for Window {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
-        self.f.seek(SeekFrom::Start(self.start + self.pos))?;
-        let n = self.f.read(&mut buf[..n])?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-impl std::io::Write for Window {
-    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        Err(std::io::Error::other("kiln inspect never writes"))
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-impl Seek for Window {
-    fn seek(&mut self, p: SeekFrom) -> std::io::Result<u64> {
-        self.pos = match p {
-            SeekFrom::Start(n) => n,
-            SeekFrom::End(d) => (self.len as i64 + d) as u64,
-            SeekFrom::Current(d) => (self.pos as i64 + d) as u64,
-        };
-        Ok(self.pos)
-    }
-}
-
-pub fn run(args: Args) -> Result<()> {
-    let disk = gpt::GptConfig::new()
-        .writable(false)
-        .open(&args.image)
-        .with_context(|| format!("{} has no readable GPT", args.image.display()))?;
-    let mut f = std::fs::File::open(&args.image)?;
-    let size = f.metadata()?.len();
-    let mut mbr = [0u8; 512];
-    f.read_exact(&mut mbr)?;
-    let boot_code = mbr[..440].iter().any(|&b| b != 0);
-    let allow: std::collections::BTreeSet<String> = args.allow.iter().cloned().collect();
-    let mut parts = Vec::new();
-    for (n, p) in disk.partitions() {
-        let t = p.part_type_guid.guid.hyphenated().to_string().to_uppercase();
-        let offset = p.first_lba * 512;
-        let psize = (p.last_lba - p.first_lba + 1) * 512;
-        let fs = match ext4_summary(&args.image, offset) {
-            Some(mut e) => {
-                if args.audit {
-                    e["audit"] = audit_partition(&args.image, offset, &allow);
-                }
-                e
-            }
-            None => fat_summary(&args.image, offset, psize).unwrap_or(json!(null)),
-        };
-        parts.push(json!({
-            "number": n,
-            "name": p.name,
-            "type": kiln::formats::gpt::types::name(&t),
-            "type_guid": t,
-            "guid": p.part_guid.hyphenated().to_string().to_uppercase(),
-            "first_lba": p.first_lba,
-            "last_lba": p.last_lba,
-            "size_bytes": psize,
-            "filesystem": fs,
-        }));
-    }
-    let v = json!({
-        "image": args.image,
-        "size_bytes": size,
-        "disk_guid": disk.guid().hyphenated().to_string().to_uppercase(),
-        "mbr_boot_code": boot_code,
-        "partitions": parts,
-    });
     // Audit verdict: findings, or a file system that could not be read, fail the command.
     let audits: Vec<(u64, &serde_json::Value)> = v["partitions"]
         .as_array()
@@ -239,7 +124,7 @@ pub fn run(args: Args) -> Result<()> {
         let fs = &p["filesystem"];
         match fs["type"].as_str() {
             Some("ext4") if fs.get("error").is_some() => {
-                println!("    ext4, unreadable: {}", fs["error"].as_str().unwrap_or(""))
+                println!("    ext4, unreadable: {}", kiln::message::escape(fs["error"].as_str().unwrap_or("")))
             }
             Some("ext4") => println!(
                 "    ext4 {:?} UUID {}: {} blocks of {} ({} free), {} inodes ({} free), features: {}",

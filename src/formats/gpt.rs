@@ -36,8 +36,64 @@ pub mod types {
 /// Every partition's type GUID in the GPT of the disk image at `path` (upper-case), read with
 /// the gpt crate; None when it has no readable GPT.
 pub fn partition_types(path: &std::path::Path) -> Option<Vec<String>> {
-    let disk = gpt::GptConfig::new().writable(false).open(path).ok()?;
-    Some(disk.partitions().values().map(|p| p.part_type_guid.guid.hyphenated().to_string().to_uppercase()).collect())
+    Some(read_table(path).ok()?.partitions.into_iter().map(|p| p.type_guid).collect())
+}
+
+/// A partition as read back from a disk image's GPT.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReadPartition {
+    /// The entry's number, from 1.
+    pub number: u32,
+    pub name: String,
+    /// Upper-case hyphenated type GUID.
+    pub type_guid: String,
+    /// Upper-case hyphenated unique GUID.
+    pub guid: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+}
+
+impl ReadPartition {
+    /// Where the partition starts in the image, in bytes; None when the table's LBA is past
+    /// what a byte offset can hold (a hostile table).
+    pub fn offset_bytes(&self) -> Option<u64> {
+        self.first_lba.checked_mul(SECTOR)
+    }
+    /// The partition's length in bytes, 0 for an entry that ends before it starts.
+    pub fn size_bytes(&self) -> u64 {
+        self.last_lba.checked_sub(self.first_lba).and_then(|n| n.checked_add(1)).map_or(0, |n| n.saturating_mul(SECTOR))
+    }
+}
+
+/// A disk image's GPT, read with the gpt crate: the disk GUID and every used entry in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadTable {
+    pub disk_guid: String,
+    pub partitions: Vec<ReadPartition>,
+}
+
+/// Reads the GPT of the disk image at `path`.
+pub fn read_table(path: &std::path::Path) -> std::io::Result<ReadTable> {
+    let disk = gpt::GptConfig::new()
+        .writable(false)
+        .open(path)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let upper = |u: &uuid::Uuid| u.hyphenated().to_string().to_uppercase();
+    Ok(ReadTable {
+        disk_guid: upper(disk.guid()),
+        partitions: disk
+            .partitions()
+            .iter()
+            .map(|(n, p)| ReadPartition {
+                number: *n,
+                name: p.name.clone(),
+                type_guid: upper(&p.part_type_guid.guid),
+                guid: upper(&p.part_guid),
+                first_lba: p.first_lba,
+                last_lba: p.last_lba,
+            })
+            .collect(),
+    })
 }
 
 pub const SECTOR: u64 = 512;

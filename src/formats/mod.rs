@@ -12,6 +12,7 @@ pub mod fat;
 pub mod gpt;
 pub mod grub_pc;
 pub mod image;
+pub mod inspect;
 pub mod progress;
 pub mod spdx;
 pub mod tar;

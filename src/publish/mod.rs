@@ -206,9 +206,10 @@ async fn clients(opts: &PublishOptions, region: &str) -> (aws_sdk_ebs::Client, a
 impl Ctx {
     async fn load(manifest_path: &Path, opts: &PublishOptions) -> Result<Ctx, PublishError> {
         let manifest = Manifest::load(manifest_path)?;
+        // Loading judged the settings by `kiln check`'s rules: a manifest EC2 would refuse
+        // never gets this far.
         let settings =
             manifest.ami.clone().ok_or_else(|| PublishError::NoAmiSettings { path: manifest_path.into() })?;
-        check_settings(&manifest, &settings)?;
         let regions = if opts.regions.is_empty() { settings.regions.clone() } else { opts.regions.clone() };
         if regions.is_empty() {
             return Err(PublishError::NoRegion);
@@ -370,24 +371,6 @@ impl Ctx {
             jobs,
         })
     }
-}
-
-/// Combinations EC2 would reject, refused before anything is uploaded.
-fn check_settings(m: &Manifest, s: &AmiSettings) -> Result<(), PublishError> {
-    // The manifest may have been edited or made elsewhere: the rules `kiln check` applies to
-    // the recipe judge it again, with the same words.
-    if let Some((key, p)) = s.problems(m.arch, m.boot).into_iter().next() {
-        let help = p.help.map(|h| format!("; {h}")).unwrap_or_default();
-        return Err(PublishError::Refused(format!("{key}: {}{help}", p.message)));
-    }
-    let need_gib = m.image.size_bytes.div_ceil(GIB);
-    if u64::from(s.root_volume.size_gib) < need_gib {
-        return Err(PublishError::Refused(format!(
-            "root volume is {} GiB but the image needs {need_gib} GiB; raise [ami] root_volume.size",
-            s.root_volume.size_gib
-        )));
-    }
-    Ok(())
 }
 
 async fn publish_async(

@@ -14,20 +14,6 @@ use crate::manifest::{BaseInfo, SuiteState};
 use crate::platform::Arch;
 use crate::progress::{Progress, Unit};
 
-/// Packages every bootable image needs, whatever the recipe lists: the cloud kernel (NVMe and
-/// ENA drivers), an initramfs builder, systemd as init with udev, and systemd-boot's EFI binary.
-pub fn required_packages(arch: Arch) -> Vec<&'static str> {
-    vec![
-        arch.cloud_kernel_package(),
-        "initramfs-tools",
-        "systemd-sysv",
-        "udev",
-        "systemd-boot-efi",
-        "dbus",
-        "e2fsprogs",
-    ]
-}
-
 /// Everything that determines a staged Debian base, but for the state of the archive.
 #[derive(Debug, Clone)]
 pub struct DebianBase {

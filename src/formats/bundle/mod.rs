@@ -19,6 +19,7 @@ mod read;
 mod tar;
 mod write;
 
+pub use aes_cbc::Encryptor;
 pub use keys::{load_certificate_key, load_private_key, Credentials};
 pub use manifest::{BundleManifest, PartEntry, MANIFEST_VERSION};
 pub use read::{unbundle, UnbundleSummary};

@@ -30,7 +30,7 @@ pub enum ReadError {
     NotExt4(u64),
     #[error("malformed ext4: {0}")]
     Malformed(String),
-    #[error("reading the image")]
+    #[error("reading the image: {0}")]
     Io(#[from] std::io::Error),
 }
 

@@ -255,12 +255,17 @@ pub enum ManifestError {
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("manifest {path} has version {found}; this kiln reads version {MANIFEST_VERSION} (rebuild the image with this kiln)")]
     Version { path: PathBuf, found: u32 },
+    /// AMI settings EC2 would refuse: the manifest was edited or made by another tool. The
+    /// words are those `kiln check` gives for the same value in a recipe.
+    #[error("manifest {path}: {key}: {message}{}", help.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
+    Ami { path: PathBuf, key: String, message: String, help: Option<String> },
 }
 
 impl AmiSettings {
     /// Every EC2 rule these settings break, with the recipe key each is about (`ami.tpm`,
-    /// `ami.volumes[1].iops`): the rules `kiln check` applies to the recipe, applied again.
-    pub fn problems(&self, arch: Arch, image_boot: BootMode) -> Vec<(String, crate::ec2::Problem)> {
+    /// `ami.volumes[1].iops`): the rules `kiln check` applies to the recipe, applied again,
+    /// and the root volume's room for an image of `image_bytes`.
+    pub fn problems(&self, arch: Arch, image_boot: BootMode, image_bytes: u64) -> Vec<(String, crate::ec2::Problem)> {
         use crate::ec2::{check_boot, check_volume, VolumeRequest};
         let mut out: Vec<(String, crate::ec2::Problem)> = check_boot(arch, image_boot, self.boot_mode, self.tpm, false)
             .into_iter()
@@ -284,6 +289,20 @@ impl AmiSettings {
                 out.extend(ps.into_iter().map(|p| (format!("{prefix}.{}", p.field), p)));
             }
         }
+        let image_gib = image_bytes.div_ceil(crate::recipe::size::GIB);
+        if u64::from(r.size_gib) < image_gib {
+            out.push((
+                "ami.root_volume.size".into(),
+                crate::ec2::Problem {
+                    field: "size",
+                    message: format!(
+                        "the root volume ({} GiB) is smaller than the image ({image_gib} GiB)",
+                        r.size_gib
+                    ),
+                    help: Some("the root volume holds the whole image: make it at least as large".into()),
+                },
+            ));
+        }
         out
     }
 }
@@ -295,6 +314,13 @@ impl Manifest {
             serde_json::from_slice(&text).map_err(|source| ManifestError::Parse { path: path.into(), source })?;
         if m.manifest_version != MANIFEST_VERSION {
             return Err(ManifestError::Version { path: path.into(), found: m.manifest_version });
+        }
+        // Every step after the build trusts a loaded manifest's AMI settings as `kiln check`
+        // left them: the same rules judge them again here, the one door a manifest comes in by.
+        if let Some(ami) = &m.ami {
+            if let Some((key, p)) = ami.problems(m.arch, m.boot, m.image.size_bytes).into_iter().next() {
+                return Err(ManifestError::Ami { path: path.into(), key, message: p.message, help: p.help });
+            }
         }
         Ok(m)
     }

@@ -285,6 +285,43 @@ pub fn check_boot(arch: Arch, image: BootMode, mode: Ec2BootMode, tpm: bool, arc
     out
 }
 
+/// `s3://bucket/prefix`, where bundles are uploaded: a bucket name S3 accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct S3Location {
+    pub bucket: String,
+    /// Without leading or trailing `/`; may be empty.
+    pub prefix: String,
+}
+
+impl S3Location {
+    pub fn parse(s: &str) -> Result<S3Location, BadS3Location> {
+        let bad = || BadS3Location(s.to_string());
+        let rest = s.strip_prefix("s3://").ok_or_else(bad)?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let ok = (3..=63).contains(&bucket.len())
+            && bucket.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+            && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && bucket.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !ok {
+            return Err(bad());
+        }
+        Ok(S3Location { bucket: bucket.into(), prefix: prefix.trim_matches('/').into() })
+    }
+
+    pub fn key(&self, file: &str) -> String {
+        if self.prefix.is_empty() {
+            file.to_string()
+        } else {
+            format!("{}/{file}", self.prefix)
+        }
+    }
+}
+
+/// Why a text is not an S3 location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an S3 location: write s3://BUCKET/PREFIX (bucket names are 3 to 63 lowercase letters, digits, `-` and `.`)")]
+pub struct BadS3Location(pub String);
+
 #[cfg(test)]
 mod tests {
     use super::*;

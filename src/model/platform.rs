@@ -64,6 +64,19 @@ impl Arch {
             Arch::Arm64 => "linux-image-cloud-arm64",
         }
     }
+    /// Packages every bootable image needs, whatever the recipe lists: the cloud kernel (NVMe and
+    /// ENA drivers), an initramfs builder, systemd as init with udev, and systemd-boot's EFI binary.
+    pub fn required_packages(self) -> Vec<&'static str> {
+        vec![
+            self.cloud_kernel_package(),
+            "initramfs-tools",
+            "systemd-sysv",
+            "udev",
+            "systemd-boot-efi",
+            "dbus",
+            "e2fsprogs",
+        ]
+    }
     /// The architecture this process runs on.
     pub fn host() -> Option<Arch> {
         Arch::parse(std::env::consts::ARCH)

@@ -487,7 +487,7 @@ pub(super) fn check_bundle(v: &mut V, b: &Loc<RawBundle>, arch: Arch, boot: Boot
     let ec2_cert = path(v, &r.ec2_cert, "bundle.ec2_cert");
     if let Some(u) = &r.upload {
         // The same rule `kiln bundle --upload` applies, so a recipe that checks clean uploads.
-        if crate::bundle::upload::S3Location::parse(&u.value).is_err() {
+        if crate::ec2::S3Location::parse(&u.value).is_err() {
             v.err(
                 u.span,
                 "bundle.upload",

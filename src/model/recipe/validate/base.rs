@@ -217,7 +217,7 @@ pub(super) fn check_packages(v: &mut V, raw: &RawRecipe, base: &Base, arch: Arch
             }
         }
     }
-    let required = crate::stage::debian::required_packages(arch);
+    let required = arch.required_packages();
     let mut excluded: BTreeSet<String> = BTreeSet::new();
     for it in &exclude {
         if required.contains(&it.value.as_str()) {
