@@ -513,6 +513,16 @@ fn upload_survives_dropped_connections_and_server_errors() {
         "s3://kiln-faults/p",
         "--register",
     ]);
+    // The image's name `f` would be the AMI's, and EC2 refuses names under 3 characters:
+    // refused before any work, naming the way out.
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("`f` is not an AMI name EC2 accepts") && err.contains("--ami-name"),
+        "{err}"
+    );
+    assert!(proxy.requests().is_empty(), "requests sent before the name was checked");
+    c.args(["--ami-name", "faults-test"]);
     let o = c.output().unwrap();
     assert!(o.status.success(), "kiln bundle failed:\n{}", String::from_utf8_lossy(&o.stderr));
     let reqs = proxy.requests();

@@ -96,6 +96,10 @@ impl Recorded {
         if let Some(a) = self.form().get("Action") {
             return a.clone();
         }
+        // JSON protocols (SSM): `X-Amz-Target: AmazonSSM.PutParameter`.
+        if let Some(t) = self.header("x-amz-target") {
+            return t.rsplit('.').next().unwrap_or(t).to_string();
+        }
         let p = self.path.split('?').next().unwrap_or("");
         match (self.method.as_str(), p) {
             ("PUT", p) if p.contains("/blocks/") => "PutSnapshotBlock".into(),
@@ -155,6 +159,13 @@ pub enum Mode {
     /// Forward the first request of this action, then drop the connection instead of passing
     /// its answer on: the server did the work, the client never hears of it.
     LoseFirstReply { action: String },
+    /// Forward the first request of this action at once, then hold its answer `ms`
+    /// milliseconds (past the client's per-request timeout) before sending it: the server did
+    /// the work, the client gave up waiting and tried again.
+    AnswerFirstLate { action: String, ms: u64 },
+    /// Report this snapshot in state `error` in every DescribeSnapshots answer that names it:
+    /// what a pending snapshot becomes when its timeout passes (moto never expires one).
+    ExpireSnapshot { snapshot_id: String },
     /// Answer every S3 PutObject with this error, as S3 words it (XML `<Error>` body).
     S3PutError { status: u16, code: &'static str, message: &'static str },
 }
@@ -162,6 +173,8 @@ pub enum Mode {
 pub struct Proxy {
     pub port: u16,
     pub log: Arc<Mutex<Vec<Recorded>>>,
+    /// Every request since the start, `clear` or not: judged by botocore's models on drop.
+    all: Arc<Mutex<Vec<Recorded>>>,
     pub mode: Arc<Mutex<Mode>>,
     /// Paths of forwarded requests whose 2xx answer was handed to the client in full.
     pub answered: Arc<Mutex<Vec<String>>>,
@@ -169,7 +182,10 @@ pub struct Proxy {
 
 struct Shared {
     upstream: u16,
+    /// AMI id → the root snapshot its RegisterImage named (see `root_snapshots`).
+    roots: Mutex<BTreeMap<String, String>>,
     log: Arc<Mutex<Vec<Recorded>>>,
+    all: Arc<Mutex<Vec<Recorded>>>,
     mode: Arc<Mutex<Mode>>,
     answered: Arc<Mutex<Vec<String>>>,
     rng: Mutex<(u64, u32)>,
@@ -183,6 +199,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let log = Arc::new(Mutex::new(Vec::new()));
+        let all = Arc::new(Mutex::new(Vec::new()));
         let answered = Arc::new(Mutex::new(Vec::new()));
         let mode = Arc::new(Mutex::new(mode));
         let seed = match &*mode.lock().unwrap() {
@@ -191,7 +208,9 @@ impl Proxy {
         };
         let shared = Arc::new(Shared {
             upstream,
+            roots: Mutex::new(BTreeMap::new()),
             log: log.clone(),
+            all: all.clone(),
             mode: mode.clone(),
             answered: answered.clone(),
             rng: Mutex::new((seed, 0)),
@@ -206,7 +225,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, log, mode, answered }
+        Proxy { port, log, all, mode, answered }
     }
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -223,6 +242,52 @@ impl Proxy {
     }
     pub fn answered(&self) -> Vec<String> {
         self.answered.lock().unwrap().clone()
+    }
+}
+
+/// Every request a test made kiln send must be one the AWS service models accept, whatever
+/// moto made of it: checked when the test's proxy goes away (unless the test already failed).
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let all = self.all.lock().unwrap().clone();
+        if let Err(problems) = model_problems(&all) {
+            panic!("requests the AWS service models refuse:\n{problems}");
+        }
+    }
+}
+
+/// Judges `reqs` by botocore's service models (`tests/model_check.py`, run with the moto
+/// venv's Python, where botocore comes with moto): Err with one line per violation.
+pub fn model_problems(reqs: &[Recorded]) -> Result<(), String> {
+    use base64::Engine as _;
+    if reqs.is_empty() {
+        return Ok(());
+    }
+    let cache = std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/kiln".into());
+    let python = cache.join("moto-venv/bin/python");
+    let dir = common::tempdir();
+    let file = dir.path().join("requests.json");
+    let json: Vec<serde_json::Value> = reqs
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "method": r.method,
+                "path": r.path,
+                "headers": r.headers,
+                "body_b64": base64::engine::general_purpose::STANDARD.encode(&r.body),
+            })
+        })
+        .collect();
+    std::fs::write(&file, serde_json::to_vec(&json).unwrap()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/model_check.py");
+    let out = Command::new(&python).arg(script).arg(&file).output().expect("the moto venv's Python runs");
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(1) => Err(String::from_utf8_lossy(&out.stdout).into_owned()),
+        _ => panic!("tests/model_check.py failed: {}", String::from_utf8_lossy(&out.stderr)),
     }
 }
 
@@ -256,6 +321,8 @@ enum Fault {
     Drop,
     Delay(u64),
     LoseReply,
+    AnswerLate(u64),
+    Expire(String),
     Status(u16, &'static str, &'static str),
     S3(u16, &'static str, &'static str),
 }
@@ -278,6 +345,18 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
             *k += 1;
             (*k == 1).then_some(Fault::LoseReply)
         }
+        Mode::AnswerFirstLate { action: a, ms } => {
+            if a != action {
+                return None;
+            }
+            let mut c = shared.counts.lock().unwrap();
+            let k = c.entry(a).or_insert(0);
+            *k += 1;
+            (*k == 1).then_some(Fault::AnswerLate(ms))
+        }
+        Mode::ExpireSnapshot { snapshot_id } => (action == "DescribeSnapshots"
+            && req.form().iter().any(|(k, v)| k.starts_with("SnapshotId") && *v == snapshot_id))
+        .then_some(Fault::Expire(snapshot_id)),
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
@@ -323,8 +402,11 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut out = conn;
     while let Some(mut req) = read_request(&mut reader)? {
         let fault = decide(shared, &req);
-        req.faulted = fault.as_ref().is_some_and(|f| !matches!(f, Fault::Delay(_) | Fault::LoseReply));
+        req.faulted = fault.as_ref().is_some_and(|f| {
+            !matches!(f, Fault::Delay(_) | Fault::LoseReply | Fault::AnswerLate(_) | Fault::Expire(_))
+        });
         shared.log.lock().unwrap().push(req.clone());
+        shared.all.lock().unwrap().push(req.clone());
         match fault {
             Some(Fault::Drop) => {
                 let _ = out.shutdown(Shutdown::Both);
@@ -334,6 +416,26 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 let _ = forward(shared.upstream, &req)?;
                 let _ = out.shutdown(Shutdown::Both);
                 return Ok(());
+            }
+            Some(Fault::AnswerLate(ms)) => {
+                let resp = forward(shared.upstream, &req)?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                // The client has most likely hung up by now; what it would have read is lost.
+                let _ = out.write_all(&resp).and_then(|()| out.flush());
+                return Ok(());
+            }
+            Some(Fault::Expire(id)) => {
+                let resp = String::from_utf8_lossy(&forward(shared.upstream, &req)?).into_owned();
+                let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+                assert!(body.contains(&id), "DescribeSnapshots answered without {id}: {body}");
+                let mut body = body.to_string();
+                for state in ["pending", "completed"] {
+                    body = body.replace(&format!("<status>{state}</status>"), "<status>error</status>");
+                }
+                let head: Vec<&str> =
+                    head.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("content-length:")).collect();
+                write!(out, "{}\r\ncontent-length: {}\r\n\r\n{body}", head.join("\r\n"), body.len())?;
+                out.flush()?;
             }
             Some(Fault::Status(status, code, msg)) => {
                 let (ctype, body) = if req.form().contains_key("Action") {
@@ -357,7 +459,7 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 if let Some(Fault::Delay(ms)) = fault {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
-                let resp = forward(shared.upstream, &req)?;
+                let resp = root_snapshots(shared, &req, forward(shared.upstream, &req)?);
                 out.write_all(&resp)?;
                 out.flush()?;
                 if resp.starts_with(b"HTTP/1.1 2") || resp.starts_with(b"HTTP/1.0 2") {
@@ -367,6 +469,64 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// moto's RegisterImage keeps only the name and description: the AMI it makes points at a
+/// snapshot of moto's own, not the one in the request's block device mapping. The proxy
+/// remembers the root snapshot each RegisterImage asked for and puts it back into the
+/// DescribeImages answers, so an AMI reads back as EC2 would return it (what retention judges
+/// snapshots by).
+fn root_snapshots(shared: &Shared, req: &Recorded, resp: Vec<u8>) -> Vec<u8> {
+    let ok = resp.starts_with(b"HTTP/1.1 2") || resp.starts_with(b"HTTP/1.0 2");
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let tag = |t: &str, from: &str| -> Option<String> {
+        let start = from.find(&format!("<{t}>"))? + t.len() + 2;
+        Some(from[start..start + from[start..].find('<')?].to_string())
+    };
+    match req.action().as_str() {
+        "RegisterImage" if ok => {
+            if let (Some(id), Some(snap)) =
+                (tag("imageId", &text), req.form().get("BlockDeviceMapping.1.Ebs.SnapshotId"))
+            {
+                shared.roots.lock().unwrap().insert(id, snap.clone());
+            }
+            resp
+        }
+        "DescribeImages" if ok => {
+            let roots = shared.roots.lock().unwrap().clone();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else { return resp };
+            let Ok(doc) = roxmltree::Document::parse(body) else { return resp };
+            // Each image of the answer (imagesSet/item) that kiln registered: the text of the
+            // first snapshotId in its block device mapping, replaced by the requested one.
+            let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+            for image in doc.descendants().filter(|n| n.has_tag_name("item")) {
+                if !image.parent().is_some_and(|p| p.has_tag_name("imagesSet")) {
+                    continue;
+                }
+                let Some(id) = image.children().find(|c| c.has_tag_name("imageId")).and_then(|n| n.text()) else {
+                    continue;
+                };
+                let Some(snap) = roots.get(id) else { continue };
+                let old = image
+                    .children()
+                    .find(|c| c.has_tag_name("blockDeviceMapping"))
+                    .and_then(|m| m.descendants().find(|n| n.has_tag_name("snapshotId")))
+                    .and_then(|n| n.first_child());
+                if let Some(t) = old {
+                    edits.push((t.range(), snap.clone()));
+                }
+            }
+            let mut body = body.to_string();
+            edits.sort_by_key(|e| std::cmp::Reverse(e.0.start));
+            for (range, snap) in edits {
+                body.replace_range(range, &snap);
+            }
+            let head: Vec<&str> =
+                head.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("content-length:")).collect();
+            format!("{}\r\ncontent-length: {}\r\n\r\n{body}", head.join("\r\n"), body.len()).into_bytes()
+        }
+        _ => resp,
+    }
 }
 
 /// Sends one request to moto on a fresh connection and returns the whole response; the

@@ -119,6 +119,15 @@ fn bad_ami_values() {
     check_bad("ami-ranges.toml");
 }
 
+/// Release settings: retention counts and SSM parameter names EC2 and SSM would refuse, each
+/// pointed at.
+#[test]
+fn bad_release_settings() {
+    let e = check_bad("ami-release.toml");
+    assert_eq!(first_key(&e), "ami.keep");
+    assert_eq!(e.diagnostics().len(), 5, "{e}");
+}
+
 #[test]
 fn arm64_refuses_legacy_bios() {
     let e = check_bad("arm64-legacy-bios.toml");
@@ -302,6 +311,8 @@ fn full_recipe_every_key() {
     assert_eq!(a.imds.map(|i| i.as_str()), Some("v2.0"));
     assert_eq!(a.launch_permissions.accounts, vec!["123456789012", "012345678901"]);
     assert_eq!(a.launch_permissions.organizational_units.len(), 1);
+    assert_eq!(a.keep, Some(5));
+    assert_eq!(a.ssm_parameters, ["/golden/{name}/{arch}/latest", "/golden/{name}/{arch}/{date}"]);
     // tags merge key by key, the child winning.
     assert_eq!(a.tags.get("team").map(String::as_str), Some("platform"));
     assert_eq!(a.tags.get("owner").map(String::as_str), Some("base-team"));

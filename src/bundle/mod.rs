@@ -90,6 +90,8 @@ pub enum BundleStageError {
     Missing { what: &'static str, flag: &'static str, key: &'static str },
     #[error("--register needs an S3 location: pass --upload s3://BUCKET/PREFIX or set [bundle].upload in the recipe")]
     RegisterWithoutUpload,
+    #[error("`{0}` is not an AMI name EC2 accepts ({rule}); pass --ami-name", rule = crate::ec2::AMI_NAME_RULE)]
+    AmiName(String),
     #[error(transparent)]
     Upload(#[from] upload::UploadError),
     #[error("writing {path}")]
@@ -182,6 +184,12 @@ pub fn resolve(o: &BundleOptions) -> Result<Resolved, BundleStageError> {
         level: o.level,
         threads: o.threads,
     };
+    if o.register {
+        let name = o.ami_name.as_deref().unwrap_or(&spec.name);
+        if !crate::ec2::valid_ami_name(name) {
+            return Err(BundleStageError::AmiName(name.to_string()));
+        }
+    }
     Ok(Resolved { image, manifest, spec, user_cert, user_key, ec2_cert, out_dir, upload, warnings })
 }
 

@@ -10,6 +10,7 @@ mod inspect;
 mod mkfs;
 #[allow(dead_code)] // used by build, publish and bundle as they land
 pub mod progress;
+mod prune;
 mod publish;
 mod test;
 mod unbundle;
@@ -37,6 +38,7 @@ enum Command {
     Test(test::Args),
     Mkfs(mkfs::Args),
     Publish(publish::Args),
+    Prune(prune::Args),
     Bundle(bundle::Args),
     Unbundle(unbundle::Args),
     /// Internal: QEMU runs this for each guest connection to the metadata service.
@@ -87,6 +89,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Test(a) => test::run(a),
         Command::Mkfs(a) => mkfs::run(a),
         Command::Publish(a) => publish::run(a),
+        Command::Prune(a) => prune::run(a),
         Command::Bundle(a) => bundle::run(a),
         Command::Unbundle(a) => unbundle::run(a),
         Command::ImdsRelay(a) => test::relay(a),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use kiln::aws::RetryPolicy;
 use kiln::publish::{self, PublishOptions};
 
 /// Upload a built image as an EBS snapshot and register it as an AMI (no build instance).
@@ -12,13 +13,23 @@ use kiln::publish::{self, PublishOptions};
 /// manifest lists as holding data with the EBS direct APIs, registers the AMI with the
 /// recipe's [ami] settings, shares it, copies it to the other regions, and writes
 /// NAME.publish.json beside the manifest. Re-running for the same image finds the existing
-/// AMI instead of making a duplicate. Credentials and region come from the standard AWS
-/// chain (environment, profile, SSO, instance role).
+/// AMI instead of making a duplicate.
+///
+/// Incremental by default: kiln remembers, in its state directory, the snapshot it last
+/// published for each image name and region; publishing a new build of the same name sends
+/// only the blocks that changed, on top of that snapshot (--full sends everything). A
+/// remembered snapshot that is gone, belongs to another account, or was made with other
+/// encryption settings is not used: the upload is then a full one, with a note saying why.
+///
+/// Credentials and region come from the standard AWS chain (environment, profile, SSO,
+/// instance role).
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
 kiln publish out/debian-12-minimal-x86_64.manifest.json\n  \
 kiln publish --dry-run out/debian-12-minimal-x86_64.manifest.json\n  \
 kiln publish --region eu-west-1 --region us-east-1 out/web.manifest.json\n  \
+kiln publish out/web.manifest.json   # tomorrow's build: only the changed blocks are sent\n  \
+kiln publish --full out/web.manifest.json\n  \
 kiln publish --parent-manifest old/web.manifest.json --parent-snapshot snap-0123456789abcdef0 out/web.manifest.json\n  \
 kiln publish out/web.manifest.json   # again after a failure or a kill: continues the upload\n  \
 kiln publish --endpoint-url http://127.0.0.1:5000 out/web.manifest.json   # a local stand-in (moto)\n\n\
@@ -39,6 +50,17 @@ pub struct Args {
     /// Print what would be sent and created, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Upload every block, even when the last snapshot published for this image name could be
+    /// the parent (by default only the blocks that changed since then are sent).
+    #[arg(long, conflicts_with = "parent_manifest")]
+    pub full: bool,
+    /// Overwrite [ami.ssm] parameters even where they name a newer build of this image.
+    #[arg(long)]
+    pub force: bool,
+    /// Where kiln remembers what it published, for incremental uploads
+    /// [default: $KILN_STATE_DIR, else $XDG_STATE_HOME/kiln, else ~/.local/state/kiln].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Incremental upload: the manifest of the image PREV was published from (needs --parent-snapshot).
     #[arg(long, value_name = "PREV.manifest.json", requires = "parent_snapshot")]
     pub parent_manifest: Option<PathBuf>,
@@ -59,6 +81,10 @@ pub struct Args {
     /// Seconds to wait for the snapshot to complete and each AMI to become available.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub wait_timeout: u64,
+    /// Seconds each AWS request may take before it is abandoned and retried (the answer is
+    /// then taken as lost: retries never make a second snapshot or AMI).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub request_timeout: u64,
     /// Print the publish record (or with --dry-run, the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -72,11 +98,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         dry_run: a.dry_run,
         parent_manifest: a.parent_manifest,
         parent_snapshot: a.parent_snapshot,
+        state_dir: Some(a.state_dir.unwrap_or_else(publish::history::default_state_dir)),
+        full: a.full,
+        force: a.force,
         resume: a.resume,
         keep_snapshot_on_failure: a.keep_snapshot,
         snapshot_timeout_minutes: a.snapshot_timeout,
         wait_timeout: Duration::from_secs(a.wait_timeout),
-        ..PublishOptions::default()
+        retry: RetryPolicy { attempt_timeout: Duration::from_secs(a.request_timeout), ..RetryPolicy::default() },
     };
     let what = || format!("publishing {}", a.manifest.display());
     if a.dry_run {
@@ -105,6 +134,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             plan.zero_blocks_to_send,
             plan.bytes_to_send as f64 / 1048576.0
         );
+        if plan.blocks_inherited > 0 {
+            println!("  inherited      {} blocks unchanged since the parent", plan.blocks_inherited);
+        }
+        for n in &plan.notes {
+            println!("  note           {n}");
+        }
         if plan.already_acknowledged > 0 {
             println!("  acknowledged   {} blocks by an interrupted run (skipped)", plan.already_acknowledged);
         }
@@ -126,10 +161,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rec)?);
     } else {
         println!(
-            "snapshot {} ({} blocks sent, {:.1} MiB)",
+            "snapshot {} ({} blocks sent, {:.1} MiB{})",
             rec.snapshot_id,
             rec.blocks_sent,
-            rec.bytes_sent as f64 / 1048576.0
+            rec.bytes_sent as f64 / 1048576.0,
+            rec.parent_snapshot_id
+                .as_ref()
+                .map(|p| format!("; {} blocks inherited from {p}", rec.blocks_inherited))
+                .unwrap_or_default()
         );
         for r in &rec.amis {
             println!("{}  {}{}", r.region, r.image_id, if r.reused { "  (existing)" } else { "" });

@@ -322,6 +322,48 @@ impl S3Location {
 #[error("`{0}` is not an S3 location: write s3://BUCKET/PREFIX (bucket names are 3 to 63 lowercase letters, digits, `-` and `.`)")]
 pub struct BadS3Location(pub String);
 
+/// EC2's rule for an AMI name, placeholders already filled in: 3 to 128 characters of letters,
+/// digits, spaces and `( ) [ ] . / - ' @ _`.
+pub const AMI_NAME_RULE: &str = "3 to 128 characters: letters, digits, spaces and ( ) [ ] . / - ' @ _";
+
+/// Whether EC2 accepts `name` as an AMI name ([`AMI_NAME_RULE`]).
+pub fn valid_ami_name(name: &str) -> bool {
+    (3..=128).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c))
+}
+
+/// The placeholders an SSM parameter name may hold, filled in per region at publish time.
+pub const SSM_PLACEHOLDERS: [&str; 5] = ["{name}", "{arch}", "{region}", "{date}", "{sha}"];
+
+/// Whether SSM accepts `name` (with its placeholders filled in) as a parameter name: a path
+/// from `/`, of letters, digits and `_ . - /`, at most 15 levels, at most 1011 characters (SSM
+/// counts the ARN prefix too), not under the reserved `/aws` or `/ssm` prefixes.
+pub fn check_ssm_parameter_name(name: &str) -> Result<(), String> {
+    let mut plain = name.to_string();
+    for p in SSM_PLACEHOLDERS {
+        plain = plain.replace(p, "x");
+    }
+    if !plain.starts_with('/') {
+        return Err("is not a parameter path: it must start with `/`".into());
+    }
+    if let Some(c) = plain.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.-/".contains(*c))) {
+        return Err(format!("holds {c:?}: SSM parameter names take letters, digits and `_ . - /`"));
+    }
+    let lower = plain.to_ascii_lowercase();
+    if lower.starts_with("/aws") || lower.starts_with("/ssm") {
+        return Err("is under a prefix SSM reserves (`/aws`, `/ssm`)".into());
+    }
+    if plain.contains("//") || plain.ends_with('/') {
+        return Err("has an empty level".into());
+    }
+    if plain.matches('/').count() > 15 {
+        return Err("is more than 15 levels deep".into());
+    }
+    if name.len() > 1011 {
+        return Err("is longer than 1011 characters".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -160,8 +160,14 @@ pub struct PartitionInfo {
 }
 
 /// `[ami]` after validation: every value is one EC2 accepts, sizes in whole GiB.
+///
+/// Whether a value is one EC2 accepts depends on the image (architecture, boot mode, size), so
+/// these settings are validated where they meet it: [`crate::recipe::load`] and
+/// [`Manifest::load`]. Outside this crate they cannot be built field by field
+/// (`non_exhaustive`), only read from those two, or deserialized on purpose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct AmiSettings {
     /// May contain `{date}` (UTC YYYYMMDD of SOURCE_DATE_EPOCH), `{arch}`, `{name}`, `{sha}`
     /// (first 12 hex digits of the image SHA-256).
@@ -185,10 +191,20 @@ pub struct AmiSettings {
     pub encrypted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key_arn: Option<String>,
+    /// Retention: after each publish, keep this many of the newest AMIs of the image (per
+    /// region) and deregister the older ones with their snapshots (`kiln prune`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<u32>,
+    /// SSM parameter names (`/golden/{name}/{arch}/latest`) set to the AMI's id in each
+    /// region, with the `aws:ec2:image` data type; may hold `{name}`, `{arch}`, `{region}`,
+    /// `{date}` and `{sha}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssm_parameters: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RootVolume {
     /// `/dev/xvda`.
     pub device: String,
@@ -203,6 +219,7 @@ pub struct RootVolume {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct LaunchPermissions {
     pub accounts: Vec<String>,
     pub organizations: Vec<String>,
@@ -213,6 +230,7 @@ pub struct LaunchPermissions {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ExtraVolume {
     pub device: String,
     pub size_gib: u32,
@@ -287,6 +305,14 @@ impl AmiSettings {
             };
             if let Err(ps) = check_volume(&req) {
                 out.extend(ps.into_iter().map(|p| (format!("{prefix}.{}", p.field), p)));
+            }
+        }
+        for name in &self.ssm_parameters {
+            if let Err(why) = crate::ec2::check_ssm_parameter_name(name) {
+                out.push((
+                    "ami.ssm.parameters".into(),
+                    crate::ec2::Problem { field: "parameters", message: format!("`{name}` {why}"), help: None },
+                ));
             }
         }
         let image_gib = image_bytes.div_ceil(crate::recipe::size::GIB);

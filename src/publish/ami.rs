@@ -18,6 +18,8 @@ use crate::progress::{Progress, Unit};
 pub const TAG_IMAGE_SHA: &str = "kiln:image-sha256";
 pub const TAG_RECIPE_SHA: &str = "kiln:recipe-sha256";
 pub const TAG_NAME: &str = "kiln:name";
+/// The build's SOURCE_DATE_EPOCH: which of two builds of an image is the newer one.
+pub const TAG_SOURCE_DATE_EPOCH: &str = "kiln:source-date-epoch";
 
 /// Expands `{date}`, `{arch}`, `{name}` and `{sha}` in the AMI name. The date is
 /// SOURCE_DATE_EPOCH's UTC day, never the wall clock, so a rebuild names the AMI the same.
@@ -39,6 +41,7 @@ pub fn all_tags(s: &AmiSettings, m: &Manifest) -> Vec<(String, String)> {
     t.push((TAG_IMAGE_SHA.into(), m.image.sha256.clone()));
     t.push((TAG_RECIPE_SHA.into(), m.recipe.sha256.clone()));
     t.push((TAG_NAME.into(), m.name.clone()));
+    t.push((TAG_SOURCE_DATE_EPOCH.into(), m.source_date_epoch.to_string()));
     t
 }
 

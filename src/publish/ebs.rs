@@ -362,6 +362,36 @@ pub async fn still_pending(
     })
 }
 
+/// Whether a snapshot kiln remembers can be the parent of a new one: Ok when it exists in this
+/// account and is complete, else why not ("no longer exists in this account", "is in state
+/// error"). A snapshot of another account (shared with this one, or not) is never a parent.
+pub async fn usable_parent(
+    ec2: &aws_sdk_ec2::Client,
+    snapshot_id: &str,
+    policy: &RetryPolicy,
+) -> Result<Result<(), String>, PublishError> {
+    use aws_sdk_ec2::types::SnapshotState;
+    let out = match with_retry(policy, "DescribeSnapshots", || {
+        ec2.describe_snapshots().owner_ids("self").snapshot_ids(snapshot_id).send()
+    })
+    .await
+    {
+        Ok(o) => o,
+        Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => {
+            return Ok(Err("no longer exists in this account".into()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match out.snapshots().iter().find(|s| s.snapshot_id() == Some(snapshot_id)).map(|s| s.state()) {
+        None => Err("no longer exists in this account".into()),
+        Some(Some(SnapshotState::Completed)) => Ok(()),
+        Some(state) => Err(format!(
+            "is in state {}, not completed",
+            state.map(|s| s.as_str().to_string()).unwrap_or_else(|| "unknown".into())
+        )),
+    })
+}
+
 /// Polls DescribeSnapshots until the snapshot is `completed`.
 pub async fn wait_completed(
     ec2: &aws_sdk_ec2::Client,

@@ -20,6 +20,18 @@ pub struct PublishRecord {
     /// Blocks sent by this run (zero when an existing snapshot or AMI was reused).
     pub blocks_sent: u64,
     pub bytes_sent: u64,
+    /// Data blocks the snapshot took unchanged from its parent instead of being sent.
+    #[serde(default)]
+    pub blocks_inherited: u64,
+    /// Why a remembered parent was not used, and the like.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// SSM parameters (`[ami.ssm]`), per region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<super::ssm::Parameter>,
+    /// What retention (`[ami] keep`) removed and kept, per region.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<super::prune::RegionPrune>,
     pub ami_name: String,
     pub amis: Vec<RegionImage>,
 }

@@ -149,6 +149,15 @@ pub struct RawAmi {
     pub volumes: Option<Vec<Loc<RawVolume>>>,
     pub encrypted: Option<Loc<bool>>,
     pub kms_key_arn: Option<Loc<String>>,
+    pub keep: Option<Loc<i64>>,
+    pub ssm: Option<Loc<RawSsm>>,
+}
+
+/// `[ami.ssm]`: SSM parameters that name the AMI.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSsm {
+    pub parameters: Option<LocList<String>>,
 }
 
 /// `[ami].root_volume` and each `[[ami.volumes]]`; validation refuses the keys that do not
@@ -322,6 +331,8 @@ impl RawAmi {
             volumes: pick(p.volumes, c.volumes),
             encrypted: pick(p.encrypted, c.encrypted),
             kms_key_arn: pick(p.kms_key_arn, c.kms_key_arn),
+            keep: pick(p.keep, c.keep),
+            ssm: pick(p.ssm, c.ssm),
         }
     }
 }

@@ -383,6 +383,42 @@ pub(super) fn check_ami(
         v.err(k.span, "ami.kms_key_arn", "`kms_key_arn` needs `encrypted = true`", None);
     }
 
+    // EC2 allows at most 50,000 AMIs per region (a quota); a larger count keeps everything.
+    let keep = r.keep.as_ref().and_then(|k| match u32::try_from(k.value) {
+        Ok(n @ 1..=50_000) => Some(n),
+        _ => {
+            v.err(
+                k.span,
+                "ami.keep",
+                format!("`keep = {}` keeps no AMI at all or more than a region can hold", k.value),
+                Some(
+                    "keep the newest N AMIs of this image with N from 1 to 50000, or leave `keep` out to keep all"
+                        .into(),
+                ),
+            );
+            None
+        }
+    });
+
+    let mut ssm_parameters = Vec::new();
+    for p in r.ssm.iter().flat_map(|s| s.value.parameters.iter()).flat_map(|l| l.value.iter()) {
+        match crate::ec2::check_ssm_parameter_name(&p.value) {
+            Err(why) => v.err(
+                p.span,
+                "ami.ssm.parameters",
+                format!("`{}` {why}", p.value),
+                Some(format!(
+                    "like \"/golden/{{name}}/{{arch}}/latest\"; placeholders: {}",
+                    crate::ec2::SSM_PLACEHOLDERS.join(" ")
+                )),
+            ),
+            Ok(()) if ssm_parameters.contains(&p.value) => {
+                v.err(p.span, "ami.ssm.parameters", format!("`{}` is listed twice", p.value), None)
+            }
+            Ok(()) => ssm_parameters.push(p.value.clone()),
+        }
+    }
+
     if v.diags.len() != before {
         return None;
     }
@@ -410,6 +446,8 @@ pub(super) fn check_ami(
         volumes,
         encrypted,
         kms_key_arn,
+        keep,
+        ssm_parameters,
     })
 }
 
@@ -431,10 +469,14 @@ fn check_ami_name(v: &mut V, n: &Loc<String>) {
         );
         return;
     }
-    // EC2: 3–128 characters: letters, digits, ( ) [ ] space . / - ' @ _
-    let ok_chars = rest.chars().all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c));
-    if !ok_chars || n.value.len() < 3 || n.value.len() > 128 {
-        v.err(n.span, "ami.name", format!("`{}` is not a valid AMI name", n.value), Some("3 to 128 characters: letters, digits, spaces and ( ) [ ] . / - ' @ _, plus the placeholders {name} {arch} {date} {sha}".into()));
+    // The placeholders stand for valid characters; the length counts the template as written.
+    if !crate::ec2::valid_ami_name(&rest) || !(3..=128).contains(&n.value.len()) {
+        v.err(
+            n.span,
+            "ami.name",
+            format!("`{}` is not a valid AMI name", n.value),
+            Some(format!("{}, plus the placeholders {}", crate::ec2::AMI_NAME_RULE, AMI_PLACEHOLDERS.join(" "))),
+        );
     }
 }
 
