@@ -81,7 +81,9 @@ now() { date +%s.%N; }
 run_kiln() {
   start_moto
   local t0 t1; t0=$(now)
-  "$kiln" publish --json "$manifest" >"$work/kiln.json"
+  # A fresh state directory too: each round is a first publish, like coldsnap's.
+  rm -rf "$work/state"
+  KILN_STATE_DIR="$work/state" "$kiln" publish --json "$manifest" >"$work/kiln.json"
   t1=$(now)
   local snap; snap="$("$venv_py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot_id"])' "$work/kiln.json")"
   echo "kiln $(echo "$t0 $t1" | awk '{print $2-$1}') $(count_blocks "$snap")" >>"$work/results"

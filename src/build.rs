@@ -53,16 +53,7 @@ pub struct BuildOutput {
 /// Where staged bases and other reusable work live: `--cache-dir`, `KILN_CACHE_DIR`,
 /// `$XDG_CACHE_HOME/kiln`, `~/.cache/kiln`.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KILN_CACHE_DIR") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Path::new(&d).join("kiln");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => Path::new(&h).join(".cache/kiln"),
-        None => PathBuf::from("/var/cache/kiln"),
-    }
+    crate::dirs::kiln_dir("KILN_CACHE_DIR", "XDG_CACHE_HOME", ".cache/kiln", "/var/cache/kiln")
 }
 
 /// Digests of recipe source files (a tarball base above all), kept in the cache so a rebuild

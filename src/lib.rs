@@ -10,6 +10,7 @@ pub mod aws;
 pub mod boot;
 pub mod build;
 pub mod bundle;
+pub mod dirs;
 pub mod disk;
 pub use kiln_formats as formats;
 pub use kiln_model::ec2;

@@ -45,16 +45,7 @@ impl Published {
 
 /// `--state-dir`, else `KILN_STATE_DIR`, `$XDG_STATE_HOME/kiln`, `~/.local/state/kiln`.
 pub fn default_state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("KILN_STATE_DIR") {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
-        return Path::new(&d).join("kiln");
-    }
-    match std::env::var_os("HOME") {
-        Some(h) => Path::new(&h).join(".local/state/kiln"),
-        None => PathBuf::from("/var/lib/kiln"),
-    }
+    crate::dirs::kiln_dir("KILN_STATE_DIR", "XDG_STATE_HOME", ".local/state/kiln", "/var/lib/kiln")
 }
 
 /// `STATE/published/ENDPOINT/REGION/NAME.json`. ENDPOINT is `aws`, or for another endpoint
