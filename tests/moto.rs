@@ -459,7 +459,10 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 if let Some(Fault::Delay(ms)) = fault {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
-                let resp = root_snapshots(shared, &req, forward(shared.upstream, &req)?);
+                let resp = match stand_in(&req) {
+                    Some(r) => r,
+                    None => root_snapshots(shared, &req, forward(shared.upstream, &req)?),
+                };
                 out.write_all(&resp)?;
                 out.flush()?;
                 if resp.starts_with(b"HTTP/1.1 2") || resp.starts_with(b"HTTP/1.0 2") {
@@ -469,6 +472,22 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Answers for the calls moto does not implement, as EC2 words them; what kiln sent is judged
+/// by the botocore models like every other request.
+fn stand_in(req: &Recorded) -> Option<Vec<u8>> {
+    let action = req.action();
+    let body = match action.as_str() {
+        "EnableImageDeprecation" => "<return>true</return>",
+        _ => return None,
+    };
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><{action}Response xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>kiln-test</requestId>{body}</{action}Response>"
+    );
+    Some(
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{xml}", xml.len()).into_bytes(),
+    )
 }
 
 /// moto's RegisterImage keeps only the name and description: the AMI it makes points at a

@@ -983,6 +983,50 @@ fn ssm_parameters_name_the_newest_build_in_each_region() {
     }
 }
 
+/// Deprecation: `deprecate_after = "180d"` marks the AMI and its copy deprecated 180 days
+/// after the publish (EnableImageDeprecation, which moto lacks: the proxy answers it, the
+/// botocore model judges the request), and the record says when.
+#[test]
+fn deprecation_is_set_on_the_ami_and_every_copy() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let dir = common::tempdir();
+    let data: BTreeMap<u64, Vec<u8>> = [0u64, 2].iter().map(|&i| (i, block_bytes(i, 60))).collect();
+    let mut ami = settings(&["us-east-1", "eu-west-1"]);
+    ami.deprecate_after = Some("180d".into());
+    let m = write_image(dir.path(), "img", 8, &data, ami);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let rec = run_json(publish_cmd(&proxy, &m));
+    let calls = of(&proxy.requests(), "EnableImageDeprecation").into_iter().map(|r| r.form()).collect::<Vec<_>>();
+    let ids: BTreeSet<String> = calls.iter().map(|f| f["ImageId"].clone()).collect();
+    let amis: BTreeSet<String> =
+        rec["amis"].as_array().unwrap().iter().map(|a| a["image_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids, amis, "every AMI, once");
+    assert_eq!(calls.len(), 2);
+    let want = now + 180 * 86_400;
+    for f in &calls {
+        let at = time::OffsetDateTime::parse(&f["DeprecateAt"], &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            .unix_timestamp();
+        assert!((at - want).abs() < 300, "DeprecateAt {} is not 180 days from now", f["DeprecateAt"]);
+    }
+    let recorded = rec["deprecate_at"].as_str().expect("the record says when");
+    let recorded =
+        time::OffsetDateTime::parse(recorded, &time::format_description::well_known::Rfc3339).unwrap().unix_timestamp();
+    assert!((recorded - want).abs() < 300, "record: {rec}");
+
+    // A fixed time already past is refused before anything is sent.
+    let dir2 = common::tempdir();
+    let mut past = settings(&["us-east-1"]);
+    past.deprecate_after = Some("2020-01-01T00:00:00Z".into());
+    let m2 = write_image(dir2.path(), "img", 8, &data, past);
+    proxy.clear();
+    let out = publish_cmd(&proxy, &m2).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the deprecation time has passed"), "{err}");
+    assert!(proxy.requests().is_empty(), "requests sent before the deprecation time was judged");
+}
+
 #[test]
 fn dry_run_changes_nothing() {
     let Some(moto) = Moto::start() else { return };

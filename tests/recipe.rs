@@ -125,7 +125,7 @@ fn bad_ami_values() {
 fn bad_release_settings() {
     let e = check_bad("ami-release.toml");
     assert_eq!(first_key(&e), "ami.keep");
-    assert_eq!(e.diagnostics().len(), 5, "{e}");
+    assert_eq!(e.diagnostics().len(), 6, "{e}");
 }
 
 #[test]
@@ -312,6 +312,7 @@ fn full_recipe_every_key() {
     assert_eq!(a.launch_permissions.accounts, vec!["123456789012", "012345678901"]);
     assert_eq!(a.launch_permissions.organizational_units.len(), 1);
     assert_eq!(a.keep, Some(5));
+    assert_eq!(a.deprecate_after.as_deref(), Some("365d"));
     assert_eq!(a.ssm_parameters, ["/golden/{name}/{arch}/latest", "/golden/{name}/{arch}/{date}"]);
     // tags merge key by key, the child winning.
     assert_eq!(a.tags.get("team").map(String::as_str), Some("platform"));

@@ -331,6 +331,67 @@ pub fn valid_ami_name(name: &str) -> bool {
     (3..=128).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c))
 }
 
+/// When an AMI is deprecated (EnableImageDeprecation): a number of days after it is
+/// published, or a fixed UTC time. EC2 takes a time at most 10 years ahead, 2 years for a
+/// public AMI, and never in the past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deprecation {
+    AfterDays(u32),
+    /// Seconds since the Unix epoch.
+    At(i64),
+}
+
+/// Days EC2 allows between now and an AMI's deprecation: 10 years, or 2 for a public AMI.
+pub fn max_deprecation_days(public: bool) -> u32 {
+    if public {
+        730
+    } else {
+        3650
+    }
+}
+
+impl Deprecation {
+    /// `"180d"` or an RFC 3339 UTC time (`"2027-06-01T00:00:00Z"`).
+    pub fn parse(s: &str) -> Result<Deprecation, String> {
+        if let Some(days) = s.strip_suffix('d') {
+            return match days.parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(Deprecation::AfterDays(n)),
+                _ => Err(format!("`{s}` is not a number of days from 1 (like \"180d\")")),
+            };
+        }
+        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+            format!("`{s}` is neither a number of days (\"180d\") nor an RFC 3339 time (\"2027-06-01T00:00:00Z\")")
+        })?;
+        Ok(Deprecation::At(t.unix_timestamp()))
+    }
+
+    /// The deprecation time for an AMI published at `now` (Unix seconds), or why EC2 would
+    /// refuse it.
+    pub fn at(self, now: i64, public: bool) -> Result<i64, String> {
+        let max = max_deprecation_days(public);
+        let at = match self {
+            Deprecation::AfterDays(d) if d > max => {
+                return Err(format!(
+                    "{d} days is more than EC2 allows ({max} days{})",
+                    if public { " for a public AMI" } else { "" }
+                ))
+            }
+            Deprecation::AfterDays(d) => now + i64::from(d) * 86_400,
+            Deprecation::At(t) => t,
+        };
+        if at <= now {
+            return Err("the deprecation time has passed".into());
+        }
+        if at > now + i64::from(max) * 86_400 {
+            return Err(format!(
+                "the deprecation time is more than {max} days ahead{}",
+                if public { " (a public AMI)" } else { "" }
+            ));
+        }
+        Ok(at)
+    }
+}
+
 /// The placeholders an SSM parameter name may hold, filled in per region at publish time.
 pub const SSM_PLACEHOLDERS: [&str; 5] = ["{name}", "{arch}", "{region}", "{date}", "{sha}"];
 
@@ -414,5 +475,27 @@ mod tests {
         assert!(p[0].message.ends_with("(arm64 was chosen with --arch)"));
         let p = check_boot(Arch::X86_64, BootMode::Uefi, Ec2BootMode::LegacyBios, false, false);
         assert_eq!(p[0].message, "boot_mode = \"legacy-bios\" does not match the image, which boots UEFI only");
+    }
+}
+
+#[cfg(test)]
+mod deprecation_tests {
+    use super::*;
+
+    #[test]
+    fn days_and_times_within_ec2_limits() {
+        let now = 1_800_000_000;
+        assert_eq!(Deprecation::parse("180d").unwrap().at(now, false), Ok(now + 180 * 86_400));
+        assert!(Deprecation::parse("3650d").unwrap().at(now, false).is_ok());
+        assert!(Deprecation::parse("3651d").unwrap().at(now, false).unwrap_err().contains("3650 days"));
+        assert!(Deprecation::parse("731d").unwrap().at(now, true).unwrap_err().contains("public"));
+        let at = Deprecation::parse("2027-06-01T00:00:00Z").unwrap();
+        assert_eq!(at, Deprecation::At(1_811_808_000));
+        assert!(at.at(1_811_808_000, false).unwrap_err().contains("passed"));
+        assert_eq!(at.at(1_800_000_000, false), Ok(1_811_808_000));
+        assert!(at.at(1_700_000_000, true).unwrap_err().contains("730 days"));
+        for bad in ["0d", "d", "-5d", "tomorrow", "2027-06-01"] {
+            assert!(Deprecation::parse(bad).is_err(), "{bad}");
+        }
     }
 }

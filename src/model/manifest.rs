@@ -200,6 +200,10 @@ pub struct AmiSettings {
     /// `{date}` and `{sha}`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssm_parameters: Vec<String>,
+    /// `180d` (days after publishing) or an RFC 3339 time: EnableImageDeprecation on the AMI
+    /// and every copy ([`crate::ec2::Deprecation`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecate_after: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,6 +309,18 @@ impl AmiSettings {
             };
             if let Err(ps) = check_volume(&req) {
                 out.extend(ps.into_iter().map(|p| (format!("{prefix}.{}", p.field), p)));
+            }
+        }
+        if let Some(d) = &self.deprecate_after {
+            let problem = crate::ec2::Deprecation::parse(d).and_then(|dep| match dep {
+                crate::ec2::Deprecation::AfterDays(_) => dep.at(0, self.launch_permissions.public).map(|_| ()),
+                crate::ec2::Deprecation::At(_) => Ok(()),
+            });
+            if let Err(message) = problem {
+                out.push((
+                    "ami.deprecate_after".into(),
+                    crate::ec2::Problem { field: "deprecate_after", message, help: None },
+                ));
             }
         }
         for name in &self.ssm_parameters {

@@ -373,3 +373,17 @@ pub async fn delete_snapshot(
     with_retry(policy, "DeleteSnapshot", || ec2.delete_snapshot().snapshot_id(snapshot_id).send()).await?;
     Ok(())
 }
+
+/// EnableImageDeprecation: the AMI is marked deprecated at `at` (Unix seconds).
+pub async fn deprecate(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    image_id: &str,
+    at: i64,
+) -> Result<(), PublishError> {
+    with_retry(policy, "EnableImageDeprecation", || {
+        ec2.enable_image_deprecation().image_id(image_id).deprecate_at(aws_smithy_types::DateTime::from_secs(at)).send()
+    })
+    .await?;
+    Ok(())
+}

@@ -27,6 +27,8 @@ pub(super) struct Ctx {
     pub(super) notes: Vec<String>,
     pub(super) name: String,
     pub(super) tags: Vec<(String, String)>,
+    /// When the AMIs are deprecated (Unix seconds), decided once so every region gets the same.
+    pub(super) deprecate_at: Option<i64>,
 }
 
 /// The snapshot kiln last published for this image name in the upload region, as the parent
@@ -96,6 +98,20 @@ impl Ctx {
         };
         let name = ami::expand_name(&settings.name, &manifest);
         let tags = ami::all_tags(&settings, &manifest);
+        // A fixed time may have passed since the recipe was checked: judged against the clock
+        // now, before anything is uploaded.
+        let deprecate_at = match &settings.deprecate_after {
+            None => None,
+            Some(d) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_secs() as i64);
+                let at = crate::ec2::Deprecation::parse(d)
+                    .and_then(|dep| dep.at(now, settings.launch_permissions.public))
+                    .map_err(|why| PublishError::Refused(format!("ami.deprecate_after = {d:?}: {why}")))?;
+                Some(at)
+            }
+        };
         Ok(Ctx {
             manifest_path: manifest_path.into(),
             manifest,
@@ -107,6 +123,7 @@ impl Ctx {
             notes,
             name,
             tags,
+            deprecate_at,
         })
     }
 

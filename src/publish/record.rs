@@ -23,6 +23,9 @@ pub struct PublishRecord {
     /// Data blocks the snapshot took unchanged from its parent instead of being sent.
     #[serde(default)]
     pub blocks_inherited: u64,
+    /// When every AMI of this publish is deprecated (`[ami] deprecate_after`), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecate_at: Option<String>,
     /// Why a remembered parent was not used, and the like.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,

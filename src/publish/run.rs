@@ -131,6 +131,9 @@ pub(super) async fn publish_async(
         ami::create_tags(&ec2, &policy, &[image_id.as_str(), snapshot_id.as_str()], &ctx.tags).await?;
     }
     ami::share(&ec2, &policy, &ctx.settings, &image_id, &snapshot_id).await?;
+    if let Some(at) = ctx.deprecate_at {
+        ami::deprecate(&ec2, &policy, &image_id, at).await?;
+    }
     let mut amis =
         vec![RegionImage { region: src.clone(), image_id: image_id.clone(), snapshot_id: snapshot_id.clone(), reused }];
 
@@ -172,6 +175,9 @@ pub(super) async fn publish_async(
             }
             ami::create_tags(&ec2r, &policy, &ids, &ctx.tags).await?;
             ami::share(&ec2r, &policy, &ctx.settings, &id, &snap).await?;
+            if let Some(at) = ctx.deprecate_at {
+                ami::deprecate(&ec2r, &policy, &id, at).await?;
+            }
             Ok::<RegionImage, PublishError>(RegionImage {
                 region: region.clone(),
                 image_id: id.clone(),
@@ -225,6 +231,12 @@ pub(super) async fn publish_async(
         blocks_sent,
         bytes_sent: blocks_sent * EBS_BLOCK_SIZE,
         blocks_inherited: if created_snapshot { plan.blocks_inherited } else { 0 },
+        deprecate_at: ctx.deprecate_at.and_then(|t| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .ok()?
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        }),
         notes,
         parameters,
         pruned,

@@ -151,6 +151,7 @@ pub struct RawAmi {
     pub kms_key_arn: Option<Loc<String>>,
     pub keep: Option<Loc<i64>>,
     pub ssm: Option<Loc<RawSsm>>,
+    pub deprecate_after: Option<Loc<String>>,
 }
 
 /// `[ami.ssm]`: SSM parameters that name the AMI.
@@ -333,6 +334,7 @@ impl RawAmi {
             kms_key_arn: pick(p.kms_key_arn, c.kms_key_arn),
             keep: pick(p.keep, c.keep),
             ssm: pick(p.ssm, c.ssm),
+            deprecate_after: pick(p.deprecate_after, c.deprecate_after),
         }
     }
 }

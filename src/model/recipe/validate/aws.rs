@@ -419,6 +419,25 @@ pub(super) fn check_ami(
         }
     }
 
+    // Days are judged here; a fixed time again at publish time, against the clock then.
+    if let Some(d) = &r.deprecate_after {
+        let checked = crate::ec2::Deprecation::parse(&d.value).and_then(|dep| match dep {
+            crate::ec2::Deprecation::AfterDays(_) => dep.at(0, launch.public).map(|_| ()),
+            crate::ec2::Deprecation::At(_) => Ok(()),
+        });
+        if let Err(why) = checked {
+            v.err(
+                d.span,
+                "ami.deprecate_after",
+                why,
+                Some(format!(
+                    "days after publishing (\"180d\", at most {} for this AMI) or an RFC 3339 UTC time",
+                    crate::ec2::max_deprecation_days(launch.public)
+                )),
+            );
+        }
+    }
+
     if v.diags.len() != before {
         return None;
     }
@@ -448,6 +467,7 @@ pub(super) fn check_ami(
         kms_key_arn,
         keep,
         ssm_parameters,
+        deprecate_after: r.deprecate_after.as_ref().map(|d| d.value.clone()),
     })
 }
 
