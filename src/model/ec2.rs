@@ -331,6 +331,19 @@ pub fn valid_ami_name(name: &str) -> bool {
     (3..=128).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c))
 }
 
+/// The root volume holds the whole image: a `size_gib` root volume (`shown` as the user wrote
+/// it) for an image of `image_bytes`, or why it is too small.
+pub fn root_too_small(size_gib: u32, shown: &str, image_bytes: u64) -> Option<Problem> {
+    let image_gib = image_bytes.div_ceil(crate::recipe::size::GIB);
+    (u64::from(size_gib) < image_gib).then(|| {
+        problem(
+            "size",
+            format!("the root volume ({shown}) is smaller than the image ({image_gib} GiB)"),
+            Some("the root volume holds the whole image: make it at least as large".into()),
+        )
+    })
+}
+
 /// When an AMI is deprecated (EnableImageDeprecation): a number of days after it is
 /// published, or a fixed UTC time. EC2 takes a time at most 10 years ahead, 2 years for a
 /// public AMI, and never in the past.
@@ -363,6 +376,15 @@ impl Deprecation {
             format!("`{s}` is neither a number of days (\"180d\") nor an RFC 3339 time (\"2027-06-01T00:00:00Z\")")
         })?;
         Ok(Deprecation::At(t.unix_timestamp()))
+    }
+
+    /// What can be judged of `s` without the clock: its form, and a number of days within
+    /// EC2's limit. A fixed time is judged again at publish time, against the clock then.
+    pub fn check(s: &str, public: bool) -> Result<(), String> {
+        match Deprecation::parse(s)? {
+            d @ Deprecation::AfterDays(_) => d.at(0, public).map(|_| ()),
+            Deprecation::At(_) => Ok(()),
+        }
     }
 
     /// The deprecation time for an AMI published at `now` (Unix seconds), or why EC2 would

@@ -312,11 +312,7 @@ impl AmiSettings {
             }
         }
         if let Some(d) = &self.deprecate_after {
-            let problem = crate::ec2::Deprecation::parse(d).and_then(|dep| match dep {
-                crate::ec2::Deprecation::AfterDays(_) => dep.at(0, self.launch_permissions.public).map(|_| ()),
-                crate::ec2::Deprecation::At(_) => Ok(()),
-            });
-            if let Err(message) = problem {
+            if let Err(message) = crate::ec2::Deprecation::check(d, self.launch_permissions.public) {
                 out.push((
                     "ami.deprecate_after".into(),
                     crate::ec2::Problem { field: "deprecate_after", message, help: None },
@@ -331,19 +327,8 @@ impl AmiSettings {
                 ));
             }
         }
-        let image_gib = image_bytes.div_ceil(crate::recipe::size::GIB);
-        if u64::from(r.size_gib) < image_gib {
-            out.push((
-                "ami.root_volume.size".into(),
-                crate::ec2::Problem {
-                    field: "size",
-                    message: format!(
-                        "the root volume ({} GiB) is smaller than the image ({image_gib} GiB)",
-                        r.size_gib
-                    ),
-                    help: Some("the root volume holds the whole image: make it at least as large".into()),
-                },
-            ));
+        if let Some(p) = crate::ec2::root_too_small(r.size_gib, &format!("{} GiB", r.size_gib), image_bytes) {
+            out.push(("ami.root_volume.size".into(), p));
         }
         out
     }

@@ -237,14 +237,9 @@ pub(super) fn check_ami(
     };
     let root = check_volume(v, root_raw, "ami.root_volume", true);
     let image_gib = image_bytes.map(|b| b.div_ceil(GIB));
-    if let (Some(root), Some(img), Some(s)) = (&root, image_gib, &root_raw.value.size) {
-        if root.size_gib.is_some_and(|g| u64::from(g) < img) {
-            v.err(
-                s.span,
-                "ami.root_volume.size",
-                format!("the root volume ({}) is smaller than the image ({img} GiB)", s.value),
-                Some("the root volume holds the whole image: make it at least as large".into()),
-            );
+    if let (Some(root), Some(bytes), Some(s)) = (&root, image_bytes, &root_raw.value.size) {
+        if let Some(p) = root.size_gib.and_then(|g| crate::ec2::root_too_small(g, &s.value, bytes)) {
+            v.err(s.span, "ami.root_volume.size", p.message, p.help);
         }
     }
 
@@ -421,11 +416,7 @@ pub(super) fn check_ami(
 
     // Days are judged here; a fixed time again at publish time, against the clock then.
     if let Some(d) = &r.deprecate_after {
-        let checked = crate::ec2::Deprecation::parse(&d.value).and_then(|dep| match dep {
-            crate::ec2::Deprecation::AfterDays(_) => dep.at(0, launch.public).map(|_| ()),
-            crate::ec2::Deprecation::At(_) => Ok(()),
-        });
-        if let Err(why) = checked {
+        if let Err(why) = crate::ec2::Deprecation::check(&d.value, launch.public) {
             v.err(
                 d.span,
                 "ami.deprecate_after",
