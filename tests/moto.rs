@@ -21,11 +21,15 @@ pub struct Moto {
     pub port: u16,
 }
 
+/// Where `.ci/setup-moto` installs moto (and with it botocore).
+fn moto_venv() -> PathBuf {
+    std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/kiln".into()).join("moto-venv")
+}
+
 impl Moto {
     /// None (with a SKIP line) locally when moto is not installed; a panic in CI.
     pub fn start() -> Option<Moto> {
-        let cache = std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/kiln".into());
-        let bin = cache.join("moto-venv/bin/moto_server");
+        let bin = moto_venv().join("bin/moto_server");
         if !bin.is_file() {
             if common::in_ci() {
                 panic!("{} is missing; .ci/setup-moto should have installed it", bin.display());
@@ -266,8 +270,7 @@ pub fn model_problems(reqs: &[Recorded]) -> Result<(), String> {
     if reqs.is_empty() {
         return Ok(());
     }
-    let cache = std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/cache/kiln".into());
-    let python = cache.join("moto-venv/bin/python");
+    let python = moto_venv().join("bin/python");
     let dir = common::tempdir();
     let file = dir.path().join("requests.json");
     let json: Vec<serde_json::Value> = reqs
@@ -432,9 +435,7 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 for state in ["pending", "completed"] {
                     body = body.replace(&format!("<status>{state}</status>"), "<status>error</status>");
                 }
-                let head: Vec<&str> =
-                    head.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("content-length:")).collect();
-                write!(out, "{}\r\ncontent-length: {}\r\n\r\n{body}", head.join("\r\n"), body.len())?;
+                out.write_all(&with_body(head, &body))?;
                 out.flush()?;
             }
             Some(Fault::Status(status, code, msg)) => {
@@ -472,6 +473,13 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A response whose body the proxy rewrote: the head as it was, its length the new body's.
+fn with_body(head: &str, body: &str) -> Vec<u8> {
+    let head: Vec<&str> =
+        head.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("content-length:")).collect();
+    format!("{}\r\ncontent-length: {}\r\n\r\n{body}", head.join("\r\n"), body.len()).into_bytes()
 }
 
 /// Answers for the calls moto does not implement, as EC2 words them; what kiln sent is judged
@@ -540,9 +548,7 @@ fn root_snapshots(shared: &Shared, req: &Recorded, resp: Vec<u8>) -> Vec<u8> {
             for (range, snap) in edits {
                 body.replace_range(range, &snap);
             }
-            let head: Vec<&str> =
-                head.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("content-length:")).collect();
-            format!("{}\r\ncontent-length: {}\r\n\r\n{body}", head.join("\r\n"), body.len()).into_bytes()
+            with_body(head, &body)
         }
         _ => resp,
     }

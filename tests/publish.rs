@@ -144,6 +144,17 @@ fn publish_cmd(proxy: &Proxy, manifest: &Path) -> std::process::Command {
     c
 }
 
+/// A publish that remembers what it published in `state` (shared by a test's publishes of one
+/// image name): the record, and what kiln said on stderr.
+fn publish_remembering(proxy: &Proxy, manifest: &Path, state: &Path, extra: &[&str]) -> (serde_json::Value, String) {
+    let mut c = publish_cmd(proxy, manifest);
+    c.arg("--state-dir").arg(state).args(extra);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    (serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), err)
+}
+
 fn run_json(mut c: std::process::Command) -> serde_json::Value {
     let out = c.output().unwrap();
     assert!(
@@ -424,9 +435,7 @@ fn copies_parameters_and_retention_ride_out_faults() {
         ami.keep = Some(1);
         ami.ssm_parameters = vec!["/golden/{name}/latest".into()];
         let m = write_image(dir.path(), "img", 8, &data, ami);
-        let mut c = publish_cmd(&proxy, &m);
-        c.arg("--state-dir").arg(state.path());
-        last = run_json(c);
+        last = publish_remembering(&proxy, &m, state.path(), &[]).0;
         dirs.push(dir);
         std::thread::sleep(Duration::from_millis(1100));
     }
@@ -715,14 +724,7 @@ fn the_next_publish_of_an_image_name_sends_only_what_changed() {
     let Some(moto) = Moto::start() else { return };
     let proxy = Proxy::start(moto.port, Mode::Pass);
     let state = common::tempdir();
-    let publish = |manifest: &Path, extra: &[&str]| {
-        let mut c = publish_cmd(&proxy, manifest);
-        c.arg("--state-dir").arg(state.path()).args(extra);
-        let out = c.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{err}");
-        (serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), err)
-    };
+    let publish = |manifest: &Path, extra: &[&str]| publish_remembering(&proxy, manifest, state.path(), extra);
     let (img, data) = test_image(&["us-east-1"]);
     let (first, _) = publish(&img.manifest, &[]);
     let first_snap = first["snapshot_id"].as_str().unwrap().to_string();
@@ -845,9 +847,7 @@ fn retention_keeps_the_newest_amis_of_the_image_and_nothing_else() {
         let mut ami = settings(&regions);
         ami.keep = Some(2);
         let m = write_image(dir.path(), "img", 8, &data, ami);
-        let mut c = publish_cmd(&proxy, &m);
-        c.arg("--state-dir").arg(state.path());
-        records.push(run_json(c));
+        records.push(publish_remembering(&proxy, &m, state.path(), &[]).0);
         dirs.push(dir);
         if n == 0 {
             // Not kiln's: an AMI registered by hand from the first AMI's snapshot, and one
@@ -936,14 +936,7 @@ fn ssm_parameters_name_the_newest_build_in_each_region() {
         std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
         (dir, m)
     };
-    let publish = |m: &Path, extra: &[&str]| {
-        let mut c = publish_cmd(&proxy, m);
-        c.arg("--state-dir").arg(state.path()).args(extra);
-        let out = c.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{err}");
-        (serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), err)
-    };
+    let publish = |manifest: &Path, extra: &[&str]| publish_remembering(&proxy, manifest, state.path(), extra);
     let rt = rt();
     let latest = |region: &str| -> (String, String) {
         let ssm = aws_sdk_ssm::Client::new(&sdk_conf(&moto.url(), region));

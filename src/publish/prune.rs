@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 
-use aws_sdk_ec2::types::{Filter, ImageState};
+use aws_sdk_ec2::types::ImageState;
 use serde::{Deserialize, Serialize};
 
 use super::ami::TAG_NAME;
@@ -91,8 +91,11 @@ pub async fn prune(
     let mut out = Vec::new();
     for region in regions {
         let (_, ec2) = clients(opts, region).await;
-        let all = describe(&ec2, opts, None).await?;
-        let ours = describe(&ec2, opts, Some(family)).await?;
+        // One listing serves both: the family is the AMIs carrying its tag, and every AMI's
+        // snapshots count as in use.
+        let listed = describe(&ec2, opts).await?;
+        let ours = listed.iter().filter(|(_, f)| f.as_deref() == Some(family)).map(|(a, _)| a.clone()).collect();
+        let all: Vec<Ami> = listed.into_iter().map(|(a, _)| a).collect();
         let plan = decide(region, ours, keep, &all);
         if !opts.dry_run {
             for a in &plan.deregistered {
@@ -113,35 +116,25 @@ pub async fn prune(
     Ok(out)
 }
 
-/// The account's own AMIs in this region, all of them or those of one kiln family.
+/// The account's own AMIs in this region, each with the kiln family its `kiln:name` tag names.
 async fn describe(
     ec2: &aws_sdk_ec2::Client,
     opts: &PublishOptions,
-    family: Option<&str>,
-) -> Result<Vec<Ami>, PublishError> {
+) -> Result<Vec<(Ami, Option<String>)>, PublishError> {
     let mut amis = Vec::new();
     let mut token: Option<String> = None;
     loop {
         let page = with_retry(&opts.retry, "DescribeImages", || {
-            let mut req = ec2.describe_images().owners("self").set_next_token(token.clone());
-            if let Some(f) = family {
-                req = req.filters(Filter::builder().name(format!("tag:{TAG_NAME}")).values(f).build());
-            }
-            req.send()
+            ec2.describe_images().owners("self").set_next_token(token.clone()).send()
         })
         .await?;
         for i in page.images() {
             if i.state() == Some(&ImageState::Deregistered) {
                 continue;
             }
-            // The filter is the service's; the tag is checked here too, so a stand-in that
-            // ignores filters can never make kiln touch another AMI.
-            if let Some(f) = family {
-                if !i.tags().iter().any(|t| t.key() == Some(TAG_NAME) && t.value() == Some(f)) {
-                    continue;
-                }
-            }
-            amis.push(Ami {
+            let family =
+                i.tags().iter().find(|t| t.key() == Some(TAG_NAME)).and_then(|t| t.value()).map(str::to_string);
+            let ami = Ami {
                 image_id: i.image_id().unwrap_or_default().to_string(),
                 name: i.name().unwrap_or_default().to_string(),
                 creation_date: i.creation_date().unwrap_or_default().to_string(),
@@ -151,7 +144,8 @@ async fn describe(
                     .filter_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
                     .map(str::to_string)
                     .collect(),
-            });
+            };
+            amis.push((ami, family));
         }
         token = page.next_token().filter(|t| !t.is_empty()).map(str::to_string);
         if token.is_none() {
