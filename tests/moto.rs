@@ -125,6 +125,20 @@ impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
     }
+    /// The region the request was signed for (SigV4 credential scope).
+    pub fn region(&self) -> String {
+        let auth = self.header("authorization").unwrap_or("");
+        auth.split("Credential=").nth(1).and_then(|c| c.split('/').nth(2)).unwrap_or("").to_string()
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn url_decode(s: &str) -> String {
@@ -170,6 +184,12 @@ pub enum Mode {
     /// Report this snapshot in state `error` in every DescribeSnapshots answer that names it:
     /// what a pending snapshot becomes when its timeout passes (moto never expires one).
     ExpireSnapshot { snapshot_id: String },
+    /// Answer the first `n` requests of `action` with HTTP 400 and this EC2 error code (a
+    /// refusal that is not a fault: `ResourceLimitExceeded` at the concurrent-copy limit).
+    RefuseFirst { action: String, code: &'static str, n: usize },
+    /// Every image in this region's DescribeImages answers stays `pending`: a copy that never
+    /// finishes (and reports no progress).
+    Stuck { region: String },
     /// Answer every S3 PutObject with this error, as S3 words it (XML `<Error>` body).
     S3PutError { status: u16, code: &'static str, message: &'static str },
 }
@@ -182,12 +202,15 @@ pub struct Proxy {
     pub mode: Arc<Mutex<Mode>>,
     /// Paths of forwarded requests whose 2xx answer was handed to the client in full.
     pub answered: Arc<Mutex<Vec<String>>>,
+    block_public: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 struct Shared {
     upstream: u16,
     /// AMI id → the root snapshot its RegisterImage named (see `root_snapshots`).
     roots: Mutex<BTreeMap<String, String>>,
+    /// Region → image block public access state (`unblocked` unless set).
+    block_public: Arc<Mutex<BTreeMap<String, String>>>,
     log: Arc<Mutex<Vec<Recorded>>>,
     all: Arc<Mutex<Vec<Recorded>>>,
     mode: Arc<Mutex<Mode>>,
@@ -206,6 +229,7 @@ impl Proxy {
         let all = Arc::new(Mutex::new(Vec::new()));
         let answered = Arc::new(Mutex::new(Vec::new()));
         let mode = Arc::new(Mutex::new(mode));
+        let block_public = Arc::new(Mutex::new(BTreeMap::new()));
         let seed = match &*mode.lock().unwrap() {
             Mode::Faults { seed, .. } => *seed,
             _ => 0,
@@ -213,6 +237,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             upstream,
             roots: Mutex::new(BTreeMap::new()),
+            block_public: block_public.clone(),
             log: log.clone(),
             all: all.clone(),
             mode: mode.clone(),
@@ -229,7 +254,7 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, log, all, mode, answered }
+        Proxy { port, log, all, mode, answered, block_public }
     }
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
@@ -246,6 +271,10 @@ impl Proxy {
     }
     pub fn answered(&self) -> Vec<String> {
         self.answered.lock().unwrap().clone()
+    }
+    /// What GetImageBlockPublicAccessState answers in `region` (moto lacks the API).
+    pub fn set_block_public_access(&self, region: &str, state: &str) {
+        self.block_public.lock().unwrap().insert(region.into(), state.into());
     }
 }
 
@@ -326,6 +355,8 @@ enum Fault {
     LoseReply,
     AnswerLate(u64),
     Expire(String),
+    /// Forward, then report every image in the answer `pending`.
+    Pending,
     Status(u16, &'static str, &'static str),
     S3(u16, &'static str, &'static str),
 }
@@ -360,6 +391,16 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
         Mode::ExpireSnapshot { snapshot_id } => (action == "DescribeSnapshots"
             && req.form().iter().any(|(k, v)| k.starts_with("SnapshotId") && *v == snapshot_id))
         .then_some(Fault::Expire(snapshot_id)),
+        Mode::RefuseFirst { action: a, code, n } => {
+            if a != action {
+                return None;
+            }
+            let mut c = shared.counts.lock().unwrap();
+            let k = c.entry(a).or_insert(0);
+            *k += 1;
+            (*k <= n).then_some(Fault::Status(400, code, "kiln test proxy: refused"))
+        }
+        Mode::Stuck { region } => (action == "DescribeImages" && req.region() == region).then_some(Fault::Pending),
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
@@ -406,7 +447,7 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
     while let Some(mut req) = read_request(&mut reader)? {
         let fault = decide(shared, &req);
         req.faulted = fault.as_ref().is_some_and(|f| {
-            !matches!(f, Fault::Delay(_) | Fault::LoseReply | Fault::AnswerLate(_) | Fault::Expire(_))
+            !matches!(f, Fault::Delay(_) | Fault::LoseReply | Fault::AnswerLate(_) | Fault::Expire(_) | Fault::Pending)
         });
         shared.log.lock().unwrap().push(req.clone());
         shared.all.lock().unwrap().push(req.clone());
@@ -438,6 +479,14 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 out.write_all(&with_body(head, &body))?;
                 out.flush()?;
             }
+            Some(Fault::Pending) => {
+                let resp = root_snapshots(shared, &req, forward(shared.upstream, &req)?);
+                let resp = String::from_utf8_lossy(&resp).into_owned();
+                let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+                let body = body.replace("<imageState>available</imageState>", "<imageState>pending</imageState>");
+                out.write_all(&with_body(head, &body))?;
+                out.flush()?;
+            }
             Some(Fault::Status(status, code, msg)) => {
                 let (ctype, body) = if req.form().contains_key("Action") {
                     ("text/xml", format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>{code}</Code><Message>{msg}</Message></Error></Errors><RequestID>kiln-test</RequestID></Response>"))
@@ -460,7 +509,7 @@ fn serve(conn: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 if let Some(Fault::Delay(ms)) = fault {
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
-                let resp = match stand_in(&req) {
+                let resp = match stand_in(shared, &req) {
                     Some(r) => r,
                     None => root_snapshots(shared, &req, forward(shared.upstream, &req)?),
                 };
@@ -484,10 +533,17 @@ fn with_body(head: &str, body: &str) -> Vec<u8> {
 
 /// Answers for the calls moto does not implement, as EC2 words them; what kiln sent is judged
 /// by the botocore models like every other request.
-fn stand_in(req: &Recorded) -> Option<Vec<u8>> {
+fn stand_in(shared: &Shared, req: &Recorded) -> Option<Vec<u8>> {
     let action = req.action();
     let body = match action.as_str() {
-        "EnableImageDeprecation" => "<return>true</return>",
+        "EnableImageDeprecation" => "<return>true</return>".to_string(),
+        "GetImageBlockPublicAccessState" => {
+            let state = shared.block_public.lock().unwrap().get(&req.region()).cloned();
+            format!(
+                "<imageBlockPublicAccessState>{}</imageBlockPublicAccessState><managedBy>account</managedBy>",
+                state.as_deref().unwrap_or("unblocked")
+            )
+        }
         _ => return None,
     };
     let xml = format!(
@@ -517,6 +573,39 @@ fn root_snapshots(shared: &Shared, req: &Recorded, resp: Vec<u8>) -> Vec<u8> {
             {
                 shared.roots.lock().unwrap().insert(id, snap.clone());
             }
+            resp
+        }
+        // moto ignores CopyImage's TagSpecifications; EC2 tags the new AMI at once, which is
+        // how a re-run finds a copy that is still pending. Applied here with a CreateTags.
+        "CopyImage" if ok => {
+            let Some(id) = tag("imageId", &text) else { return resp };
+            let form = req.form();
+            let mut body = format!("Action=CreateTags&Version=2016-11-15&ResourceId.1={id}");
+            for spec in 1.. {
+                let Some(kind) = form.get(&format!("TagSpecification.{spec}.ResourceType")) else { break };
+                if kind != "image" {
+                    continue;
+                }
+                for n in 1.. {
+                    let (Some(k), Some(v)) = (
+                        form.get(&format!("TagSpecification.{spec}.Tag.{n}.Key")),
+                        form.get(&format!("TagSpecification.{spec}.Tag.{n}.Value")),
+                    ) else {
+                        break;
+                    };
+                    body.push_str(&format!("&Tag.{n}.Key={}&Tag.{n}.Value={}", url_encode(k), url_encode(v)));
+                }
+            }
+            let mut headers = req.headers.clone();
+            headers.insert("content-length".into(), body.len().to_string());
+            let create =
+                Recorded { method: "POST".into(), path: "/".into(), headers, body: body.into_bytes(), faulted: false };
+            let tagged = forward(shared.upstream, &create).unwrap_or_default();
+            assert!(
+                tagged.starts_with(b"HTTP/1.1 2"),
+                "tagging the copy {id} failed: {}",
+                String::from_utf8_lossy(&tagged)
+            );
             resp
         }
         "DescribeImages" if ok => {

@@ -183,7 +183,11 @@ fn sdk_conf(url: &str, region: &str) -> aws_config::SdkConfig {
 
 /// Every block moto holds for the snapshot, read back with ListSnapshotBlocks/GetSnapshotBlock.
 fn read_back(url: &str, snapshot: &str) -> BTreeMap<u64, Vec<u8>> {
-    let ebs = aws_sdk_ebs::Client::new(&sdk_conf(url, "us-east-1"));
+    read_back_in(url, "us-east-1", snapshot)
+}
+
+fn read_back_in(url: &str, region: &str, snapshot: &str) -> BTreeMap<u64, Vec<u8>> {
+    let ebs = aws_sdk_ebs::Client::new(&sdk_conf(url, region));
     rt().block_on(async {
         let mut out = BTreeMap::new();
         let mut token = None;
@@ -1151,4 +1155,216 @@ fn encrypted_snapshot_writes_zero_blocks_too() {
         all.entry(i).or_insert_with(|| vec![0u8; BS]);
     }
     check_complete(&reqs, &all);
+}
+
+fn key(region: &str, id: u8) -> String {
+    format!("arn:aws:kms:{region}:123456789012:key/{id:08x}-0000-4000-8000-000000000000")
+}
+
+/// Region settings as a manifest states them.
+fn region_settings(entries: &[(&str, Option<String>, &str)]) -> BTreeMap<String, RegionSettings> {
+    serde_json::from_value(serde_json::Value::Object(
+        entries
+            .iter()
+            .map(|(r, k, via)| (r.to_string(), serde_json::json!({ "kms_key_arn": k, "via": via })))
+            .collect(),
+    ))
+    .unwrap()
+}
+
+/// Each PutSnapshotBlock of a region: block index → the checksum header it carried.
+fn puts_in(reqs: &[Recorded], region: &str) -> BTreeMap<u64, String> {
+    of(reqs, "PutSnapshotBlock")
+        .into_iter()
+        .filter(|r| r.region() == region && !r.faulted)
+        .map(|r| {
+            let i = r.path.split("/blocks/").nth(1).unwrap().split('?').next().unwrap().parse().unwrap();
+            (i, r.header("x-amz-checksum").unwrap().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn regions_get_their_own_kms_keys_and_their_own_upload() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let dir = common::tempdir();
+    let data: BTreeMap<u64, Vec<u8>> = [0u64, 3, 4].iter().map(|&i| (i, block_bytes(i, 70))).collect();
+    let mut s = settings(&["us-east-1", "eu-west-1", "ap-southeast-2", "us-west-2"]);
+    s.encrypted = true;
+    s.kms_key_arn = Some(key("us-east-1", 1));
+    s.region_settings = region_settings(&[
+        ("eu-west-1", Some(key("eu-west-1", 2)), "copy"),
+        ("ap-southeast-2", Some(key("ap-southeast-2", 3)), "copy"),
+        ("us-west-2", Some(key("us-west-2", 4)), "upload"),
+    ]);
+    let m = write_image(dir.path(), "regional", 6, &data, s);
+    let rec = run_json(publish_cmd(&proxy, &m));
+    let reqs = proxy.requests();
+
+    // Each copy carries its own region's key (never the first region's), and its tags.
+    let copies = of(&reqs, "CopyImage");
+    assert_eq!(copies.len(), 2, "one CopyImage per copy region");
+    for c in copies {
+        let region = c.region();
+        let f = c.form();
+        let want = match region.as_str() {
+            "eu-west-1" => key("eu-west-1", 2),
+            "ap-southeast-2" => key("ap-southeast-2", 3),
+            other => panic!("CopyImage sent to {other}"),
+        };
+        assert_eq!(f.get("Encrypted").map(String::as_str), Some("true"), "{f:?}");
+        assert_eq!(f.get("KmsKeyId"), Some(&want), "{region}");
+        assert_eq!(f["SourceRegion"], "us-east-1");
+        assert!(
+            f.iter().any(|(k, v)| k.ends_with(".Key") && v == "kiln:image-sha256"),
+            "copy tagged at creation: {f:?}"
+        );
+    }
+    // The upload region's own snapshot: its key, the same blocks with the same checksums.
+    let starts = of(&reqs, "StartSnapshot");
+    assert_eq!(starts.len(), 2, "one upload in us-east-1, one in us-west-2");
+    for st in starts {
+        let body: serde_json::Value = serde_json::from_slice(&st.body).unwrap();
+        let want = if st.region() == "us-west-2" { key("us-west-2", 4) } else { key("us-east-1", 1) };
+        assert_eq!(body["KmsKeyArn"], want.as_str(), "{}", st.region());
+    }
+    let first = puts_in(&reqs, "us-east-1");
+    assert_eq!(first.len(), 6, "an encrypted snapshot is written whole");
+    assert_eq!(puts_in(&reqs, "us-west-2"), first, "the same blocks with the same checksums");
+    let completes: BTreeSet<String> =
+        of(&reqs, "CompleteSnapshot").into_iter().map(|c| c.header("x-amz-checksum").unwrap().to_string()).collect();
+    assert_eq!(completes.len(), 1, "one LINEAR checksum for both uploads");
+
+    let amis = rec["amis"].as_array().unwrap();
+    let by_region: BTreeMap<&str, &serde_json::Value> =
+        amis.iter().map(|a| (a["region"].as_str().unwrap(), a)).collect();
+    assert_eq!(by_region.len(), 4, "{rec}");
+    assert_eq!(by_region["us-west-2"]["via"], "upload");
+    assert_eq!(by_region["eu-west-1"]["via"], "copy");
+    let direct = by_region["us-west-2"]["snapshot_id"].as_str().unwrap();
+    let mut want = data.clone();
+    for i in 0..6 {
+        want.entry(i).or_insert_with(|| vec![0u8; BS]);
+    }
+    let got = read_back_in(&proxy.url(), "us-west-2", direct);
+    assert!(got == want, "us-west-2's snapshot does not read back as the image ({} blocks)", got.len());
+
+    // Everything exists now: a second run uploads and copies nothing.
+    proxy.clear();
+    let again = run_json(publish_cmd(&proxy, &m));
+    let reqs = proxy.requests();
+    assert!(of(&reqs, "StartSnapshot").is_empty() && of(&reqs, "CopyImage").is_empty());
+    assert!(again["amis"].as_array().unwrap().iter().all(|a| a["reused"] == true), "{again}");
+}
+
+#[test]
+fn a_failed_region_does_not_undo_the_others_and_a_rerun_finishes_it() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Stuck { region: "eu-west-1".into() });
+    let (img, _) = test_image(&["us-east-1", "eu-west-1", "ap-southeast-2"]);
+    let mut c = common::kiln();
+    crate::moto::fake_aws_env(&mut c)
+        .env("KILN_STATE_DIR", img.dir.path().join("state"))
+        .args(["publish", "--json", "--endpoint-url", &proxy.url(), "--wait-timeout", "3"])
+        .arg(&img.manifest);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a region that never finishes must fail the publish");
+    assert!(err.contains("eu-west-1") && err.contains("without progress") && err.contains("again"), "{err}");
+    // The record on stdout (and beside the manifest) has the regions that made it.
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the record, even on failure");
+    let regions: Vec<&str> = rec["amis"].as_array().unwrap().iter().map(|a| a["region"].as_str().unwrap()).collect();
+    assert_eq!(regions, ["us-east-1", "ap-southeast-2"], "{rec}");
+    assert_eq!(rec["failed"][0]["region"], "eu-west-1");
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(img.dir.path().join("img.publish.json")).unwrap()).unwrap();
+    assert_eq!(on_disk, rec);
+
+    // Running again finishes the missing region with the copy already under way: no second
+    // upload, no second copy, one AMI of the name per region.
+    proxy.set_mode(Mode::Pass);
+    proxy.clear();
+    let rec2 = run_json(publish_cmd(&proxy, &img.manifest));
+    let reqs = proxy.requests();
+    assert!(of(&reqs, "StartSnapshot").is_empty() && of(&reqs, "CopyImage").is_empty(), "redone work");
+    assert_eq!(rec2["amis"].as_array().unwrap().len(), 3, "{rec2}");
+    assert!(rec2.get("failed").is_none(), "{rec2}");
+    let name = rec2["ami_name"].as_str().unwrap();
+    for region in ["us-east-1", "eu-west-1", "ap-southeast-2"] {
+        let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&proxy.url(), region));
+        let n = rt()
+            .block_on(
+                ec2.describe_images()
+                    .owners("self")
+                    .filters(aws_sdk_ec2::types::Filter::builder().name("name").values(name).build())
+                    .send(),
+            )
+            .unwrap()
+            .images()
+            .len();
+        assert_eq!(n, 1, "AMIs named {name} in {region}");
+    }
+}
+
+#[test]
+fn a_copy_at_the_concurrent_copy_limit_waits_its_turn() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy =
+        Proxy::start(moto.port, Mode::RefuseFirst { action: "CopyImage".into(), code: "ResourceLimitExceeded", n: 1 });
+    let (img, _) = test_image(&["us-east-1", "eu-west-1"]);
+    let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("concurrent-copy limit") && err.contains("eu-west-1"), "queued, and said so: {err}");
+    assert_eq!(of(&proxy.requests(), "CopyImage").len(), 2, "refused once, then copied");
+
+    // With no slot freeing up before the deadline, the region fails with what happened.
+    let dir2 = common::tempdir();
+    let other: BTreeMap<u64, Vec<u8>> = [2u64].iter().map(|&i| (i, block_bytes(i, 90))).collect();
+    let m2 = write_image(dir2.path(), "other", 4, &other, settings(&["us-east-1", "eu-west-1"]));
+    proxy.set_mode(Mode::RefuseFirst { action: "CopyImage".into(), code: "ResourceLimitExceeded", n: 1000 });
+    let mut c = common::kiln();
+    crate::moto::fake_aws_env(&mut c)
+        .env("KILN_STATE_DIR", dir2.path().join("state"))
+        .args(["publish", "--endpoint-url", &proxy.url(), "--wait-timeout", "2"])
+        .arg(&m2);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("a free copy slot in eu-west-1"), "{err}");
+}
+
+#[test]
+fn a_public_ami_is_refused_where_block_public_access_is_on() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    proxy.set_block_public_access("eu-west-1", "block-new-sharing");
+    let dir = common::tempdir();
+    let data: BTreeMap<u64, Vec<u8>> = [1u64].iter().map(|&i| (i, block_bytes(i, 80))).collect();
+    let mut s = settings(&["us-east-1", "eu-west-1"]);
+    s.launch_permissions.public = true;
+    let m = write_image(dir.path(), "public", 4, &data, s);
+    let out = publish_cmd(&proxy, &m).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("eu-west-1 (block-new-sharing)") && err.contains("disable-image-block-public-access"),
+        "{err}"
+    );
+    assert!(!err.contains("us-east-1 ("), "us-east-1 is unblocked: {err}");
+    let reqs = proxy.requests();
+    assert!(of(&reqs, "StartSnapshot").is_empty(), "refused before anything was uploaded");
+    assert_eq!(of(&reqs, "GetImageBlockPublicAccessState").len(), 2);
+
+    proxy.set_block_public_access("eu-west-1", "unblocked");
+    proxy.clear();
+    run_json(publish_cmd(&proxy, &m));
+    let mut public: Vec<String> = of(&proxy.requests(), "ModifyImageAttribute")
+        .into_iter()
+        .filter(|r| r.form().values().any(|v| v == "all"))
+        .map(|r| r.region())
+        .collect();
+    public.sort();
+    assert_eq!(public, ["eu-west-1", "us-east-1"], "both AMIs made public");
 }

@@ -13,7 +13,8 @@ use kiln::publish::{self, PublishOptions};
 /// manifest lists as holding data with the EBS direct APIs, registers the AMI with the
 /// recipe's [ami] settings, shares it, copies it to the other regions, and writes
 /// NAME.publish.json beside the manifest. Re-running for the same image finds the existing
-/// AMI instead of making a duplicate.
+/// AMI instead of making a duplicate. A region that fails does not undo the others: the record
+/// lists it under "failed", and running again finishes it.
 ///
 /// Incremental by default: kiln remembers, in its state directory, the snapshot it last
 /// published for each image name and region; publishing a new build of the same name sends
@@ -41,7 +42,8 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub endpoint_url: Option<String>,
     /// Regions to publish to, replacing the recipe's; the first receives the upload, the
-    /// others a CopyImage. Repeat the flag for more than one.
+    /// others a CopyImage (or their own upload, as the recipe's [ami] regions entry says).
+    /// Repeat the flag for more than one.
     #[arg(long = "region", value_name = "REGION")]
     pub regions: Vec<String>,
     /// PutSnapshotBlock requests in flight.
@@ -78,8 +80,10 @@ pub struct Args {
     /// Minutes the snapshot accepts blocks (and `--resume` works); AWS allows 10 to 4320.
     #[arg(long, value_name = "MIN", default_value_t = publish::DEFAULT_SNAPSHOT_TIMEOUT_MINUTES, value_parser = clap::value_parser!(i32).range(10..=4320))]
     pub snapshot_timeout: i32,
-    /// Seconds to wait for the snapshot to complete and each AMI to become available.
-    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    /// Seconds a region's waits (the snapshot completing, each AMI becoming available, a copy
+    /// queued at EC2's concurrent-copy limit) may go on without EC2 reporting progress; each
+    /// new state or percentage starts the count again.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub wait_timeout: u64,
     /// Seconds each AWS request may take before it is abandoned and retried (the answer is
     /// then taken as lost: retries never make a second snapshot or AMI).
@@ -121,6 +125,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if !plan.copy_regions.is_empty() {
             println!("  copy to        {}", plan.copy_regions.join(", "));
         }
+        for d in &plan.direct_uploads {
+            println!(
+                "  upload also to {} ({} blocks, {:.1} MiB{})",
+                d.source_region,
+                d.blocks_to_send,
+                d.bytes_to_send as f64 / 1048576.0,
+                d.parent_snapshot_id.as_ref().map(|p| format!(", parent {p}")).unwrap_or_default()
+            );
+        }
         println!(
             "  snapshot       {} GiB{}{}",
             plan.volume_gib,
@@ -156,7 +169,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let progress = super::progress::TermProgress::new(a.json);
-    let rec = publish::publish(&a.manifest, &opts, &progress).with_context(what)?;
+    let rec = match publish::publish(&a.manifest, &opts, &progress) {
+        Ok(rec) => rec,
+        Err(e @ publish::PublishError::Regions { .. }) => {
+            // The record of what did get published, for pipelines, before the error.
+            if a.json {
+                if let Ok(text) = std::fs::read_to_string(publish::record::record_path(&a.manifest)) {
+                    print!("{text}");
+                }
+            }
+            return Err(e).with_context(what);
+        }
+        Err(e) => return Err(e).with_context(what),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rec)?);
     } else {

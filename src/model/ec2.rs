@@ -78,6 +78,46 @@ names!(
     ImdsSupport, "IMDS support", { V2 = "v2.0" }
 );
 
+names!(
+    /// How an AMI reaches a region: CopyImage from the first region, or its own upload of the
+    /// same blocks with the EBS direct APIs (in parallel, when a region's copy queue is slow).
+    Delivery, "delivery", { Copy = "copy", Upload = "upload" }
+);
+
+impl Default for Delivery {
+    /// What a region after the first gets unless it says otherwise.
+    fn default() -> Delivery {
+        Delivery::Copy
+    }
+}
+
+/// The region a KMS key ARN (`arn:PARTITION:kms:REGION:ACCOUNT:key/ID` or `alias/NAME`) lives
+/// in: a key is used only in its own region, so each region of an encrypted AMI needs its own.
+pub fn kms_key_region(arn: &str) -> Option<&str> {
+    let mut parts = arn.splitn(6, ':');
+    let (arn_word, partition, service, region, account, resource) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let ok = arn_word == "arn"
+        && partition.starts_with("aws")
+        && service == "kms"
+        && !region.is_empty()
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && (resource.strip_prefix("key/").or_else(|| resource.strip_prefix("alias/")).is_some_and(|r| !r.is_empty()));
+    ok.then_some(region)
+}
+
+/// Why a KMS key ARN cannot encrypt what kiln makes in `region`, if it cannot.
+pub fn check_kms_key(arn: &str, region: Option<&str>) -> Result<(), String> {
+    match (kms_key_region(arn), region) {
+        (None, _) => Err(format!("`{arn}` is not a KMS key ARN")),
+        (Some(k), Some(r)) if k != r => Err(format!(
+            "the KMS key `{arn}` is in {k}, but it would encrypt the AMI in {r}; a key works only in its own region"
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl BootMode {
     /// How EC2 registers an image that boots this way.
     pub fn ec2_boot_mode(self) -> Ec2BootMode {
@@ -449,6 +489,26 @@ pub fn check_ssm_parameter_name(name: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kms_keys_belong_to_one_region() {
+        let k = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        assert_eq!(kms_key_region(k), Some("eu-west-1"));
+        assert_eq!(kms_key_region("arn:aws-us-gov:kms:us-gov-west-1:123456789012:alias/golden"), Some("us-gov-west-1"));
+        for bad in [
+            "arn:aws:kms:eu-west-1:1234:key/x",
+            "arn:aws:s3:eu-west-1:123456789012:key/x",
+            "arn:aws:kms:eu-west-1:123456789012:key/",
+            "arn:aws:kms::123456789012:key/x",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+        ] {
+            assert_eq!(kms_key_region(bad), None, "{bad}");
+        }
+        assert!(check_kms_key(k, Some("eu-west-1")).is_ok());
+        assert!(check_kms_key(k, None).is_ok());
+        let e = check_kms_key(k, Some("us-east-1")).unwrap_err();
+        assert!(e.contains("is in eu-west-1") && e.contains("in us-east-1"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ec2::{Ec2BootMode, ImdsSupport, VolumeType};
+use crate::ec2::{Delivery, Ec2BootMode, ImdsSupport, VolumeType};
 pub use crate::formats::image::{BlockDigest, BlockMap};
 use crate::platform::{Arch, BootMode};
 
@@ -174,8 +174,13 @@ pub struct AmiSettings {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// The first region is where the snapshot is uploaded; the others receive CopyImage.
+    /// The first region is where the snapshot is uploaded; the others receive CopyImage, or
+    /// an upload of their own ([`AmiSettings::region`]).
     pub regions: Vec<String>,
+    /// Settings of regions after the first that differ from the default (a copy, encrypted
+    /// with the region's default key when `encrypted`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub region_settings: BTreeMap<String, RegionSettings>,
     pub root_volume: RootVolume,
     pub ena: bool,
     pub sriov: bool,
@@ -204,6 +209,23 @@ pub struct AmiSettings {
     /// and every copy ([`crate::ec2::Deprecation`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deprecate_after: Option<String>,
+}
+
+/// How one region after the first gets the AMI: `[ami].regions` entries written as tables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RegionSettings {
+    /// The KMS key, in this region, that encrypts the AMI's snapshot there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_arn: Option<String>,
+    pub via: Delivery,
+}
+
+impl RegionSettings {
+    pub fn new(kms_key_arn: Option<String>, via: Delivery) -> RegionSettings {
+        RegionSettings { kms_key_arn, via }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,6 +309,19 @@ impl AmiSettings {
     /// Every EC2 rule these settings break, with the recipe key each is about (`ami.tpm`,
     /// `ami.volumes[1].iops`): the rules `kiln check` applies to the recipe, applied again,
     /// and the root volume's room for an image of `image_bytes`.
+    /// How `region` gets the AMI, with which key: the first region (or `source`, when the
+    /// regions were replaced on the command line) is the upload with `kms_key_arn`; another
+    /// is what `region_settings` says, else a copy with the region's default key.
+    pub fn region(&self, region: &str, source: &str) -> (Delivery, Option<&str>) {
+        if region == source {
+            return (Delivery::Upload, self.kms_key_arn.as_deref());
+        }
+        match self.region_settings.get(region) {
+            Some(r) => (r.via, r.kms_key_arn.as_deref()),
+            None => (Delivery::Copy, None),
+        }
+    }
+
     pub fn problems(&self, arch: Arch, image_boot: BootMode, image_bytes: u64) -> Vec<(String, crate::ec2::Problem)> {
         use crate::ec2::{check_boot, check_volume, VolumeRequest};
         let mut out: Vec<(String, crate::ec2::Problem)> = check_boot(arch, image_boot, self.boot_mode, self.tpm, false)
@@ -325,6 +360,40 @@ impl AmiSettings {
                     "ami.ssm.parameters".into(),
                     crate::ec2::Problem { field: "parameters", message: format!("`{name}` {why}"), help: None },
                 ));
+            }
+        }
+        let mut keys: Vec<(String, &str, Option<&str>)> = Vec::new();
+        if let Some(k) = &self.kms_key_arn {
+            keys.push(("ami.kms_key_arn".into(), k, self.regions.first().map(String::as_str)));
+        }
+        for (region, rs) in &self.region_settings {
+            if !self.regions.contains(region) || self.regions.first() == Some(region) {
+                out.push((
+                    format!("ami.regions.{region}"),
+                    crate::ec2::Problem {
+                        field: "regions",
+                        message: format!("settings for `{region}`, which is not a region after the first"),
+                        help: None,
+                    },
+                ));
+            }
+            if let Some(k) = &rs.kms_key_arn {
+                keys.push((format!("ami.regions.{region}.kms_key_arn"), k, Some(region)));
+            }
+        }
+        for (key, arn, region) in keys {
+            if !self.encrypted {
+                out.push((
+                    key.clone(),
+                    crate::ec2::Problem {
+                        field: "kms_key_arn",
+                        message: "a KMS key needs `encrypted = true`".into(),
+                        help: None,
+                    },
+                ));
+            }
+            if let Err(message) = crate::ec2::check_kms_key(arn, region) {
+                out.push((key, crate::ec2::Problem { field: "kms_key_arn", message, help: None }));
             }
         }
         if let Some(p) = crate::ec2::root_too_small(r.size_gib, &format!("{} GiB", r.size_gib), image_bytes) {

@@ -1,7 +1,7 @@
 //! EC2 side of publishing: find an existing AMI, RegisterImage, launch and create-volume
 //! permissions, tags, CopyImage to other regions, and cleanup after a failed registration.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ec2::types::{
     ArchitectureValues, BlockDeviceMapping, BootModeValues, CreateVolumePermission,
@@ -295,74 +295,134 @@ pub async fn create_tags(
     Ok(())
 }
 
-/// CopyImage into this client's region. The client token is derived from the source image and
-/// region, so a retried call after a lost answer does not start a second copy.
+/// What CopyImage makes in its destination region.
+pub struct CopyRequest<'a> {
+    pub destination: &'a str,
+    pub source_region: &'a str,
+    pub source_image: &'a str,
+    pub name: &'a str,
+    pub description: Option<&'a str>,
+    /// Derived from the source image and region, so a retried call after a lost answer does
+    /// not start a second copy.
+    pub client_token: &'a str,
+    /// Encrypt the copy's snapshots; with the destination region's key, or its default key.
+    /// The source region's key is never sent: a KMS key works only in its own region.
+    pub encrypted: bool,
+    pub kms_key_id: Option<&'a str>,
+    /// On the new AMI and its snapshots from the start: a re-run finds a copy that is still
+    /// pending by its image SHA-256 tag instead of starting another.
+    pub tags: &'a [(String, String)],
+}
+
+/// EC2's error when the destination region already runs as many AMI copies as it allows.
+const COPY_LIMIT: &str = "ResourceLimitExceeded";
+
+/// CopyImage into this client's region. At EC2's concurrent-copy limit the copy waits its
+/// turn, retried until `deadline` (which the wait does not extend) passes.
 pub async fn copy(
     ec2: &aws_sdk_ec2::Client,
     policy: &RetryPolicy,
-    source_region: &str,
-    source_image: &str,
-    name: &str,
-    description: Option<&str>,
-    client_token: &str,
+    c: &CopyRequest<'_>,
+    deadline: &super::Deadline,
+    progress: &dyn Progress,
 ) -> Result<String, PublishError> {
+    let specs: Vec<TagSpecification> = [ResourceType::Image, ResourceType::Snapshot]
+        .into_iter()
+        .map(|kind| TagSpecification::builder().resource_type(kind).set_tags(Some(ec2_tags(c.tags))).build())
+        .collect();
     let send = || {
-        ec2.copy_image()
-            .source_region(source_region)
-            .source_image_id(source_image)
-            .name(name)
-            .set_description(description.map(str::to_string))
-            .client_token(client_token)
-            .send()
+        let mut req = ec2
+            .copy_image()
+            .set_tag_specifications(Some(specs.clone()))
+            .source_region(c.source_region)
+            .source_image_id(c.source_image)
+            .name(c.name)
+            .set_description(c.description.map(str::to_string))
+            .client_token(c.client_token);
+        if c.encrypted {
+            req = req.encrypted(true).set_kms_key_id(c.kms_key_id.map(str::to_string));
+        }
+        req.send()
     };
-    let out = match create_named(ec2, policy, name, "CopyImage", send).await? {
-        Created::Answered(out) => out,
-        Created::Found(id) => return Ok(id),
+    let mut delay = Duration::from_secs(5);
+    let mut queued = false;
+    let out = loop {
+        match create_named(ec2, policy, c.name, "CopyImage", send).await {
+            Ok(Created::Answered(out)) => break out,
+            Ok(Created::Found(id)) => return Ok(id),
+            Err(PublishError::Aws(e)) if e.last.code.as_deref() == Some(COPY_LIMIT) => {
+                if !queued {
+                    progress.note(&format!(
+                        "copy of {} to {}: the region is at EC2's concurrent-copy limit; queued until a copy finishes",
+                        c.source_image, c.destination
+                    ));
+                    queued = true;
+                }
+                deadline.check(|| format!("a free copy slot in {}", c.destination))?;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+            Err(e) => return Err(e),
+        }
     };
     out.image_id().map(str::to_string).ok_or_else(|| PublishError::Protocol("CopyImage returned no image id".into()))
 }
 
-/// Waits until the AMI is `available`; returns its root snapshot id.
+/// Waits until the AMI is `available`; returns its root snapshot id. Each poll that shows
+/// progress (the image's state, its root snapshot's percentage) extends `deadline`.
 pub async fn wait_available(
     ec2: &aws_sdk_ec2::Client,
     policy: &RetryPolicy,
     image_id: &str,
-    timeout: Duration,
+    deadline: &super::Deadline,
     progress: &dyn Progress,
 ) -> Result<Option<String>, PublishError> {
-    let started = Instant::now();
     let mut delay = Duration::from_millis(500);
     progress.begin(&format!("waiting for {image_id}"), None, Unit::Items);
     loop {
         let out = with_retry(policy, "DescribeImages", || ec2.describe_images().image_ids(image_id).send()).await?;
-        if let Some(img) = out.images().first() {
-            match img.state() {
-                Some(ImageState::Available) => {
-                    progress.end(&format!("{image_id} available"));
-                    return Ok(img
-                        .block_device_mappings()
-                        .iter()
-                        .find_map(|b| b.ebs().and_then(|e| e.snapshot_id()))
-                        .map(str::to_string));
-                }
-                Some(ImageState::Failed) | Some(ImageState::Error) | Some(ImageState::Invalid) => {
-                    return Err(PublishError::ImageFailed {
-                        image_id: image_id.into(),
-                        reason: img.state_reason().and_then(|r| r.message()).unwrap_or("").into(),
-                    })
-                }
-                _ => {}
+        let img = out.images().first();
+        let root = img
+            .and_then(|i| i.block_device_mappings().iter().find_map(|b| b.ebs().and_then(|e| e.snapshot_id())))
+            .map(str::to_string);
+        match img.and_then(|i| i.state()) {
+            Some(ImageState::Available) => {
+                progress.end(&format!("{image_id} available"));
+                return Ok(root);
+            }
+            Some(ImageState::Failed) | Some(ImageState::Error) | Some(ImageState::Invalid) => {
+                return Err(PublishError::ImageFailed {
+                    image_id: image_id.into(),
+                    reason: img.and_then(|i| i.state_reason()).and_then(|r| r.message()).unwrap_or("").into(),
+                })
+            }
+            state => {
+                // A copy reports its progress only on its snapshot.
+                let pct = match &root {
+                    Some(snap) => {
+                        with_retry(policy, "DescribeSnapshots", || ec2.describe_snapshots().snapshot_ids(snap).send())
+                            .await
+                            .ok()
+                            .and_then(|o| o.snapshots().first().and_then(|s| s.progress()).map(str::to_string))
+                            .unwrap_or_default()
+                    }
+                    None => String::new(),
+                };
+                deadline.saw(&format!("{image_id} {} {pct}", state.map(|s| s.as_str()).unwrap_or("unknown")));
             }
         }
-        if started.elapsed() > timeout {
-            return Err(PublishError::Timeout {
-                what: format!("{image_id} to become available"),
-                secs: timeout.as_secs(),
-            });
-        }
+        deadline.check(|| format!("{image_id} to become available"))?;
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(15));
     }
+}
+
+/// The region's image block public access state (`unblocked`, or `block-new-sharing`, which
+/// refuses making any AMI public).
+pub async fn block_public_access(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy) -> Result<String, PublishError> {
+    let out = with_retry(policy, "GetImageBlockPublicAccessState", || ec2.get_image_block_public_access_state().send())
+        .await?;
+    Ok(out.image_block_public_access_state().unwrap_or("unblocked").to_string())
 }
 
 pub async fn delete_snapshot(

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{ami, blocks, clients, ebs, history, record, Existing, Plan, PublishError, PublishOptions, GIB};
+use crate::ec2::Delivery;
 use crate::manifest::{AmiSettings, Manifest, EBS_BLOCK_SIZE};
 
 /// Everything a publish works from: the manifest and its settings, where to publish, and the
@@ -18,10 +19,14 @@ pub(super) struct Ctx {
     pub(super) manifest: Manifest,
     pub(super) settings: AmiSettings,
     pub(super) opts: PublishOptions,
+    /// Where the AMI goes; the first receives this context's upload. The context of a region
+    /// that gets its own upload ([`Ctx::load_region`]) has that region alone.
     pub(super) regions: Vec<String>,
     pub(super) parent: Option<(Manifest, String)>,
     /// Where this publish is remembered, in the upload region.
     pub(super) history: Option<PathBuf>,
+    /// The resume state of this context's upload.
+    pub(super) state_path: PathBuf,
     /// What a person should know about this publish (a remembered parent that could not be
     /// used); printed as it is decided, and kept in the record.
     pub(super) notes: Vec<String>,
@@ -58,17 +63,44 @@ async fn remembered_parent(
 }
 
 impl Ctx {
+    /// The publish as a whole: the upload to the first region, and what the others get.
     pub(super) async fn load(manifest_path: &Path, opts: &PublishOptions) -> Result<Ctx, PublishError> {
+        Ctx::load_for(manifest_path, opts, None).await
+    }
+
+    /// A region (after the first) that gets its own upload of the same blocks: its key, its
+    /// remembered parent, its resume state. A parent named on the command line is a snapshot
+    /// of the first region and is not used here.
+    pub(super) async fn load_region(
+        manifest_path: &Path,
+        opts: &PublishOptions,
+        region: &str,
+    ) -> Result<Ctx, PublishError> {
+        Ctx::load_for(manifest_path, opts, Some(region)).await
+    }
+
+    async fn load_for(manifest_path: &Path, opts: &PublishOptions, site: Option<&str>) -> Result<Ctx, PublishError> {
         let manifest = Manifest::load(manifest_path)?;
         // Loading judged the settings by `kiln check`'s rules: a manifest EC2 would refuse
         // never gets this far.
-        let settings =
+        let mut settings =
             manifest.ami.clone().ok_or_else(|| PublishError::NoAmiSettings { path: manifest_path.into() })?;
-        let regions = if opts.regions.is_empty() { settings.regions.clone() } else { opts.regions.clone() };
-        if regions.is_empty() {
-            return Err(PublishError::NoRegion);
+        let all = if opts.regions.is_empty() { settings.regions.clone() } else { opts.regions.clone() };
+        let Some(source) = all.first().cloned() else { return Err(PublishError::NoRegion) };
+        // The recipe's check tied the key to the recipe's first region; --region may name another.
+        if let Some(k) = &settings.kms_key_arn {
+            crate::ec2::check_kms_key(k, Some(&source))
+                .map_err(|why| PublishError::Refused(format!("ami.kms_key_arn: {why}")))?;
         }
-        let parent = match (&opts.parent_manifest, &opts.parent_snapshot) {
+        let (regions, state_path) = match site {
+            None => (all, record::state_path(manifest_path)),
+            Some(r) => {
+                settings.kms_key_arn = settings.region(r, &source).1.map(str::to_string);
+                (vec![r.to_string()], record::beside(manifest_path, &format!("{r}.publish-state.json")))
+            }
+        };
+        let flags = if site.is_some() { (&None, &None) } else { (&opts.parent_manifest, &opts.parent_snapshot) };
+        let parent = match flags {
             (Some(p), Some(s)) => {
                 let pm = Manifest::load(p)?;
                 if pm.blocks.block_size != EBS_BLOCK_SIZE {
@@ -120,11 +152,22 @@ impl Ctx {
             regions,
             parent,
             history,
+            state_path,
             notes,
             name,
             tags,
             deprecate_at,
         })
+    }
+
+    /// How `region` gets the AMI, and with which key (see [`AmiSettings::region`]).
+    pub(super) fn delivery<'a>(&'a self, region: &str) -> (Delivery, Option<&'a str>) {
+        self.settings.region(region, &self.regions[0])
+    }
+
+    /// The regions after the first that get the AMI this way.
+    pub(super) fn regions_via(&self, via: Delivery) -> Vec<String> {
+        self.regions[1..].iter().filter(|r| self.delivery(r).0 == via).cloned().collect()
     }
 
     pub(super) fn image_path(&self) -> PathBuf {
@@ -176,7 +219,7 @@ impl Ctx {
     }
 
     pub(super) fn resume_state(&self) -> Result<Option<record::UploadState>, PublishError> {
-        let path = record::state_path(&self.manifest_path);
+        let path = self.state_path.clone();
         let st = record::read_state(&path)
             .map_err(|e| PublishError::Resume { path: path.clone(), reason: e.to_string() })?;
         match st {
@@ -246,8 +289,19 @@ impl Ctx {
             );
         }
         for r in &self.regions[1..] {
-            if !existing.amis.contains_key(r) {
-                calls.push(format!("ec2:CopyImage to {r}, wait until available, CreateTags, share"));
+            if existing.amis.contains_key(r) {
+                continue;
+            }
+            match self.delivery(r) {
+                (Delivery::Upload, _) => calls.push(format!("its own upload to {r} (see direct_uploads)")),
+                (Delivery::Copy, key) => calls.push(format!(
+                    "ec2:CopyImage to {r}{}, wait until available, CreateTags, share",
+                    match (self.settings.encrypted, key) {
+                        (false, _) => String::new(),
+                        (true, Some(k)) => format!(" Encrypted KmsKeyId={k}"),
+                        (true, None) => " Encrypted (the region's default key)".into(),
+                    }
+                )),
             }
         }
         Ok(Plan {
@@ -255,7 +309,9 @@ impl Ctx {
             image: self.image_path(),
             ami_name: self.name.clone(),
             source_region: self.regions[0].clone(),
-            copy_regions: self.regions[1..].to_vec(),
+            copy_regions: self.regions_via(Delivery::Copy),
+            upload_regions: self.regions_via(Delivery::Upload),
+            direct_uploads: Vec::new(),
             volume_gib: self.volume_gib(),
             encrypted: self.settings.encrypted,
             parent_snapshot_id: self.parent.as_ref().map(|p| p.1.clone()),

@@ -87,7 +87,7 @@ pub struct Upload<'a> {
     pub policy: RetryPolicy,
     /// StartSnapshot's Timeout: minutes the snapshot stays open for writes (and for `--resume`).
     pub snapshot_timeout_minutes: i32,
-    pub wait_timeout: Duration,
+    pub deadline: &'a super::Deadline,
     pub state_path: PathBuf,
     /// Acknowledged blocks of an earlier, interrupted run of this snapshot.
     pub resume: Option<UploadState>,
@@ -151,7 +151,7 @@ impl Upload<'_> {
         }
         let _ = std::fs::remove_file(&self.state_path);
         let _ = std::fs::remove_file(record::journal_path(&self.state_path));
-        wait_completed(&self.ec2, &snapshot_id, &self.policy, self.wait_timeout, self.progress).await?;
+        wait_completed(&self.ec2, &snapshot_id, &self.policy, self.deadline, self.progress).await?;
         Ok(Uploaded { snapshot_id, blocks_sent: sent, bytes_sent: sent * EBS_BLOCK_SIZE })
     }
 
@@ -397,11 +397,10 @@ pub async fn wait_completed(
     ec2: &aws_sdk_ec2::Client,
     snapshot_id: &str,
     policy: &RetryPolicy,
-    timeout: Duration,
+    deadline: &super::Deadline,
     progress: &dyn Progress,
 ) -> Result<(), PublishError> {
     use aws_sdk_ec2::types::SnapshotState;
-    let started = Instant::now();
     let mut delay = Duration::from_millis(500);
     progress.begin(&format!("waiting for snapshot {snapshot_id}"), None, Unit::Items);
     loop {
@@ -420,14 +419,13 @@ pub async fn wait_completed(
                     message: snap.and_then(|s| s.state_message()).unwrap_or("").into(),
                 })
             }
-            _ => {}
+            state => deadline.saw(&format!(
+                "snapshot {snapshot_id} {} {}",
+                state.map(|s| s.as_str()).unwrap_or("unknown"),
+                snap.and_then(|s| s.progress()).unwrap_or("")
+            )),
         }
-        if started.elapsed() > timeout {
-            return Err(PublishError::Timeout {
-                what: format!("snapshot {snapshot_id} to complete"),
-                secs: timeout.as_secs(),
-            });
-        }
+        deadline.check(|| format!("snapshot {snapshot_id} to complete"))?;
         tokio::time::sleep(delay).await;
         // Completion of a large snapshot takes minutes: poll quickly at first, then every 10 s.
         delay = (delay * 2).min(Duration::from_secs(10));

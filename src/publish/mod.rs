@@ -31,7 +31,7 @@ use crate::aws::Endpoint;
 use crate::aws::{AwsError, RetryPolicy};
 use crate::manifest::ManifestError;
 use crate::progress::Progress;
-pub use record::{PublishRecord, RegionImage};
+pub use record::{PublishRecord, RegionFailure, RegionImage};
 
 /// PutSnapshotBlock requests in flight. Not tuned by measurement yet (benches/publish.sh has not
 /// been run): 16 overlaps request latency well beyond what 2 cores can hash and send, and stays
@@ -123,7 +123,7 @@ pub enum PublishError {
     SnapshotFailed { snapshot_id: String, state: String, message: String },
     #[error("image {image_id} failed: {reason}")]
     ImageFailed { image_id: String, reason: String },
-    #[error("timed out after {secs} s waiting for {what}")]
+    #[error("waited {secs} s without progress for {what}; raise --wait-timeout, or run again to go on waiting")]
     Timeout { what: String, secs: u64 },
     #[error("resume state {path}: {reason}")]
     Resume { path: PathBuf, reason: String },
@@ -133,6 +133,8 @@ pub enum PublishError {
     Protocol(String),
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{} of the regions failed; the others are published, as {record} records. Run the same command again to finish them:\n  {}", failed.len(), failed.join("\n  "))]
+    Regions { failed: Vec<String>, record: PathBuf },
     #[error("registration failed ({cause}); snapshot {snapshot_id} {cleanup}")]
     RegisterFailed { cause: Box<PublishError>, snapshot_id: String, cleanup: String },
 }
@@ -144,7 +146,13 @@ pub struct Plan {
     pub image: PathBuf,
     pub ami_name: String,
     pub source_region: String,
+    /// Regions that receive a CopyImage of the first region's AMI.
     pub copy_regions: Vec<String>,
+    /// Regions that receive their own upload of the same blocks, planned in `direct_uploads`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upload_regions: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub direct_uploads: Vec<Plan>,
     pub volume_gib: i64,
     pub encrypted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +186,38 @@ pub struct Existing {
     pub resumable_snapshot_id: Option<String>,
 }
 
+/// How long a region's waits (snapshot completion, AMI available, a copy queued at EC2's
+/// concurrent-copy limit) may go on: `window` from the start, pushed back to `window` from now
+/// each time EC2 reports progress (a new state or percentage), so a slow copy that keeps
+/// moving is waited for and a stuck one is not.
+pub struct Deadline {
+    window: Duration,
+    /// When it passes, and the last progress EC2 reported.
+    state: std::sync::Mutex<(std::time::Instant, String)>,
+}
+
+impl Deadline {
+    pub fn new(window: Duration) -> Deadline {
+        Deadline { window, state: std::sync::Mutex::new((std::time::Instant::now() + window, String::new())) }
+    }
+    /// EC2 reported `progress` ("pending 45%"); anything new extends the deadline.
+    pub fn saw(&self, progress: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.1 != progress {
+            *s = (std::time::Instant::now() + self.window, progress.to_string());
+        }
+    }
+    /// An error when the deadline has passed.
+    pub fn check(&self, what: impl FnOnce() -> String) -> Result<(), PublishError> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if std::time::Instant::now() < s.0 {
+            return Ok(());
+        }
+        let last = if s.1.is_empty() { "no progress reported".to_string() } else { format!("last seen: {}", s.1) };
+        Err(PublishError::Timeout { what: format!("{} ({last})", what()), secs: self.window.as_secs() })
+    }
+}
+
 /// Publishes the image a manifest describes. Synchronous: runs its own tokio runtime.
 /// With `opts.dry_run` nothing is changed and the record is not written; use [`plan`] then.
 pub fn publish(
@@ -192,7 +232,11 @@ pub fn publish(
 pub fn plan(manifest_path: &Path, opts: &PublishOptions) -> Result<Plan, PublishError> {
     runtime()?.block_on(async {
         let ctx = discover::Ctx::load(manifest_path, opts).await?;
-        ctx.plan().await
+        let mut plan = ctx.plan().await?;
+        for region in &plan.upload_regions.clone() {
+            plan.direct_uploads.push(discover::Ctx::load_region(manifest_path, opts, region).await?.plan().await?);
+        }
+        Ok(plan)
     })
 }
 
@@ -212,4 +256,28 @@ async fn clients(opts: &PublishOptions, region: &str) -> (aws_sdk_ebs::Client, a
         .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
         .build();
     (aws_sdk_ebs::Client::from_conf(ebs), aws_sdk_ec2::Client::from_conf(ec2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_extends_only_on_new_progress() {
+        let d = Deadline::new(Duration::from_millis(300));
+        d.saw("pending 10%");
+        std::thread::sleep(Duration::from_millis(200));
+        // The same report again is no progress: the deadline stays where it was.
+        d.saw("pending 10%");
+        std::thread::sleep(Duration::from_millis(150));
+        let e = d.check(|| "ami-1 to become available".into()).unwrap_err();
+        assert!(e.to_string().contains("last seen: pending 10%"), "{e}");
+
+        let d = Deadline::new(Duration::from_millis(300));
+        for pct in ["pending 10%", "pending 20%", "pending 30%"] {
+            std::thread::sleep(Duration::from_millis(150));
+            d.saw(pct);
+            d.check(|| "ami-1".into()).expect("progress keeps the wait going");
+        }
+    }
 }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ec2::Delivery;
+
 /// The result of a publish, one entry per region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishRecord {
@@ -36,7 +38,17 @@ pub struct PublishRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<super::prune::RegionPrune>,
     pub ami_name: String,
+    /// The regions the AMI is in, the first region first.
     pub amis: Vec<RegionImage>,
+    /// Regions this publish did not reach, and why; running it again finishes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<RegionFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionFailure {
+    pub region: String,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +58,9 @@ pub struct RegionImage {
     pub snapshot_id: String,
     /// True when the AMI already existed (same name and image SHA-256) and was reused.
     pub reused: bool,
+    /// `upload` for the first region and those with their own upload, `copy` for CopyImage.
+    #[serde(default)]
+    pub via: Delivery,
 }
 
 /// Resume state of one upload: which snapshot, and which blocks EBS acknowledged.

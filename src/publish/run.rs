@@ -1,16 +1,29 @@
 //! Execution: carrying out a [`Plan`] in order. Upload the snapshot (or reuse one), register
 //! the AMI (deleting a snapshot this run made if registration fails), share it, copy it to the
-//! other regions in parallel, write the publish record, and remember the snapshot in
-//! [`history`] for the next publish of the same image name.
+//! other regions in parallel while the regions that take their own upload get it the same
+//! way, write the publish record with every region's outcome, and remember each snapshot in
+//! [`history`] for the next publish of the same image name. A region that fails does not undo
+//! the others: the record says which failed, and running again finishes them.
 
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
 use super::discover::Ctx;
-use super::{ami, clients, ebs, history, record, PublishError, PublishOptions, PublishRecord, RegionImage};
+use super::{
+    ami, clients, ebs, history, record, Deadline, Plan, PublishError, PublishOptions, PublishRecord, RegionImage,
+};
+use crate::ec2::Delivery;
 use crate::manifest::EBS_BLOCK_SIZE;
 use crate::progress::Progress;
+
+/// What publishing to a region with its own upload came to.
+struct Site {
+    image: RegionImage,
+    blocks_sent: u64,
+    /// This run made the snapshot (not an existing one reused).
+    created_snapshot: bool,
+}
 
 pub(super) async fn publish_async(
     manifest_path: &Path,
@@ -32,9 +45,142 @@ pub(super) async fn publish_async(
     if found != ctx.manifest.image.size_bytes {
         return Err(PublishError::ImageSize { path: image_path, expected: ctx.manifest.image.size_bytes, found });
     }
+    if ctx.settings.launch_permissions.public {
+        check_public_sharing(&ctx).await?;
+    }
+    let mut direct = Vec::new();
+    for region in &plan.upload_regions {
+        let c = Ctx::load_region(manifest_path, opts, region).await?;
+        let p = c.plan().await?;
+        for n in &p.notes {
+            progress.note(&format!("{region}: {n}"));
+        }
+        direct.push((c, p));
+    }
+
+    // The first region, then its copies; beside them, the regions with their own upload.
+    let first = async {
+        let site = publish_site(&ctx, &plan, progress).await?;
+        let copies = plan.copy_regions.iter().map(|r| copy_to(&ctx, &plan, &site.image, r, progress));
+        let copies = futures_util::future::join_all(copies).await;
+        Ok::<_, PublishError>((site, copies))
+    };
+    let uploads = futures_util::future::join_all(direct.iter().map(|(c, p)| publish_site(c, p, progress)));
+    let (first, uploads) = futures_util::future::join(first, uploads).await;
+    // Regions that took their own upload keep their AMIs when the first fails: a re-run finds them.
+    let (site, copies) = first?;
+
+    let mut outcomes: Vec<(String, Result<RegionImage, PublishError>)> = Vec::new();
+    outcomes.extend(plan.copy_regions.iter().cloned().zip(copies));
+    let mut remember = vec![(&ctx, site.image.snapshot_id.clone())];
+    for ((c, _), up) in direct.iter().zip(uploads) {
+        let up = up.map(|s| {
+            remember.push((c, s.image.snapshot_id.clone()));
+            s.image
+        });
+        outcomes.push((c.regions[0].clone(), up));
+    }
+    let mut amis = vec![site.image.clone()];
+    let mut failed = Vec::new();
+    for region in &ctx.regions[1..] {
+        match outcomes.iter().position(|(r, _)| r == region).map(|i| outcomes.remove(i).1) {
+            Some(Ok(img)) => amis.push(img),
+            Some(Err(e)) => {
+                let why = format!("{:#}", anyhow_chain(&e));
+                progress.note(&format!("{region} failed: {why}"));
+                failed.push(record::RegionFailure { region: region.clone(), error: why });
+            }
+            None => {}
+        }
+    }
+    let blocks_sent = site.blocks_sent;
+    let created_snapshot = site.created_snapshot;
+    let src = site.image.region.clone();
+    let snapshot_id = site.image.snapshot_id.clone();
+
+    // Parameters, once every AMI is available.
+    let mut notes = plan.notes.clone();
+    let parameters = if ctx.settings.ssm_parameters.is_empty() {
+        Vec::new()
+    } else {
+        super::ssm::set_parameters(
+            &ctx.settings.ssm_parameters,
+            &ctx.manifest,
+            &amis,
+            opts,
+            opts.force,
+            progress,
+            &mut notes,
+        )
+        .await?
+    };
+
+    // Retention, where the new AMI exists. A failure here does not undo the
+    // publish: it is a note, and `kiln prune` finishes the job.
+    let published: Vec<String> = amis.iter().map(|a| a.region.clone()).collect();
+    let pruned = match ctx.settings.keep {
+        Some(keep) => match super::prune::prune(&ctx.manifest.name, keep as usize, &published, opts).await {
+            Ok(p) => p,
+            Err(e) => {
+                let note = format!("retention (keep = {keep}) failed: {e}; run `kiln prune` to finish it");
+                progress.note(&note);
+                notes.push(note);
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let rec = PublishRecord {
+        name: ctx.manifest.name.clone(),
+        image_sha256: ctx.manifest.image.sha256.clone(),
+        recipe_sha256: ctx.manifest.recipe.sha256.clone(),
+        source_region: src,
+        snapshot_id,
+        parent_snapshot_id: ctx.parent.as_ref().filter(|_| created_snapshot).map(|p| p.1.clone()),
+        blocks_sent,
+        bytes_sent: blocks_sent * EBS_BLOCK_SIZE,
+        blocks_inherited: if created_snapshot { plan.blocks_inherited } else { 0 },
+        deprecate_at: ctx.deprecate_at.and_then(|t| {
+            time::OffsetDateTime::from_unix_timestamp(t)
+                .ok()?
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        }),
+        notes,
+        parameters,
+        pruned,
+        ami_name: ctx.name.clone(),
+        amis,
+        failed,
+    };
+    let path = record::record_path(manifest_path);
+    record::write_json_atomic(&path, &rec).map_err(|source| PublishError::WriteFile { path, source })?;
+    // Remembered last: the next publish of this name may take a snapshot as its parent only
+    // once everything above succeeded in its region.
+    for (c, snapshot_id) in remember {
+        if let (Some(h), false) = (&c.history, snapshot_id.is_empty()) {
+            let entry = history::Published::new(snapshot_id, &c.settings, c.manifest.clone());
+            history::save(h, &entry).map_err(|source| PublishError::WriteFile { path: h.clone(), source })?;
+        }
+    }
+    if !rec.failed.is_empty() {
+        return Err(PublishError::Regions {
+            failed: rec.failed.iter().map(|f| format!("{}: {}", f.region, f.error)).collect(),
+            record: record::record_path(manifest_path),
+        });
+    }
+    Ok(rec)
+}
+
+/// The snapshot (reused or uploaded), the AMI registered from it (or the existing one), its
+/// tags, sharing and deprecation, in the one region a context uploads to.
+async fn publish_site(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result<Site, PublishError> {
+    let opts = &ctx.opts;
     let src = ctx.regions[0].clone();
     let (ebs_c, ec2) = clients(opts, &src).await;
     let policy = opts.retry;
+    let deadline = Deadline::new(opts.wait_timeout);
+    let image_path = ctx.image_path();
 
     // 1. The snapshot: reuse, or upload.
     let mut blocks_sent = 0;
@@ -91,8 +237,8 @@ pub(super) async fn publish_async(
                 concurrency: opts.concurrency,
                 policy,
                 snapshot_timeout_minutes: opts.snapshot_timeout_minutes,
-                wait_timeout: opts.wait_timeout,
-                state_path: record::state_path(manifest_path),
+                deadline: &deadline,
+                state_path: ctx.state_path.clone(),
                 resume,
                 progress,
             };
@@ -105,7 +251,7 @@ pub(super) async fn publish_async(
         let registered = async {
             let id =
                 ami::register(&ec2, &policy, &ctx.settings, &ctx.manifest, &ctx.name, &snapshot_id, &ctx.tags).await?;
-            ami::wait_available(&ec2, &policy, &id, opts.wait_timeout, progress).await?;
+            ami::wait_available(&ec2, &policy, &id, &deadline, progress).await?;
             Ok::<String, PublishError>(id)
         }
         .await;
@@ -134,122 +280,90 @@ pub(super) async fn publish_async(
     if let Some(at) = ctx.deprecate_at {
         ami::deprecate(&ec2, &policy, &image_id, at).await?;
     }
-    let mut amis =
-        vec![RegionImage { region: src.clone(), image_id: image_id.clone(), snapshot_id: snapshot_id.clone(), reused }];
-
-    // 3. Other regions, in parallel.
-    let copies = ctx.regions[1..].iter().map(|region| {
-        let ctx = &ctx;
-        let image_id = image_id.clone();
-        let src = src.clone();
-        let existing = plan.existing.amis.get(region).cloned();
-        async move {
-            let (_, ec2r) = clients(&ctx.opts, region).await;
-            let (id, reused) = match existing {
-                Some(id) => (id, true),
-                None => {
-                    let token = format!(
-                        "kiln-{}",
-                        &hex::encode(Sha256::digest(format!("{image_id}\0{region}\0{}", ctx.name)))[..48]
-                    );
-                    (
-                        ami::copy(
-                            &ec2r,
-                            &policy,
-                            &src,
-                            &image_id,
-                            &ctx.name,
-                            ctx.settings.description.as_deref(),
-                            &token,
-                        )
-                        .await?,
-                        false,
-                    )
-                }
-            };
-            let snap =
-                ami::wait_available(&ec2r, &policy, &id, ctx.opts.wait_timeout, progress).await?.unwrap_or_default();
-            let mut ids = vec![id.as_str()];
-            if !snap.is_empty() {
-                ids.push(&snap);
-            }
-            ami::create_tags(&ec2r, &policy, &ids, &ctx.tags).await?;
-            ami::share(&ec2r, &policy, &ctx.settings, &id, &snap).await?;
-            if let Some(at) = ctx.deprecate_at {
-                ami::deprecate(&ec2r, &policy, &id, at).await?;
-            }
-            Ok::<RegionImage, PublishError>(RegionImage {
-                region: region.clone(),
-                image_id: id.clone(),
-                snapshot_id: snap,
-                reused,
-            })
-        }
-    });
-    for r in futures_util::future::join_all(copies).await {
-        amis.push(r?);
-    }
-
-    // Parameters, once every AMI is available.
-    let mut notes = plan.notes.clone();
-    let parameters = if ctx.settings.ssm_parameters.is_empty() {
-        Vec::new()
-    } else {
-        super::ssm::set_parameters(
-            &ctx.settings.ssm_parameters,
-            &ctx.manifest,
-            &amis,
-            opts,
-            opts.force,
-            progress,
-            &mut notes,
-        )
-        .await?
-    };
-
-    // Retention, once the new AMIs exist everywhere. A failure here does not undo the
-    // publish: it is a note, and `kiln prune` finishes the job.
-    let pruned = match ctx.settings.keep {
-        Some(keep) => match super::prune::prune(&ctx.manifest.name, keep as usize, &ctx.regions, opts).await {
-            Ok(p) => p,
-            Err(e) => {
-                let note = format!("retention (keep = {keep}) failed: {e}; run `kiln prune` to finish it");
-                progress.note(&note);
-                notes.push(note);
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
-    };
-    let rec = PublishRecord {
-        name: ctx.manifest.name.clone(),
-        image_sha256: ctx.manifest.image.sha256.clone(),
-        recipe_sha256: ctx.manifest.recipe.sha256.clone(),
-        source_region: src,
-        snapshot_id,
-        parent_snapshot_id: ctx.parent.as_ref().filter(|_| created_snapshot).map(|p| p.1.clone()),
+    Ok(Site {
+        image: RegionImage { region: src, image_id, snapshot_id, reused, via: Delivery::Upload },
         blocks_sent,
-        bytes_sent: blocks_sent * EBS_BLOCK_SIZE,
-        blocks_inherited: if created_snapshot { plan.blocks_inherited } else { 0 },
-        deprecate_at: ctx.deprecate_at.and_then(|t| {
-            time::OffsetDateTime::from_unix_timestamp(t)
-                .ok()?
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        }),
-        notes,
-        parameters,
-        pruned,
-        ami_name: ctx.name.clone(),
-        amis,
+        created_snapshot,
+    })
+}
+
+/// CopyImage of the first region's AMI into `region`, encrypted with the region's own key
+/// when the image is encrypted; then tags, sharing and deprecation there.
+async fn copy_to(
+    ctx: &Ctx,
+    plan: &Plan,
+    source: &RegionImage,
+    region: &str,
+    progress: &dyn Progress,
+) -> Result<RegionImage, PublishError> {
+    let policy = ctx.opts.retry;
+    let deadline = Deadline::new(ctx.opts.wait_timeout);
+    let (_, ec2r) = clients(&ctx.opts, region).await;
+    let (id, reused) = match plan.existing.amis.get(region) {
+        Some(id) => (id.clone(), true),
+        None => {
+            let token = format!(
+                "kiln-{}",
+                &hex::encode(Sha256::digest(format!("{}\0{region}\0{}", source.image_id, ctx.name)))[..48]
+            );
+            let req = ami::CopyRequest {
+                destination: region,
+                source_region: &source.region,
+                source_image: &source.image_id,
+                name: &ctx.name,
+                description: ctx.settings.description.as_deref(),
+                client_token: &token,
+                encrypted: ctx.settings.encrypted,
+                kms_key_id: ctx.delivery(region).1,
+                tags: &ctx.tags,
+            };
+            (ami::copy(&ec2r, &policy, &req, &deadline, progress).await?, false)
+        }
     };
-    let path = record::record_path(manifest_path);
-    record::write_json_atomic(&path, &rec).map_err(|source| PublishError::WriteFile { path, source })?;
-    // Remembered last: the next publish of this name may take the snapshot as its parent
-    // only once everything above succeeded.
-    if let (Some(h), false) = (&ctx.history, rec.snapshot_id.is_empty()) {
-        let entry = history::Published::new(rec.snapshot_id.clone(), &ctx.settings, ctx.manifest.clone());
-        history::save(h, &entry).map_err(|source| PublishError::WriteFile { path: h.clone(), source })?;
+    let snap = ami::wait_available(&ec2r, &policy, &id, &deadline, progress).await?.unwrap_or_default();
+    let mut ids = vec![id.as_str()];
+    if !snap.is_empty() {
+        ids.push(&snap);
     }
-    Ok(rec)
+    ami::create_tags(&ec2r, &policy, &ids, &ctx.tags).await?;
+    ami::share(&ec2r, &policy, &ctx.settings, &id, &snap).await?;
+    if let Some(at) = ctx.deprecate_at {
+        ami::deprecate(&ec2r, &policy, &id, at).await?;
+    }
+    Ok(RegionImage { region: region.into(), image_id: id, snapshot_id: snap, reused, via: Delivery::Copy })
+}
+
+/// Making an AMI public is refused by a region whose image block public access is on: found
+/// out before anything is uploaded, with what to do, rather than from EC2's error afterwards.
+async fn check_public_sharing(ctx: &Ctx) -> Result<(), PublishError> {
+    let mut blocked = Vec::new();
+    for region in &ctx.regions {
+        let (_, ec2) = clients(&ctx.opts, region).await;
+        let state = ami::block_public_access(&ec2, &ctx.opts.retry).await?;
+        if state != "unblocked" {
+            blocked.push(format!("{region} ({state})"));
+        }
+    }
+    if blocked.is_empty() {
+        return Ok(());
+    }
+    Err(PublishError::Refused(format!(
+        "the recipe makes the AMI public (launch_permissions.public = true), but image block public access \
+         is on in {}: EC2 would refuse to share it. Turn it off where public AMIs are intended \
+         (`aws ec2 disable-image-block-public-access --region REGION`; it takes effect within minutes), \
+         or set `public = false` and share with accounts or organizations instead",
+        blocked.join(", ")
+    )))
+}
+
+/// An error with its causes, for the record.
+fn anyhow_chain(e: &PublishError) -> String {
+    let mut out = e.to_string();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }

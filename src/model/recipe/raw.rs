@@ -137,7 +137,7 @@ pub struct RawServices {
 pub struct RawAmi {
     pub name: Option<Loc<String>>,
     pub description: Option<Loc<String>>,
-    pub regions: Option<LocList<String>>,
+    pub regions: Option<LocList<RawRegion>>,
     pub root_volume: Option<Loc<RawVolume>>,
     pub ena: Option<Loc<bool>>,
     pub sriov: Option<Loc<bool>>,
@@ -152,6 +152,45 @@ pub struct RawAmi {
     pub keep: Option<Loc<i64>>,
     pub ssm: Option<Loc<RawSsm>>,
     pub deprecate_after: Option<Loc<String>>,
+}
+
+/// One `[ami].regions` entry: a region name, or a table with the region's own settings
+/// (`{ name = "eu-west-1", kms_key_arn = "…", via = "upload" }`).
+#[derive(Debug, Clone, Default)]
+pub struct RawRegion {
+    pub name: String,
+    pub kms_key_arn: Option<String>,
+    pub via: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegionTable {
+    name: String,
+    kms_key_arn: Option<String>,
+    via: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawRegion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawRegion;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a region name, or a table like { name = \"eu-west-1\", kms_key_arn = \"…\", via = \"copy\" }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawRegion, E> {
+                Ok(RawRegion { name: s.into(), ..RawRegion::default() })
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, m: M) -> Result<RawRegion, M::Error> {
+                let t = RawRegionTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))?;
+                Ok(RawRegion { name: t.name, kms_key_arn: t.kms_key_arn, via: t.via })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[ami.ssm]`: SSM parameters that name the AMI.

@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 
 use super::{check_source_file, V};
-use crate::ec2::{check_boot, check_volume as check_volume_rules, Ec2BootMode, ImdsSupport, VolumeRequest, VolumeType};
-use crate::manifest::{AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RootVolume};
+use crate::ec2::{
+    check_boot, check_volume as check_volume_rules, Delivery, Ec2BootMode, ImdsSupport, VolumeRequest, VolumeType,
+};
+use crate::manifest::{AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RegionSettings, RootVolume};
 use crate::platform::{Arch, BootMode};
 use crate::recipe::error::{list, Span};
 use crate::recipe::raw::{Loc, RawAmi, RawBundle, RawVolume};
@@ -170,20 +172,56 @@ pub(super) fn check_ami(
         }
     }
     let mut regions = Vec::new();
-    for reg in r.regions.iter().flat_map(|l| l.value.iter()) {
-        if !valid_region(&reg.value) {
+    // (region, key, where it is written) for each KMS key: judged once `encrypted` is known.
+    let mut region_keys = Vec::new();
+    let mut region_settings = BTreeMap::new();
+    for (i, reg) in r.regions.iter().flat_map(|l| l.value.iter()).enumerate() {
+        let name = &reg.value.name;
+        if !valid_region(name) {
             v.err(
                 reg.span,
                 "ami.regions",
-                format!("`{}` is not an AWS region name", reg.value),
+                format!("`{name}` is not an AWS region name"),
                 Some("like \"us-east-1\" or \"eu-west-1\"".into()),
             );
-        } else if regions.contains(&reg.value) {
-            v.err(reg.span, "ami.regions", format!("region `{}` is listed twice", reg.value), None);
-        } else {
-            regions.push(reg.value.clone());
+            continue;
+        } else if regions.contains(name) {
+            v.err(reg.span, "ami.regions", format!("region `{name}` is listed twice"), None);
+            continue;
+        }
+        regions.push(name.clone());
+        let via = match reg.value.via.as_deref() {
+            None => Delivery::Copy,
+            Some(via) => match via.parse::<Delivery>() {
+                Ok(Delivery::Copy) if i == 0 => {
+                    v.err(
+                        reg.span,
+                        "ami.regions",
+                        format!("`{name}` is the first region, where the snapshot is uploaded: it cannot be a copy"),
+                        Some("leave `via` out of the first entry, or list the region you copy from first".into()),
+                    );
+                    Delivery::Copy
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    v.err(
+                        reg.span,
+                        "ami.regions",
+                        e.to_string(),
+                        Some("\"copy\" (CopyImage from the first region) or \"upload\" (the same blocks, uploaded there directly)".into()),
+                    );
+                    Delivery::Copy
+                }
+            },
+        };
+        if let Some(k) = &reg.value.kms_key_arn {
+            region_keys.push((name.clone(), k.clone(), reg.span, format!("ami.regions.{name}.kms_key_arn")));
+        }
+        if i > 0 && (via != Delivery::Copy || reg.value.kms_key_arn.is_some()) {
+            region_settings.insert(name.clone(), RegionSettings::new(reg.value.kms_key_arn.clone(), via));
         }
     }
+    let first_entry_key = r.regions.iter().flat_map(|l| l.value.first()).find_map(|f| f.value.kms_key_arn.clone());
 
     // Boot mode: from [image].boot unless set, and only one the image can actually boot.
     let boot_mode = match &r.boot_mode {
@@ -362,20 +400,42 @@ pub(super) fn check_ami(
         }
     }
 
-    let kms_key_arn = r.kms_key_arn.as_ref().map(|k| k.value.clone());
-    if let Some(k) = &r.kms_key_arn {
-        if !(k.value.starts_with("arn:aws") && k.value.contains(":kms:")) {
+    // The first region's key is written either as `kms_key_arn` or in its `regions` entry.
+    if let (Some(top), Some(entry)) = (&r.kms_key_arn, &first_entry_key) {
+        if &top.value != entry {
             v.err(
-                k.span,
+                top.span,
                 "ami.kms_key_arn",
-                format!("`{}` is not a KMS key ARN", k.value),
-                Some("like \"arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab\"".into()),
+                format!("`kms_key_arn` and the first `regions` entry name different keys for {}", regions[0]),
+                Some("write the first region's key once".into()),
             );
         }
     }
-    let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(kms_key_arn.is_some());
-    if let (Some(k), false) = (&r.kms_key_arn, encrypted) {
-        v.err(k.span, "ami.kms_key_arn", "`kms_key_arn` needs `encrypted = true`", None);
+    if let Some(k) = &r.kms_key_arn {
+        region_keys.push((
+            regions.first().cloned().unwrap_or_default(),
+            k.value.clone(),
+            k.span,
+            "ami.kms_key_arn".into(),
+        ));
+    }
+    let kms_key_arn = r.kms_key_arn.as_ref().map(|k| k.value.clone()).or(first_entry_key);
+    let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(!region_keys.is_empty());
+    for (region, key, span, field) in &region_keys {
+        let region = Some(region.as_str()).filter(|r| !r.is_empty());
+        if let Err(why) = crate::ec2::check_kms_key(key, region) {
+            v.err(
+                *span,
+                field.clone(),
+                why,
+                Some(format!(
+                    "like \"arn:aws:kms:{}:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab\"",
+                    region.unwrap_or("us-east-1")
+                )),
+            );
+        } else if !encrypted {
+            v.err(*span, field.clone(), "a KMS key needs `encrypted = true`", None);
+        }
     }
 
     // EC2 allows at most 50,000 AMIs per region (a quota); a larger count keeps everything.
@@ -437,6 +497,7 @@ pub(super) fn check_ami(
         name,
         description: r.description.as_ref().map(|d| d.value.clone()),
         regions,
+        region_settings,
         root_volume: RootVolume {
             device: root_device,
             // 0: not set; the image's size rounded up to whole GiB (known once it is built).
