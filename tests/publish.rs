@@ -1079,7 +1079,12 @@ fn invalid_ami_settings_are_refused_with_the_words_of_kiln_check() {
     let Some(moto) = Moto::start() else { return };
     let proxy = Proxy::start(moto.port, Mode::Pass);
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(&str, &str, Edit); 3] = [
+    let cases: [(&str, &str, Edit); 4] = [
+        ("ami-regions.toml", "ami.kms_key_arn", |m| {
+            m["ami"]["regions"] = serde_json::json!(["eu-west-2"]);
+            m["ami"]["encrypted"] = true.into();
+            m["ami"]["kms_key_arn"] = "arn:aws:kms:us-east-1:123456789012:key/a".into();
+        }),
         ("arm64-ami-legacy-bios.toml", "ami.boot_mode", |m| {
             m["arch"] = "arm64".into();
             m["ami"]["boot_mode"] = "legacy-bios".into();
@@ -1123,6 +1128,19 @@ fn invalid_ami_settings_are_refused_with_the_words_of_kiln_check() {
     let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("gp4"), "{err}");
+    assert!(proxy.requests().is_empty());
+    // A copy region's key from another region (only a manifest can say this wrongly: the
+    // recipe's table form names the region beside its key).
+    let (img, _) = test_image(&["us-east-1", "eu-west-1"]);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&img.manifest).unwrap()).unwrap();
+    m["ami"]["encrypted"] = true.into();
+    m["ami"]["region_settings"] =
+        serde_json::json!({ "eu-west-1": { "kms_key_arn": key("us-east-1", 9), "via": "copy" } });
+    std::fs::write(&img.manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("ami.regions.eu-west-1.kms_key_arn"), "{err}");
+    assert!(err.contains("is in us-east-1, but it would encrypt the AMI in eu-west-1"), "{err}");
     assert!(proxy.requests().is_empty());
 }
 

@@ -70,23 +70,23 @@ pub(super) async fn publish_async(
     // Regions that took their own upload keep their AMIs when the first fails: a re-run finds them.
     let (site, copies) = first?;
 
-    let mut outcomes: Vec<(String, Result<RegionImage, PublishError>)> = Vec::new();
-    outcomes.extend(plan.copy_regions.iter().cloned().zip(copies));
+    // Every other region's outcome, then the AMIs in the recipe's region order.
+    let mut outcomes: std::collections::BTreeMap<String, Result<RegionImage, PublishError>> =
+        plan.copy_regions.iter().cloned().zip(copies).collect();
     let mut remember = vec![(&ctx, site.image.snapshot_id.clone())];
     for ((c, _), up) in direct.iter().zip(uploads) {
-        let up = up.map(|s| {
+        if let Ok(s) = &up {
             remember.push((c, s.image.snapshot_id.clone()));
-            s.image
-        });
-        outcomes.push((c.regions[0].clone(), up));
+        }
+        outcomes.insert(c.regions[0].clone(), up.map(|s| s.image));
     }
     let mut amis = vec![site.image.clone()];
     let mut failed = Vec::new();
     for region in &ctx.regions[1..] {
-        match outcomes.iter().position(|(r, _)| r == region).map(|i| outcomes.remove(i).1) {
+        match outcomes.remove(region) {
             Some(Ok(img)) => amis.push(img),
             Some(Err(e)) => {
-                let why = format!("{:#}", anyhow_chain(&e));
+                let why = with_causes(&e);
                 progress.note(&format!("{region} failed: {why}"));
                 failed.push(record::RegionFailure { region: region.clone(), error: why });
             }
@@ -100,6 +100,7 @@ pub(super) async fn publish_async(
 
     // Parameters, once every AMI is available.
     let mut notes = plan.notes.clone();
+    notes.extend(direct.iter().flat_map(|(c, p)| p.notes.iter().map(move |n| format!("{}: {n}", c.regions[0]))));
     let parameters = if ctx.settings.ssm_parameters.is_empty() {
         Vec::new()
     } else {
@@ -357,7 +358,7 @@ async fn check_public_sharing(ctx: &Ctx) -> Result<(), PublishError> {
 }
 
 /// An error with its causes, for the record.
-fn anyhow_chain(e: &PublishError) -> String {
+fn with_causes(e: &PublishError) -> String {
     let mut out = e.to_string();
     let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
     while let Some(c) = cur {
