@@ -5,7 +5,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -190,6 +190,9 @@ pub enum Mode {
     /// Every image in this region's DescribeImages answers stays `pending`: a copy that never
     /// finishes (and reports no progress).
     Stuck { region: String },
+    /// Every CopyImage into this region makes an AMI that DescribeImages reports `failed` from
+    /// then on, whatever the mode later (a copy that failed for good).
+    FailCopies { region: String },
     /// Answer every S3 PutObject with this error, as S3 words it (XML `<Error>` body).
     S3PutError { status: u16, code: &'static str, message: &'static str },
 }
@@ -209,6 +212,8 @@ struct Shared {
     upstream: u16,
     /// AMI id → the root snapshot its RegisterImage named (see `root_snapshots`).
     roots: Mutex<BTreeMap<String, String>>,
+    /// AMIs reported `failed` (see `Mode::FailCopies`).
+    failed_images: Mutex<BTreeSet<String>>,
     /// Region → image block public access state (`unblocked` unless set).
     block_public: Arc<Mutex<BTreeMap<String, String>>>,
     log: Arc<Mutex<Vec<Recorded>>>,
@@ -237,6 +242,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             upstream,
             roots: Mutex::new(BTreeMap::new()),
+            failed_images: Mutex::new(BTreeSet::new()),
             block_public: block_public.clone(),
             log: log.clone(),
             all: all.clone(),
@@ -401,6 +407,7 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
             (*k <= n).then_some(Fault::Status(400, code, "kiln test proxy: refused"))
         }
         Mode::Stuck { region } => (action == "DescribeImages" && req.region() == region).then_some(Fault::Pending),
+        Mode::FailCopies { .. } => None,
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
@@ -579,6 +586,9 @@ fn root_snapshots(shared: &Shared, req: &Recorded, resp: Vec<u8>) -> Vec<u8> {
         // how a re-run finds a copy that is still pending. Applied here with a CreateTags.
         "CopyImage" if ok => {
             let Some(id) = tag("imageId", &text) else { return resp };
+            if matches!(&*shared.mode.lock().unwrap(), Mode::FailCopies { region } if *region == req.region()) {
+                shared.failed_images.lock().unwrap().insert(id.clone());
+            }
             let form = req.form();
             let mut body = format!("Action=CreateTags&Version=2016-11-15&ResourceId.1={id}");
             for spec in 1.. {
@@ -630,6 +640,18 @@ fn root_snapshots(shared: &Shared, req: &Recorded, resp: Vec<u8>) -> Vec<u8> {
                     .and_then(|n| n.first_child());
                 if let Some(t) = old {
                     edits.push((t.range(), snap.clone()));
+                }
+            }
+            let failed = shared.failed_images.lock().unwrap().clone();
+            for image in doc.descendants().filter(|n| n.has_tag_name("item")) {
+                let id = image.children().find(|c| c.has_tag_name("imageId")).and_then(|n| n.text());
+                if !id.is_some_and(|id| failed.contains(id)) {
+                    continue;
+                }
+                if let Some(t) = image.children().find(|c| c.has_tag_name("imageState")).and_then(|n| n.first_child()) {
+                    if t.text() != Some("deregistered") {
+                        edits.push((t.range(), "failed".into()));
+                    }
                 }
             }
             let mut body = body.to_string();

@@ -1250,9 +1250,12 @@ fn regions_get_their_own_kms_keys_and_their_own_upload() {
     let first = puts_in(&reqs, "us-east-1");
     assert_eq!(first.len(), 6, "an encrypted snapshot is written whole");
     assert_eq!(puts_in(&reqs, "us-west-2"), first, "the same blocks with the same checksums");
-    let completes: BTreeSet<String> =
-        of(&reqs, "CompleteSnapshot").into_iter().map(|c| c.header("x-amz-checksum").unwrap().to_string()).collect();
-    assert_eq!(completes.len(), 1, "one LINEAR checksum for both uploads");
+    let completes: BTreeMap<String, String> = of(&reqs, "CompleteSnapshot")
+        .into_iter()
+        .map(|c| (c.region(), c.header("x-amz-checksum").unwrap().to_string()))
+        .collect();
+    assert_eq!(of(&reqs, "CompleteSnapshot").len(), 2, "one CompleteSnapshot per upload");
+    assert_eq!(completes["us-east-1"], completes["us-west-2"], "one LINEAR checksum for both uploads");
 
     let amis = rec["amis"].as_array().unwrap();
     let by_region: BTreeMap<&str, &serde_json::Value> =
@@ -1274,6 +1277,53 @@ fn regions_get_their_own_kms_keys_and_their_own_upload() {
     let reqs = proxy.requests();
     assert!(of(&reqs, "StartSnapshot").is_empty() && of(&reqs, "CopyImage").is_empty());
     assert!(again["amis"].as_array().unwrap().iter().all(|a| a["reused"] == true), "{again}");
+
+    // Naming a region twice is refused before anything is sent.
+    proxy.clear();
+    let out = publish_cmd(&proxy, &m).args(["--region", "us-east-1", "--region", "us-east-1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("region us-east-1 is named twice"), "{err}");
+    assert!(proxy.requests().is_empty());
+}
+
+#[test]
+fn a_copy_that_failed_is_replaced_on_the_next_run() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::FailCopies { region: "eu-west-1".into() });
+    let (img, _) = test_image(&["us-east-1", "eu-west-1"]);
+    let out = publish_cmd(&proxy, &img.manifest).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("eu-west-1: image ami-") && err.contains("failed"), "{err}");
+    let first: Vec<String> =
+        of(&proxy.requests(), "CopyImage").iter().map(|r| r.form()["ClientToken"].clone()).collect();
+    assert_eq!(first.len(), 1);
+
+    proxy.set_mode(Mode::Pass);
+    proxy.clear();
+    let rec = run_json(publish_cmd(&proxy, &img.manifest));
+    let reqs = proxy.requests();
+    let again: Vec<String> = of(&reqs, "CopyImage").iter().map(|r| r.form()["ClientToken"].clone()).collect();
+    assert_eq!(again.len(), 1, "copied again");
+    assert_ne!(again, first, "a new client token, or EC2 would answer with the failed copy");
+    assert_eq!(of(&reqs, "DeregisterImage").len(), 1, "the failed copy deregistered");
+    let eu = rec["amis"].as_array().unwrap().iter().find(|a| a["region"] == "eu-west-1").unwrap();
+    assert_eq!(eu["reused"], false, "{rec}");
+    let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&proxy.url(), "eu-west-1"));
+    let name = rec["ami_name"].as_str().unwrap();
+    let live: Vec<_> = rt()
+        .block_on(
+            ec2.describe_images()
+                .owners("self")
+                .filters(aws_sdk_ec2::types::Filter::builder().name("name").values(name).build())
+                .send(),
+        )
+        .unwrap()
+        .images()
+        .iter()
+        .filter(|i| i.state() == Some(&aws_sdk_ec2::types::ImageState::Available))
+        .map(|i| i.image_id().unwrap().to_string())
+        .collect();
+    assert_eq!(live, [eu["image_id"].as_str().unwrap()], "one available AMI of the name in eu-west-1");
 }
 
 #[test]

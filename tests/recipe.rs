@@ -310,6 +310,10 @@ fn full_recipe_every_key() {
     assert_eq!((via.as_str(), key.map(|k| &k[..24])), ("upload", Some("arn:aws:kms:us-east-1:12")));
     assert_eq!(a.region("ap-southeast-2", "eu-west-1"), (kiln::ec2::Delivery::Copy, None));
     assert_eq!(a.region("eu-west-1", "eu-west-1").1, a.kms_key_arn.as_deref());
+    // `--region us-east-1 --region eu-west-1`: each region keeps its own key.
+    let (via, key) = a.region("us-east-1", "us-east-1");
+    assert_eq!((via.as_str(), key.map(|k| &k[..24])), ("upload", Some("arn:aws:kms:us-east-1:12")));
+    assert_eq!(a.region("eu-west-1", "us-east-1"), (kiln::ec2::Delivery::Copy, a.kms_key_arn.as_deref()));
     assert_eq!(a.root_volume.size_gib, 8);
     assert_eq!((a.root_volume.iops, a.root_volume.throughput), (Some(4000), Some(250)));
     assert_eq!(a.boot_mode.as_str(), "uefi-preferred");

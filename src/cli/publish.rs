@@ -171,7 +171,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let progress = super::progress::TermProgress::new(a.json);
     let rec = match publish::publish(&a.manifest, &opts, &progress) {
         Ok(rec) => rec,
-        Err(e @ publish::PublishError::Regions { .. }) => {
+        Err(e @ publish::PublishError::Incomplete { .. }) => {
             // The record of what did get published, for pipelines, before the error.
             if a.json {
                 if let Ok(text) = std::fs::read_to_string(publish::record::record_path(&a.manifest)) {

@@ -107,15 +107,33 @@ pub fn kms_key_region(arn: &str) -> Option<&str> {
     ok.then_some(region)
 }
 
-/// Why a KMS key ARN cannot encrypt what kiln makes in `region`, if it cannot.
-pub fn check_kms_key(arn: &str, region: Option<&str>) -> Result<(), String> {
+/// Why a KMS key ARN cannot encrypt what kiln makes in `region` the way `via` makes it, if it
+/// cannot. CopyImage takes an alias ARN; StartSnapshot (an upload) takes only `key/…`.
+pub fn check_kms_key(arn: &str, region: Option<&str>, via: Delivery) -> Result<(), String> {
     match (kms_key_region(arn), region) {
         (None, _) => Err(format!("`{arn}` is not a KMS key ARN")),
+        (Some(_), _) if via == Delivery::Upload && !arn.split(':').nth(5).is_some_and(|r| r.starts_with("key/")) => {
+            Err(format!(
+                "`{arn}` is an alias; the EBS direct APIs that upload the snapshot take only a key ARN (`…:key/ID`)"
+            ))
+        }
         (Some(k), Some(r)) if k != r => Err(format!(
             "the KMS key `{arn}` is in {k}, but it would encrypt the AMI in {r}; a key works only in its own region"
         )),
         _ => Ok(()),
     }
+}
+
+/// An extra volume with its own KMS key, in an AMI that a region gets by its own upload.
+pub fn volume_keys_and_uploads(region: &str) -> Problem {
+    problem(
+        "volumes",
+        format!("an extra volume names a KMS key, which exists in one region only, but {region} registers its own AMI"),
+        Some(
+            "leave `kms_key_id` out of [[ami.volumes]] (the region's default key is used), or copy to that region"
+                .into(),
+        ),
+    )
 }
 
 impl BootMode {
@@ -503,9 +521,13 @@ mod tests {
         ] {
             assert_eq!(kms_key_region(bad), None, "{bad}");
         }
-        assert!(check_kms_key(k, Some("eu-west-1")).is_ok());
-        assert!(check_kms_key(k, None).is_ok());
-        let e = check_kms_key(k, Some("us-east-1")).unwrap_err();
+        assert!(check_kms_key(k, Some("eu-west-1"), Delivery::Upload).is_ok());
+        assert!(check_kms_key(k, None, Delivery::Upload).is_ok());
+        let alias = "arn:aws:kms:eu-west-1:123456789012:alias/golden";
+        assert!(check_kms_key(alias, Some("eu-west-1"), Delivery::Copy).is_ok());
+        let e = check_kms_key(alias, Some("eu-west-1"), Delivery::Upload).unwrap_err();
+        assert!(e.contains("is an alias"), "{e}");
+        let e = check_kms_key(k, Some("us-east-1"), Delivery::Copy).unwrap_err();
         assert!(e.contains("is in eu-west-1") && e.contains("in us-east-1"), "{e}");
     }
 

@@ -309,17 +309,30 @@ impl AmiSettings {
     /// Every EC2 rule these settings break, with the recipe key each is about (`ami.tpm`,
     /// `ami.volumes[1].iops`): the rules `kiln check` applies to the recipe, applied again,
     /// and the root volume's room for an image of `image_bytes`.
-    /// How `region` gets the AMI, with which key: the first region (or `source`, when the
-    /// regions were replaced on the command line) is the upload with `kms_key_arn`; another
-    /// is what `region_settings` says, else a copy with the region's default key.
+    /// How `region` gets the AMI and with which key, when `source` receives the upload (the
+    /// first region, unless `--region` named others). Keys belong to regions, whatever the
+    /// order: the first recipe region's is `kms_key_arn` (which, with no regions in the recipe,
+    /// is the source's), the others' are in `region_settings`.
     pub fn region(&self, region: &str, source: &str) -> (Delivery, Option<&str>) {
-        if region == source {
-            return (Delivery::Upload, self.kms_key_arn.as_deref());
-        }
-        match self.region_settings.get(region) {
-            Some(r) => (r.via, r.kms_key_arn.as_deref()),
-            None => (Delivery::Copy, None),
-        }
+        let first = self.regions.first().map_or(source, String::as_str);
+        let key = if region == first {
+            self.kms_key_arn.as_deref()
+        } else {
+            self.region_settings.get(region).and_then(|r| r.kms_key_arn.as_deref())
+        };
+        let via = if region == source {
+            Delivery::Upload
+        } else {
+            self.region_settings.get(region).map_or(Delivery::Copy, |r| r.via)
+        };
+        (via, key)
+    }
+
+    /// Extra volumes' KMS keys are regional like the snapshot's: an AMI registered in a region
+    /// of its own upload would name the first region's key there.
+    fn volume_key_in_upload_region(&self) -> Option<&str> {
+        let upload = self.region_settings.iter().find(|(_, r)| r.via == Delivery::Upload)?;
+        self.volumes.iter().any(|v| v.kms_key_id.is_some()).then_some(upload.0.as_str())
     }
 
     pub fn problems(&self, arch: Arch, image_boot: BootMode, image_bytes: u64) -> Vec<(String, crate::ec2::Problem)> {
@@ -362,9 +375,12 @@ impl AmiSettings {
                 ));
             }
         }
-        let mut keys: Vec<(String, &str, Option<&str>)> = Vec::new();
+        let mut keys: Vec<(String, &str, Option<&str>, Delivery)> = Vec::new();
         if let Some(k) = &self.kms_key_arn {
-            keys.push(("ami.kms_key_arn".into(), k, self.regions.first().map(String::as_str)));
+            keys.push(("ami.kms_key_arn".into(), k, self.regions.first().map(String::as_str), Delivery::Upload));
+        }
+        if let Some(region) = self.volume_key_in_upload_region() {
+            out.push(("ami.volumes".into(), crate::ec2::volume_keys_and_uploads(region)));
         }
         for (region, rs) in &self.region_settings {
             if !self.regions.contains(region) || self.regions.first() == Some(region) {
@@ -378,10 +394,10 @@ impl AmiSettings {
                 ));
             }
             if let Some(k) = &rs.kms_key_arn {
-                keys.push((format!("ami.regions.{region}.kms_key_arn"), k, Some(region)));
+                keys.push((format!("ami.regions.{region}.kms_key_arn"), k, Some(region), rs.via));
             }
         }
-        for (key, arn, region) in keys {
+        for (key, arn, region, via) in keys {
             if !self.encrypted {
                 out.push((
                     key.clone(),
@@ -392,7 +408,7 @@ impl AmiSettings {
                     },
                 ));
             }
-            if let Err(message) = crate::ec2::check_kms_key(arn, region) {
+            if let Err(message) = crate::ec2::check_kms_key(arn, region, via) {
                 out.push((key, crate::ec2::Problem { field: "kms_key_arn", message, help: None }));
             }
         }

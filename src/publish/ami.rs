@@ -425,6 +425,21 @@ pub async fn block_public_access(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy
     Ok(out.image_block_public_access_state().unwrap_or("unblocked").to_string())
 }
 
+/// True when the AMI is `failed`, `error` or `invalid`: it will never become available.
+pub async fn has_failed(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy, image_id: &str) -> Result<bool, PublishError> {
+    let out = with_retry(policy, "DescribeImages", || ec2.describe_images().image_ids(image_id).send()).await?;
+    Ok(out
+        .images()
+        .first()
+        .and_then(|i| i.state())
+        .is_some_and(|s| matches!(s, ImageState::Failed | ImageState::Error | ImageState::Invalid)))
+}
+
+pub async fn deregister(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy, image_id: &str) -> Result<(), PublishError> {
+    with_retry(policy, "DeregisterImage", || ec2.deregister_image().image_id(image_id).send()).await?;
+    Ok(())
+}
+
 pub async fn delete_snapshot(
     ec2: &aws_sdk_ec2::Client,
     policy: &RetryPolicy,

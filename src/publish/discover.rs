@@ -70,13 +70,17 @@ impl Ctx {
 
     /// A region (after the first) that gets its own upload of the same blocks: its key, its
     /// remembered parent, its resume state. A parent named on the command line is a snapshot
-    /// of the first region and is not used here.
+    /// of the first region and is not used here. The deprecation time is `main`'s, so every
+    /// region gets the same.
     pub(super) async fn load_region(
         manifest_path: &Path,
         opts: &PublishOptions,
         region: &str,
+        main: &Ctx,
     ) -> Result<Ctx, PublishError> {
-        Ctx::load_for(manifest_path, opts, Some(region)).await
+        let mut c = Ctx::load_for(manifest_path, opts, Some(region)).await?;
+        c.deprecate_at = main.deprecate_at;
+        Ok(c)
     }
 
     async fn load_for(manifest_path: &Path, opts: &PublishOptions, site: Option<&str>) -> Result<Ctx, PublishError> {
@@ -87,17 +91,25 @@ impl Ctx {
             manifest.ami.clone().ok_or_else(|| PublishError::NoAmiSettings { path: manifest_path.into() })?;
         let all = if opts.regions.is_empty() { settings.regions.clone() } else { opts.regions.clone() };
         let Some(source) = all.first().cloned() else { return Err(PublishError::NoRegion) };
-        // The recipe's check tied the key to the recipe's first region; --region may name another.
+        if let Some((i, r)) = all.iter().enumerate().find(|(i, r)| all[..*i].contains(r)) {
+            return Err(PublishError::Refused(format!(
+                "region {r} is named twice (position {} and {}); name each region once",
+                all.iter().position(|x| x == r).unwrap_or(0) + 1,
+                i + 1
+            )));
+        }
+        // This context uploads to one region, with that region's key (found by its name, so
+        // `--region` may reorder the recipe's regions); the recipe's check tied each key to its
+        // region, but a region named only on the command line has none of its own.
+        let target = site.unwrap_or(&source).to_string();
+        settings.kms_key_arn = settings.region(&target, &source).1.map(str::to_string);
         if let Some(k) = &settings.kms_key_arn {
-            crate::ec2::check_kms_key(k, Some(&source))
-                .map_err(|why| PublishError::Refused(format!("ami.kms_key_arn: {why}")))?;
+            crate::ec2::check_kms_key(k, Some(&target), Delivery::Upload)
+                .map_err(|why| PublishError::Refused(format!("the KMS key for {target}: {why}")))?;
         }
         let (regions, state_path) = match site {
             None => (all, record::state_path(manifest_path)),
-            Some(r) => {
-                settings.kms_key_arn = settings.region(r, &source).1.map(str::to_string);
-                (vec![r.to_string()], record::beside(manifest_path, &format!("{r}.publish-state.json")))
-            }
+            Some(r) => (vec![r.to_string()], record::beside(manifest_path, &format!("{r}.publish-state.json"))),
         };
         let flags = if site.is_some() { (&None, &None) } else { (&opts.parent_manifest, &opts.parent_snapshot) };
         let parent = match flags {
@@ -162,7 +174,8 @@ impl Ctx {
 
     /// How `region` gets the AMI, and with which key (see [`AmiSettings::region`]).
     pub(super) fn delivery<'a>(&'a self, region: &str) -> (Delivery, Option<&'a str>) {
-        self.settings.region(region, &self.regions[0])
+        // The manifest's settings: this context's own have its upload key in `kms_key_arn`.
+        self.manifest.ami.as_ref().unwrap_or(&self.settings).region(region, &self.regions[0])
     }
 
     /// The regions after the first that get the AMI this way.

@@ -133,8 +133,8 @@ pub enum PublishError {
     Protocol(String),
     #[error("starting the async runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("{} of the regions failed; the others are published, as {record} records. Run the same command again to finish them:\n  {}", failed.len(), failed.join("\n  "))]
-    Regions { failed: Vec<String>, record: PathBuf },
+    #[error("the publish is incomplete; what did get published is in {record}. Run the same command again to finish:\n  {}", problems.join("\n  "))]
+    Incomplete { problems: Vec<String>, record: PathBuf },
     #[error("registration failed ({cause}); snapshot {snapshot_id} {cleanup}")]
     RegisterFailed { cause: Box<PublishError>, snapshot_id: String, cleanup: String },
 }
@@ -234,7 +234,8 @@ pub fn plan(manifest_path: &Path, opts: &PublishOptions) -> Result<Plan, Publish
         let ctx = discover::Ctx::load(manifest_path, opts).await?;
         let mut plan = ctx.plan().await?;
         for region in &plan.upload_regions.clone() {
-            plan.direct_uploads.push(discover::Ctx::load_region(manifest_path, opts, region).await?.plan().await?);
+            plan.direct_uploads
+                .push(discover::Ctx::load_region(manifest_path, opts, region, &ctx).await?.plan().await?);
         }
         Ok(plan)
     })

@@ -46,17 +46,30 @@ pub(super) async fn publish_async(
         return Err(PublishError::ImageSize { path: image_path, expected: ctx.manifest.image.size_bytes, found });
     }
     if ctx.settings.launch_permissions.public {
-        check_public_sharing(&ctx).await?;
+        check_public_sharing(&ctx, &plan, progress).await?;
     }
+    // A region with its own upload that cannot even be planned (not enabled for the account,
+    // say) is that region's failure, not the publish's.
     let mut direct = Vec::new();
+    let mut unplanned = Vec::new();
     for region in &plan.upload_regions {
-        let c = Ctx::load_region(manifest_path, opts, region).await?;
-        let p = c.plan().await?;
-        for n in &p.notes {
-            progress.note(&format!("{region}: {n}"));
+        let planned = async {
+            let c = Ctx::load_region(manifest_path, opts, region, &ctx).await?;
+            let p = c.plan().await?;
+            Ok::<_, PublishError>((c, p))
+        };
+        match planned.await {
+            Ok((c, p)) => {
+                for n in &p.notes {
+                    progress.note(&format!("{region}: {n}"));
+                }
+                direct.push((c, p));
+            }
+            Err(e) => unplanned.push((region.clone(), e)),
         }
-        direct.push((c, p));
     }
+    let quiet: Vec<Regional> =
+        direct.iter().map(|(c, _)| Regional { region: &c.regions[0], inner: progress }).collect();
 
     // The first region, then its copies; beside them, the regions with their own upload.
     let first = async {
@@ -65,10 +78,21 @@ pub(super) async fn publish_async(
         let copies = futures_util::future::join_all(copies).await;
         Ok::<_, PublishError>((site, copies))
     };
-    let uploads = futures_util::future::join_all(direct.iter().map(|(c, p)| publish_site(c, p, progress)));
+    let uploads = futures_util::future::join_all(direct.iter().zip(&quiet).map(|((c, p), q)| publish_site(c, p, q)));
     let (first, uploads) = futures_util::future::join(first, uploads).await;
-    // Regions that took their own upload keep their AMIs when the first fails: a re-run finds them.
-    let (site, copies) = first?;
+    let (site, copies) = match first {
+        Ok(x) => x,
+        Err(e) => {
+            // Regions that took their own upload keep their AMIs (a re-run finds them): say so.
+            for ((c, _), up) in direct.iter().zip(&uploads) {
+                match up {
+                    Ok(s) => progress.note(&format!("{}: {} published; kept", c.regions[0], s.image.image_id)),
+                    Err(e) => progress.note(&format!("{} failed too: {}", c.regions[0], with_causes(e))),
+                }
+            }
+            return Err(e);
+        }
+    };
 
     // Every other region's outcome, then the AMIs in the recipe's region order.
     let mut outcomes: std::collections::BTreeMap<String, Result<RegionImage, PublishError>> =
@@ -80,6 +104,7 @@ pub(super) async fn publish_async(
         }
         outcomes.insert(c.regions[0].clone(), up.map(|s| s.image));
     }
+    outcomes.extend(unplanned.into_iter().map(|(r, e)| (r, Err(e))));
     let mut amis = vec![site.image.clone()];
     let mut failed = Vec::new();
     for region in &ctx.regions[1..] {
@@ -101,10 +126,12 @@ pub(super) async fn publish_async(
     // Parameters, once every AMI is available.
     let mut notes = plan.notes.clone();
     notes.extend(direct.iter().flat_map(|(c, p)| p.notes.iter().map(move |n| format!("{}: {n}", c.regions[0]))));
+    // A parameter that could not be set leaves the publish incomplete, but recorded.
+    let mut problems: Vec<String> = failed.iter().map(|f| format!("{}: {}", f.region, f.error)).collect();
     let parameters = if ctx.settings.ssm_parameters.is_empty() {
         Vec::new()
     } else {
-        super::ssm::set_parameters(
+        let set = super::ssm::set_parameters(
             &ctx.settings.ssm_parameters,
             &ctx.manifest,
             &amis,
@@ -113,7 +140,14 @@ pub(super) async fn publish_async(
             progress,
             &mut notes,
         )
-        .await?
+        .await;
+        set.unwrap_or_else(|e| {
+            let why = format!("SSM parameters: {}", with_causes(&e));
+            progress.note(&why);
+            notes.push(why.clone());
+            problems.push(why);
+            Vec::new()
+        })
     };
 
     // Retention, where the new AMI exists. A failure here does not undo the
@@ -164,11 +198,8 @@ pub(super) async fn publish_async(
             history::save(h, &entry).map_err(|source| PublishError::WriteFile { path: h.clone(), source })?;
         }
     }
-    if !rec.failed.is_empty() {
-        return Err(PublishError::Regions {
-            failed: rec.failed.iter().map(|f| format!("{}: {}", f.region, f.error)).collect(),
-            record: record::record_path(manifest_path),
-        });
+    if !problems.is_empty() {
+        return Err(PublishError::Incomplete { problems, record: record::record_path(manifest_path) });
     }
     Ok(rec)
 }
@@ -188,6 +219,8 @@ async fn publish_site(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result
     let mut created_snapshot = false;
     let (image_id, snapshot_id, reused) = if let Some(id) = plan.existing.amis.get(&src) {
         progress.note(&format!("{id} in {src} already has this name and image SHA-256; reusing it"));
+        // An earlier run may have stopped waiting for it.
+        ami::wait_available(&ec2, &policy, id, &deadline, progress).await?;
         let snap = ami::find_existing(&ec2, &policy, &ctx.name, &ctx.manifest.image.sha256)
             .await?
             .and_then(|x| x.1)
@@ -300,13 +333,31 @@ async fn copy_to(
     let policy = ctx.opts.retry;
     let deadline = Deadline::new(ctx.opts.wait_timeout);
     let (_, ec2r) = clients(&ctx.opts, region).await;
-    let (id, reused) = match plan.existing.amis.get(region) {
-        Some(id) => (id.clone(), true),
+    let (encrypted, key) = (ctx.settings.encrypted, ctx.delivery(region).1);
+    // A copy an earlier run left failed (a key it could not use, say) holds the name: it goes,
+    // and the new copy gets a token of its own, or EC2 would answer with the failed one.
+    let mut replaces = None;
+    let existing = match plan.existing.amis.get(region) {
+        Some(id) if ami::has_failed(&ec2r, &policy, id).await? => {
+            progress
+                .note(&format!("{id} in {region} is an earlier copy that failed; deregistering it and copying again"));
+            ami::deregister(&ec2r, &policy, id).await?;
+            replaces = Some(id.clone());
+            None
+        }
+        other => other.cloned(),
+    };
+    let (id, reused) = match existing {
+        Some(id) => (id, true),
         None => {
-            let token = format!(
-                "kiln-{}",
-                &hex::encode(Sha256::digest(format!("{}\0{region}\0{}", source.image_id, ctx.name)))[..48]
+            let seed = format!(
+                "{}\0{region}\0{}\0{encrypted}\0{}\0{}",
+                source.image_id,
+                ctx.name,
+                key.unwrap_or(""),
+                replaces.as_deref().unwrap_or("")
             );
+            let token = format!("kiln-{}", &hex::encode(Sha256::digest(seed))[..48]);
             let req = ami::CopyRequest {
                 destination: region,
                 source_region: &source.region,
@@ -314,8 +365,8 @@ async fn copy_to(
                 name: &ctx.name,
                 description: ctx.settings.description.as_deref(),
                 client_token: &token,
-                encrypted: ctx.settings.encrypted,
-                kms_key_id: ctx.delivery(region).1,
+                encrypted,
+                kms_key_id: key,
                 tags: &ctx.tags,
             };
             (ami::copy(&ec2r, &policy, &req, &deadline, progress).await?, false)
@@ -336,13 +387,27 @@ async fn copy_to(
 
 /// Making an AMI public is refused by a region whose image block public access is on: found
 /// out before anything is uploaded, with what to do, rather than from EC2's error afterwards.
-async fn check_public_sharing(ctx: &Ctx) -> Result<(), PublishError> {
+/// Regions where the AMI exists already are not asked (the block leaves existing sharing
+/// alone), nor is a region whose answer kiln may not read: EC2 still has the last word there.
+async fn check_public_sharing(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result<(), PublishError> {
     let mut blocked = Vec::new();
-    for region in &ctx.regions {
+    for region in ctx.regions.iter().filter(|r| !plan.existing.amis.contains_key(*r)) {
         let (_, ec2) = clients(&ctx.opts, region).await;
-        let state = ami::block_public_access(&ec2, &ctx.opts.retry).await?;
-        if state != "unblocked" {
-            blocked.push(format!("{region} ({state})"));
+        match ami::block_public_access(&ec2, &ctx.opts.retry).await {
+            Ok(state) if state == "unblocked" => {}
+            Ok(state) => blocked.push(format!("{region} ({state})")),
+            Err(PublishError::Aws(e))
+                if matches!(
+                    e.last.code.as_deref(),
+                    Some("UnauthorizedOperation" | "InvalidAction" | "AccessDenied")
+                ) =>
+            {
+                progress.note(&format!(
+                    "could not read image block public access in {region} ({}); if it is on, sharing the AMI publicly will fail there",
+                    e.last
+                ));
+            }
+            Err(e) => return Err(e),
         }
     }
     if blocked.is_empty() {
@@ -355,6 +420,22 @@ async fn check_public_sharing(ctx: &Ctx) -> Result<(), PublishError> {
          or set `public = false` and share with accounts or organizations instead",
         blocked.join(", ")
     )))
+}
+
+/// What a region with its own upload reports, beside the first region's bars: its notes and
+/// each phase's summary, named by region (one terminal has one bar).
+struct Regional<'a> {
+    region: &'a str,
+    inner: &'a dyn Progress,
+}
+
+impl Progress for Regional<'_> {
+    fn end(&self, summary: &str) {
+        self.inner.note(&format!("{}: {summary}", self.region));
+    }
+    fn note(&self, line: &str) {
+        self.inner.note(&format!("{}: {line}", self.region));
+    }
 }
 
 /// An error with its causes, for the record.

@@ -215,7 +215,8 @@ pub(super) fn check_ami(
             },
         };
         if let Some(k) = &reg.value.kms_key_arn {
-            region_keys.push((name.clone(), k.clone(), reg.span, format!("ami.regions.{name}.kms_key_arn")));
+            let via = if i == 0 { Delivery::Upload } else { via };
+            region_keys.push((name.clone(), k.clone(), reg.span, format!("ami.regions.{name}.kms_key_arn"), via));
         }
         if i > 0 && (via != Delivery::Copy || reg.value.kms_key_arn.is_some()) {
             region_settings.insert(name.clone(), RegionSettings::new(reg.value.kms_key_arn.clone(), via));
@@ -325,6 +326,11 @@ pub(super) fn check_ami(
         if let (Some(k), false) = (&vol.value.kms_key_id, encrypted) {
             v.err(k.span, format!("{prefix}.kms_key_id"), "`kms_key_id` needs `encrypted = true`", None);
         }
+        let upload = region_settings.iter().find(|(_, r): &(&String, &RegionSettings)| r.via == Delivery::Upload);
+        if let (Some(k), Some((region, _))) = (&vol.value.kms_key_id, upload) {
+            let p = crate::ec2::volume_keys_and_uploads(region);
+            v.err(k.span, format!("{prefix}.kms_key_id"), p.message, p.help);
+        }
         if let (Some(device), Some(c)) = (device, checked) {
             volumes.push(ExtraVolume {
                 device,
@@ -417,13 +423,14 @@ pub(super) fn check_ami(
             k.value.clone(),
             k.span,
             "ami.kms_key_arn".into(),
+            Delivery::Upload,
         ));
     }
     let kms_key_arn = r.kms_key_arn.as_ref().map(|k| k.value.clone()).or(first_entry_key);
     let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(!region_keys.is_empty());
-    for (region, key, span, field) in &region_keys {
+    for (region, key, span, field, via) in &region_keys {
         let region = Some(region.as_str()).filter(|r| !r.is_empty());
-        if let Err(why) = crate::ec2::check_kms_key(key, region) {
+        if let Err(why) = crate::ec2::check_kms_key(key, region, *via) {
             v.err(
                 *span,
                 field.clone(),
