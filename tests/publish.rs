@@ -1436,3 +1436,64 @@ fn a_public_ami_is_refused_where_block_public_access_is_on() {
     public.sort();
     assert_eq!(public, ["eu-west-1", "us-east-1"], "both AMIs made public");
 }
+
+#[test]
+fn a_rebuild_after_one_recipe_file_changed_publishes_only_its_blocks() {
+    let Some(moto) = Moto::start() else { return };
+    let Some(tar) = common::debian_root_tar() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let dir = common::tempdir();
+    let state = dir.path().join("state");
+    // Last night's and tonight's build of one recipe: kiln's own build, one file changed.
+    let build = |night: u32| -> PathBuf {
+        let recipe = dir.path().join(format!("night{night}.toml"));
+        std::fs::write(
+            &recipe,
+            format!(
+                "[image]\nname = \"nightly\"\narch = \"x86_64\"\nsize = \"1GiB\"\nbase = {{ tarball = {:?} }}\n\n\
+                 [[files]]\npath = \"/etc/motd\"\ncontent = \"build of night {night}\\n\"\n\n\
+                 [ami]\nname = \"nightly-{{sha}}\"\nregions = [\"us-east-1\"]\n",
+                tar.display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join(format!("out{night}"));
+        common::run_ok(
+            common::kiln().env("SOURCE_DATE_EPOCH", "1700000000").args(["build", "-q", "--out"]).arg(&out).arg(&recipe),
+        );
+        out.join("nightly-x86_64.manifest.json")
+    };
+    let (m1, m2) = (build(1), build(2));
+    let (first, _) = publish_remembering(&proxy, &m1, &state, &[]);
+    let parent = first["snapshot_id"].as_str().unwrap().to_string();
+
+    let digests = |m: &Path| -> BTreeMap<u64, String> {
+        let m = Manifest::load(m).unwrap();
+        m.blocks.data_blocks.iter().map(|b| (b.index, b.sha256.clone())).collect()
+    };
+    let (d1, d2) = (digests(&m1), digests(&m2));
+    let changed: BTreeSet<u64> = d1.keys().chain(d2.keys()).filter(|i| d1.get(i) != d2.get(i)).copied().collect();
+    assert!(!changed.is_empty() && changed.len() < 8, "one file changed {} blocks", changed.len());
+
+    proxy.clear();
+    let (second, _) = publish_remembering(&proxy, &m2, &state, &[]);
+    let reqs = proxy.requests();
+    let start: serde_json::Value = serde_json::from_slice(&of(&reqs, "StartSnapshot")[0].body).unwrap();
+    assert_eq!(start["ParentSnapshotId"], parent.as_str());
+    assert_eq!(check_puts(&reqs), changed, "exactly the changed blocks are sent");
+    assert_eq!(second["blocks_sent"], changed.len() as u64);
+
+    // Every block of a volume of the child snapshot (the child's block, else the parent's: EBS's
+    // rule, which moto does not apply) equals tonight's image.
+    let child = read_back(&moto.url(), second["snapshot_id"].as_str().unwrap());
+    let parent_blocks = read_back(&moto.url(), &parent);
+    let raw = std::fs::File::open(m2.with_file_name("nightly-x86_64.raw")).unwrap();
+    let blocks = raw.metadata().unwrap().len() / BS as u64;
+    let zero = vec![0u8; BS];
+    let mut want = vec![0u8; BS];
+    for i in 0..blocks {
+        std::os::unix::fs::FileExt::read_exact_at(&raw, &mut want, i * BS as u64).unwrap();
+        let reads = child.get(&i).or(parent_blocks.get(&i)).unwrap_or(&zero);
+        assert!(*reads == want, "block {i} of a volume of the child snapshot differs from tonight's image");
+    }
+}
