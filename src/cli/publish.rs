@@ -33,6 +33,7 @@ kiln publish out/web.manifest.json   # tomorrow's build: only the changed blocks
 kiln publish --full out/web.manifest.json\n  \
 kiln publish --parent-manifest old/web.manifest.json --parent-snapshot snap-0123456789abcdef0 out/web.manifest.json\n  \
 kiln publish out/web.manifest.json   # again after a failure or a kill: continues the upload\n  \
+kiln publish out/web.manifest.json   # again after a region failed: finishes that region only\n  \
 kiln publish --endpoint-url http://127.0.0.1:5000 out/web.manifest.json   # a local stand-in (moto)\n\n\
 See docs/publish.md for encryption, incremental uploads and the IAM permissions needed.")]
 pub struct Args {
@@ -196,7 +197,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
         for r in &rec.amis {
-            println!("{}  {}{}", r.region, r.image_id, if r.reused { "  (existing)" } else { "" });
+            let how = match (r.reused, r.via, r.region == rec.source_region) {
+                (true, _, _) => "  (existing)",
+                (false, kiln::ec2::Delivery::Upload, false) => "  (its own upload)",
+                _ => "",
+            };
+            println!("{}  {}{how}", r.region, r.image_id);
         }
         println!("record: {}", publish::record::record_path(&a.manifest).display());
     }
