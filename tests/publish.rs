@@ -214,6 +214,17 @@ fn read_back_in(url: &str, region: &str, snapshot: &str) -> BTreeMap<u64, Vec<u8
     })
 }
 
+/// The account's AMIs of this name in `region`: (id, state).
+fn images_named(url: &str, region: &str, name: &str) -> Vec<(String, String)> {
+    let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(url, region));
+    let filter = aws_sdk_ec2::types::Filter::builder().name("name").values(name).build();
+    let out = rt().block_on(ec2.describe_images().owners("self").filters(filter).send()).unwrap();
+    out.images()
+        .iter()
+        .map(|i| (i.image_id().unwrap().to_string(), i.state().map(|s| s.as_str().to_string()).unwrap_or_default()))
+        .collect()
+}
+
 fn of<'a>(reqs: &'a [Recorded], action: &str) -> Vec<&'a Recorded> {
     reqs.iter().filter(|r| r.action() == action).collect()
 }
@@ -1308,20 +1319,10 @@ fn a_copy_that_failed_is_replaced_on_the_next_run() {
     assert_eq!(of(&reqs, "DeregisterImage").len(), 1, "the failed copy deregistered");
     let eu = rec["amis"].as_array().unwrap().iter().find(|a| a["region"] == "eu-west-1").unwrap();
     assert_eq!(eu["reused"], false, "{rec}");
-    let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&proxy.url(), "eu-west-1"));
-    let name = rec["ami_name"].as_str().unwrap();
-    let live: Vec<_> = rt()
-        .block_on(
-            ec2.describe_images()
-                .owners("self")
-                .filters(aws_sdk_ec2::types::Filter::builder().name("name").values(name).build())
-                .send(),
-        )
-        .unwrap()
-        .images()
-        .iter()
-        .filter(|i| i.state() == Some(&aws_sdk_ec2::types::ImageState::Available))
-        .map(|i| i.image_id().unwrap().to_string())
+    let live: Vec<String> = images_named(&proxy.url(), "eu-west-1", rec["ami_name"].as_str().unwrap())
+        .into_iter()
+        .filter(|(_, state)| state == "available")
+        .map(|(id, _)| id)
         .collect();
     assert_eq!(live, [eu["image_id"].as_str().unwrap()], "one available AMI of the name in eu-west-1");
 }
@@ -1360,18 +1361,7 @@ fn a_failed_region_does_not_undo_the_others_and_a_rerun_finishes_it() {
     assert!(rec2.get("failed").is_none(), "{rec2}");
     let name = rec2["ami_name"].as_str().unwrap();
     for region in ["us-east-1", "eu-west-1", "ap-southeast-2"] {
-        let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&proxy.url(), region));
-        let n = rt()
-            .block_on(
-                ec2.describe_images()
-                    .owners("self")
-                    .filters(aws_sdk_ec2::types::Filter::builder().name("name").values(name).build())
-                    .send(),
-            )
-            .unwrap()
-            .images()
-            .len();
-        assert_eq!(n, 1, "AMIs named {name} in {region}");
+        assert_eq!(images_named(&proxy.url(), region, name).len(), 1, "AMIs named {name} in {region}");
     }
 }
 
