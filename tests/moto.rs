@@ -367,6 +367,16 @@ enum Fault {
     S3(u16, &'static str, &'static str),
 }
 
+impl Shared {
+    /// Counts one more request of `action`: which one this is, from 1.
+    fn count(&self, action: &str) -> usize {
+        let mut c = self.counts.lock().unwrap();
+        let k = c.entry(action.to_string()).or_insert(0);
+        *k += 1;
+        *k
+    }
+}
+
 fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
     let action = req.action();
     let mode = shared.mode.lock().unwrap().clone();
@@ -376,50 +386,26 @@ fn decide(shared: &Shared, req: &Recorded) -> Option<Fault> {
             (req.method == "PUT" && !req.path.starts_with("/snapshots")).then_some(Fault::S3(status, code, message))
         }
         Mode::Slow { action: a, ms } => (a == action).then_some(Fault::Delay(ms)),
-        Mode::LoseFirstReply { action: a } => {
-            if a != action {
-                return None;
-            }
-            let mut c = shared.counts.lock().unwrap();
-            let k = c.entry(a).or_insert(0);
-            *k += 1;
-            (*k == 1).then_some(Fault::LoseReply)
-        }
+        Mode::LoseFirstReply { action: a } => (a == action && shared.count(&a) == 1).then_some(Fault::LoseReply),
         Mode::AnswerFirstLate { action: a, ms } => {
-            if a != action {
-                return None;
-            }
-            let mut c = shared.counts.lock().unwrap();
-            let k = c.entry(a).or_insert(0);
-            *k += 1;
-            (*k == 1).then_some(Fault::AnswerLate(ms))
+            (a == action && shared.count(&a) == 1).then_some(Fault::AnswerLate(ms))
         }
         Mode::ExpireSnapshot { snapshot_id } => (action == "DescribeSnapshots"
             && req.form().iter().any(|(k, v)| k.starts_with("SnapshotId") && *v == snapshot_id))
         .then_some(Fault::Expire(snapshot_id)),
         Mode::RefuseFirst { action: a, code, n } => {
-            if a != action {
-                return None;
-            }
-            let mut c = shared.counts.lock().unwrap();
-            let k = c.entry(a).or_insert(0);
-            *k += 1;
-            (*k <= n).then_some(Fault::Status(400, code, "kiln test proxy: refused"))
+            (a == action && shared.count(&a) <= n).then_some(Fault::Status(400, code, "kiln test proxy: refused"))
         }
         Mode::Stuck { region } => (action == "DescribeImages" && req.region() == region).then_some(Fault::Pending),
         Mode::FailCopies { .. } => None,
         Mode::Deny { action: a } => {
             (a == action).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
         }
-        Mode::DenyAfter { action: a, n } => {
-            if a != action {
-                return None;
-            }
-            let mut c = shared.counts.lock().unwrap();
-            let k = c.entry(a).or_insert(0);
-            *k += 1;
-            (*k > n).then_some(Fault::Status(403, "AccessDeniedException", "kiln test proxy: access denied"))
-        }
+        Mode::DenyAfter { action: a, n } => (a == action && shared.count(&a) > n).then_some(Fault::Status(
+            403,
+            "AccessDeniedException",
+            "kiln test proxy: access denied",
+        )),
         Mode::Faults { percent, .. } => {
             let mut g = shared.rng.lock().unwrap();
             g.0 = g.0.wrapping_add(0x9E37_79B9_7F4A_7C15);

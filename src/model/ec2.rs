@@ -108,18 +108,27 @@ pub fn kms_key_region(arn: &str) -> Option<&str> {
 }
 
 /// Why a KMS key ARN cannot encrypt what kiln makes in `region` the way `via` makes it, if it
-/// cannot. CopyImage takes an alias ARN; StartSnapshot (an upload) takes only `key/…`.
-pub fn check_kms_key(arn: &str, region: Option<&str>, via: Delivery) -> Result<(), String> {
+/// cannot. CopyImage takes an alias ARN; StartSnapshot (an upload) takes only `key/…`. A key
+/// of an image that is not `encrypted` encrypts nothing: a mistake too.
+pub fn check_kms_key(arn: &str, region: Option<&str>, via: Delivery, encrypted: bool) -> Result<(), Problem> {
+    let key = |message: String| {
+        let like = format!(
+            "like \"arn:aws:kms:{}:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab\"",
+            region.unwrap_or("us-east-1")
+        );
+        problem("kms_key_arn", message, Some(like))
+    };
     match (kms_key_region(arn), region) {
-        (None, _) => Err(format!("`{arn}` is not a KMS key ARN")),
+        (None, _) => Err(key(format!("`{arn}` is not a KMS key ARN"))),
         (Some(_), _) if via == Delivery::Upload && !arn.split(':').nth(5).is_some_and(|r| r.starts_with("key/")) => {
-            Err(format!(
+            Err(key(format!(
                 "`{arn}` is an alias; the EBS direct APIs that upload the snapshot take only a key ARN (`…:key/ID`)"
-            ))
+            )))
         }
-        (Some(k), Some(r)) if k != r => Err(format!(
+        (Some(k), Some(r)) if k != r => Err(key(format!(
             "the KMS key `{arn}` is in {k}, but it would encrypt the AMI in {r}; a key works only in its own region"
-        )),
+        ))),
+        _ if !encrypted => Err(problem("kms_key_arn", "a KMS key needs `encrypted = true`".into(), None)),
         _ => Ok(()),
     }
 }
@@ -521,13 +530,15 @@ mod tests {
         ] {
             assert_eq!(kms_key_region(bad), None, "{bad}");
         }
-        assert!(check_kms_key(k, Some("eu-west-1"), Delivery::Upload).is_ok());
-        assert!(check_kms_key(k, None, Delivery::Upload).is_ok());
+        assert!(check_kms_key(k, Some("eu-west-1"), Delivery::Upload, true).is_ok());
+        assert!(check_kms_key(k, None, Delivery::Upload, true).is_ok());
+        let e = check_kms_key(k, Some("eu-west-1"), Delivery::Upload, false).unwrap_err().message;
+        assert!(e.contains("needs `encrypted = true`"), "{e}");
         let alias = "arn:aws:kms:eu-west-1:123456789012:alias/golden";
-        assert!(check_kms_key(alias, Some("eu-west-1"), Delivery::Copy).is_ok());
-        let e = check_kms_key(alias, Some("eu-west-1"), Delivery::Upload).unwrap_err();
+        assert!(check_kms_key(alias, Some("eu-west-1"), Delivery::Copy, true).is_ok());
+        let e = check_kms_key(alias, Some("eu-west-1"), Delivery::Upload, true).unwrap_err().message;
         assert!(e.contains("is an alias"), "{e}");
-        let e = check_kms_key(k, Some("us-east-1"), Delivery::Copy).unwrap_err();
+        let e = check_kms_key(k, Some("us-east-1"), Delivery::Copy, true).unwrap_err().message;
         assert!(e.contains("is in eu-west-1") && e.contains("in us-east-1"), "{e}");
     }
 

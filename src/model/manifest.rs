@@ -222,6 +222,11 @@ pub struct RegionSettings {
     pub via: Delivery,
 }
 
+/// The first region (by name) that gets its own upload.
+pub fn first_upload_region(settings: &BTreeMap<String, RegionSettings>) -> Option<&str> {
+    settings.iter().find(|(_, r)| r.via == Delivery::Upload).map(|(name, _)| name.as_str())
+}
+
 impl RegionSettings {
     pub fn new(kms_key_arn: Option<String>, via: Delivery) -> RegionSettings {
         RegionSettings { kms_key_arn, via }
@@ -331,8 +336,8 @@ impl AmiSettings {
     /// Extra volumes' KMS keys are regional like the snapshot's: an AMI registered in a region
     /// of its own upload would name the first region's key there.
     fn volume_key_in_upload_region(&self) -> Option<&str> {
-        let upload = self.region_settings.iter().find(|(_, r)| r.via == Delivery::Upload)?;
-        self.volumes.iter().any(|v| v.kms_key_id.is_some()).then_some(upload.0.as_str())
+        let upload = first_upload_region(&self.region_settings)?;
+        self.volumes.iter().any(|v| v.kms_key_id.is_some()).then_some(upload)
     }
 
     pub fn problems(&self, arch: Arch, image_boot: BootMode, image_bytes: u64) -> Vec<(String, crate::ec2::Problem)> {
@@ -398,18 +403,8 @@ impl AmiSettings {
             }
         }
         for (key, arn, region, via) in keys {
-            if !self.encrypted {
-                out.push((
-                    key.clone(),
-                    crate::ec2::Problem {
-                        field: "kms_key_arn",
-                        message: "a KMS key needs `encrypted = true`".into(),
-                        help: None,
-                    },
-                ));
-            }
-            if let Err(message) = crate::ec2::check_kms_key(arn, region, via) {
-                out.push((key, crate::ec2::Problem { field: "kms_key_arn", message, help: None }));
+            if let Err(p) = crate::ec2::check_kms_key(arn, region, via, self.encrypted) {
+                out.push((key, p));
             }
         }
         if let Some(p) = crate::ec2::root_too_small(r.size_gib, &format!("{} GiB", r.size_gib), image_bytes) {

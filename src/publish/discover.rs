@@ -104,8 +104,8 @@ impl Ctx {
         let target = site.unwrap_or(&source).to_string();
         settings.kms_key_arn = settings.region(&target, &source).1.map(str::to_string);
         if let Some(k) = &settings.kms_key_arn {
-            crate::ec2::check_kms_key(k, Some(&target), Delivery::Upload)
-                .map_err(|why| PublishError::Refused(format!("the KMS key for {target}: {why}")))?;
+            crate::ec2::check_kms_key(k, Some(&target), Delivery::Upload, settings.encrypted)
+                .map_err(|p| PublishError::Refused(format!("the KMS key for {target}: {}", p.message)))?;
         }
         let (regions, state_path) = match site {
             None => (all, record::state_path(manifest_path)),
@@ -227,8 +227,7 @@ impl Ctx {
         h.update([0]);
         h.update(if self.settings.encrypted { b"enc" } else { b"raw" });
         h.update(self.settings.kms_key_arn.as_deref().unwrap_or("").as_bytes());
-        // ClientToken allows 64 characters.
-        format!("kiln-{}", &hex::encode(h.finalize())[..48])
+        super::client_token(&h.finalize())
     }
 
     pub(super) fn resume_state(&self) -> Result<Option<record::UploadState>, PublishError> {

@@ -218,6 +218,12 @@ impl Deadline {
     }
 }
 
+/// An idempotency token (StartSnapshot, CopyImage) from a digest of what the call makes:
+/// `kiln-` and 48 hex digits, within the 64 characters both calls allow.
+fn client_token(digest: &[u8]) -> String {
+    format!("kiln-{}", &hex::encode(digest)[..48])
+}
+
 /// Publishes the image a manifest describes. Synchronous: runs its own tokio runtime.
 /// With `opts.dry_run` nothing is changed and the record is not written; use [`plan`] then.
 pub fn publish(

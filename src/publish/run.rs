@@ -15,6 +15,7 @@ use super::{
 };
 use crate::ec2::Delivery;
 use crate::manifest::EBS_BLOCK_SIZE;
+use crate::message::render_error;
 use crate::progress::Progress;
 
 /// What publishing to a region with its own upload came to.
@@ -87,7 +88,7 @@ pub(super) async fn publish_async(
             for ((c, _), up) in direct.iter().zip(&uploads) {
                 match up {
                     Ok(s) => progress.note(&format!("{}: {} published; kept", c.regions[0], s.image.image_id)),
-                    Err(e) => progress.note(&format!("{} failed too: {}", c.regions[0], with_causes(e))),
+                    Err(e) => progress.note(&format!("{} failed too: {}", c.regions[0], render_error(e))),
                 }
             }
             return Err(e);
@@ -111,7 +112,7 @@ pub(super) async fn publish_async(
         match outcomes.remove(region) {
             Some(Ok(img)) => amis.push(img),
             Some(Err(e)) => {
-                let why = with_causes(&e);
+                let why = render_error(&e);
                 progress.note(&format!("{region} failed: {why}"));
                 failed.push(record::RegionFailure { region: region.clone(), error: why });
             }
@@ -142,7 +143,7 @@ pub(super) async fn publish_async(
         )
         .await;
         set.unwrap_or_else(|e| {
-            let why = format!("SSM parameters: {}", with_causes(&e));
+            let why = format!("SSM parameters: {}", render_error(&e));
             progress.note(&why);
             notes.push(why.clone());
             problems.push(why);
@@ -219,12 +220,8 @@ async fn publish_site(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result
     let mut created_snapshot = false;
     let (image_id, snapshot_id, reused) = if let Some(id) = plan.existing.amis.get(&src) {
         progress.note(&format!("{id} in {src} already has this name and image SHA-256; reusing it"));
-        // An earlier run may have stopped waiting for it.
-        ami::wait_available(&ec2, &policy, id, &deadline, progress).await?;
-        let snap = ami::find_existing(&ec2, &policy, &ctx.name, &ctx.manifest.image.sha256)
-            .await?
-            .and_then(|x| x.1)
-            .unwrap_or_default();
+        // An earlier run may have stopped waiting for it; the answer names its root snapshot.
+        let snap = ami::wait_available(&ec2, &policy, id, &deadline, progress).await?.unwrap_or_default();
         (id.clone(), snap, true)
     } else {
         let snapshot_id = if let Some(s) = &plan.existing.snapshot_id {
@@ -357,7 +354,7 @@ async fn copy_to(
                 key.unwrap_or(""),
                 replaces.as_deref().unwrap_or("")
             );
-            let token = format!("kiln-{}", &hex::encode(Sha256::digest(seed))[..48]);
+            let token = super::client_token(&Sha256::digest(seed));
             let req = ami::CopyRequest {
                 destination: region,
                 source_region: &source.region,
@@ -436,16 +433,4 @@ impl Progress for Regional<'_> {
     fn note(&self, line: &str) {
         self.inner.note(&format!("{}: {line}", self.region));
     }
-}
-
-/// An error with its causes, for the record.
-fn with_causes(e: &PublishError) -> String {
-    let mut out = e.to_string();
-    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }

@@ -6,7 +6,9 @@ use super::{check_source_file, V};
 use crate::ec2::{
     check_boot, check_volume as check_volume_rules, Delivery, Ec2BootMode, ImdsSupport, VolumeRequest, VolumeType,
 };
-use crate::manifest::{AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RegionSettings, RootVolume};
+use crate::manifest::{
+    first_upload_region, AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RegionSettings, RootVolume,
+};
 use crate::platform::{Arch, BootMode};
 use crate::recipe::error::{list, Span};
 use crate::recipe::raw::{Loc, RawAmi, RawBundle, RawVolume};
@@ -326,8 +328,7 @@ pub(super) fn check_ami(
         if let (Some(k), false) = (&vol.value.kms_key_id, encrypted) {
             v.err(k.span, format!("{prefix}.kms_key_id"), "`kms_key_id` needs `encrypted = true`", None);
         }
-        let upload = region_settings.iter().find(|(_, r): &(&String, &RegionSettings)| r.via == Delivery::Upload);
-        if let (Some(k), Some((region, _))) = (&vol.value.kms_key_id, upload) {
+        if let (Some(k), Some(region)) = (&vol.value.kms_key_id, first_upload_region(&region_settings)) {
             let p = crate::ec2::volume_keys_and_uploads(region);
             v.err(k.span, format!("{prefix}.kms_key_id"), p.message, p.help);
         }
@@ -430,18 +431,8 @@ pub(super) fn check_ami(
     let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(!region_keys.is_empty());
     for (region, key, span, field, via) in &region_keys {
         let region = Some(region.as_str()).filter(|r| !r.is_empty());
-        if let Err(why) = crate::ec2::check_kms_key(key, region, *via) {
-            v.err(
-                *span,
-                field.clone(),
-                why,
-                Some(format!(
-                    "like \"arn:aws:kms:{}:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab\"",
-                    region.unwrap_or("us-east-1")
-                )),
-            );
-        } else if !encrypted {
-            v.err(*span, field.clone(), "a KMS key needs `encrypted = true`", None);
+        if let Err(p) = crate::ec2::check_kms_key(key, region, *via, encrypted) {
+            v.err(*span, field.clone(), p.message, p.help);
         }
     }
 
