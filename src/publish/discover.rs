@@ -54,7 +54,7 @@ async fn remembered_parent(
         }
         return Ok(None);
     }
-    let (_, ec2) = clients(opts, region).await;
+    let ec2 = clients(opts, region).await.ec2;
     if let Err(why) = ebs::usable_parent(&ec2, &prev.snapshot_id, &opts.retry).await? {
         notes.push(format!("full upload: the last published snapshot {} {why}", prev.snapshot_id));
         return Ok(None);
@@ -256,10 +256,10 @@ impl Ctx {
 
     pub(super) async fn plan(&self) -> Result<Plan, PublishError> {
         let jobs = self.jobs()?;
-        let (_, ec2) = clients(&self.opts, &self.regions[0]).await;
+        let ec2 = clients(&self.opts, &self.regions[0]).await.ec2;
         let mut existing = Existing::default();
         for region in &self.regions {
-            let (_, ec2r) = clients(&self.opts, region).await;
+            let ec2r = clients(&self.opts, region).await.ec2;
             if let Some((id, _)) =
                 ami::find_existing(&ec2r, &self.opts.retry, &self.name, &self.manifest.image.sha256).await?
             {

@@ -251,8 +251,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, PublishError> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(PublishError::Runtime)
 }
 
-/// SDK clients for one region, with the SDK's own retries off: `retry` decides instead.
-async fn clients(opts: &PublishOptions, region: &str) -> (aws_sdk_ebs::Client, aws_sdk_ec2::Client) {
+/// One region's SDK clients, from one configuration (one credential chain), with the SDK's own
+/// retries off: `retry` decides instead.
+struct Clients {
+    ebs: aws_sdk_ebs::Client,
+    ec2: aws_sdk_ec2::Client,
+    ssm: aws_sdk_ssm::Client,
+}
+
+async fn clients(opts: &PublishOptions, region: &str) -> Clients {
     let conf =
         crate::aws::sdk_config(&Endpoint { region: Some(region.into()), endpoint_url: opts.endpoint_url.clone() })
             .await;
@@ -262,7 +269,14 @@ async fn clients(opts: &PublishOptions, region: &str) -> (aws_sdk_ebs::Client, a
     let ec2 = aws_sdk_ec2::config::Builder::from(&conf)
         .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
         .build();
-    (aws_sdk_ebs::Client::from_conf(ebs), aws_sdk_ec2::Client::from_conf(ec2))
+    let ssm = aws_sdk_ssm::config::Builder::from(&conf)
+        .retry_config(aws_sdk_ssm::config::retry::RetryConfig::disabled())
+        .build();
+    Clients {
+        ebs: aws_sdk_ebs::Client::from_conf(ebs),
+        ec2: aws_sdk_ec2::Client::from_conf(ec2),
+        ssm: aws_sdk_ssm::Client::from_conf(ssm),
+    }
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ pub async fn prune(
 ) -> Result<Vec<RegionPrune>, PublishError> {
     let mut out = Vec::new();
     for region in regions {
-        let (_, ec2) = clients(opts, region).await;
+        let ec2 = clients(opts, region).await.ec2;
         // One listing serves both: the family is the AMIs carrying its tag, and every AMI's
         // snapshots count as in use.
         let listed = describe(&ec2, opts).await?;

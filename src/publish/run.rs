@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 use super::discover::Ctx;
 use super::{
-    ami, clients, ebs, history, record, Deadline, Plan, PublishError, PublishOptions, PublishRecord, RegionImage,
+    ami, clients, ebs, history, record, Clients, Deadline, Plan, PublishError, PublishOptions, PublishRecord,
+    RegionImage,
 };
 use crate::ec2::Delivery;
 use crate::manifest::EBS_BLOCK_SIZE;
@@ -210,7 +211,7 @@ pub(super) async fn publish_async(
 async fn publish_site(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result<Site, PublishError> {
     let opts = &ctx.opts;
     let src = ctx.regions[0].clone();
-    let (ebs_c, ec2) = clients(opts, &src).await;
+    let Clients { ebs: ebs_c, ec2, .. } = clients(opts, &src).await;
     let policy = opts.retry;
     let deadline = Deadline::new(opts.wait_timeout);
     let image_path = ctx.image_path();
@@ -329,7 +330,7 @@ async fn copy_to(
 ) -> Result<RegionImage, PublishError> {
     let policy = ctx.opts.retry;
     let deadline = Deadline::new(ctx.opts.wait_timeout);
-    let (_, ec2r) = clients(&ctx.opts, region).await;
+    let ec2r = clients(&ctx.opts, region).await.ec2;
     let (encrypted, key) = (ctx.settings.encrypted, ctx.delivery(region).1);
     // A copy an earlier run left failed (a key it could not use, say) holds the name: it goes,
     // and the new copy gets a token of its own, or EC2 would answer with the failed one.
@@ -389,7 +390,7 @@ async fn copy_to(
 async fn check_public_sharing(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result<(), PublishError> {
     let mut blocked = Vec::new();
     for region in ctx.regions.iter().filter(|r| !plan.existing.amis.contains_key(*r)) {
-        let (_, ec2) = clients(&ctx.opts, region).await;
+        let ec2 = clients(&ctx.opts, region).await.ec2;
         match ami::block_public_access(&ec2, &ctx.opts.retry).await {
             Ok(state) if state == "unblocked" => {}
             Ok(state) => blocked.push(format!("{region} ({state})")),

@@ -9,8 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::ami::{expand_name, TAG_NAME, TAG_SOURCE_DATE_EPOCH};
-use super::{clients, PublishError, PublishOptions, RegionImage};
-use crate::aws::{with_retry, Endpoint};
+use super::{clients, Clients, PublishError, PublishOptions, RegionImage};
+use crate::aws::with_retry;
 use crate::manifest::Manifest;
 use crate::progress::Progress;
 
@@ -43,8 +43,7 @@ pub async fn set_parameters(
 ) -> Result<Vec<Parameter>, PublishError> {
     let mut out = Vec::new();
     for ami in amis {
-        let ssm = client(opts, &ami.region).await;
-        let (_, ec2) = clients(opts, &ami.region).await;
+        let Clients { ssm, ec2, .. } = clients(opts, &ami.region).await;
         for template in templates {
             let name = parameter_name(template, manifest, &ami.region);
             let current = match with_retry(&opts.retry, "GetParameter", || ssm.get_parameter().name(&name).send()).await
@@ -106,15 +105,4 @@ async fn newer_build(
         return Ok(None);
     }
     Ok(tag(TAG_SOURCE_DATE_EPOCH).and_then(|e| e.parse::<i64>().ok()).filter(|&e| e > manifest.source_date_epoch))
-}
-
-async fn client(opts: &PublishOptions, region: &str) -> aws_sdk_ssm::Client {
-    let conf =
-        crate::aws::sdk_config(&Endpoint { region: Some(region.into()), endpoint_url: opts.endpoint_url.clone() })
-            .await;
-    aws_sdk_ssm::Client::from_conf(
-        aws_sdk_ssm::config::Builder::from(&conf)
-            .retry_config(aws_sdk_ssm::config::retry::RetryConfig::disabled())
-            .build(),
-    )
 }
