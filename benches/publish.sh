@@ -13,9 +13,10 @@
 #
 # Without an argument a 256 MiB test image with data in ~40% of its blocks (scattered) is made
 # with its manifest. Needs .ci/setup-moto; installs coldsnap with cargo into the cache (only here,
-# never in CI). Reports wall time of each, the ratio, and the blocks each sent (counted by moto's
-# ListSnapshotBlocks on the resulting snapshots). Each tool gets a fresh moto server per round, so
-# kiln cannot reuse what an earlier round uploaded; the order alternates between rounds.
+# never in CI). Reports wall, user and system time of each (medians, `sync` before each side),
+# the ratio, and the blocks each sent (counted by moto's ListSnapshotBlocks on the resulting
+# snapshots). Each tool gets a fresh moto server per round, so kiln cannot reuse what an earlier
+# round uploaded; the order alternates between rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${KILN_CACHE_DIR:-/var/cache/kiln}"
@@ -162,25 +163,24 @@ fi
 raw="$(dirname "$manifest")/$("$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["image"]["file"])' "$manifest")"
 
 
-now() { date +%s.%N; }
+# Wall, user and system time of a command; its stdout goes to the first argument.
+timed_to() { local out=$1; shift; /usr/bin/time -f "%e %U %S" -o "$work/time" "$@" >"$out"; cat "$work/time"; }
 run_kiln() {
   start_moto
-  local t0 t1; t0=$(now)
   # A fresh state directory too: each round is a first publish, like coldsnap's.
-  rm -rf "$work/state"
-  KILN_STATE_DIR="$work/state" "$kiln" publish --json "$manifest" >"$work/kiln.json"
-  t1=$(now)
+  rm -rf "$work/state"; sync
+  local w u s
+  read -r w u s < <(KILN_STATE_DIR="$work/state" timed_to "$work/kiln.json" "$kiln" publish --json "$manifest")
   local snap; snap="$("$venv_py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["snapshot_id"])' "$work/kiln.json")"
-  echo "kiln $(echo "$t0 $t1" | awk '{print $2-$1}') $(count_blocks "$snap")" >>"$work/results"
+  echo "kiln $w $u $s $(count_blocks "$snap")" >>"$work/results"
   stop_moto
 }
 run_coldsnap() {
-  start_moto
-  local t0 t1; t0=$(now)
-  "$coldsnap" upload --no-progress --omit-zero-blocks --wait "$raw" >"$work/coldsnap.out"
-  t1=$(now)
+  start_moto; sync
+  local w u s
+  read -r w u s < <(timed_to "$work/coldsnap.out" "$coldsnap" upload --no-progress --omit-zero-blocks --wait "$raw")
   local snap; snap="$(grep -o 'snap-[0-9a-f]*' "$work/coldsnap.out" | head -1)"
-  echo "coldsnap $(echo "$t0 $t1" | awk '{print $2-$1}') $(count_blocks "$snap")" >>"$work/results"
+  echo "coldsnap $w $u $s $(count_blocks "$snap")" >>"$work/results"
   stop_moto
 }
 for r in $(seq "$rounds"); do
@@ -190,10 +190,11 @@ cat "$work/results" >&2
 "$venv_py" - "$work/results" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-t = {k: [float(r[1]) for r in rows if r[0] == k] for k in ("kiln", "coldsnap")}
-b = {k: sorted({int(r[2]) for r in rows if r[0] == k}) for k in ("kiln", "coldsnap")}
-k, c = statistics.median(t["kiln"]), statistics.median(t["coldsnap"])
-print(f"kiln publish (upload, wait, register): median {k:.2f} s over {len(t['kiln'])} rounds, blocks {b['kiln']}")
-print(f"coldsnap upload --wait:                median {c:.2f} s over {len(t['coldsnap'])} rounds, blocks {b['coldsnap']}")
+med = lambda k, i: statistics.median(float(r[i]) for r in rows if r[0] == k)
+n = lambda k: sum(1 for r in rows if r[0] == k)
+b = {k: sorted({int(r[4]) for r in rows if r[0] == k}) for k in ("kiln", "coldsnap")}
+k, c = med("kiln", 1), med("coldsnap", 1)
+print(f"kiln publish (upload, wait, register): median {k:.2f} s (user {med('kiln', 2):.2f} s, sys {med('kiln', 3):.2f} s) over {n('kiln')} rounds, blocks {b['kiln']}")
+print(f"coldsnap upload --wait:                median {c:.2f} s (user {med('coldsnap', 2):.2f} s, sys {med('coldsnap', 3):.2f} s) over {n('coldsnap')} rounds, blocks {b['coldsnap']}")
 print(f"ratio coldsnap/kiln: {c / k:.2f}x")
 PY
