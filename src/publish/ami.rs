@@ -344,7 +344,8 @@ pub async fn copy(
         }
         req.send()
     };
-    let mut delay = Duration::from_secs(5);
+    // A copy slot frees up when a whole copy finishes: minutes, not seconds.
+    let mut backoff = super::Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
     let mut queued = false;
     let out = loop {
         match create_named(ec2, policy, c.name, "CopyImage", send).await {
@@ -358,9 +359,7 @@ pub async fn copy(
                     ));
                     queued = true;
                 }
-                deadline.check(|| format!("a free copy slot in {}", c.destination))?;
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(60));
+                backoff.pause(deadline, || format!("a free copy slot in {}", c.destination)).await?;
             }
             Err(e) => return Err(e),
         }
@@ -377,7 +376,7 @@ pub async fn wait_available(
     deadline: &super::Deadline,
     progress: &dyn Progress,
 ) -> Result<Option<String>, PublishError> {
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = super::Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
     progress.begin(&format!("waiting for {image_id}"), None, Unit::Items);
     loop {
         let out = with_retry(policy, "DescribeImages", || ec2.describe_images().image_ids(image_id).send()).await?;
@@ -411,9 +410,7 @@ pub async fn wait_available(
                 deadline.saw(&format!("{image_id} {} {pct}", state.map(|s| s.as_str()).unwrap_or("unknown")));
             }
         }
-        deadline.check(|| format!("{image_id} to become available"))?;
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(15));
+        backoff.pause(deadline, || format!("{image_id} to become available")).await?;
     }
 }
 

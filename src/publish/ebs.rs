@@ -401,7 +401,8 @@ pub async fn wait_completed(
     progress: &dyn Progress,
 ) -> Result<(), PublishError> {
     use aws_sdk_ec2::types::SnapshotState;
-    let mut delay = Duration::from_millis(500);
+    // Completion of a large snapshot takes minutes: poll quickly at first, then every 10 s.
+    let mut backoff = super::Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     progress.begin(&format!("waiting for snapshot {snapshot_id}"), None, Unit::Items);
     loop {
         let out = with_retry(policy, "DescribeSnapshots", || ec2.describe_snapshots().snapshot_ids(snapshot_id).send())
@@ -425,9 +426,6 @@ pub async fn wait_completed(
                 snap.and_then(|s| s.progress()).unwrap_or("")
             )),
         }
-        deadline.check(|| format!("snapshot {snapshot_id} to complete"))?;
-        tokio::time::sleep(delay).await;
-        // Completion of a large snapshot takes minutes: poll quickly at first, then every 10 s.
-        delay = (delay * 2).min(Duration::from_secs(10));
+        backoff.pause(deadline, || format!("snapshot {snapshot_id} to complete")).await?;
     }
 }

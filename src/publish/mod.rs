@@ -218,6 +218,30 @@ impl Deadline {
     }
 }
 
+/// The pause between polls of something EC2 is doing: short at first, doubling up to a cap, so
+/// a quick answer is seen quickly and a long wait does not flood EC2 with requests.
+pub(super) struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub(super) fn new(first: Duration, cap: Duration) -> Backoff {
+        Backoff { next: first, cap }
+    }
+    /// Sleeps before the next poll; an error naming `what` instead if `deadline` has passed.
+    pub(super) async fn pause(
+        &mut self,
+        deadline: &Deadline,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), PublishError> {
+        deadline.check(what)?;
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.cap);
+        Ok(())
+    }
+}
+
 /// An idempotency token (StartSnapshot, CopyImage) from a digest of what the call makes:
 /// `kiln-` and 48 hex digits, within the 64 characters both calls allow.
 fn client_token(digest: &[u8]) -> String {
@@ -282,6 +306,25 @@ async fn clients(opts: &PublishOptions, region: &str) -> Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_stops_at_the_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let d = Deadline::new(Duration::from_secs(60));
+            let mut b = Backoff::new(Duration::from_millis(1), Duration::from_millis(3));
+            let mut seen = vec![b.next];
+            for _ in 0..3 {
+                b.pause(&d, || "x".into()).await.unwrap();
+                seen.push(b.next);
+            }
+            let ms = |n| Duration::from_millis(n);
+            assert_eq!(seen, [ms(1), ms(2), ms(3), ms(3)]);
+            let passed = Deadline::new(Duration::ZERO);
+            let e = b.pause(&passed, || "the thing".into()).await.unwrap_err().to_string();
+            assert!(e.contains("the thing"), "{e}");
+        });
+    }
 
     #[test]
     fn deadline_extends_only_on_new_progress() {
