@@ -20,7 +20,7 @@ pub(super) struct Ctx {
     pub(super) settings: AmiSettings,
     pub(super) opts: PublishOptions,
     /// Where the AMI goes; the first receives this context's upload. The context of a region
-    /// that gets its own upload ([`Ctx::load_region`]) has that region alone.
+    /// that gets its own upload ([`Ctx::plan_region`]) has that region alone.
     pub(super) regions: Vec<String>,
     pub(super) parent: Option<(Manifest, String)>,
     /// Where this publish is remembered, in the upload region.
@@ -68,19 +68,20 @@ impl Ctx {
         Ctx::load_for(manifest_path, opts, None).await
     }
 
-    /// A region (after the first) that gets its own upload of the same blocks: its key, its
-    /// remembered parent, its resume state. A parent named on the command line is a snapshot
-    /// of the first region and is not used here. The deprecation time is `main`'s, so every
-    /// region gets the same.
-    pub(super) async fn load_region(
+    /// A region (after the first) that gets its own upload of the same blocks, and its plan:
+    /// its key, its remembered parent, its resume state. A parent named on the command line is
+    /// a snapshot of the first region and is not used here. The deprecation time is `main`'s,
+    /// so every region gets the same.
+    pub(super) async fn plan_region(
         manifest_path: &Path,
         opts: &PublishOptions,
         region: &str,
         main: &Ctx,
-    ) -> Result<Ctx, PublishError> {
+    ) -> Result<(Ctx, Plan), PublishError> {
         let mut c = Ctx::load_for(manifest_path, opts, Some(region)).await?;
         c.deprecate_at = main.deprecate_at;
-        Ok(c)
+        let p = c.plan().await?;
+        Ok((c, p))
     }
 
     async fn load_for(manifest_path: &Path, opts: &PublishOptions, site: Option<&str>) -> Result<Ctx, PublishError> {

@@ -264,8 +264,7 @@ pub fn plan(manifest_path: &Path, opts: &PublishOptions) -> Result<Plan, Publish
         let ctx = discover::Ctx::load(manifest_path, opts).await?;
         let mut plan = ctx.plan().await?;
         for region in &plan.upload_regions.clone() {
-            plan.direct_uploads
-                .push(discover::Ctx::load_region(manifest_path, opts, region, &ctx).await?.plan().await?);
+            plan.direct_uploads.push(discover::Ctx::plan_region(manifest_path, opts, region, &ctx).await?.1);
         }
         Ok(plan)
     })

@@ -55,12 +55,7 @@ pub(super) async fn publish_async(
     let mut direct = Vec::new();
     let mut unplanned = Vec::new();
     for region in &plan.upload_regions {
-        let planned = async {
-            let c = Ctx::load_region(manifest_path, opts, region, &ctx).await?;
-            let p = c.plan().await?;
-            Ok::<_, PublishError>((c, p))
-        };
-        match planned.await {
+        match Ctx::plan_region(manifest_path, opts, region, &ctx).await {
             Ok((c, p)) => {
                 for n in &p.notes {
                     progress.note(&format!("{region}: {n}"));
