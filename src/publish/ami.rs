@@ -389,7 +389,7 @@ pub async fn wait_available(
                 progress.end(&format!("{image_id} available"));
                 return Ok(root);
             }
-            Some(ImageState::Failed) | Some(ImageState::Error) | Some(ImageState::Invalid) => {
+            Some(s) if failed(s) => {
                 return Err(PublishError::ImageFailed {
                     image_id: image_id.into(),
                     reason: img.and_then(|i| i.state_reason()).and_then(|r| r.message()).unwrap_or("").into(),
@@ -425,11 +425,12 @@ pub async fn block_public_access(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy
 /// True when the AMI is `failed`, `error` or `invalid`: it will never become available.
 pub async fn has_failed(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy, image_id: &str) -> Result<bool, PublishError> {
     let out = with_retry(policy, "DescribeImages", || ec2.describe_images().image_ids(image_id).send()).await?;
-    Ok(out
-        .images()
-        .first()
-        .and_then(|i| i.state())
-        .is_some_and(|s| matches!(s, ImageState::Failed | ImageState::Error | ImageState::Invalid)))
+    Ok(out.images().first().and_then(|i| i.state()).is_some_and(failed))
+}
+
+/// An AMI in a state it never leaves but by deregistration.
+fn failed(state: &ImageState) -> bool {
+    matches!(state, ImageState::Failed | ImageState::Error | ImageState::Invalid)
 }
 
 pub async fn deregister(ec2: &aws_sdk_ec2::Client, policy: &RetryPolicy, image_id: &str) -> Result<(), PublishError> {
