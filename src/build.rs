@@ -83,10 +83,12 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     let started = Instant::now();
     let name = recipe.output_name();
 
-    // 1. The OS base, as a tarball (cached when kiln staged it).
+    // 1. The OS base, as a tarball (cached when kiln staged it), and the plan of the service
+    //    layer staged on top of it.
     let mut apt = None;
     let mut base_info = None;
     let mut base_age_secs = 0;
+    let mut layer_plan = None;
     let (base_tar, base_cached) = match &recipe.base {
         Base::Tarball(path) => {
             if !path.is_file() {
@@ -100,8 +102,13 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
                 .or_else(|| opts.mirror.clone())
                 .or_else(debian::host_mirror)
                 .ok_or(debian::StageError::NoMirror)?;
+            // The service layer is read first (cheap): a repository that does not verify stops
+            // the build before anything is staged, and what the repositories offer is kept out
+            // of Debian's base.
+            let (include, plan) = plan_layer(recipe, opts, progress)?;
+            layer_plan = plan;
             let mut packages: Vec<String> = recipe.arch.required_packages().into_iter().map(String::from).collect();
-            packages.extend(recipe.packages.iter().cloned());
+            packages.extend(include);
             // growpart, for kiln-growroot.service: the root fills whatever volume it gets.
             packages.push("cloud-guest-utils".into());
             if recipe.system.network == Network::Dhcp {
@@ -171,6 +178,23 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         .unwrap_or_else(|| tree.live_inodes().map(|(_, i)| i.meta.mtime.secs).max().unwrap_or(0));
     let epoch = Timestamp::new(epoch_secs, 0);
 
+    // The service layer, staged on the base (cached by every input, the base's key included)
+    // and laid over its tree.
+    let mut layer_info = None;
+    if let (Some(plan), Some(info)) = (&layer_plan, &base_info) {
+        let staged =
+            crate::stage::layer::stage(plan, &base_tar, &info.cache_key, epoch_secs, &opts.cache_dir, progress)
+                .context("staging the service layer")?;
+        if staged.cached {
+            progress.note("service layer: unchanged inputs, reused from the cache");
+        }
+        staged
+            .apply(&mut tree, &TarOptions { spool_dir: Some(opts.cache_dir.join("spool")) })
+            .context("laying the service layer over the base")?;
+        layer_info =
+            Some(manifest::LayerInfo { cache_key: staged.cache_key.clone(), repositories: plan.repository_states() });
+    }
+
     // 3. Identifiers, then the recipe's files and the generated system files.
     let seed = image_seed(recipe);
     let ids = DiskIds::derive(&seed);
@@ -179,7 +203,10 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     root_opts.timestamp = epoch_secs;
     let generalized = crate::stage::generalize::generalize(&mut tree);
     progress.note(&format!("generalized: removed {} build-host and per-machine files", generalized.len()));
-    apply_files(&mut tree, &recipe.files, epoch).context("adding the recipe's [[files]]")?;
+    // With steps, the files were laid in the layer, before the steps that may read them.
+    if !layer_plan.as_ref().is_some_and(|p| p.holds_files()) {
+        apply_files(&mut tree, &recipe.files, epoch).context("adding the recipe's [[files]]")?;
+    }
     let sys = SystemConfig {
         hostname: recipe.system.hostname.clone(),
         services_enable: recipe.system.services_enable.clone(),
@@ -207,8 +234,14 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
             list.join("\n")
         );
     }
-    let packages = debian::installed_packages(&tree);
-    let sbom_packages = debian::sbom_packages(&tree);
+    let mut packages = debian::installed_packages(&tree);
+    let mut sbom_packages = debian::sbom_packages(&tree);
+    if let Some(plan) = &layer_plan {
+        plan.mark_origins(&mut packages);
+        for s in &mut sbom_packages {
+            s.origin = packages.iter().find(|p| p.name == s.name).and_then(|p| p.origin.clone());
+        }
+    }
 
     // 4. ESP contents and the disk plan; nothing is written before the whole layout is known.
     let boot = BootSetup { arch: recipe.arch, mode: recipe.boot, cmdline: recipe.system.kernel_cmdline.clone() };
@@ -293,6 +326,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         source_date_epoch: epoch_secs,
         packages,
         base: base_info,
+        layer: layer_info,
         image: manifest::ImageInfo { file: format!("{name}.raw"), size_bytes: size, sha256 },
         disk: plan.disk_info(),
         blocks: block_map,
@@ -322,6 +356,39 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         base_age_secs,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The service layer's plan, read before the base is staged: repositories verified and listed
+/// (or, `--offline`, as the newest cached layer saw them), local packages read, and the
+/// recipe's `include` split into what Debian's base installs and what only a recipe repository
+/// offers. Returns the base's part of `include` and the plan (None without a service layer).
+fn plan_layer(
+    recipe: &Recipe,
+    opts: &BuildOptions,
+    progress: &dyn Progress,
+) -> Result<(Vec<String>, Option<crate::stage::layer::LayerPlan>)> {
+    use crate::stage::layer;
+    if recipe.service.is_empty() {
+        return Ok((recipe.packages.clone(), None));
+    }
+    let name = recipe.output_name();
+    let repos = if recipe.service.repositories.is_empty() {
+        Vec::new()
+    } else if opts.offline {
+        layer::offline_repos(&opts.cache_dir, &name).context("--offline: the recipe repositories' state")?
+    } else {
+        progress.note(&format!("reading {} recipe repositories", recipe.service.repositories.len()));
+        layer::probe_repositories(&recipe.service.repositories, recipe.arch)
+            .context("reading the recipe's [[repositories]]")?
+    };
+    let local = layer::inspect_local(&recipe.service.local, recipe.arch).context("reading [packages].local")?;
+    let (base_include, layer_include) = layer::split_include(&recipe.packages, &repos);
+    let recipe_dir = std::fs::canonicalize(&recipe.path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let plan = layer::LayerPlan::new(recipe, repos, local, layer_include, recipe_dir);
+    Ok((base_include, plan))
 }
 
 /// How `kiln test` will log in: the recipe's user, else cloud-init's default user as the

@@ -96,6 +96,7 @@ fn write_image(dir: &Path, name: &str, total: u64, data: &BTreeMap<u64, Vec<u8>>
         source_date_epoch: 1_700_000_000,
         packages: vec![],
         base: None,
+        layer: None,
         image: ImageInfo {
             file: format!("{name}.raw"),
             size_bytes: total * BS as u64,

@@ -21,6 +21,9 @@ pub struct SbomPackage {
     pub source: String,
     /// License names as the package's copyright file writes them (`GPL-2+`), in order.
     pub licenses: Vec<String>,
+    /// Where it came from when not the distribution's archive, as the build manifest says it:
+    /// `repository:NAME` or `local:PATH`.
+    pub origin: Option<String>,
 }
 
 /// The document's subject.
@@ -165,8 +168,17 @@ pub fn document(image: &SbomImage, packages: &[SbomPackage]) -> String {
             }
         }
         let declared = if ids.is_empty() { "NOASSERTION".to_string() } else { ids.join(" AND ") };
-        let purl =
-            format!("pkg:deb/debian/{}@{}?arch={}&distro={}", p.name, purl_escape(&p.version), p.arch, image.distro);
+        // The purl's namespace is who publishes the package: Debian, a recipe repository, or
+        // nobody but the build host (`local`).
+        let (namespace, from) = match p.origin.as_deref().map(|o| o.split_once(':').unwrap_or((o, ""))) {
+            Some(("repository", name)) => {
+                (name.to_string(), format!("; installed from the recipe repository `{name}`"))
+            }
+            Some((_, path)) => ("local".to_string(), format!("; installed from the build host's file {path}")),
+            None => ("debian".to_string(), String::new()),
+        };
+        let distro = if p.origin.is_none() { format!("&distro={}", image.distro) } else { String::new() };
+        let purl = format!("pkg:deb/{namespace}/{}@{}?arch={}{distro}", p.name, purl_escape(&p.version), p.arch);
         pkgs.push(json!({
             "SPDXID": id,
             "name": p.name,
@@ -176,7 +188,7 @@ pub fn document(image: &SbomImage, packages: &[SbomPackage]) -> String {
             "licenseConcluded": "NOASSERTION",
             "licenseDeclared": declared,
             "copyrightText": "NOASSERTION",
-            "sourceInfo": format!("built from Debian source package {}", p.source),
+            "sourceInfo": format!("built from {} source package {}{from}", if p.origin.is_none() { "Debian" } else { "the" }, p.source),
             "externalRefs": [{ "referenceCategory": "PACKAGE-MANAGER", "referenceType": "purl", "referenceLocator": purl }],
         }));
         rels.push(
@@ -253,6 +265,7 @@ mod tests {
             arch: "amd64".into(),
             source: "bash".into(),
             licenses: vec!["GPL-3+".into(), "public-domain".into()],
+            origin: None,
         }];
         let a = document(&img, &pkgs);
         assert_eq!(a, document(&img, &pkgs));

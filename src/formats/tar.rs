@@ -37,8 +37,21 @@ pub struct TarOptions {
 /// Reads the archive at `path` into a new tree. The archive must stay in place (unchanged)
 /// for as long as the tree is used: file contents are read from it when the image is written.
 pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
-    let io_err = |source: io::Error| TarError::Io { path: path.to_path_buf(), source };
     let mut tree = Tree::new(Meta::new(0o755, 0, 0, Timestamp::default()));
+    read_into(&mut tree, path, opts, OnExisting::Error)?;
+    Ok(tree)
+}
+
+/// Lays the archive at `path` over `tree`, as an overlay: each entry replaces what the tree has
+/// at its path (a directory over a directory keeps its entries and takes the new metadata).
+/// For a layer staged on top of a base whose tree was read from another archive; both must
+/// stay in place while the tree is used.
+pub fn overlay_tar(tree: &mut Tree, path: &Path, opts: &TarOptions) -> Result<(), TarError> {
+    read_into(tree, path, opts, OnExisting::Replace)
+}
+
+fn read_into(tree: &mut Tree, path: &Path, opts: &TarOptions, on_existing: OnExisting) -> Result<(), TarError> {
+    let io_err = |source: io::Error| TarError::Io { path: path.to_path_buf(), source };
     let source = tree.add_source(path).map_err(io_err)?;
     let file = File::open(path).map_err(io_err)?;
     // Unbuffered on purpose: headers are read at their exact size and file contents are
@@ -158,7 +171,7 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
             tar::EntryType::GNUSparse => {
                 let sp = match &mut spool {
                     Some(s) => s,
-                    None => spool.insert(Spool::create(opts.spool_dir.as_deref(), &mut tree).map_err(io_err)?),
+                    None => spool.insert(Spool::create(opts.spool_dir.as_deref(), tree).map_err(io_err)?),
                 };
                 Kind::File(sp.expand(&mut entry).map_err(io_err)?)
             }
@@ -172,7 +185,7 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
             }
             tar::EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| ctx_entry("hard link without a target".into()))?;
-                tree.link(&name_bytes, &target, OnExisting::Error).map_err(ctx_tree)?;
+                tree.link(&name_bytes, &target, on_existing).map_err(ctx_tree)?;
                 continue;
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -195,9 +208,9 @@ pub fn read_tar(path: &Path, opts: &TarOptions) -> Result<Tree, TarError> {
         // Archives made without explicit parent directories are common (`tar -cf x.tar a/b/c`).
         let parent_meta = Meta::new(0o755, 0, 0, meta.mtime);
         tree.create_parents(&name_bytes, &parent_meta).map_err(ctx_tree)?;
-        tree.insert(&name_bytes, kind, meta, OnExisting::Error).map_err(ctx_tree)?;
+        tree.insert(&name_bytes, kind, meta, on_existing).map_err(ctx_tree)?;
     }
-    Ok(tree)
+    Ok(())
 }
 
 /// GNU sparse information gathered from PAX records.

@@ -37,6 +37,9 @@ pub struct Manifest {
     /// The staged OS base this image was built on, when kiln staged it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<BaseInfo>,
+    /// The service layer staged on top of the base, when the recipe has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerInfo>,
     pub image: ImageInfo,
     pub disk: DiskInfo,
     pub blocks: BlockMap,
@@ -100,6 +103,30 @@ pub struct BaseInfo {
     pub archive: Vec<SuiteState>,
 }
 
+/// The service layer (`[[repositories]]`, `[packages].local`, `[[users]]`, `[[steps]]`) as it
+/// was staged on the base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerInfo {
+    /// The cache entry: SHA-256 over the base's key, every layer input and the repositories'
+    /// state.
+    pub cache_key: String,
+    /// Each suite of each recipe repository, as it was published when the layer was staged.
+    pub repositories: Vec<RepositoryState>,
+}
+
+/// One suite of a recipe repository as kiln saw it, verified with the recipe's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryState {
+    pub name: String,
+    pub uri: String,
+    pub suite: String,
+    pub date: String,
+    /// SHA-256 of the suite's `InRelease` (or `Release`).
+    pub sha256: String,
+}
+
 /// One apt suite as kiln saw it: its `InRelease`'s `Date` and SHA-256. A new upload to the
 /// suite (a security fix) changes both; a pinned snapshot never does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +144,10 @@ pub struct Package {
     pub name: String,
     pub version: String,
     pub arch: String,
+    /// Where the package came from when not Debian's archive: `repository:NAME` for a recipe
+    /// repository, `local:PATH` (as the recipe writes it) for a `.deb` from the build host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -75,7 +75,7 @@ impl DebianBase {
     pub fn inputs_key(&self) -> String {
         let mut h = Sha256::new();
         // Bump the version when staging itself changes what a given input produces.
-        h.update(b"kiln-debian-base-v2\0");
+        h.update(b"kiln-debian-base-v3\0");
         for part in [&self.suite, self.arch.debian(), &self.mirror, self.security_mirror.as_deref().unwrap_or("")] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -233,6 +233,10 @@ pub fn stage(
         .arg(format!("--components={}", base.components.join(",")))
         .arg(format!("--include={}", base.packages.join(",")))
         .arg("--format=tar")
+        // The package lists stay in the tarball (generalization empties them in the image): a
+        // service layer staged on this base resolves its dependencies against exactly the
+        // archive state the base came from, without downloading Debian's indices again.
+        .arg("--skip=cleanup/apt/lists")
         .arg("--aptopt=Acquire::Retries \"3\"")
         .args(base.snapshot.then_some("--aptopt=Acquire::Check-Valid-Until \"false\""))
         // The image gets a fresh identity on first boot.
@@ -308,7 +312,7 @@ pub fn stage(
 }
 
 /// Holds an exclusive flock on `path` until dropped, saying so when it has to wait.
-fn lock_exclusive(path: &Path, progress: &dyn Progress) -> Result<std::fs::File, StageError> {
+pub(crate) fn lock_exclusive(path: &Path, progress: &dyn Progress) -> Result<std::fs::File, StageError> {
     use std::os::fd::AsRawFd;
     let io = |source| StageError::Io { what: "locking", path: path.to_path_buf(), source };
     let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io)?;
@@ -457,7 +461,7 @@ pub fn parse_dpkg_status(text: &str) -> Vec<crate::manifest::Package> {
             }
         }
         if let (Some(n), Some(v), Some(a), true) = (name, version, arch, installed) {
-            out.push(crate::manifest::Package { name: n.into(), version: v.into(), arch: a.into() });
+            out.push(crate::manifest::Package { name: n.into(), version: v.into(), arch: a.into(), origin: None });
         }
     }
     out.sort();
@@ -494,6 +498,7 @@ pub fn sbom_packages(tree: &crate::formats::tree::Tree) -> Vec<crate::formats::s
                 version: p.version,
                 arch: p.arch,
                 licenses,
+                origin: None,
             }
         })
         .collect()

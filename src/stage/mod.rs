@@ -5,4 +5,5 @@ pub mod audit;
 pub mod debian;
 pub mod generalize;
 pub mod grub;
+pub mod layer;
 pub mod system;

@@ -13,6 +13,7 @@
 mod digest;
 pub mod error;
 mod raw;
+pub mod service;
 pub mod size;
 mod validate;
 
@@ -23,6 +24,7 @@ use serde::Serialize;
 
 pub use digest::{DigestCache, FileDigest};
 pub use error::{Diagnostic, Position, RecipeError};
+pub use service::{LocalPackage, Repository, Service, Step, StepAction, User};
 pub use size::DiskSize;
 
 use crate::manifest::{AmiSettings, BundleSettings};
@@ -150,7 +152,7 @@ pub struct FileEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}: owner of {path}: {what} `{name}` is not in the image's {db}; is the package that creates it in [packages].include?")]
+#[error("{origin}: owner of {path}: {what} `{name}` is not in the image's {db}; is the package that creates it in [packages].include, or the user in [[users]]?")]
 pub struct OwnerError {
     pub origin: String,
     pub path: String,
@@ -256,6 +258,9 @@ pub struct Recipe {
     /// In recipe order (base recipes' entries first); a later entry for the same path
     /// replaces an earlier one when applied in order.
     pub files: Vec<FileEntry>,
+    /// `[[repositories]]`, `[packages].local`, `[[users]]`, `[[steps]]`: applied on top of the
+    /// cached Debian base (see [`Service`]).
+    pub service: Service,
     pub system: System,
     /// From the recipe; the SOURCE_DATE_EPOCH environment variable wins at the CLI edge.
     pub source_date_epoch: Option<i64>,

@@ -56,6 +56,40 @@ pub struct RawRecipe {
     pub bundle: Option<Loc<RawBundle>>,
     pub test: Option<Loc<RawTest>>,
     pub audit: Option<Loc<RawAudit>>,
+    pub repositories: Option<Vec<Loc<RawRepository>>>,
+    pub users: Option<Vec<Loc<RawUser>>>,
+    pub steps: Option<Vec<Loc<RawStep>>>,
+}
+
+/// One `[[repositories]]` entry: an apt repository beside Debian's, with its signing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRepository {
+    pub name: Option<Loc<String>>,
+    pub uri: Option<Loc<String>>,
+    pub suites: Option<LocList<String>>,
+    pub components: Option<LocList<String>>,
+    pub key: Option<Loc<String>>,
+}
+
+/// One `[[users]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUser {
+    pub name: Option<Loc<String>>,
+    pub uid: Option<Loc<i64>>,
+    pub groups: Option<LocList<String>>,
+    pub shell: Option<Loc<String>>,
+    pub home: Option<Loc<String>>,
+    pub authorized_keys: Option<LocList<String>>,
+}
+
+/// One `[[steps]]` entry: a command or a script run inside the image's root.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    pub run: Option<Loc<String>>,
+    pub script: Option<Loc<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -99,6 +133,7 @@ pub struct RawBase {
 pub struct RawPackages {
     pub include: Option<LocList<String>>,
     pub exclude: Option<LocList<String>>,
+    pub local: Option<LocList<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -261,24 +296,32 @@ fn deep<T: Default>(parent: Option<Loc<T>>, child: Option<Loc<T>>, f: impl FnOnc
     }
 }
 
+/// Tables of arrays (`[[files]]`, `[[users]]`…) append: the parent's entries, then the child's.
+fn entries<T>(parent: Option<Vec<T>>, child: Option<Vec<T>>) -> Option<Vec<T>> {
+    match (parent, child) {
+        (Some(mut p), Some(c)) => {
+            p.extend(c);
+            Some(p)
+        }
+        (p, c) => c.or(p),
+    }
+}
+
 impl RawRecipe {
     /// `self` is the parent (the extended recipe), `child` the recipe that extends it.
     pub fn merge(self, child: RawRecipe) -> RawRecipe {
-        let files = match (self.files, child.files) {
-            (Some(mut p), Some(c)) => {
-                p.extend(c);
-                Some(p)
-            }
-            (p, c) => c.or(p),
-        };
         RawRecipe {
             extends: child.extends,
             image: deep(self.image, child.image, RawImage::merge),
             packages: deep(self.packages, child.packages, |p, c| RawPackages {
                 include: append(p.include, c.include),
                 exclude: append(p.exclude, c.exclude),
+                local: append(p.local, c.local),
             }),
-            files,
+            files: entries(self.files, child.files),
+            repositories: entries(self.repositories, child.repositories),
+            users: entries(self.users, child.users),
+            steps: entries(self.steps, child.steps),
             system: deep(self.system, child.system, RawSystem::merge),
             ami: deep(self.ami, child.ami, RawAmi::merge),
             bundle: deep(self.bundle, child.bundle, |p, c| RawBundle {

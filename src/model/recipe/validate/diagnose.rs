@@ -170,7 +170,7 @@ fn home_of(field: &str, current: &str) -> Option<&'static str> {
         | "apt_mirror"
         | "apt_security_mirror"
         | "source_date_epoch" => "[image]",
-        "include" | "exclude" => "[packages]",
+        "include" | "exclude" | "local" => "[packages]",
         "path" | "content" | "source" | "symlink" | "dir" | "mode" | "owner" => "a [[files]] entry",
         "hostname" | "services" | "kernel_cmdline" | "timezone" | "locale" | "network" | "mount_esp" => "[system]",
         "regions" | "root_volume" | "ena" | "tpm" | "imds" | "boot_mode" | "launch_permissions" | "tags" => "[ami]",
@@ -186,7 +186,13 @@ fn type_hint(key: &str) -> Option<&'static str> {
         "mode" => "write the mode as an octal string, like \"0644\" (a TOML integer cannot tell 644 from 0o644)",
         "owner" => "write the owner as \"user:group\", like \"root:root\" or \"0:0\"",
         "include" | "exclude" | "enable" | "disable" | "kernel_cmdline" | "regions" | "accounts" | "commands"
-        | "allow" => "this is a list of strings, like [\"a\", \"b\"]",
+        | "allow" | "local" | "suites" | "groups" | "authorized_keys" => {
+            "this is a list of strings, like [\"a\", \"b\"]"
+        }
+        "repositories" => "repositories are an array of tables: write each as a [[repositories]] section",
+        "users" => "users are an array of tables: write each as a [[users]] section",
+        "steps" => "steps are an array of tables: write each as a [[steps]] section",
+        "uid" => "a user id, as an integer like 1500",
         "files" => "files are an array of tables: write each entry as a [[files]] section",
         "volumes" => "volumes are an array of tables: write each as an [[ami.volumes]] section",
         "account" => "write the account id as a string of 12 digits, like \"123456789012\" (ids may start with 0)",

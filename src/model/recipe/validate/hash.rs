@@ -4,24 +4,30 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::recipe::raw::RawBase;
+use crate::recipe::service::{Service, StepAction};
 
 /// The recipe hash, over, in this order:
 /// 1. `kiln-recipe-v2\0`;
 /// 2. each recipe file, base-most first: `recipe\0`, its length (u64 LE), its bytes;
 /// 3. each `[[files]]` source, in `files` order: `source\0`, the image path, `\0`, the file's
 ///    length (u64 LE) and SHA-256;
-/// 4. a tarball base: `tarball\0`, its length (u64 LE) and SHA-256.
+/// 4. a tarball base: `tarball\0`, its length (u64 LE) and SHA-256;
+/// 5. the service layer's files, each only when the recipe has it: every repository key
+///    (`key\0`, the repository's name, `\0`), every local package (`local\0`) and every step
+///    script (`script\0`), in recipe order, each by length (u64 LE) and SHA-256.
 ///
 /// Lengths frame every part, so no two different inputs hash the same bytes. Files enter by
 /// their own digest so an unchanged one need not be read again ([`DigestCache`]).
 pub(super) fn recipe_hash(
     v: &mut V,
     digests: &DigestCache,
-    raw_files: &Option<Vec<Loc<RawFile>>>,
+    raw: &RawRecipe,
     files: &[FileEntry],
     base: &Base,
-    raw_base: &Option<Loc<RawBase>>,
+    service: &Service,
 ) -> String {
+    let raw_files = &raw.files;
+    let raw_base: Option<&Loc<RawBase>> = raw.image.as_ref().and_then(|i| i.value.base.as_ref());
     let mut h = Sha256::new();
     h.update(b"kiln-recipe-v2\0");
     for f in v.src.files.iter().rev() {
@@ -45,8 +51,26 @@ pub(super) fn recipe_hash(
     }
     if let Base::Tarball(p) = base {
         h.update(b"tarball\0");
-        let at = raw_base.as_ref().and_then(|b| b.value.tarball.as_ref());
+        let at = raw_base.and_then(|b| b.value.tarball.as_ref());
         hash_file(v, digests, &mut h, p, at, "image.base.tarball");
+    }
+    // Validation kept only valid entries, in recipe order; these files were all read once
+    // already, so a failure here is a file that changed under kiln.
+    for r in &service.repositories {
+        h.update(b"key\0");
+        h.update(r.name.as_bytes());
+        h.update([0]);
+        hash_file(v, digests, &mut h, &r.key, None, "repositories.key");
+    }
+    for l in &service.local {
+        h.update(b"local\0");
+        hash_file(v, digests, &mut h, &l.path, None, "packages.local");
+    }
+    for s in &service.steps {
+        if let StepAction::Script(p) = &s.action {
+            h.update(b"script\0");
+            hash_file(v, digests, &mut h, p, None, "steps.script");
+        }
     }
     hex::encode(h.finalize())
 }

@@ -12,6 +12,7 @@ mod base;
 mod diagnose;
 mod files;
 mod hash;
+mod service;
 mod system;
 
 use aws::{check_ami, check_bundle};
@@ -19,6 +20,7 @@ use base::{check_base, check_packages};
 pub(super) use diagnose::{entry_lines, toml_diagnostic};
 use files::{check_file, check_generated_conflicts, check_source_file};
 use hash::recipe_hash;
+use service::check_service;
 use system::check_system;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -166,6 +168,9 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     // [packages]
     let (packages, exclude_packages) = check_packages(&mut v, raw, &base, arch);
 
+    // [[repositories]], [packages].local, [[users]], [[steps]]: the service layer.
+    let service = check_service(&mut v, raw, &base);
+
     // [[files]]
     let files: Vec<FileEntry> =
         raw.files.iter().flatten().enumerate().filter_map(|(i, f)| check_file(&mut v, i, f)).collect();
@@ -201,7 +206,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     if !v.diags.is_empty() {
         return Err(v.into_error());
     }
-    let sha256 = recipe_hash(&mut v, &loaded.digests, &raw.files, &files, &base, &image.base);
+    let sha256 = recipe_hash(&mut v, &loaded.digests, raw, &files, &base, &service);
     if !v.diags.is_empty() {
         return Err(v.into_error());
     }
@@ -218,6 +223,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
         packages,
         exclude_packages,
         files,
+        service,
         system,
         source_date_epoch,
         ami: ami.flatten(),
@@ -232,17 +238,9 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
 fn check_test(v: &mut V, t: &RawTest) -> TestSpec {
     let user = t.user.as_ref().and_then(|u| {
         let s = &u.value;
-        let ok = !s.is_empty()
-            && s.len() <= 32
-            && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'));
+        let ok = service::valid_user_name(s);
         if !ok {
-            v.err(
-                u.span,
-                "test.user",
-                format!("`{s}` is not a user name"),
-                Some("a login name as Debian's adduser accepts it: lower-case letters, digits, `_` and `-`, starting with a letter or `_`, at most 32 characters".into()),
-            );
+            v.err(u.span, "test.user", format!("`{s}` is not a user name"), Some(service::USER_NAME_HELP.into()));
         }
         ok.then(|| s.clone())
     });
