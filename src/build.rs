@@ -377,7 +377,7 @@ fn plan_layer(
     } else if opts.offline {
         layer::offline_repos(&opts.cache_dir, &name).context("--offline: the recipe repositories' state")?
     } else {
-        progress.note(&format!("reading {} recipe repositories", recipe.service.repositories.len()));
+        progress.note(&format!("reading the recipe's repositories ({})", recipe.service.repositories.len()));
         layer::probe_repositories(&recipe.service.repositories, recipe.arch)
             .context("reading the recipe's [[repositories]]")?
     };

@@ -262,3 +262,94 @@ fn the_tarball_is_read_once() {
     assert!(again >= size / 2, "a rebuild read {again} bytes: the contents were not read at all?");
     assert_eq!(hash(&manifest), first_hash, "the remembered digest gives the same recipe hash");
 }
+
+/// Every entry of a tree as `(path, kind, perm, uid, gid, contents or target)`, for comparing two
+/// trees entry by entry.
+fn listing(tree: &Tree) -> Vec<(String, String, u16, u32, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    tree.walk(|path, id, _| {
+        let inode = tree.inode(id);
+        let (kind, data) = match &inode.kind {
+            Kind::File(c) => {
+                let mut buf = vec![0u8; c.size as usize];
+                tree.read_content(c, 0, &mut buf).unwrap();
+                ("file", buf)
+            }
+            Kind::Dir(_) => ("dir", Vec::new()),
+            Kind::Symlink(t) => ("symlink", t.clone()),
+            _ => ("other", Vec::new()),
+        };
+        let m = &inode.meta;
+        out.push((String::from_utf8_lossy(path).into_owned(), kind.to_string(), m.perm, m.uid, m.gid, data));
+    });
+    out
+}
+
+/// A base archive with a delta laid over it (what a service layer changed, archived by GNU tar
+/// from the changed paths alone) reads as the whole directory after the change: contents,
+/// modes, owners, a file replaced by a symlink, a new directory, and a hard link to a file the
+/// delta does not carry.
+#[test]
+fn a_delta_laid_over_its_base_reads_as_the_whole_changed_tree() {
+    let Some(tar) = tool("tar") else { return };
+    let tmp = tempdir();
+    let root = tmp.path().join("root");
+    std::fs::create_dir_all(root.join("etc/app")).unwrap();
+    std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::fs::write(root.join("etc/app/config"), b"old\n").unwrap();
+    std::fs::write(root.join("etc/keep"), b"unchanged\n").unwrap();
+    std::fs::write(root.join("usr/bin/tool"), b"#!/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/becomes-link"), b"a file first\n").unwrap();
+    let pack = |out: &Path, list: Option<&[&str]>| {
+        let mut c = Command::new(&tar);
+        c.args(["--format=pax", "--numeric-owner", "-C"]).arg(&root).arg("-cf").arg(out);
+        match list {
+            Some(paths) => c.arg("--no-recursion").args(paths),
+            None => c.arg("."),
+        };
+        run_ok(&mut c);
+    };
+    let base = tmp.path().join("base.tar");
+    pack(&base, None);
+
+    // The layer's changes.
+    std::fs::write(root.join("etc/app/config"), b"new, longer contents\n").unwrap();
+    std::fs::set_permissions(root.join("etc/app/config"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(root.join("etc/app"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::remove_file(root.join("etc/becomes-link")).unwrap();
+    std::os::unix::fs::symlink("keep", root.join("etc/becomes-link")).unwrap();
+    std::fs::create_dir_all(root.join("var/lib/svc")).unwrap();
+    std::fs::write(root.join("var/lib/svc/state"), b"state\n").unwrap();
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-alias")).unwrap();
+    let delta = tmp.path().join("delta.tar");
+    let changed = [
+        "./etc/app",
+        "./etc/app/config",
+        "./etc/becomes-link",
+        "./var",
+        "./var/lib",
+        "./var/lib/svc",
+        "./var/lib/svc/state",
+        "./usr/bin/tool",
+        "./usr/bin/tool-alias",
+    ];
+    pack(&delta, Some(&changed));
+    let whole = tmp.path().join("whole.tar");
+    pack(&whole, None);
+
+    let opts = TarOptions::default();
+    let mut tree = read_tar(&base, &opts).unwrap();
+    kiln::formats::tar::overlay_tar(&mut tree, &delta, &opts).unwrap();
+    let expected = read_tar(&whole, &opts).unwrap();
+    let (got, want) = (listing(&tree), listing(&expected));
+    assert_eq!(got.len(), want.len(), "{got:#?}\n{want:#?}");
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w);
+    }
+    // The hard link is one inode with two names, as in the directory.
+    let a = tree.lookup(b"/usr/bin/tool").unwrap();
+    assert_eq!(tree.lookup(b"/usr/bin/tool-alias").unwrap(), a);
+    assert_eq!(tree.nlink(a), 2);
+    // Without the overlay the base alone differs from the whole tree: the check above can fail.
+    assert_ne!(listing(&read_tar(&base, &opts).unwrap()).len(), want.len());
+}

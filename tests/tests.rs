@@ -11,5 +11,6 @@ mod messages;
 mod moto;
 mod publish;
 mod recipe;
+mod service;
 mod structure;
 mod tar;

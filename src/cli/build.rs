@@ -17,6 +17,11 @@ use super::progress::TermProgress;
 /// the recipe's files and generated system files over the base, and writes a GPT disk with a
 /// FAT32 ESP (systemd-boot) and an ext4 root in one ordered pass.
 ///
+/// A recipe's service layer ([[repositories]], [packages].local .deb files, [[users]],
+/// [[steps]]) is staged on top of the cached base and cached by its own inputs: a new build of
+/// the team's .deb re-runs only that layer, never Debian's staging. Repositories are verified
+/// with their keys before anything is staged; a failing step stops the build, no image written.
+///
 /// Outputs, each written under a temporary name and renamed when complete:
 ///   OUT/NAME-ARCH.raw             the sparse raw disk
 ///   OUT/NAME-ARCH.raw.sha256      checkable with `sha256sum -c`
@@ -25,6 +30,7 @@ use super::progress::TermProgress;
 /// Examples:
 ///   kiln build recipes/debian-12-minimal.toml
 ///   kiln build recipes/web-server.toml --arch arm64 --out /srv/images
+///   recipes/hello-service/build-deb.sh && kiln build recipes/hello-service.toml
 ///   SOURCE_DATE_EPOCH=1700000000 kiln build recipe.toml --json
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]

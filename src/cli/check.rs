@@ -89,6 +89,21 @@ fn summary_text(r: &Recipe) -> String {
     row("boot", format!("{} (EC2 boot mode {})", r.boot, r.boot.ec2_boot_mode()));
     row("size", r.size.to_string());
     row("packages", format!("{} from the recipe, {} excluded", r.packages.len(), r.exclude_packages.len()));
+    let svc = &r.service;
+    if !svc.is_empty() {
+        let names: Vec<&str> = svc.repositories.iter().map(|x| x.name.as_str()).collect();
+        row(
+            "service",
+            format!(
+                "{} repositories{}, {} local packages, {} users, {} steps (staged on the Debian base)",
+                names.len(),
+                if names.is_empty() { String::new() } else { format!(" ({})", names.join(", ")) },
+                svc.local.len(),
+                svc.users.len(),
+                svc.steps.len()
+            ),
+        );
+    }
     row(
         "files",
         format!(
@@ -134,6 +149,7 @@ fn summary_json(r: &Recipe) -> serde_json::Value {
         "packages": r.packages,
         "exclude_packages": r.exclude_packages,
         "files": r.files.len(),
+        "service": r.service,
         "system": r.system,
         "source_date_epoch": r.source_date_epoch,
         "ami": r.ami,
