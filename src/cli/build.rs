@@ -140,7 +140,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.publish {
         let opts = kiln::publish::PublishOptions { endpoint_url: args.endpoint_url.clone(), ..Default::default() };
-        let record = kiln::publish::publish(&out.manifest_path, &opts, &progress)
+        kiln::publish::publish(&out.manifest_path, &opts, &progress)
             .with_context(|| format!("publishing {}", out.manifest_path.display()))?;
         if !args.quiet {
             eprintln!(
@@ -148,7 +148,6 @@ pub fn run(args: Args) -> Result<()> {
                 kiln::publish::record::record_path(&out.manifest_path).display()
             );
         }
-        let _ = record;
     }
     Ok(())
 }

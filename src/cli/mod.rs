@@ -8,7 +8,6 @@ mod bundle;
 mod check;
 mod inspect;
 mod mkfs;
-#[allow(dead_code)] // used by build, publish and bundle as they land
 pub mod progress;
 mod prune;
 mod publish;

@@ -223,10 +223,16 @@ mod fsck_tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("esp.img");
         std::fs::write(&p, &v.bytes).unwrap();
-        if std::path::Path::new("/usr/sbin/fsck.fat").exists() {
-            let out = std::process::Command::new("/usr/sbin/fsck.fat").arg("-n").arg(&p).output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let fsck = std::path::Path::new("/usr/sbin/fsck.fat");
+        if !fsck.exists() {
+            // The judge is missing: a skip locally, a failure in CI (where setup-host installs it).
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "fsck.fat is not installed; .ci/setup-host should have installed it");
+            eprintln!("SKIP: fsck.fat is not installed (run .ci/setup-host)");
+            return;
         }
+        let out = std::process::Command::new(fsck).arg("-n").arg(&p).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     }
 }
 

@@ -336,9 +336,6 @@ impl Tree {
     pub fn inode(&self, id: InodeId) -> &Inode {
         &self.inodes[id.index()]
     }
-    pub fn inode_mut(&mut self, id: InodeId) -> &mut Inode {
-        &mut self.inodes[id.index()]
-    }
     pub fn root(&self) -> &Inode {
         &self.inodes[0]
     }

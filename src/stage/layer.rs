@@ -46,16 +46,8 @@ pub enum LayerError {
     NotVerified { name: String, origin: String, uri: String, key: PathBuf, detail: String },
     #[error("{origin}: repository `{name}` ({uri}) cannot be read\n{detail}\nCheck the URI and suites, and that this host reaches it")]
     Unreachable { name: String, origin: String, uri: String, detail: String },
-    #[error("{origin}: packages.local: `{written}` is {package} {version} for {found}, but the image is {arch}\nBuild the package for {arch} (or `Architecture: all`), or build the image with --arch {found_kiln}")]
-    WrongArch {
-        origin: String,
-        written: String,
-        package: String,
-        version: String,
-        found: String,
-        arch: String,
-        found_kiln: String,
-    },
+    #[error("{origin}: packages.local: `{written}` is {package} for {found}, but the image is {arch}\nBuild the package for {arch} (or `Architecture: all`), or build the image with --arch {}", kiln_arch(found))]
+    WrongArch { origin: String, written: String, package: String, found: String, arch: &'static str },
     #[error("{origin}: packages.local: `{written}` cannot be read as a Debian package: {detail}")]
     BadDeb { origin: String, written: String, detail: String },
     #[error("{origin}: packages.local: `{written}` and {other} are both package {package}; name each package once")]
@@ -66,8 +58,9 @@ pub enum LayerError {
     User { origin: String, name: String, what: String, log: PathBuf },
     #[error("{origin}: [[files]] {path}: {what}\n(full log: {log})")]
     File { origin: String, path: String, what: String, log: PathBuf },
-    #[error("{origin}: step {number} ({what}) failed with exit status {status}; its last lines:\n{tail}\n(full log: {log})\nNo image was written")]
-    Step { origin: String, number: usize, what: String, status: String, tail: String, log: PathBuf },
+    /// `step` names it as messages do: ``step 2 (`make install`)``.
+    #[error("{origin}: {step} failed with exit status {status}; its last lines:\n{tail}\n(full log: {log})\nNo image was written")]
+    Step { origin: String, step: String, status: String, tail: String, log: PathBuf },
     #[error("staging the service layer failed ({cmd} exited with {status}); the last lines of its output:\n{tail}\n(full log: {log})")]
     Failed { cmd: String, status: String, tail: String, log: PathBuf },
     #[error("{what} {path}")]
@@ -80,6 +73,11 @@ pub enum LayerError {
     Stage(#[from] crate::stage::debian::StageError),
     #[error("laying the service layer over the base: {0}")]
     Overlay(#[from] crate::formats::tar::TarError),
+}
+
+/// kiln's name of a Debian architecture (`amd64` → `x86_64`), for `--arch`.
+fn kiln_arch(debian: &str) -> String {
+    Arch::parse(debian).map(|a| a.to_string()).unwrap_or_else(|| debian.to_string())
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LayerError + 'a {
@@ -268,15 +266,12 @@ pub fn inspect_local(local: &[LocalPackage], arch: Arch) -> Result<Vec<LocalDeb>
             return Err(bad("its control file lacks Package, Version or Architecture".into()));
         };
         if found != "all" && found != arch.debian() {
-            let found_kiln = Arch::parse(&found).map(|a| a.to_string()).unwrap_or(found.clone());
             return Err(LayerError::WrongArch {
                 origin: l.origin.clone(),
                 written: l.written.clone(),
-                package,
-                version,
+                package: format!("{package} {version}"),
                 found,
-                arch: arch.debian().into(),
-                found_kiln,
+                arch: arch.debian(),
             });
         }
         if let Some(other) = out.iter().find(|d| d.package == package) {
@@ -960,8 +955,7 @@ fn failure(plan: &LayerPlan, log_text: &str, log: &Path) -> Option<LayerError> {
             let out = tail(log_text.lines().filter_map(|l| l.strip_prefix(prefix.as_str())), TAIL_LINES);
             Some(LayerError::Step {
                 origin: step.origin.clone(),
-                number: n,
-                what: step.describe(),
+                step: format!("step {n} ({})", step.describe()),
                 status: words.get(2).unwrap_or(&"?").to_string(),
                 tail: if out.is_empty() { "(no output)".into() } else { out },
                 log,
