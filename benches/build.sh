@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Assembly benchmark, side by side in one run on the same root tarball:
 #   kiln build (recipe with base = { tarball }) -> finished raw disk + SHA-256 + block digests
-#   ../shared/bench/shell-baseline.sh           -> tar -x, mkfs.vfat + mtools, mke2fs -d, sgdisk, dd, sha256sum
+#   benches/shell-baseline.sh                   -> tar -x, mkfs.vfat + mtools, mke2fs -d, sgdisk, dd, sha256sum
 # and the rebuild time after changing one file with the staged base cached.
 #
 # Usage: benches/build.sh [ROOTFS.tar] [ROUNDS]
@@ -13,8 +13,7 @@ cache=${KILN_CACHE_DIR:-/var/cache/kiln}
 tar=${1:-$(ls -t "$cache"/bases/bookworm-amd64-*.tar 2>/dev/null | head -1)}
 rounds=${2:-3}
 [ -f "$tar" ] || { echo "no root tarball: pass one, or build recipes/debian-12-minimal.toml first" >&2; exit 2; }
-baseline=../shared/bench/shell-baseline.sh
-[ -x "$baseline" ] || baseline="bash $baseline"
+baseline="bash benches/shell-baseline.sh"
 
 cargo build --release -q
 kiln=${CARGO_TARGET_DIR:-target}/release/kiln

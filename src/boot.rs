@@ -17,6 +17,16 @@ pub enum Firmware {
     Bios,
 }
 
+/// The recipe's words for them (`uefi`, `bios`).
+impl std::fmt::Display for Firmware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Firmware::Uefi => "uefi",
+            Firmware::Bios => "bios",
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BootOptions {
     pub arch: Arch,

@@ -272,12 +272,12 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
 
     // 5. One ordered pass: sparse file + SHA-256 + per-block digests.
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
-    let image_path = opts.out_dir.join(format!("{name}.raw"));
+    let outputs = crate::outputs::Outputs::new(&opts.out_dir, &name);
+    let image_path = outputs.image();
     let size = plan.size_bytes();
     progress.begin("writing image", Some(size), Unit::Bytes);
     // Temporary files a killed build left here (SIGKILL gives no chance to clean up).
-    for suffix in [".raw", ".raw.sha256", ".spdx.json", ".manifest.json"] {
-        let p = opts.out_dir.join(format!("{name}{suffix}"));
+    for p in outputs.build_files() {
         crate::formats::atomic::remove_stale(&p).with_context(|| format!("cleaning up beside {}", p.display()))?;
     }
     let mut file = SparseFile::create(&image_path).with_context(|| format!("creating {}", image_path.display()))?;
@@ -300,8 +300,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     // A manifest or checksum must never describe another image: the old ones go before the
     // new image takes the name, and the new manifest comes last. A reader that finds a
     // manifest finds its image; a crash in between leaves an image without a manifest.
-    let sha_path = opts.out_dir.join(format!("{name}.raw.sha256"));
-    let manifest_path = opts.out_dir.join(format!("{name}.manifest.json"));
+    let (sha_path, manifest_path) = (outputs.checksum(), outputs.manifest());
     for old in [&manifest_path, &sha_path] {
         match std::fs::remove_file(old) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -314,7 +313,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     progress.end(&format!("{} ({} data blocks of 512 KiB)", human_bytes(size), block_map.data_blocks.len()));
 
     // 6. Checksum file and manifest, each written whole then renamed into place.
-    write_atomic(&sha_path, format!("{sha256}  {name}.raw\n").as_bytes())?;
+    write_atomic(&sha_path, format!("{sha256}  {}\n", outputs.image_file_name()).as_bytes())?;
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -327,7 +326,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         packages,
         base: base_info,
         layer: layer_info,
-        image: manifest::ImageInfo { file: format!("{name}.raw"), size_bytes: size, sha256 },
+        image: manifest::ImageInfo { file: outputs.image_file_name(), size_bytes: size, sha256 },
         disk: plan.disk_info(),
         blocks: block_map,
         ami: recipe.ami.clone().map(|a| crate::recipe::with_root_size(a, size)),
@@ -346,7 +345,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         },
         &sbom_packages,
     );
-    write_atomic(&opts.out_dir.join(format!("{name}.spdx.json")), sbom.as_bytes())?;
+    write_atomic(&outputs.sbom(), sbom.as_bytes())?;
     write_atomic(&manifest_path, manifest.to_json().as_bytes())?;
     Ok(BuildOutput {
         manifest_path,

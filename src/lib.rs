@@ -20,6 +20,7 @@ pub mod launch;
 pub use kiln_model::manifest;
 pub mod message;
 pub use kiln_formats::progress;
+pub use kiln_model::outputs;
 pub use kiln_model::platform;
 pub mod publish;
 pub use kiln_model::recipe;

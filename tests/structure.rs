@@ -92,3 +92,41 @@ fn each_fact_is_defined_once() {
         assert!(!text.contains("#[path"), "{} includes sources by path", f.display());
     }
 }
+
+/// The files that go with an image are named by one type, `kiln::outputs::Outputs`: no other
+/// file under src/ builds one of their names (`format!("{name}.manifest.json")`) or tests for
+/// one by its suffix. Help texts that show an example path are not names being made.
+#[test]
+fn an_images_files_are_named_in_one_place() {
+    let suffixes = [
+        ".manifest.json",
+        ".raw.sha256",
+        ".spdx.json",
+        ".test.json",
+        ".publish.json",
+        ".publish-state.json",
+        ".bundle.json",
+    ];
+    let mut outside = Vec::new();
+    let mut inside = 0;
+    for f in sources(&repo().join("src")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let rel = f.strip_prefix(repo()).unwrap().display().to_string();
+        for (i, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            if suffixes.iter().any(|s| line.contains(&format!("\"{s}\"")) || line.contains(&format!("}}{s}\""))) {
+                if rel == "src/model/outputs.rs" {
+                    inside += 1;
+                } else {
+                    outside.push(format!("{rel}:{}: {}", i + 1, code));
+                }
+            }
+        }
+    }
+    assert!(outside.is_empty(), "an image's file names made outside Outputs:\n{}", outside.join("\n"));
+    // The rule itself is found, so the search cannot pass by finding nothing.
+    assert!(inside >= suffixes.len(), "only {inside} suffixes found in src/model/outputs.rs");
+}

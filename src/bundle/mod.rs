@@ -107,11 +107,8 @@ pub fn resolve(o: &BundleOptions) -> Result<Resolved, BundleStageError> {
         let m = Manifest::load(&o.input)?;
         (m.image_path(&o.input), Some(m))
     } else {
-        let beside = manifest_beside(&o.input);
-        let m = match beside {
-            Some(p) if p.is_file() => Some(Manifest::load(&p)?),
-            _ => None,
-        };
+        let beside = crate::outputs::Outputs::of(&o.input).manifest();
+        let m = if beside.is_file() { Some(Manifest::load(&beside)?) } else { None };
         (o.input.clone(), m)
     };
     let member_name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -193,13 +190,6 @@ pub fn resolve(o: &BundleOptions) -> Result<Resolved, BundleStageError> {
     Ok(Resolved { image, manifest, spec, user_cert, user_key, ec2_cert, out_dir, upload, warnings })
 }
 
-/// `out/NAME.raw` → `out/NAME.manifest.json`.
-fn manifest_beside(image: &Path) -> Option<PathBuf> {
-    let file = image.file_name()?.to_string_lossy();
-    let stem = file.strip_suffix(".raw").unwrap_or(&file);
-    Some(image.with_file_name(format!("{stem}.manifest.json")))
-}
-
 /// GRUB (and every BIOS boot loader) puts code in the first 440 bytes of sector 0; a GPT
 /// disk made only for UEFI has zeros there.
 fn mbr_has_boot_code(image: &Path) -> std::io::Result<bool> {
@@ -245,7 +235,7 @@ pub fn run(r: &Resolved, o: &BundleOptions, progress: &dyn Progress) -> Result<B
         };
         record.uploaded = Some(upload::upload(&s, &up, progress)?);
     }
-    let path = r.out_dir.join(format!("{}.bundle.json", r.spec.name));
+    let path = crate::outputs::Outputs::new(&r.out_dir, &r.spec.name).bundle_record();
     let json = serde_json::to_vec_pretty(&record).expect("the record serialises");
     crate::formats::atomic::write(&path, &json)
         .map_err(|source| BundleStageError::Write { path: path.clone(), source })?;

@@ -68,7 +68,7 @@ fn run_boot(image: &Path, opts: &BootOptions, progress: &dyn Progress) -> Result
     if !image.is_file() {
         anyhow::bail!("{} does not exist", image.display());
     }
-    progress.begin(&format!("booting {} ({}, {:?})", image.display(), opts.arch, opts.firmware), None, Unit::Items);
+    progress.begin(&format!("booting {} ({}, {})", image.display(), opts.arch, opts.firmware), None, Unit::Items);
     let report = boot::boot(image, opts).with_context(|| format!("booting {}", image.display()))?;
     progress.end(&format!("{:?} after {:.1} s", opts.expect, report.seconds));
     Ok(())

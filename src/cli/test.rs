@@ -8,6 +8,7 @@ use kiln::boot::Firmware;
 use kiln::launch::checks::{Check, Status};
 use kiln::launch::{self, TestOptions, TestReport};
 use kiln::manifest::{Manifest, TestResult};
+use kiln::outputs::Outputs;
 use kiln::platform::{Arch, BootMode};
 use kiln::recipe::size::{parse_disk_size, DiskSize};
 
@@ -88,7 +89,7 @@ pub struct Args {
 /// The image, its manifest (when there is one) and the manifest's path.
 fn locate(arg: &Path) -> Result<(PathBuf, Option<(PathBuf, Manifest)>)> {
     let name = arg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if name.ends_with(".manifest.json") {
+    if Outputs::is_manifest(arg) {
         let m = Manifest::load(arg)?;
         let image = m.image_path(arg);
         if !image.is_file() {
@@ -99,7 +100,7 @@ fn locate(arg: &Path) -> Result<(PathBuf, Option<(PathBuf, Manifest)>)> {
     if !arg.is_file() {
         bail!("{} does not exist (give the raw image or its .manifest.json)", arg.display());
     }
-    let manifest_path = beside(arg, ".manifest.json");
+    let manifest_path = Outputs::of(arg).manifest();
     let manifest = if manifest_path.is_file() {
         let m = Manifest::load(&manifest_path)?;
         if m.image.file != name {
@@ -158,23 +159,13 @@ pub fn test_built(manifest_path: &Path, quiet: bool) -> Result<()> {
         passed: report.passed,
         launches: report.launches.len() as u32,
         failures: report.failures(),
-        report: report_path(&image).file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        report: Outputs::of(&image).test_report().file_name().unwrap_or_default().to_string_lossy().into_owned(),
     });
     kiln::build::write_atomic(manifest_path, m.to_json().as_bytes())?;
     if !report.passed {
         bail!("{}: {} check(s) failed: {}", image.display(), report.failures().len(), report.failures().join(", "));
     }
     Ok(())
-}
-
-/// `OUT/NAME.raw` → `OUT/NAME{suffix}`: the files that go with an image.
-fn beside(image: &Path, suffix: &str) -> PathBuf {
-    let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    image.with_file_name(format!("{}{suffix}", name.strip_suffix(".raw").unwrap_or(&name)))
-}
-
-fn report_path(image: &Path) -> PathBuf {
-    beside(image, ".test.json")
 }
 
 fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Output) -> Result<TestReport> {
@@ -259,7 +250,7 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Ou
     let report = launch::test(image, &opts, work.path(), &progress)?;
 
     let json = serde_json::to_string_pretty(&report).expect("report serializes");
-    let rpath = report_path(image);
+    let rpath = Outputs::of(image).test_report();
     kiln::build::write_atomic(&rpath, format!("{json}\n").as_bytes())?;
     let logs = if !report.passed || args.keep_logs { Some(keep_logs(image, work.path(), &report)?) } else { None };
     match output {
@@ -272,7 +263,7 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Ou
 
 /// Copies each launch's console log and metadata request log to NAME.test/ beside the image.
 fn keep_logs(image: &Path, work: &Path, report: &TestReport) -> Result<PathBuf> {
-    let dir = beside(image, ".test");
+    let dir = Outputs::of(image).test_logs();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for l in &report.launches {
         let n = l.launch;

@@ -19,6 +19,9 @@ use super::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, Timestamp
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
+    /// The archive's first header is not a tar header: said in one line, without its bytes.
+    #[error("{path} is not a tar archive: {what}")]
+    NotTar { path: PathBuf, what: String },
     #[error("reading tar archive {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("tar archive {path}, entry {index} ({name:?})")]
@@ -54,6 +57,13 @@ fn read_into(tree: &mut Tree, path: &Path, opts: &TarOptions, on_existing: OnExi
     let io_err = |source: io::Error| TarError::Io { path: path.to_path_buf(), source };
     let source = tree.add_source(path).map_err(io_err)?;
     let file = File::open(path).map_err(io_err)?;
+    // A file that is no tar archive at all is told so here, in one line: the tar crate's own
+    // message would quote the header's bytes.
+    let mut first = [0u8; 512];
+    let got = read_up_to(&file, &mut first).map_err(io_err)?;
+    if let Some(what) = first_header_problem(&first[..got]) {
+        return Err(TarError::NotTar { path: path.to_path_buf(), what });
+    }
     // Unbuffered on purpose: headers are read at their exact size and file contents are
     // skipped with a seek, so the archive is read once here (headers) and once more where the
     // image is written (contents), never refilled and thrown away. A buffer would be refilled
@@ -411,6 +421,49 @@ impl Spool {
     }
 }
 
+/// Reads from the start of `file` until `buf` is full or the file ends.
+fn read_up_to(file: &File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
+/// Why the first 512 bytes of a file are not a tar header, if they are not: too short, or a
+/// checksum field (bytes 148–155, octal) that is not one or does not match the header. A header
+/// of zeros is the end of an empty archive, which is fine.
+fn first_header_problem(header: &[u8]) -> Option<String> {
+    if header.is_empty() {
+        return Some("it is empty (a tar archive holds at least one 512-byte header)".into());
+    }
+    if header.len() < 512 {
+        return Some(format!("it is {} bytes long, shorter than one 512-byte tar header", header.len()));
+    }
+    if header.iter().all(|b| *b == 0) {
+        return None;
+    }
+    let field = &header[148..156];
+    let digits: &[u8] = field.trim_ascii_start();
+    let end = digits.iter().position(|b| !(b'0'..=b'7').contains(b)).unwrap_or(digits.len());
+    let recorded = std::str::from_utf8(&digits[..end]).ok().and_then(|d| u32::from_str_radix(d, 8).ok());
+    let computed: u32 =
+        header.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) }).sum();
+    match recorded {
+        None => {
+            Some("the header at offset 0 has no octal checksum in bytes 148-155, where every tar header has one".into())
+        }
+        Some(r) if r != computed => {
+            Some(format!("the header at offset 0 records checksum {r:o} (octal) but its bytes sum to {computed:o}"))
+        }
+        Some(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +474,25 @@ mod tests {
         assert_eq!(parse_time(b"-1.25"), Some(Timestamp::new(-2, 750_000_000)));
         assert_eq!(parse_time(b"-7"), Some(Timestamp::new(-7, 0)));
         assert_eq!(parse_time(b"12.x"), None);
+    }
+
+    #[test]
+    fn a_file_that_is_no_tar_archive_is_told_in_one_line() {
+        let mut h = tar::Header::new_ustar();
+        h.set_path("etc/motd").unwrap();
+        h.set_size(3);
+        h.set_cksum();
+        assert_eq!(first_header_problem(h.as_bytes()), None);
+        assert_eq!(first_header_problem(&[0u8; 1024][..512]), None);
+        let mut bad = h.as_bytes().to_vec();
+        bad[0] ^= 1;
+        let what = first_header_problem(&bad).unwrap();
+        assert!(what.starts_with("the header at offset 0 records checksum"), "{what}");
+        let mut junk: Vec<u8> = (0..512u32).map(|i| (i * 7 + 3) as u8).collect();
+        junk[148..156].copy_from_slice(b"\x1b[2J\x07zzz");
+        let what = first_header_problem(&junk).unwrap();
+        assert!(what.contains("no octal checksum") && what.chars().all(|c| !c.is_control()), "{what}");
+        assert_eq!(first_header_problem(b"short").unwrap(), "it is 5 bytes long, shorter than one 512-byte tar header");
     }
 
     #[test]

@@ -109,8 +109,8 @@ impl Ctx {
                 .map_err(|p| PublishError::Refused(format!("the KMS key for {target}: {}", p.message)))?;
         }
         let (regions, state_path) = match site {
-            None => (all, record::state_path(manifest_path)),
-            Some(r) => (vec![r.to_string()], record::beside(manifest_path, &format!("{r}.publish-state.json"))),
+            None => (all, record::state_path(manifest_path, None)),
+            Some(r) => (vec![r.to_string()], record::state_path(manifest_path, Some(r))),
         };
         let flags = if site.is_some() { (&None, &None) } else { (&opts.parent_manifest, &opts.parent_snapshot) };
         let parent = match flags {

@@ -74,19 +74,15 @@ pub struct UploadState {
     pub acked: Vec<u64>,
 }
 
-/// `out/NAME.manifest.json` → `out/NAME.<suffix>`.
-pub fn beside(manifest_path: &Path, suffix: &str) -> PathBuf {
-    let file = manifest_path.file_name().and_then(|f| f.to_str()).unwrap_or("image");
-    let stem = file.strip_suffix(".manifest.json").or_else(|| file.strip_suffix(".json")).unwrap_or(file);
-    manifest_path.with_file_name(format!("{stem}.{suffix}"))
-}
-
+/// `out/NAME.manifest.json` → `out/NAME.publish.json`.
 pub fn record_path(manifest_path: &Path) -> PathBuf {
-    beside(manifest_path, "publish.json")
+    crate::outputs::Outputs::of(manifest_path).publish_record()
 }
 
-pub fn state_path(manifest_path: &Path) -> PathBuf {
-    beside(manifest_path, "publish-state.json")
+/// `out/NAME.manifest.json` → `out/NAME.publish-state.json` (`NAME.REGION.…` for a region with
+/// its own upload).
+pub fn state_path(manifest_path: &Path, region: Option<&str>) -> PathBuf {
+    crate::outputs::Outputs::of(manifest_path).publish_state(region)
 }
 
 /// Writes `value` as pretty JSON to `path` through a temp file and a rename.

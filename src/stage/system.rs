@@ -303,8 +303,12 @@ pub fn configure(tree: &mut Tree, cfg: &SystemConfig) -> Result<Vec<String>, Sys
     for u in &cfg.services_disable {
         disable_unit(tree, &unit_name(u));
     }
-    if tree.resolve(b"/usr/sbin/sshd").is_ok() && !enable.iter().any(|u| u == "ssh.service") {
-        notes.push("openssh-server is installed but `ssh` is not in [system].services.enable; Debian enables it by default anyway".into());
+    // Said only when SSH would not start: Debian's package enables it, and a recipe that
+    // disables it means it.
+    let enabled = tree.lookup(b"/etc/systemd/system/multi-user.target.wants/ssh.service").is_ok();
+    let disabled = cfg.services_disable.iter().any(|u| unit_name(u) == "ssh.service");
+    if tree.resolve(b"/usr/sbin/sshd").is_ok() && !enabled && !disabled {
+        notes.push("openssh-server is installed but ssh.service is not enabled, so no SSH server starts at boot; add `ssh` to [system].services.enable".into());
     }
     Ok(notes)
 }
@@ -481,6 +485,29 @@ mod tests {
         assert!(tree.lookup(b"/etc/systemd/system/sshd.service").is_ok());
         disable_unit(&mut tree, "ssh.service");
         assert!(tree.lookup(b"/etc/systemd/system/multi-user.target.wants/ssh.service").is_err());
+    }
+
+    #[test]
+    fn ssh_that_would_not_start_is_noted_and_only_then() {
+        let unit = "[Unit]\nDescription=x\n[Install]\nWantedBy=multi-user.target\n";
+        let noted = |enable: &[&str], disable: &[&str], already: bool| {
+            let t = Timestamp::default();
+            let mut tree = tree_with_unit("ssh.service", unit);
+            put_file(&mut tree, "/usr/sbin/sshd", "", 0o755, t).unwrap();
+            if already {
+                enable_unit(&mut tree, "ssh.service", t, &mut vec![]).unwrap();
+            }
+            let mut c = cfg();
+            c.dhcp = false;
+            c.services_enable = enable.iter().map(|s| s.to_string()).collect();
+            c.services_disable = disable.iter().map(|s| s.to_string()).collect();
+            configure(&mut tree, &c).unwrap().iter().any(|n| n.contains("no SSH server starts at boot"))
+        };
+        // Debian's package enabled it: nothing to say (the README's first command).
+        assert!(!noted(&[], &[], true));
+        assert!(!noted(&["ssh"], &[], false));
+        assert!(!noted(&[], &["ssh"], false));
+        assert!(noted(&[], &[], false));
     }
 
     fn cfg() -> SystemConfig {
