@@ -255,34 +255,12 @@ pub fn stage(
     fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StageError + 'a {
         move |source| StageError::Io { what, path: path.to_path_buf(), source }
     }
-    // If kiln dies without a chance to stop it (SIGKILL), the kernel stops mmdebstrap too:
-    // an orphan would go on writing the partial tarball that the next build (its lock gone
-    // with this process) writes afresh.
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(io("starting mmdebstrap", &partial))?;
-    let stop_with_us = crate::interrupt::Child::register(child.id());
-    let mut log_text = String::new();
-    if let Some(err) = child.stderr.take() {
-        for line in BufReader::new(err).lines() {
-            let line = line.unwrap_or_default();
-            if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
-                progress.advance(1);
-            }
-            log_text.push_str(&line);
-            log_text.push('\n');
+    let (status, log_text) = run_mmdebstrap(&mut cmd, |line| {
+        if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+            progress.advance(1);
         }
-    }
-    let status = child.wait().map_err(io("waiting for mmdebstrap", &partial));
-    drop(stop_with_us);
-    let status = status?;
+    })
+    .map_err(io("running mmdebstrap for", &partial))?;
     if let Err(stop) = crate::interrupt::check() {
         let _ = std::fs::remove_file(&partial);
         return Err(stop.into());
@@ -290,8 +268,7 @@ pub fn stage(
     crate::formats::atomic::write(&log, log_text.as_bytes()).map_err(io("writing log", &log))?;
     if !status.success() {
         let _ = std::fs::remove_file(&partial);
-        let tail: Vec<&str> = log_text.lines().rev().take(25).collect();
-        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail = tail(log_text.lines(), 25);
         return Err(StageError::Failed { cmd: cmdline, status: status.to_string(), tail, log });
     }
     let staged_at = time::OffsetDateTime::now_utc()
@@ -309,6 +286,47 @@ pub fn stage(
     remove_older(base, &dir, &stem);
     progress.end(&format!("{} packages requested", base.packages.len()));
     Ok(StagedBase { tar, cached: false, info, age_secs: 0 })
+}
+
+/// Runs mmdebstrap (`cmd`, its stderr piped) to the end, handing each line of its output to
+/// `on_line` as it comes; returns its exit status and the whole output for the log. A stop
+/// request (Ctrl-C, SIGTERM) stops it too, and so does kiln's death without a chance to stop it
+/// (SIGKILL): an orphan would go on writing a partial tarball that the next build, its lock
+/// gone with this process, writes afresh.
+pub(crate) fn run_mmdebstrap(
+    cmd: &mut Command,
+    mut on_line: impl FnMut(&str),
+) -> std::io::Result<(std::process::ExitStatus, String)> {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let stop_with_us = crate::interrupt::Child::register(child.id());
+    let mut log_text = String::new();
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines() {
+            let line = line.unwrap_or_default();
+            on_line(&line);
+            log_text.push_str(&line);
+            log_text.push('\n');
+        }
+    }
+    let status = child.wait();
+    drop(stop_with_us);
+    Ok((status?, log_text))
+}
+
+/// The last `n` of `lines`, joined: what an error repeats of a tool's output.
+pub(crate) fn tail<'a>(lines: impl DoubleEndedIterator<Item = &'a str>, n: usize) -> String {
+    let mut v: Vec<&str> = lines.rev().take(n).collect();
+    v.reverse();
+    v.join("\n")
 }
 
 /// Holds an exclusive flock on `path` until dropped, saying so when it has to wait.

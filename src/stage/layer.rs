@@ -17,7 +17,6 @@
 //! state and package names are what the cache key and the base/layer split are made of.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -28,6 +27,7 @@ use crate::manifest::{Package, RepositoryState};
 use crate::platform::Arch;
 use crate::progress::{Progress, Unit};
 use crate::recipe::{FileContent, FileEntry, FileKind, LocalPackage, Repository, StepAction, User};
+use crate::stage::debian::tail;
 
 /// Bump when the hook changes what the same inputs produce.
 const LAYER_VERSION: &str = "kiln-layer-v1";
@@ -733,36 +733,17 @@ pub fn stage(
     }
     let cmdline = format!("{cmd:?}");
     progress.begin(&format!("staging the service layer of {} with mmdebstrap", plan.output_name), None, Unit::Items);
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
+    let (status, log_text) = crate::stage::debian::run_mmdebstrap(&mut cmd, |line| {
+        if let Some(rest) = line.strip_prefix("kiln-phase ") {
+            progress.advance(1);
+            if rest != "collect" {
+                progress.note(&format!("layer: {}", describe_phase(plan, rest)));
             }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(io("starting mmdebstrap", &partial))?;
-    let stop_with_us = crate::interrupt::Child::register(child.id());
-    let mut log_text = String::new();
-    if let Some(err) = child.stderr.take() {
-        for line in BufReader::new(err).lines() {
-            let line = line.unwrap_or_default();
-            if let Some(rest) = line.strip_prefix("kiln-phase ") {
-                progress.advance(1);
-                if rest != "collect" {
-                    progress.note(&format!("layer: {}", describe_phase(plan, rest)));
-                }
-            } else if line.starts_with("kiln-step ") {
-                progress.note(&line);
-            }
-            log_text.push_str(&line);
-            log_text.push('\n');
+        } else if line.starts_with("kiln-step ") {
+            progress.note(line);
         }
-    }
-    let status = child.wait().map_err(io("waiting for mmdebstrap", &partial));
-    drop(stop_with_us);
-    let status = status?;
+    })
+    .map_err(io("running mmdebstrap for", &partial))?;
     let cleanup = || {
         let _ = std::fs::remove_file(&partial);
         let _ = std::fs::remove_file(&deleted_partial);
@@ -883,12 +864,6 @@ fn describe_phase(plan: &LayerPlan, phase: &str) -> String {
         "step" => format!("step {n}: {}", plan.steps.get(n.wrapping_sub(1)).map(|s| s.describe()).unwrap_or_default()),
         other => other.to_string(),
     }
-}
-
-fn tail<'a>(lines: impl DoubleEndedIterator<Item = &'a str>, n: usize) -> String {
-    let mut v: Vec<&str> = lines.rev().take(n).collect();
-    v.reverse();
-    v.join("\n")
 }
 
 /// The error a `kiln-failed` line names, with the recipe entry it belongs to.
