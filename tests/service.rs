@@ -501,3 +501,31 @@ fn unsatisfiable_dependencies_and_a_failing_step_stop_the_build() {
     assert!(err.contains("/etc/app/tls.key"), "{err}");
     assert!(err.contains("would carry what a golden image must not"), "{err}");
 }
+
+/// `--offline` builds the service recipe from the cache without reading Debian's archive or the
+/// repository (their state comes from the cached base and layer): the same image as online.
+/// (An image name of its own: the other tests remove and replace `service-test`'s layers.)
+#[test]
+fn an_offline_rebuild_gives_the_same_image() {
+    let Some(w) = world() else { return };
+    let recipe = w.dir.join("recipes/service-offline.toml");
+    let text = std::fs::read_to_string(w.recipe("keys/vendor.asc")).unwrap();
+    std::fs::write(&recipe, text.replace("name = \"service-test\"", "name = \"service-offline\"")).unwrap();
+    let t = tempdir();
+    let online = build(&recipe, None, &t.path().join("online"));
+    let o = run_ok(
+        kiln()
+            .arg("build")
+            .arg(&recipe)
+            .args(["--offline", "--json", "--out"])
+            .arg(t.path().join("offline"))
+            .env("KILN_CACHE_DIR", crate::common::cache_dir())
+            .env("SOURCE_DATE_EPOCH", EPOCH),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("offline: the base was staged"), "{err}");
+    assert!(!err.contains("reading the recipe's repositories"), "{err}");
+    assert!(err.contains("service layer: unchanged inputs, reused from the cache"), "{err}");
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["sha256"], online.summary["sha256"], "{err}");
+}
