@@ -380,7 +380,8 @@ fn plan_layer(
         layer::probe_repositories(&recipe.service.repositories, recipe.arch)
             .context("reading the recipe's [[repositories]]")?
     };
-    let local = layer::inspect_local(&recipe.service.local, recipe.arch).context("reading [packages].local")?;
+    let local = layer::inspect_local(&recipe.service.local, recipe.arch, recipe.digests())
+        .context("reading [packages].local")?;
     let (base_include, layer_include) = layer::split_include(&recipe.packages, &repos);
     let recipe_dir = std::fs::canonicalize(&recipe.path)
         .ok()

@@ -26,7 +26,7 @@ use crate::formats::tree::Tree;
 use crate::manifest::{Package, RepositoryState};
 use crate::platform::Arch;
 use crate::progress::{Progress, Unit};
-use crate::recipe::{FileContent, FileEntry, FileKind, LocalPackage, Repository, StepAction, User};
+use crate::recipe::{DigestCache, FileContent, FileEntry, FileKind, LocalPackage, Repository, StepAction, User};
 use crate::stage::debian::tail;
 
 /// Bump when the hook changes what the same inputs produce.
@@ -120,6 +120,8 @@ pub struct LayerPlan {
     pub recipe_dir: PathBuf,
     /// Name of the recipe's outputs (`NAME-ARCH`): the layer's cache files start with it.
     pub output_name: String,
+    /// The recipe's digest cache: the digests of its files, taken when it was loaded.
+    pub digests: DigestCache,
 }
 
 /// The apt options that confine the host's apt-get to a private directory and one architecture.
@@ -239,7 +241,7 @@ pub fn probe_repositories(repos: &[Repository], arch: Arch) -> Result<Vec<RepoSt
 
 /// Reads each local `.deb`'s control fields with `dpkg-deb`, refusing one for another
 /// architecture, one that is no package, and two files of one package.
-pub fn inspect_local(local: &[LocalPackage], arch: Arch) -> Result<Vec<LocalDeb>, LayerError> {
+pub fn inspect_local(local: &[LocalPackage], arch: Arch, digests: &DigestCache) -> Result<Vec<LocalDeb>, LayerError> {
     if local.is_empty() {
         return Ok(Vec::new());
     }
@@ -282,24 +284,16 @@ pub fn inspect_local(local: &[LocalPackage], arch: Arch) -> Result<Vec<LocalDeb>
                 package,
             });
         }
-        let sha256 = sha256_file(&l.path)?;
+        let sha256 = sha256_hex(digests, &l.path)?;
         out.push(LocalDeb { entry: l.clone(), package, version, sha256 });
     }
     Ok(out)
 }
 
-fn sha256_file(path: &Path) -> Result<String, LayerError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(io("reading", path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io("reading", path))?;
-        if n == 0 {
-            return Ok(hex::encode(h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
+/// Hex SHA-256 of a file the recipe names, from the recipe's digest cache: the recipe hash
+/// read it already, so an unchanged file is not read again.
+fn sha256_hex(digests: &DigestCache, path: &Path) -> Result<String, LayerError> {
+    digests.digest(path).map(|d| hex::encode(d.sha256)).map_err(io("reading", path))
 }
 
 /// `[packages].include` split: what Debian's staging installs, and what only a recipe
@@ -335,6 +329,7 @@ impl LayerPlan {
             steps: service.steps.clone(),
             recipe_dir,
             output_name: recipe.output_name(),
+            digests: recipe.digests().clone(),
         })
     }
 
@@ -360,7 +355,7 @@ impl LayerPlan {
         for (r, state) in &self.repos {
             part(r.deb822("").as_bytes());
             part(r.name.as_bytes());
-            part(sha256_file(&r.key)?.as_bytes());
+            part(sha256_hex(&self.digests, &r.key)?.as_bytes());
             for s in &state.suites {
                 part(s.sha256.as_bytes());
             }
@@ -381,13 +376,13 @@ impl LayerPlan {
                 .expect("serializes");
             part(json.as_bytes());
             if let FileKind::File { content: FileContent::Source(p) } = &f.kind {
-                part(sha256_file(p)?.as_bytes());
+                part(sha256_hex(&self.digests, p)?.as_bytes());
             }
         }
         for s in &self.steps {
             match &s.action {
                 StepAction::Run(cmd) => part(format!("run {cmd}").as_bytes()),
-                StepAction::Script(p) => part(format!("script {}", sha256_file(p)?).as_bytes()),
+                StepAction::Script(p) => part(format!("script {}", sha256_hex(&self.digests, p)?).as_bytes()),
             }
         }
         Ok(hex::encode(h.finalize()))
@@ -1004,6 +999,7 @@ mod tests {
             steps: vec![step],
             recipe_dir: "/r".into(),
             output_name: "x-x86_64".into(),
+            digests: DigestCache::none(),
         };
         let log = "kiln-phase step 1\nkiln-step 1: hello\nkiln-step 1: oops\nkiln-failed step 1 3\n";
         let e = failure(&plan, log, Path::new("/l")).unwrap().to_string();

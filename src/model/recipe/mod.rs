@@ -359,6 +359,12 @@ impl Recipe {
         format!("{}-{}", self.name, self.arch)
     }
 
+    /// Where the digests of the files this recipe names were taken and are remembered: later
+    /// stages that need a file's digest again ask here instead of reading the file again.
+    pub fn digests(&self) -> &DigestCache {
+        &self.loaded.digests
+    }
+
     /// The recipe files read, the given one first, then each one it extends.
     pub fn recipe_files(&self) -> Vec<PathBuf> {
         self.loaded.sources.files.iter().map(|f| f.display.clone()).collect()
