@@ -336,3 +336,87 @@ fn inspect_agrees_with_sfdisk_dumpe2fs_and_blkid() {
     assert_eq!(fs["free_blocks"].as_u64().unwrap().to_string(), field("Free blocks:"));
     assert_eq!(fs["inodes"].as_u64().unwrap().to_string(), field("Inode count:"));
 }
+
+/// `root_tree` plus what stresses the ext4 writer's layout: a directory large enough for an
+/// htree index, fast and slow symlinks, hard links, devices, a fifo, extended attributes, a
+/// setuid file, a sparse file with a hole between two runs, and a file of many extents' worth.
+fn rich_tree(arch: Arch) -> Tree {
+    let mut t = root_tree(arch);
+    let meta = Meta::new(0o755, 0, 0, Timestamp::new(EPOCH, 0));
+    let ins = |t: &mut Tree, path: &str, kind: Kind, meta: Meta| {
+        t.create_parents(path.as_bytes(), &meta).unwrap();
+        t.insert(path.as_bytes(), kind, meta, OnExisting::Error).unwrap();
+    };
+    for i in 0..700 {
+        let name = format!("/usr/share/many/file-with-a-longish-name-{i:04}");
+        ins(&mut t, &name, Kind::File(Content::inline(pseudo(i % 97, i as u8))), meta.clone());
+    }
+    ins(&mut t, "/usr/bin/fast", Kind::Symlink(b"../share/many".to_vec()), meta.clone());
+    ins(&mut t, "/usr/bin/slow", Kind::Symlink(vec![b'x'; 200]), meta.clone());
+    ins(&mut t, "/usr/bin/suid", Kind::File(Content::inline(pseudo(5000, 9))), Meta::new(0o4755, 0, 0, meta.mtime));
+    t.link(b"/usr/bin/suid-link", b"/usr/bin/suid", OnExisting::Error).unwrap();
+    ins(&mut t, "/dev/null", Kind::CharDev { major: 1, minor: 3 }, Meta::new(0o666, 0, 0, meta.mtime));
+    ins(&mut t, "/dev/sda", Kind::BlockDev { major: 8, minor: 0 }, Meta::new(0o660, 0, 6, meta.mtime));
+    ins(&mut t, "/run/initctl", Kind::Fifo, Meta::new(0o600, 0, 0, meta.mtime));
+    let mut capped = Meta::new(0o755, 1000, 1000, Timestamp::new(EPOCH - 86_400, 123_456_789));
+    capped.xattrs.insert(b"security.capability".to_vec(), pseudo(20, 11));
+    capped.xattrs.insert(b"user.kiln".to_vec(), b"pinned".to_vec());
+    ins(&mut t, "/usr/bin/ping", Kind::File(Content::inline(pseudo(70_000, 12))), capped);
+    let chunk: std::sync::Arc<[u8]> = pseudo(300_000, 13).into();
+    let sparse = Content {
+        size: 40 << 20,
+        segments: vec![
+            kiln::formats::tree::Segment {
+                offset: 0,
+                len: 300_000,
+                data: kiln::formats::tree::Data::Inline(chunk.clone()),
+            },
+            kiln::formats::tree::Segment {
+                offset: 30 << 20,
+                len: 300_000,
+                data: kiln::formats::tree::Data::Inline(chunk),
+            },
+        ],
+    };
+    ins(&mut t, "/var/lib/sparse.img", Kind::File(sparse), meta.clone());
+    ins(&mut t, "/opt/big", Kind::File(Content::inline(pseudo(20 << 20, 14))), meta.clone());
+    t
+}
+
+/// The same inputs give the same bytes, and the bytes recorded before the house's second step
+/// (ext4's shared on-disk layout, the library pipeline): a refactor that changes one byte of
+/// any structure fails here. A change meant to alter the image updates these digests in the
+/// same commit, saying why.
+#[test]
+fn image_bytes_are_those_recorded_before_the_refactor() {
+    let pinned = [
+        (Arch::X86_64, Some(1u64 << 30), "c0489d9783e52ecd6b598088307f322feb5779db6ed8613c784e33708e355245"),
+        (Arch::Arm64, None, "ac8ec0b7cc0d36a3e62d251d35dccf8d71b73629aa49d3198efdff4333a3d1e6"),
+    ];
+    for (arch, size, want) in pinned {
+        let tree = rich_tree(arch);
+        let ids = DiskIds::derive(b"pinned");
+        let boot = BootSetup { arch, mode: BootMode::Uefi, cmdline: vec![] };
+        let esp = disk::esp_files(&tree, &ids, &boot).unwrap();
+        let spec = DiskSpec { size, esp_size_bytes: 64 << 20, boot, timestamp: EPOCH, bios_boot: None };
+        let mut root_opts = Ext4Options::with_seed(&ids.root_fs_seed);
+        root_opts.timestamp = EPOCH;
+        root_opts.label = "root".into();
+        let plan = disk::plan(&spec, &ids, &esp, &tree, root_opts).unwrap();
+        let dir = tempdir();
+        let image = dir.path().join("pinned.raw");
+        let mut file = SparseFile::create(&image).unwrap();
+        let mut sha = Sha256Sink::new();
+        disk::write(&plan, &tree, &mut Tee(vec![&mut file as &mut dyn Sink, &mut sha])).unwrap();
+        file.persist().unwrap();
+        // The pinned bytes are a clean file system by e2fsprogs, not only a digest.
+        let root = &plan.partitions()[1];
+        let img = dir.path().join("root.img");
+        dd(&image, root.offset_bytes, root.size_bytes, &img);
+        if let Some(e2fsck) = tool("e2fsck") {
+            let out = Command::new(e2fsck).arg("-fn").arg(&img).output().unwrap();
+            assert!(out.status.success(), "{arch:?}: e2fsck -fn:\n{}", String::from_utf8_lossy(&out.stdout));
+        }
+        assert_eq!(sha.hex(), want, "{arch:?}: the image's bytes changed");
+    }
+}
