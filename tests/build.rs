@@ -819,3 +819,86 @@ fn a_build_killed_while_staging_takes_mmdebstrap_with_it() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["base_cached"], false, "a killed staging must not be reused: {v:#}");
 }
+
+/// A root tarball made byte for byte by this test (no mmdebstrap): kernels, initrd,
+/// systemd-boot stand-ins, a user database and dpkg status, so `kiln build` runs its whole
+/// pipeline (generalize, [[files]], generated system files, audit, ESP, disk, records) on
+/// inputs that never change.
+fn synthetic_base(dir: &Path) -> PathBuf {
+    let path = dir.join("base.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut rng = crate::common::XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut add = |b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32, bytes: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(mode);
+        h.set_mtime(1_690_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        b.append_data(&mut h, path, bytes).unwrap();
+    };
+    for d in ["./", "./boot/", "./etc/", "./usr/", "./usr/lib/", "./usr/lib/systemd/", "./usr/lib/systemd/boot/"] {
+        add(&mut b, d, 0o755, b"");
+    }
+    for d in ["./usr/lib/systemd/boot/efi/", "./var/", "./var/lib/", "./var/lib/dpkg/", "./root/", "./tmp/"] {
+        add(&mut b, d, 0o755, b"");
+    }
+    for d in ["./usr/share/", "./usr/share/zoneinfo/", "./usr/share/zoneinfo/Europe/"] {
+        add(&mut b, d, 0o755, b"");
+    }
+    add(&mut b, "./boot/vmlinuz-6.1.0-28-cloud-amd64", 0o644, &rng.bytes(2_000_000));
+    add(&mut b, "./boot/initrd.img-6.1.0-28-cloud-amd64", 0o644, &rng.bytes(3_000_000));
+    add(&mut b, "./usr/lib/systemd/boot/efi/systemd-bootx64.efi", 0o644, &rng.bytes(100_000));
+    add(&mut b, "./usr/share/zoneinfo/Europe/Berlin", 0o644, b"TZif2 stand-in");
+    add(
+        &mut b,
+        "./etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/bash\n_kiln:x:101:101::/nonexistent:/usr/sbin/nologin\n",
+    );
+    add(&mut b, "./etc/group", 0o644, b"root:x:0:\n_kiln:x:101:\n");
+    add(&mut b, "./etc/machine-id", 0o444, b"0123456789abcdef0123456789abcdef\n");
+    add(&mut b, "./etc/os-release", 0o644, b"PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\n");
+    add(
+        &mut b,
+        "./var/lib/dpkg/status",
+        0o644,
+        b"Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\n\nPackage: hello\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2.10-3\n\n",
+    );
+    b.into_inner().unwrap();
+    path
+}
+
+/// `kiln build` of a tarball base gives the bytes recorded before the build became a list of
+/// library steps: the pipeline's order (files before system files, times clamped, audit) and
+/// every generated file are pinned, not only the disk writer.
+#[test]
+fn a_tarball_build_gives_the_bytes_recorded_before_the_refactor() {
+    let t = tempdir();
+    synthetic_base(t.path());
+    let recipe = t.path().join("pinned.toml");
+    std::fs::write(
+        &recipe,
+        "[image]\nname = \"pinned\"\narch = \"x86_64\"\nbase = { tarball = \"base.tar\" }\n\n\
+         [system]\nhostname = \"pinned\"\nnetwork = \"none\"\ntimezone = \"Europe/Berlin\"\n\
+         kernel_cmdline = [\"quiet\"]\n\n\
+         [[files]]\npath = \"/etc/motd\"\ncontent = \"pinned\\n\"\n\n\
+         [[files]]\npath = \"/srv/data\"\ncontent = \"owned\\n\"\nowner = \"_kiln:_kiln\"\nmode = \"0640\"\n",
+    )
+    .unwrap();
+    let out = t.path().join("out");
+    let summary = run_ok(
+        kiln()
+            .arg("build")
+            .arg(&recipe)
+            .arg("--out")
+            .arg(&out)
+            .arg("--json")
+            .env("KILN_CACHE_DIR", t.path().join("cache"))
+            .env("SOURCE_DATE_EPOCH", EPOCH),
+    );
+    let summary: Value = serde_json::from_slice(&summary.stdout).unwrap();
+    let sha = summary["sha256"].as_str().unwrap();
+    assert_eq!(sha, "a641c7a1f860a925721154b339c212e05546441d323d7bb64d6b76d2250b8c4c", "the image's bytes changed");
+}
