@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::platform::Arch;
+use crate::progress::{Progress, Unit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
@@ -299,6 +300,17 @@ impl Drop for Vm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a Debian console prints when it is up: getty's prompt.
+pub const LOGIN_PROMPT: &str = "login:";
+
+/// [`boot`], shown as one step of `progress`.
+pub fn boot_with_progress(image: &Path, opts: &BootOptions, progress: &dyn Progress) -> Result<BootReport, BootError> {
+    progress.begin(&format!("booting {} ({}, {})", image.display(), opts.arch, opts.firmware), None, Unit::Items);
+    let report = boot(image, opts)?;
+    progress.end(&format!("{:?} after {:.1} s", opts.expect, report.seconds));
+    Ok(report)
 }
 
 /// Boots `image` and waits for `opts.expect` on the serial console.

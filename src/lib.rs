@@ -19,6 +19,7 @@ pub mod interrupt;
 pub mod launch;
 pub use kiln_model::manifest;
 pub mod message;
+pub mod pipeline;
 pub use kiln_formats::progress;
 pub use kiln_model::outputs;
 pub use kiln_model::platform;

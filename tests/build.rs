@@ -828,7 +828,7 @@ fn synthetic_base(dir: &Path) -> PathBuf {
     let path = dir.join("base.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
     let mut rng = crate::common::XorShift(0x9e37_79b9_7f4a_7c15);
-    let mut add = |b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32, bytes: &[u8]| {
+    let add = |b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32, bytes: &[u8]| {
         let mut h = tar::Header::new_gnu();
         h.set_size(bytes.len() as u64);
         h.set_mode(mode);

@@ -160,7 +160,8 @@ fn web_server_passes_its_own_checks() {
 
 /// An image with planted faults fails exactly the checks that should catch them, every
 /// other check still passes, `kiln build --test` exits non-zero and records the failures in
-/// the manifest, and the logs are kept.
+/// the manifest, the logs are kept, and `--publish` never starts (its endpoint is a closed
+/// port: reaching it would show as a publishing error).
 #[test]
 fn the_judge_catches_each_planted_fault() {
     for t in ["mmdebstrap", "qemu-system-x86_64", "qemu-img", "ssh"] {
@@ -175,12 +176,16 @@ fn the_judge_catches_each_planted_fault() {
         .arg("--out")
         .arg(dir.path())
         .arg("--test")
+        .args(["--publish", "--endpoint-url", "http://127.0.0.1:9"])
         .env("KILN_CACHE_DIR", crate::common::cache_dir())
+        .env("KILN_STATE_DIR", dir.path().join("state"))
         .env("SOURCE_DATE_EPOCH", EPOCH)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "kiln build --test passed an image with planted faults:\n{err}");
+    assert!(!err.contains("publishing"), "a failed test must stop --publish:\n{err}");
+    assert!(!dir.path().join("launch-faults-x86_64.publish.json").exists());
     let image = dir.path().join("launch-faults-x86_64.raw");
     let report: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("launch-faults-x86_64.test.json")).unwrap()).unwrap();

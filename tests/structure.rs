@@ -130,3 +130,53 @@ fn an_images_files_are_named_in_one_place() {
     // The rule itself is found, so the search cannot pass by finding nothing.
     assert!(inside >= suffixes.len(), "only {inside} suffixes found in src/model/outputs.rs");
 }
+
+/// The binary parses and prints; the library decides. No file under src/cli/ sets a time
+/// limit (a `Duration` from a number, or a number as the default of a `--…timeout` flag) or
+/// names a region: those defaults live in the library, beside the code they govern, where
+/// `kiln build --test` and `kiln test` share them.
+#[test]
+fn the_command_line_sets_no_timeout_or_region() {
+    let mut found = Vec::new();
+    let mut flags = 0;
+    for f in sources(&repo().join("src/cli")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let rel = f.strip_prefix(repo()).unwrap().display().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            let numeric_default = code
+                .split("default_value_t = ")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+            // The field the attribute belongs to is the next `pub NAME:` line.
+            let field = lines[i..].iter().find_map(|l| l.trim_start().strip_prefix("pub ")).unwrap_or("");
+            if code.starts_with("#[arg") && field.split(':').next().is_some_and(|n| n.contains("timeout")) {
+                flags += 1;
+            }
+            let duration = code.contains("Duration::from_secs(")
+                && code.split("Duration::from_secs(").skip(1).any(|r| r.starts_with(|c: char| c.is_ascii_digit()));
+            let region = ["\"us-", "\"eu-", "\"ap-", "\"sa-", "\"ca-", "\"me-", "\"af-"]
+                .iter()
+                .any(|p| code.split(p).skip(1).any(|r| r.split('"').next().is_some_and(is_region_tail)));
+            if duration || region || (numeric_default && field.split(':').next().is_some_and(|n| n.contains("timeout")))
+            {
+                found.push(format!("{rel}:{}: {code}", i + 1));
+            }
+        }
+    }
+    assert!(found.is_empty(), "policy in the command line:\n{}", found.join("\n"));
+    // The search sees the timeout flags it guards, so it cannot pass by finding none.
+    assert!(flags >= 4, "only {flags} --…timeout flags found under src/cli/");
+}
+
+/// `east-1` of `"us-east-1"`: a whole quoted region name, not one inside help text.
+fn is_region_tail(s: &str) -> bool {
+    let mut parts = s.split('-');
+    matches!((parts.next(), parts.next(), parts.next()),
+        (Some(w), Some(n), None) if w.chars().all(|c| c.is_ascii_lowercase()) && !w.is_empty()
+            && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty())
+}

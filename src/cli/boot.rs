@@ -1,12 +1,11 @@
 //! `kiln boot`: boot an image under QEMU and wait for the login prompt.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kiln::boot::{self, BootOptions, Firmware};
 use kiln::platform::Arch;
-use kiln::progress::{Progress, Unit};
 
 /// Boot an image the way EC2 sees it and wait for the login prompt.
 ///
@@ -30,14 +29,14 @@ pub struct Args {
     /// Firmware: uefi or bios.
     #[arg(long, default_value = "uefi", value_parser = ["uefi", "bios"])]
     pub firmware: String,
-    /// Seconds to wait for the prompt (emulation is slow: arm64 takes minutes).
-    #[arg(long, default_value_t = 600)]
-    pub timeout: u64,
+    /// Seconds to wait for the prompt [default: 600 x86_64, 1800 arm64: emulation is slow].
+    #[arg(long)]
+    pub timeout: Option<u64>,
     /// Text on the serial console that means success.
-    #[arg(long, default_value = "login:")]
+    #[arg(long, default_value = boot::LOGIN_PROMPT)]
     pub expect: String,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = kiln::launch::request::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
     /// Show the serial console while booting.
     #[arg(long)]
@@ -55,34 +54,16 @@ pub fn run(args: Args) -> Result<()> {
     let opts = BootOptions {
         arch,
         firmware,
-        timeout: Duration::from_secs(args.timeout),
+        timeout: args.timeout.map(Duration::from_secs).unwrap_or_else(|| kiln::launch::request::launch_timeout(arch)),
         expect: args.expect.clone(),
         memory_mib: args.memory,
         echo: args.console,
     };
-    let progress = super::progress::TermProgress::new(false);
-    run_boot(&args.image, &opts, &progress)
-}
-
-fn run_boot(image: &Path, opts: &BootOptions, progress: &dyn Progress) -> Result<()> {
-    if !image.is_file() {
-        anyhow::bail!("{} does not exist", image.display());
+    if !args.image.is_file() {
+        anyhow::bail!("{} does not exist", args.image.display());
     }
-    progress.begin(&format!("booting {} ({}, {})", image.display(), opts.arch, opts.firmware), None, Unit::Items);
-    let report = boot::boot(image, opts).with_context(|| format!("booting {}", image.display()))?;
-    progress.end(&format!("{:?} after {:.1} s", opts.expect, report.seconds));
+    let progress = super::progress::TermProgress::new(false);
+    boot::boot_with_progress(&args.image, &opts, &progress)
+        .with_context(|| format!("booting {}", args.image.display()))?;
     Ok(())
-}
-
-/// `kiln build --boot`.
-pub fn boot_built(image: &Path, arch: Arch, progress: &dyn Progress) -> Result<()> {
-    let opts = BootOptions {
-        arch,
-        firmware: Firmware::Uefi,
-        timeout: Duration::from_secs(if arch == Arch::X86_64 { 600 } else { 1800 }),
-        expect: "login:".into(),
-        memory_mib: 1024,
-        echo: false,
-    };
-    run_boot(image, &opts, progress)
 }

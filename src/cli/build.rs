@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use kiln::build::{self, BuildOptions};
+use kiln::launch::request::TestRequest;
+use kiln::pipeline::{self, PipelineOptions, Step};
 use kiln::platform::Arch;
+use kiln::publish::PublishOptions;
 
 use super::progress::TermProgress;
 
@@ -95,16 +98,37 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(arch) = args.arch {
         recipe = recipe.with_arch(arch)?;
     }
-    let progress = TermProgress::new(args.quiet || args.json);
-    let opts = BuildOptions {
-        out_dir: args.out.clone(),
-        cache_dir,
-        mirror: args.mirror.clone(),
-        apt_mirror: args.apt_mirror.clone(),
-        source_date_epoch: source_date_epoch_from_env()?,
-        offline: args.offline,
+    let quiet = args.quiet || args.json;
+    let progress = TermProgress::new(quiet);
+    let opts = PipelineOptions {
+        build: BuildOptions {
+            out_dir: args.out.clone(),
+            cache_dir,
+            mirror: args.mirror.clone(),
+            apt_mirror: args.apt_mirror.clone(),
+            source_date_epoch: source_date_epoch_from_env()?,
+            offline: args.offline,
+        },
+        boot: args.boot,
+        test: args.test.then(TestRequest::default),
+        publish: args.publish.then(|| PublishOptions {
+            endpoint_url: args.endpoint_url.clone(),
+            // What `kiln publish` remembers, so tomorrow's build uploads only what changed.
+            state_dir: Some(kiln::publish::history::default_state_dir()),
+            ..Default::default()
+        }),
     };
-    let out = build::build(&recipe, &opts, &progress).with_context(|| format!("building {}", args.recipe.display()))?;
+    pipeline::run(&recipe, &opts, &progress, |step| match step {
+        Step::Built(out) => print_built(out, &args),
+        Step::Testing { image, options } if !quiet => super::test::print_banner(image, options),
+        Step::Tested(outcome) if !quiet => super::test::print_report(outcome),
+        Step::Published { path, .. } if !args.quiet => eprintln!("kiln: published; record in {}", path.display()),
+        _ => {}
+    })?;
+    Ok(())
+}
+
+fn print_built(out: &build::BuildOutput, args: &Args) {
     let m = &out.manifest;
     if args.json {
         let summary = serde_json::json!({
@@ -132,22 +156,4 @@ pub fn run(args: Args) -> Result<()> {
             out.manifest_path.display()
         );
     }
-    if args.boot {
-        super::boot::boot_built(&out.image_path, m.arch, &progress)?;
-    }
-    if args.test {
-        super::test::test_built(&out.manifest_path, args.quiet || args.json)?;
-    }
-    if args.publish {
-        let opts = kiln::publish::PublishOptions { endpoint_url: args.endpoint_url.clone(), ..Default::default() };
-        kiln::publish::publish(&out.manifest_path, &opts, &progress)
-            .with_context(|| format!("publishing {}", out.manifest_path.display()))?;
-        if !args.quiet {
-            eprintln!(
-                "kiln: published; record in {}",
-                kiln::publish::record::record_path(&out.manifest_path).display()
-            );
-        }
-    }
-    Ok(())
 }

@@ -6,10 +6,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use kiln::boot::Firmware;
 use kiln::launch::checks::{Check, Status};
-use kiln::launch::{self, TestOptions, TestReport};
-use kiln::manifest::{Manifest, TestResult};
-use kiln::outputs::Outputs;
-use kiln::platform::{Arch, BootMode};
+use kiln::launch::request::{self, LaunchKey, TestOutcome, TestRequest, TestTarget};
+use kiln::launch::TestOptions;
 use kiln::recipe::size::{parse_disk_size, DiskSize};
 
 use super::progress::TermProgress;
@@ -52,8 +50,8 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
     pub launches: u32,
     /// Root volume size [default: the manifest's [ami] root volume, else 8GiB].
-    #[arg(long, value_name = "SIZE")]
-    pub volume_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = parse_volume_size)]
+    pub volume_size: Option<u64>,
     /// Log in as this user [default: the recipe's [test].user, cloud-init's default user, or root].
     #[arg(long)]
     pub user: Option<String>,
@@ -73,7 +71,7 @@ pub struct Args {
     #[arg(long)]
     pub timeout: Option<u64>,
     /// Guest memory in MiB.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = request::DEFAULT_MEMORY_MIB)]
     pub memory: u32,
     /// Show the serial console while the instance boots.
     #[arg(long)]
@@ -86,197 +84,72 @@ pub struct Args {
     pub json: bool,
 }
 
-/// The image, its manifest (when there is one) and the manifest's path.
-fn locate(arg: &Path) -> Result<(PathBuf, Option<(PathBuf, Manifest)>)> {
-    let name = arg.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if Outputs::is_manifest(arg) {
-        let m = Manifest::load(arg)?;
-        let image = m.image_path(arg);
-        if !image.is_file() {
-            bail!("{} names the image {}, which does not exist", arg.display(), image.display());
-        }
-        return Ok((image, Some((arg.to_path_buf(), m))));
+fn parse_volume_size(s: &str) -> Result<u64, String> {
+    match parse_disk_size(s).map_err(|e| e.to_string())? {
+        DiskSize::Bytes(b) => Ok(b),
+        DiskSize::Auto => Err("needs a size, like 8GiB".into()),
     }
-    if !arg.is_file() {
-        bail!("{} does not exist (give the raw image or its .manifest.json)", arg.display());
-    }
-    let manifest_path = Outputs::of(arg).manifest();
-    let manifest = if manifest_path.is_file() {
-        let m = Manifest::load(&manifest_path)?;
-        if m.image.file != name {
-            bail!("{} describes {}, not {}", manifest_path.display(), m.image.file, name);
-        }
-        Some((manifest_path, m))
-    } else {
-        None
-    };
-    Ok((arg.to_path_buf(), manifest))
 }
 
-/// Where the report goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Output {
-    /// Lines on stderr.
-    Human,
-    /// The JSON report on stdout.
-    Json,
-    /// Nothing but the report file (`kiln build --test --json`, whose stdout is the build's).
-    Quiet,
+impl Args {
+    fn request(&self) -> TestRequest {
+        TestRequest {
+            launches: self.launches,
+            volume_bytes: self.volume_size,
+            user: self.user.clone(),
+            key: match (&self.key, &self.identity) {
+                (Some(public), Some(identity)) => {
+                    Some(LaunchKey { public: public.clone(), identity: identity.clone() })
+                }
+                _ => None,
+            },
+            user_data: self.user_data.clone(),
+            run: self.run.clone(),
+            timeout: self.timeout.map(Duration::from_secs),
+            memory_mib: self.memory,
+            echo_console: self.console,
+            keep_logs: self.keep_logs,
+        }
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (image, manifest) = locate(&args.image)?;
-    let output = if args.json { Output::Json } else { Output::Human };
-    let report = test_image(&image, manifest.as_ref().map(|(_, m)| m), &args, output)?;
-    let passed = report.passed;
-    if !passed {
-        bail!("{}: {} check(s) failed: {}", image.display(), report.failures().len(), report.failures().join(", "));
+    let target = TestTarget::locate(&args.image)?;
+    let opts = request::options(&target, &args.request())?;
+    if !args.json {
+        print_banner(&target.image, &opts);
     }
-    Ok(())
-}
-
-/// Tests a freshly built image (`kiln build --test`) and records the result in its manifest.
-pub fn test_built(manifest_path: &Path, quiet: bool) -> Result<()> {
-    let args = Args {
-        image: manifest_path.to_path_buf(),
-        launches: 1,
-        volume_size: None,
-        user: None,
-        key: None,
-        identity: None,
-        user_data: None,
-        run: vec![],
-        timeout: None,
-        memory: 1024,
-        console: false,
-        keep_logs: false,
-        json: false,
-    };
-    let (image, manifest) = locate(manifest_path)?;
-    let (_, mut m) = manifest.expect("a build writes its manifest");
-    let report = test_image(&image, Some(&m), &args, if quiet { Output::Quiet } else { Output::Human })?;
-    m.test_result = Some(TestResult {
-        passed: report.passed,
-        launches: report.launches.len() as u32,
-        failures: report.failures(),
-        report: Outputs::of(&image).test_report().file_name().unwrap_or_default().to_string_lossy().into_owned(),
-    });
-    kiln::build::write_atomic(manifest_path, m.to_json().as_bytes())?;
+    let progress = TermProgress::new(args.json);
+    let outcome = request::run(&target, &opts, args.keep_logs, &progress)?;
+    if args.json {
+        println!("{}", outcome.json);
+    } else {
+        print_report(&outcome);
+    }
+    let report = &outcome.report;
     if !report.passed {
-        bail!("{}: {} check(s) failed: {}", image.display(), report.failures().len(), report.failures().join(", "));
-    }
-    Ok(())
-}
-
-fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Output) -> Result<TestReport> {
-    let arch = match manifest {
-        Some(m) => m.arch,
-        None => kiln::boot::detect_arch(image).with_context(|| {
-            format!(
-                "{} has no kiln root partition to tell its architecture by, and no manifest beside it",
-                image.display()
-            )
-        })?,
-    };
-    let firmware = match manifest.map(|m| m.boot) {
-        // EC2 registers BIOS images as legacy-bios; hybrid ones as uefi-preferred, which
-        // Nitro boots with UEFI.
-        Some(BootMode::Bios) => Firmware::Bios,
-        _ => Firmware::Uefi,
-    };
-    let ami = manifest.and_then(|m| m.ami.as_ref());
-    let volume_bytes = match &args.volume_size {
-        Some(s) => match parse_disk_size(s).map_err(|e| anyhow::anyhow!("--volume-size {s:?}: {e}"))? {
-            DiskSize::Bytes(b) => b,
-            DiskSize::Auto => bail!("--volume-size needs a size, like 8GiB"),
-        },
-        None => ami.map(|a| u64::from(a.root_volume.size_gib) << 30).filter(|b| *b > 0).unwrap_or(8 << 30),
-    };
-    let settings = manifest.and_then(|m| m.test.clone());
-    let cloud_init = settings.as_ref().map(|s| s.cloud_init).unwrap_or(true);
-    let user = args.user.clone().or_else(|| settings.as_ref().map(|s| s.user.clone())).unwrap_or_else(|| "root".into());
-    let key = match (&args.key, &args.identity) {
-        (Some(k), Some(i)) => {
-            let public = std::fs::read_to_string(k).with_context(|| format!("reading --key {}", k.display()))?;
-            Some((i.clone(), public.trim().to_string()))
-        }
-        _ => None,
-    };
-    let user_data = match &args.user_data {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --user-data {}", p.display()))?),
-        None => None,
-    };
-    let mut commands = settings.as_ref().map(|s| s.commands.clone()).unwrap_or_default();
-    commands.extend(args.run.iter().cloned());
-    let opts = TestOptions {
-        arch,
-        firmware,
-        volume_bytes,
-        extra_volume_bytes: ami
-            .map(|a| a.volumes.iter().map(|v| u64::from(v.size_gib) << 30).collect())
-            .unwrap_or_default(),
-        tokens_required: ami.and_then(|a| a.imds) == Some(kiln::ec2::ImdsSupport::V2),
-        user: user.clone(),
-        root_key_credential: !cloud_init && user == "root",
-        key,
-        user_data,
-        commands,
-        esp_mount: settings.as_ref().and_then(|s| s.esp_mount.clone()),
-        launches: args.launches,
-        timeout: Duration::from_secs(args.timeout.unwrap_or(if arch == Arch::X86_64 { 600 } else { 1800 })),
-        memory_mib: args.memory,
-        echo_console: args.console,
-        ami_id: format!(
-            "ami-0{}",
-            manifest.map(|m| m.image.sha256[..16].to_string()).unwrap_or_else(|| "0".repeat(16))
-        ),
-        region: ami.and_then(|a| a.regions.first().cloned()).unwrap_or_else(|| "us-east-1".into()),
-        relay_exe: std::env::current_exe().context("finding kiln's own path for the metadata relay")?,
-    };
-    let progress = TermProgress::new(output != Output::Human);
-    if output == Output::Human {
-        eprintln!(
-            "kiln test: {} ({}, {}), {} launch{} on a {} GiB root volume, {}",
-            image.display(),
-            arch,
-            if firmware == Firmware::Bios { "legacy BIOS" } else { "UEFI" },
-            opts.launches,
-            if opts.launches == 1 { "" } else { "es" },
-            volume_bytes >> 30,
-            if opts.tokens_required { "IMDSv2 only" } else { "IMDSv1 and v2" },
+        bail!(
+            "{}: {} check(s) failed: {}",
+            target.image.display(),
+            report.failures().len(),
+            report.failures().join(", ")
         );
     }
-    let work = tempfile::Builder::new().prefix("kiln-test-").tempdir().context("creating a work directory")?;
-    let report = launch::test(image, &opts, work.path(), &progress)?;
-
-    let json = serde_json::to_string_pretty(&report).expect("report serializes");
-    let rpath = Outputs::of(image).test_report();
-    kiln::build::write_atomic(&rpath, format!("{json}\n").as_bytes())?;
-    let logs = if !report.passed || args.keep_logs { Some(keep_logs(image, work.path(), &report)?) } else { None };
-    match output {
-        Output::Json => println!("{json}"),
-        Output::Human => print_report(&report, &rpath, logs.as_deref()),
-        Output::Quiet => {}
-    }
-    Ok(report)
+    Ok(())
 }
 
-/// Copies each launch's console log and metadata request log to NAME.test/ beside the image.
-fn keep_logs(image: &Path, work: &Path, report: &TestReport) -> Result<PathBuf> {
-    let dir = Outputs::of(image).test_logs();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    for l in &report.launches {
-        let n = l.launch;
-        let console = work.join(format!("launch-{n}/console.log"));
-        if console.is_file() {
-            std::fs::copy(&console, dir.join(format!("launch-{n}.console.log")))
-                .with_context(|| format!("keeping the console log in {}", dir.display()))?;
-        }
-        let imds = serde_json::to_string_pretty(&l.imds_requests).expect("log serializes");
-        std::fs::write(dir.join(format!("launch-{n}.imds.json")), imds)
-            .with_context(|| format!("keeping the metadata log in {}", dir.display()))?;
-    }
-    Ok(dir)
+/// What is about to be launched, and how.
+pub fn print_banner(image: &Path, opts: &TestOptions) {
+    eprintln!(
+        "kiln test: {} ({}, {}), {} launch{} on a {} GiB root volume, {}",
+        image.display(),
+        opts.arch,
+        if opts.firmware == Firmware::Bios { "legacy BIOS" } else { "UEFI" },
+        opts.launches,
+        if opts.launches == 1 { "" } else { "es" },
+        opts.volume_bytes >> 30,
+        if opts.tokens_required { "IMDSv2 only" } else { "IMDSv1 and v2" },
+    );
 }
 
 /// One check as a report line; `width` is the longest check id, so the evidence lines up.
@@ -289,7 +162,8 @@ fn line(c: &Check, width: usize) -> String {
     format!("  {tag}  {:<width$}  {}", c.id, c.evidence)
 }
 
-fn print_report(r: &TestReport, report_path: &Path, logs: Option<&Path>) {
+pub fn print_report(outcome: &TestOutcome) {
+    let (r, report_path, logs) = (&outcome.report, &outcome.report_path, outcome.logs.as_deref());
     let secs = |s: Option<f64>| s.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "not seen".into());
     let all = r.launches.iter().flat_map(|l| &l.checks).chain(&r.across_launches);
     let width = all.map(|c| c.id.chars().count()).max().unwrap_or(0);

@@ -135,14 +135,24 @@ pub struct Expect {
 /// timeout that never gives up on EBS.
 pub const REQUIRED_CMDLINE: [&str; 2] = ["console=ttyS0", "nvme_core.io_timeout=4294967295"];
 
-/// Judges one launch's facts.
+/// Judges one launch's facts: one check each, in the report's order.
 pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
-    let mut out = Vec::new();
+    let mut out =
+        vec![systemd(f), cloud_init(f), user_data(f, e), growth(f, e), machine_id(f), host_keys(f), dns(f, e)];
+    out.push(kernel_cmdline(f));
+    out.extend(e.esp_mount.as_deref().map(|mnt| esp_mount(f, mnt)));
+    out
+}
 
-    // systemd
+fn has_cloud_init(f: &Facts) -> bool {
+    !f.get("cloud_init").is_empty()
+}
+
+/// The system reached `running` with no failed unit.
+fn systemd(f: &Facts) -> Check {
     let state = f.get("system_state");
     let failed: Vec<&str> = f.get("failed_units").lines().filter(|l| !l.is_empty()).collect();
-    out.push(Check::new(
+    Check::new(
         "systemd",
         state == "running" && failed.is_empty(),
         if failed.is_empty() {
@@ -150,35 +160,39 @@ pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
         } else {
             format!("is-system-running: {}; failed units: {}", or_none(state), failed.join(", "))
         },
-    ));
+    )
+}
 
-    // cloud-init
-    let has_cloud_init = !f.get("cloud_init").is_empty();
-    if has_cloud_init {
-        let status = f.get("cloud_init_status");
-        let first = status.lines().find(|l| l.starts_with("status:")).unwrap_or("status: (none)");
-        let result: serde_json::Value = serde_json::from_str(f.get("cloud_init_result")).unwrap_or_default();
-        let ds = result["v1"]["datasource"].as_str().unwrap_or("");
-        let errors: Vec<String> = result["v1"]["errors"]
-            .as_array()
-            .map(|a| a.iter().map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string())).collect())
-            .unwrap_or_default();
-        let ok = first.trim() == "status: done" && errors.is_empty() && ds.contains("Ec2");
-        let mut ev = format!("{}; datasource {}", first.trim(), or_none(ds));
-        if !errors.is_empty() {
-            ev.push_str(&format!("; errors: {}", errors.join(" | ")));
-        }
-        out.push(Check::new("cloud-init", ok, ev));
-    } else {
-        out.push(Check::skip("cloud-init", "cloud-init is not installed in the image"));
+/// cloud-init finished, without errors, with EC2's data source.
+fn cloud_init(f: &Facts) -> Check {
+    if !has_cloud_init(f) {
+        return Check::skip("cloud-init", "cloud-init is not installed in the image");
     }
+    let status = f.get("cloud_init_status");
+    let first = status.lines().find(|l| l.starts_with("status:")).unwrap_or("status: (none)");
+    let result: serde_json::Value = serde_json::from_str(f.get("cloud_init_result")).unwrap_or_default();
+    let ds = result["v1"]["datasource"].as_str().unwrap_or("");
+    let errors: Vec<String> = result["v1"]["errors"]
+        .as_array()
+        .map(|a| a.iter().map(|x| x.as_str().map(String::from).unwrap_or_else(|| x.to_string())).collect())
+        .unwrap_or_default();
+    let ok = first.trim() == "status: done" && errors.is_empty() && ds.contains("Ec2");
+    let mut ev = format!("{}; datasource {}", first.trim(), or_none(ds));
+    if !errors.is_empty() {
+        ev.push_str(&format!("; errors: {}", errors.join(" | ")));
+    }
+    Check::new("cloud-init", ok, ev)
+}
 
-    // user data
-    match (&e.user_data_marker, has_cloud_init) {
-        (_, false) => out.push(Check::skip("user-data", "no cloud-init in the image to run user data")),
-        (Some(marker), true) => {
+/// kiln's own user data ran (its marker is there), or cloud-init saw the user data served.
+fn user_data(f: &Facts, e: &Expect) -> Check {
+    if !has_cloud_init(f) {
+        return Check::skip("user-data", "no cloud-init in the image to run user data");
+    }
+    match &e.user_data_marker {
+        Some(marker) => {
             let seen = f.get("user_data_marker");
-            out.push(Check::new(
+            Check::new(
                 "user-data",
                 seen == marker,
                 if seen == marker {
@@ -186,30 +200,34 @@ pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
                 } else {
                     format!("marker {:?} expected in /var/tmp/kiln-user-data, found {:?}", marker, seen)
                 },
-            ));
+            )
         }
-        (None, true) => {
+        None => {
             let seen = f.get("user_data_seen");
             let want = e.user_data_sha256.as_deref().unwrap_or("");
-            out.push(Check::new(
+            Check::new(
                 "user-data",
                 seen == want,
                 format!("cloud-init's copy of the user data has sha256 {}, served {}", or_none(seen), or_none(want)),
-            ));
+            )
         }
     }
+}
 
-    // growth
-    out.push(growth(f, e));
+/// The boot time, against which "made at this launch" is judged.
+fn boot_time(f: &Facts) -> i64 {
+    f.get("btime").parse().unwrap_or(i64::MAX)
+}
 
-    // identity made at this launch
-    let btime: i64 = f.get("btime").parse().unwrap_or(i64::MAX);
+/// /etc/machine-id was written at this boot, not baked into the image.
+fn machine_id(f: &Facts) -> Check {
+    let btime = boot_time(f);
     let mid = f.get("machine_id");
     let mut mid_lines = mid.lines();
     let id = mid_lines.next().unwrap_or("").trim();
     let id_time: i64 = mid_lines.next().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
     let id_ok = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id_time >= btime;
-    out.push(Check::new(
+    Check::new(
         "machine-id",
         id_ok,
         if id_ok {
@@ -219,7 +237,12 @@ pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
         } else {
             format!("{id} was not written at this boot (file time {id_time} < boot time {btime}): baked into the image")
         },
-    ));
+    )
+}
+
+/// Every SSH host key was generated at this boot.
+fn host_keys(f: &Facts) -> Check {
+    let btime = boot_time(f);
     let keys: Vec<(i64, &str)> = f
         .get("host_keys")
         .lines()
@@ -229,28 +252,26 @@ pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
         })
         .collect();
     if keys.is_empty() {
-        out.push(Check::new("host-keys", false, "no SSH host keys in /etc/ssh"));
-    } else {
-        let old: Vec<&str> = keys.iter().filter(|(t, _)| *t < btime).map(|(_, l)| *l).collect();
-        out.push(Check::new(
-            "host-keys",
-            old.is_empty(),
-            if old.is_empty() {
-                format!("{} host keys, all generated at this boot", keys.len())
-            } else {
-                format!("baked into the image, not generated at this boot: {}", old.join("; "))
-            },
-        ));
+        return Check::new("host-keys", false, "no SSH host keys in /etc/ssh");
     }
+    let old: Vec<&str> = keys.iter().filter(|(t, _)| *t < btime).map(|(_, l)| *l).collect();
+    Check::new(
+        "host-keys",
+        old.is_empty(),
+        if old.is_empty() {
+            format!("{} host keys, all generated at this boot", keys.len())
+        } else {
+            format!("baked into the image, not generated at this boot: {}", old.join("; "))
+        },
+    )
+}
 
-    // DNS
-    out.push(dns(f, e));
-
-    // kernel command line
+/// The kernel runs with the arguments EC2 needs.
+fn kernel_cmdline(f: &Facts) -> Check {
     let cmdline = f.get("cmdline");
     let missing: Vec<&str> =
         REQUIRED_CMDLINE.iter().copied().filter(|a| !cmdline.split_whitespace().any(|w| w.starts_with(a))).collect();
-    out.push(Check::new(
+    Check::new(
         "kernel-cmdline",
         missing.is_empty() && !cmdline.is_empty(),
         if missing.is_empty() {
@@ -258,19 +279,17 @@ pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
         } else {
             format!("missing {}", missing.join(", "))
         },
-    ));
+    )
+}
 
-    // ESP
-    if let Some(mnt) = &e.esp_mount {
-        let mounted =
-            f.get("mounts").lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [mnt.as_str(), "vfat"]);
-        out.push(Check::new(
-            "esp-mount",
-            mounted,
-            if mounted { format!("ESP mounted at {mnt}") } else { format!("no vfat file system mounted at {mnt}") },
-        ));
-    }
-    out
+/// The ESP is mounted where the recipe says.
+fn esp_mount(f: &Facts, mnt: &str) -> Check {
+    let mounted = f.get("mounts").lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [mnt, "vfat"]);
+    Check::new(
+        "esp-mount",
+        mounted,
+        if mounted { format!("ESP mounted at {mnt}") } else { format!("no vfat file system mounted at {mnt}") },
+    )
 }
 
 fn or_none(s: &str) -> &str {

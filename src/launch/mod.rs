@@ -16,6 +16,7 @@
 //! checks. With several launches, identities must differ between them.
 
 pub mod checks;
+pub mod request;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -317,86 +318,10 @@ fn launch_once(
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<LaunchReport, LaunchError> {
-    // The root volume: a copy-on-write overlay of the image, as large as the AMI's volume.
-    let overlay = dir.join("root.qcow2");
-    let mk = |args: Vec<String>| -> Result<(), LaunchError> {
-        let o = run_with_timeout(Command::new(qemu_img).args(&args), None, Duration::from_secs(60))?;
-        if o.status.success() {
-            Ok(())
-        } else {
-            Err(LaunchError::Command { cmd: format!("qemu-img {}", args.join(" ")), detail: text(&o.stderr) })
-        }
-    };
-    mk(vec![
-        "create".into(),
-        "-q".into(),
-        "-f".into(),
-        "qcow2".into(),
-        "-F".into(),
-        "raw".into(),
-        "-b".into(),
-        image.display().to_string(),
-        overlay.display().to_string(),
-        opts.volume_bytes.to_string(),
-    ])?;
-    let serial = |i: usize| format!("vol0kiln{i:012}");
-    let mut extra = Vec::new();
-    for (i, bytes) in opts.extra_volume_bytes.iter().enumerate() {
-        let p = dir.join(format!("volume-{}.qcow2", i + 1));
-        mk(vec![
-            "create".into(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-            p.display().to_string(),
-            bytes.to_string(),
-        ])?;
-        extra.push(Drive { path: p, format: "qcow2", snapshot: false, serial: serial(i + 1) });
-    }
-
-    // Who this instance is.
-    let instance_id = format!("i-0{}", &random_hex(9)[..16]);
-    let mac_bytes = random_hex(5);
-    let mac = format!("02:{}", (0..5).map(|i| &mac_bytes[2 * i..2 * i + 2]).collect::<Vec<_>>().join(":"));
-    let marker = format!("kiln-{}", random_hex(8));
-    let user_data = opts
-        .user_data
-        .clone()
-        .unwrap_or_else(|| format!("#!/bin/sh\necho {marker} > /var/tmp/kiln-user-data\n").into_bytes());
-    let instance_type = match opts.arch {
-        Arch::X86_64 => "t3.micro",
-        Arch::Arm64 => "t4g.micro",
-    };
-    let hostname = format!("ip-{}.ec2.internal", GUEST_IPV4.replace('.', "-"));
-    let server = Server::start(InstanceMetadata {
-        instance_id: instance_id.clone(),
-        ami_id: opts.ami_id.clone(),
-        instance_type: instance_type.into(),
-        region: opts.region.clone(),
-        availability_zone: format!("{}a", opts.region),
-        account_id: "123456789012".into(),
-        architecture: opts.arch.as_str().into(),
-        local_hostname: hostname,
-        local_ipv4: GUEST_IPV4.into(),
-        subnet_cidr: GUEST_NET.into(),
-        mac: mac.clone(),
-        public_keys: vec![("kiln-test".into(), public_key.to_string())],
-        user_data: Some(user_data.clone()),
-        tokens_required: opts.tokens_required,
-    })?;
-
-    // Nitro's identity: cloud-init's ds-identify reads these from DMI.
-    let uuid = format!("ec2{}", &random_hex(16)[3..]);
-    let uuid = format!("{}-{}-{}-{}-{}", &uuid[..8], &uuid[8..12], &uuid[12..16], &uuid[16..20], &uuid[20..32]);
-    let mut smbios = vec![
-        format!("type=1,manufacturer=Amazon EC2,product={instance_type},serial={uuid},uuid={uuid}"),
-        "type=3,manufacturer=Amazon EC2,asset=Amazon EC2".to_string(),
-    ];
-    if opts.root_key_credential {
-        use base64::Engine;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{public_key}\n"));
-        smbios.push(format!("type=11,value=io.systemd.credential.binary:ssh.authorized_keys.root={b64}"));
-    }
+    let (root, extra) = create_volumes(qemu_img, image, opts, dir)?;
+    let instance = Instance::new(opts);
+    let server = Server::start(instance.metadata(opts, public_key))?;
+    let smbios = nitro_smbios(instance.instance_type, opts.root_key_credential.then_some(public_key));
     let ssh_port = free_port()?;
     let relay = opts.relay_exe.display().to_string().replace(',', ",,");
     let netdev = format!(
@@ -406,19 +331,25 @@ fn launch_once(
         server.addr()
     );
     let machine = Machine {
-        root: Drive { path: overlay, format: "qcow2", snapshot: false, serial: serial(0) },
+        root,
         extra,
-        net_args: vec!["-netdev".into(), netdev, "-device".into(), format!("virtio-net-pci,netdev=n0,mac={mac}")],
+        net_args: vec![
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            format!("virtio-net-pci,netdev=n0,mac={}", instance.mac),
+        ],
         smbios,
     };
     let boot = BootOptions {
         arch: opts.arch,
         firmware: opts.firmware,
         timeout: opts.timeout,
-        expect: "login:".into(),
+        expect: crate::boot::LOGIN_PROMPT.into(),
         memory_mib: opts.memory_mib,
         echo: opts.echo_console,
     };
+    let Instance { instance_id, marker, user_data, .. } = instance;
     let console_log = dir.join("console.log");
     progress.begin(&format!("launch {n}: booting {instance_id}"), None, Unit::Items);
     let mut vm = Vm::start(&machine, &boot, Some(&console_log))?;
@@ -444,6 +375,110 @@ fn launch_once(
     Ok(LaunchReport { launch: n, instance_id, timings, checks, imds_requests, facts, console })
 }
 
+/// The root volume, a copy-on-write overlay of the image as large as the AMI's volume, and
+/// the `[[ami.volumes]]` as empty disks, each with an EBS-style NVMe serial.
+fn create_volumes(
+    qemu_img: &Path,
+    image: &Path,
+    opts: &TestOptions,
+    dir: &Path,
+) -> Result<(Drive, Vec<Drive>), LaunchError> {
+    let create = |args: Vec<String>| -> Result<(), LaunchError> {
+        let o = run_with_timeout(Command::new(qemu_img).args(&args), None, Duration::from_secs(60))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(LaunchError::Command { cmd: format!("qemu-img {}", args.join(" ")), detail: text(&o.stderr) })
+        }
+    };
+    let serial = |i: usize| format!("vol0kiln{i:012}");
+    let overlay = dir.join("root.qcow2");
+    let (backing, path) = (image.display().to_string(), overlay.display().to_string());
+    create(
+        ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing, &path, &opts.volume_bytes.to_string()]
+            .map(String::from)
+            .to_vec(),
+    )?;
+    let mut extra = Vec::new();
+    for (i, bytes) in opts.extra_volume_bytes.iter().enumerate() {
+        let p = dir.join(format!("volume-{}.qcow2", i + 1));
+        create(
+            ["create", "-q", "-f", "qcow2", &p.display().to_string(), &bytes.to_string()].map(String::from).to_vec(),
+        )?;
+        extra.push(Drive { path: p, format: "qcow2", snapshot: false, serial: serial(i + 1) });
+    }
+    Ok((Drive { path: overlay, format: "qcow2", snapshot: false, serial: serial(0) }, extra))
+}
+
+/// Who one launch's instance is: new ids for every launch, as EC2 gives them.
+struct Instance {
+    instance_id: String,
+    mac: String,
+    /// What kiln's own user data writes, so a check can tell it ran at this launch.
+    marker: String,
+    user_data: Vec<u8>,
+    instance_type: &'static str,
+}
+
+impl Instance {
+    fn new(opts: &TestOptions) -> Instance {
+        let mac_bytes = random_hex(5);
+        let marker = format!("kiln-{}", random_hex(8));
+        Instance {
+            instance_id: format!("i-0{}", &random_hex(9)[..16]),
+            mac: format!("02:{}", (0..5).map(|i| &mac_bytes[2 * i..2 * i + 2]).collect::<Vec<_>>().join(":")),
+            user_data: opts
+                .user_data
+                .clone()
+                .unwrap_or_else(|| format!("#!/bin/sh\necho {marker} > /var/tmp/kiln-user-data\n").into_bytes()),
+            marker,
+            // The smallest current-generation Nitro types of each architecture.
+            instance_type: match opts.arch {
+                Arch::X86_64 => "t3.micro",
+                Arch::Arm64 => "t4g.micro",
+            },
+        }
+    }
+
+    /// What the metadata service tells this instance.
+    fn metadata(&self, opts: &TestOptions, public_key: &str) -> InstanceMetadata {
+        InstanceMetadata {
+            instance_id: self.instance_id.clone(),
+            ami_id: opts.ami_id.clone(),
+            instance_type: self.instance_type.into(),
+            region: opts.region.clone(),
+            availability_zone: format!("{}a", opts.region),
+            // AWS's documentation account id: obviously not a real account.
+            account_id: "123456789012".into(),
+            architecture: opts.arch.as_str().into(),
+            local_hostname: format!("ip-{}.ec2.internal", GUEST_IPV4.replace('.', "-")),
+            local_ipv4: GUEST_IPV4.into(),
+            subnet_cidr: GUEST_NET.into(),
+            mac: self.mac.clone(),
+            public_keys: vec![("kiln-test".into(), public_key.to_string())],
+            user_data: Some(self.user_data.clone()),
+            tokens_required: opts.tokens_required,
+        }
+    }
+}
+
+/// Nitro's identity in SMBIOS, which cloud-init's ds-identify reads from DMI; with
+/// `root_key`, the launch key as a systemd credential for root.
+fn nitro_smbios(instance_type: &str, root_key: Option<&str>) -> Vec<String> {
+    let uuid = format!("ec2{}", &random_hex(16)[3..]);
+    let uuid = format!("{}-{}-{}-{}-{}", &uuid[..8], &uuid[8..12], &uuid[12..16], &uuid[16..20], &uuid[20..32]);
+    let mut smbios = vec![
+        format!("type=1,manufacturer=Amazon EC2,product={instance_type},serial={uuid},uuid={uuid}"),
+        "type=3,manufacturer=Amazon EC2,asset=Amazon EC2".to_string(),
+    ];
+    if let Some(key) = root_key {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{key}\n"));
+        smbios.push(format!("type=11,value=io.systemd.credential.binary:ssh.authorized_keys.root={b64}"));
+    }
+    smbios
+}
+
 /// Everything after power-on. Failures become failed checks, not errors: the report says
 /// how far the launch got.
 #[allow(clippy::too_many_arguments)]
@@ -460,50 +495,9 @@ fn run_checks(
     let deadline = Instant::now() + opts.timeout;
     let left = || deadline.saturating_duration_since(Instant::now());
 
-    // SSH comes up after the login prompt or before it; poll for it and note the prompt.
-    let mut last_err = String::from("no answer");
-    let mut refused_since: Option<Instant> = None;
-    loop {
-        if timings.login_prompt_secs.is_none() && vm.console().contains("login:") {
-            timings.login_prompt_secs = Some(vm.elapsed());
-            progress.note(&format!("login prompt after {:.1} s", vm.elapsed()));
-        }
-        if let Some(status) = vm.exited() {
-            checks.push(Check::new("ssh-login", false, format!("the instance stopped before SSH answered ({status})")));
-            return Facts::default();
-        }
-        if left().is_zero() {
-            checks.push(Check::new(
-                "ssh-login",
-                false,
-                format!("no SSH login as {} within {} s: {last_err}", ssh.user, opts.timeout.as_secs()),
-            ));
-            return Facts::default();
-        }
-        match ssh.run("true", None, Duration::from_secs(20).min(left())) {
-            Ok(o) if o.status.success() => break,
-            Ok(o) => last_err = text(&o.stderr),
-            Err(e) => last_err = crate::message::render_error(&e),
-        }
-        // sshd answers but refuses the key: give first boot time to install it, not forever.
-        if last_err.contains("Permission denied") {
-            let since = *refused_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= KEY_GRACE {
-                checks.push(Check::new(
-                    "ssh-login",
-                    false,
-                    format!(
-                        "sshd refused the launch key for {} for {} s after it first answered: {last_err}",
-                        ssh.user,
-                        KEY_GRACE.as_secs()
-                    ),
-                ));
-                return Facts::default();
-            }
-        } else {
-            refused_since = None;
-        }
-        std::thread::sleep(Duration::from_secs(2));
+    if let Err(failed) = wait_for_ssh(vm, ssh, opts, timings, deadline, progress) {
+        checks.push(failed);
+        return Facts::default();
     }
     timings.ssh_secs = Some(vm.elapsed());
     let how = if opts.root_key_credential && ssh.user == "root" {
@@ -546,21 +540,80 @@ fn run_checks(
     };
     checks.extend(checks::evaluate(&facts, &expect));
 
-    for cmd in &opts.commands {
-        let c = match ssh.run(cmd, None, left().min(Duration::from_secs(300))) {
-            Ok(o) => {
-                let out = format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-                let code = o.status.code().map(|c| c.to_string()).unwrap_or_else(|| "killed (timeout)".into());
-                let tail = last_lines(&out, 3);
-                Check::new(
-                    &format!("recipe: {cmd}"),
-                    o.status.success(),
-                    format!("exit {code}{}", if tail.is_empty() { String::new() } else { format!(": {tail}") }),
-                )
-            }
-            Err(e) => Check::new(&format!("recipe: {cmd}"), false, crate::message::render_error(&e)),
-        };
-        checks.push(c);
-    }
+    checks.extend(opts.commands.iter().map(|cmd| recipe_check(ssh, cmd, left())));
     facts
+}
+
+/// Polls until SSH logs in with the launch key, noting when the login prompt showed; the
+/// failed `ssh-login` check when the instance stops, the time runs out, or sshd keeps refusing
+/// the key.
+fn wait_for_ssh(
+    vm: &mut Vm,
+    ssh: &Ssh,
+    opts: &TestOptions,
+    timings: &mut Timings,
+    deadline: Instant,
+    progress: &dyn Progress,
+) -> Result<(), Check> {
+    let left = || deadline.saturating_duration_since(Instant::now());
+    // SSH comes up after the login prompt or before it; poll for it and note the prompt.
+    let mut last_err = String::from("no answer");
+    let mut refused_since: Option<Instant> = None;
+    loop {
+        if timings.login_prompt_secs.is_none() && vm.console().contains(crate::boot::LOGIN_PROMPT) {
+            timings.login_prompt_secs = Some(vm.elapsed());
+            progress.note(&format!("login prompt after {:.1} s", vm.elapsed()));
+        }
+        if let Some(status) = vm.exited() {
+            return Err(Check::new("ssh-login", false, format!("the instance stopped before SSH answered ({status})")));
+        }
+        if left().is_zero() {
+            return Err(Check::new(
+                "ssh-login",
+                false,
+                format!("no SSH login as {} within {} s: {last_err}", ssh.user, opts.timeout.as_secs()),
+            ));
+        }
+        match ssh.run("true", None, Duration::from_secs(20).min(left())) {
+            Ok(o) if o.status.success() => break,
+            Ok(o) => last_err = text(&o.stderr),
+            Err(e) => last_err = crate::message::render_error(&e),
+        }
+        // sshd answers but refuses the key: give first boot time to install it, not forever.
+        if last_err.contains("Permission denied") {
+            let since = *refused_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= KEY_GRACE {
+                return Err(Check::new(
+                    "ssh-login",
+                    false,
+                    format!(
+                        "sshd refused the launch key for {} for {} s after it first answered: {last_err}",
+                        ssh.user,
+                        KEY_GRACE.as_secs()
+                    ),
+                ));
+            }
+        } else {
+            refused_since = None;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    Ok(())
+}
+
+/// One of the recipe's `[test].commands`, run over SSH: passes when it exits 0.
+fn recipe_check(ssh: &Ssh, cmd: &str, left: Duration) -> Check {
+    match ssh.run(cmd, None, left.min(Duration::from_secs(300))) {
+        Ok(o) => {
+            let out = format!("{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            let code = o.status.code().map(|c| c.to_string()).unwrap_or_else(|| "killed (timeout)".into());
+            let tail = last_lines(&out, 3);
+            Check::new(
+                &format!("recipe: {cmd}"),
+                o.status.success(),
+                format!("exit {code}{}", if tail.is_empty() { String::new() } else { format!(": {tail}") }),
+            )
+        }
+        Err(e) => Check::new(&format!("recipe: {cmd}"), false, crate::message::render_error(&e)),
+    }
 }

@@ -43,6 +43,11 @@ impl Outputs {
         path.file_name().is_some_and(|f| f.to_string_lossy().ends_with(".manifest.json"))
     }
 
+    /// The directory the files lie in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -1,0 +1,303 @@
+//! The OS base: Debian's own mmdebstrap (apt and dpkg underneath, qemu-user for foreign
+//! architectures) writes a root tarball, which is cached by everything that determines it.
+//!
+//! Here the base's inputs, its cache key and the one function that stages it; beside it the
+//! archive's state ([`archive`]), the cache of staged bases ([`cache`]), what the build host
+//! offers ([`host`]), running mmdebstrap ([`mmdebstrap`]) and reading dpkg's database
+//! ([`dpkg`]).
+//!
+//! No mirror host name lives here: the mirror comes from the recipe, a flag, or the build
+//! host's own apt sources.
+
+mod archive;
+mod cache;
+mod dpkg;
+mod host;
+mod mmdebstrap;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::{BaseInfo, SuiteState};
+use crate::platform::Arch;
+use crate::progress::{Progress, Unit};
+
+pub use archive::{probe_archive, suite_state};
+pub(crate) use cache::lock_exclusive;
+use cache::{load_cached, newest_cached, remove_older};
+pub use dpkg::{installed_packages, parse_dpkg_status, sbom_packages};
+pub use host::{check_can_execute, host_mirror, host_mirror_in, host_security_mirror};
+pub(crate) use mmdebstrap::{run_mmdebstrap, tail};
+
+/// Everything that determines a staged Debian base, but for the state of the archive.
+#[derive(Debug, Clone)]
+pub struct DebianBase {
+    /// Debian suite (`bookworm`, `trixie`).
+    pub suite: String,
+    pub arch: Arch,
+    /// Archive URI (`http://…/debian`), already resolved.
+    pub mirror: String,
+    /// The security archive (`http://…/debian-security`) for `SUITE-security`; None for a
+    /// snapshot mirror (the host's security archive is not pinned) or when none is known.
+    pub security_mirror: Option<String>,
+    pub components: Vec<String>,
+    /// Full package list (required plus recipe), sorted and de-duplicated.
+    pub packages: Vec<String>,
+    /// Passed to mmdebstrap so file times inside the base are clamped too.
+    pub source_date_epoch: Option<i64>,
+    /// The mirror is a snapshot archive (`[image].snapshot`): its Release files are past their
+    /// Valid-Until date by design, so apt must not reject them.
+    pub snapshot: bool,
+}
+
+/// Whether staging may look at the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Read each suite's InRelease; a base staged from another state of the archive is stale.
+    Online,
+    /// Use the newest base cached for these inputs, however old, without touching the network.
+    Offline,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
+    #[error("no Debian mirror given and none found in the build host's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/); set `mirror` under [image] in the recipe or pass --mirror URL")]
+    NoMirror,
+    #[error("mmdebstrap is not installed; install it with `apt-get install mmdebstrap` (or run .ci/setup-host)")]
+    NoMmdebstrap,
+    #[error("apt-helper (from apt) is not installed at {APT_HELPER}; kiln reads the archive's state with it")]
+    NoAptHelper,
+    #[error("this {host} host cannot run {target} programs, which staging needs for package maintainer scripts; install qemu-user-static and binfmt-support (`apt-get install qemu-user-static binfmt-support`, or run .ci/setup-host) and make sure binfmt_misc is mounted")]
+    CannotExecute { host: String, target: Arch },
+    #[error("cannot read {uri}/dists/{suite}/InRelease, which tells whether the cached base is current; check the mirror, or build from what is cached with --offline\n{detail}")]
+    ArchiveUnreachable { uri: String, suite: String, detail: String },
+    #[error("--offline: no base is cached in {dir} for these inputs ({suite} {arch}, this mirror and package list); build once with network access first")]
+    NothingCached { dir: PathBuf, suite: String, arch: Arch },
+    #[error("{cmd} failed with {status}; the last lines of its output:\n{tail}\n(full log: {log})")]
+    Failed { cmd: String, status: String, tail: String, log: PathBuf },
+    #[error("{what} {path}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+/// apt's own downloader: the host's apt proxies, https and file: URIs, as mmdebstrap gets them.
+pub const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
+
+impl DebianBase {
+    /// Hex SHA-256 over every input of the base but the archive's state: bases staged from the
+    /// same inputs at different times share it (it starts their cache file names).
+    pub fn inputs_key(&self) -> String {
+        let mut h = Sha256::new();
+        // Bump the version when staging itself changes what a given input produces.
+        h.update(b"kiln-debian-base-v3\0");
+        for part in [&self.suite, self.arch.debian(), &self.mirror, self.security_mirror.as_deref().unwrap_or("")] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        for c in &self.components {
+            h.update(c.as_bytes());
+            h.update([1]);
+        }
+        for p in &self.packages {
+            h.update(p.as_bytes());
+            h.update([2]);
+        }
+        h.update(format!("{:?} {}", self.source_date_epoch, self.snapshot).as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    /// Hex SHA-256 over every input and the archive's state: the cache key. A new upload to
+    /// any suite (a security fix) changes it, so the next build stages afresh.
+    pub fn cache_key(&self, archive: &[SuiteState]) -> String {
+        let mut h = Sha256::new();
+        h.update(self.inputs_key().as_bytes());
+        for s in archive {
+            for part in [&s.uri, &s.suite, &s.sha256] {
+                h.update(part.as_bytes());
+                h.update([0]);
+            }
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// The suites a base may be installed from: the suite and its `-updates` from the mirror,
+    /// and `-security` from the security archive. Only those the archive has are used.
+    pub fn candidate_suites(&self) -> Vec<(String, String)> {
+        let mut v =
+            vec![(self.mirror.clone(), self.suite.clone()), (self.mirror.clone(), format!("{}-updates", self.suite))];
+        if let Some(sec) = &self.security_mirror {
+            v.push((sec.clone(), format!("{}-security", self.suite)));
+        }
+        v
+    }
+
+    pub(crate) fn file_prefix(&self) -> String {
+        format!("{}-{}-{}-", self.suite, self.arch.debian(), &self.inputs_key()[..16])
+    }
+}
+
+/// The staged base as a tarball in the cache.
+#[derive(Debug, Clone)]
+pub struct StagedBase {
+    pub tar: PathBuf,
+    /// True when the tarball came from the cache and mmdebstrap did not run.
+    pub cached: bool,
+    /// When it was staged and from which state of the archive.
+    pub info: BaseInfo,
+    /// How long ago it was staged, in seconds (for --offline's note).
+    pub age_secs: u64,
+}
+
+/// Returns the base for these inputs and the archive as it is now, running mmdebstrap only when
+/// no base was staged from this state of the archive. A new base replaces the older ones staged
+/// from the same inputs. Offline, the newest cached base for these inputs is used.
+pub fn stage(
+    base: &DebianBase,
+    freshness: Freshness,
+    cache_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<StagedBase, StageError> {
+    let dir = cache_dir.join("bases");
+    if freshness == Freshness::Offline {
+        return newest_cached(base, &dir).ok_or_else(|| StageError::NothingCached {
+            dir: dir.clone(),
+            suite: base.suite.clone(),
+            arch: base.arch,
+        });
+    }
+    let archive = probe_archive(base)?;
+    let key = base.cache_key(&archive);
+    let stem = format!("{}{}", base.file_prefix(), &key[..12]);
+    if let Some(found) = load_cached(&dir, &stem) {
+        return Ok(found);
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| StageError::Io {
+        what: "creating cache dir",
+        path: dir.clone(),
+        source,
+    })?;
+    // Builds of the same base wait for one staging instead of racing on the same files.
+    let lock_path = dir.join(format!("{stem}.lock"));
+    let _lock = lock_exclusive(&lock_path, progress)?;
+    if let Some(found) = load_cached(&dir, &stem) {
+        return Ok(found);
+    }
+    let (tar, record) = (dir.join(format!("{stem}.tar")), dir.join(format!("{stem}.json")));
+    check_can_execute(base.arch)?;
+    let mmdebstrap = crate::platform::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
+
+    // mmdebstrap writes next to the final name and the rename publishes it: an interrupted run
+    // leaves no tarball that a later build would trust.
+    let partial = tar.with_extension("tar.partial");
+    let log = tar.with_extension("log");
+    let mut cmd = mmdebstrap_command(&mmdebstrap, base, &archive, &partial);
+    let cmdline = format!("{cmd:?}");
+    progress.begin(&format!("staging {} {} with mmdebstrap", base.suite, base.arch), None, Unit::Items);
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StageError + 'a {
+        move |source| StageError::Io { what, path: path.to_path_buf(), source }
+    }
+    let (status, log_text) = run_mmdebstrap(&mut cmd, |line| {
+        if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+            progress.advance(1);
+        }
+    })
+    .map_err(io("running mmdebstrap for", &partial))?;
+    if let Err(stop) = crate::interrupt::check() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(stop.into());
+    }
+    crate::formats::atomic::write(&log, log_text.as_bytes()).map_err(io("writing log", &log))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&partial);
+        let tail = tail(log_text.lines(), 25);
+        return Err(StageError::Failed { cmd: cmdline, status: status.to_string(), tail, log });
+    }
+    let staged_at = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default();
+    let info = BaseInfo { cache_key: key, staged_at, archive };
+    // The record first: a tarball without one is not trusted (see load_cached).
+    let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
+    crate::formats::atomic::write(&record, &json).map_err(io("writing", &record))?;
+    std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(io("writing", &partial))?;
+    std::fs::rename(&partial, &tar).map_err(io("publishing staged base", &tar))?;
+    crate::formats::atomic::sync_dir(&dir).map_err(io("publishing staged base", &tar))?;
+    remove_older(base, &dir, &stem);
+    progress.end(&format!("{} packages requested", base.packages.len()));
+    Ok(StagedBase { tar, cached: false, info, age_secs: 0 })
+}
+
+/// mmdebstrap's command line for `base` from the archive's suites as they are now, writing the
+/// tarball to `partial`.
+fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteState], partial: &Path) -> Command {
+    let mut cmd = Command::new(mmdebstrap);
+    cmd.arg("--variant=minbase")
+        .arg(format!("--arch={}", base.arch.debian()))
+        .arg(format!("--components={}", base.components.join(",")))
+        .arg(format!("--include={}", base.packages.join(",")))
+        .arg("--format=tar")
+        // The package lists stay in the tarball (generalization empties them in the image): a
+        // service layer staged on this base resolves its dependencies against exactly the
+        // archive state the base came from, without downloading Debian's indices again.
+        .arg("--skip=cleanup/apt/lists")
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        .args(base.snapshot.then_some("--aptopt=Acquire::Check-Valid-Until \"false\""))
+        // The image gets a fresh identity on first boot.
+        .arg("--customize-hook=rm -f \"$1/etc/machine-id\" \"$1/var/lib/dbus/machine-id\"; : > \"$1/etc/machine-id\"")
+        .arg(&base.suite)
+        .arg(partial)
+        .args(archive.iter().map(|s| format!("deb {} {} {}", s.uri, s.suite, base.components.join(" "))))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(e) = base.source_date_epoch {
+        cmd.env("SOURCE_DATE_EPOCH", e.to_string());
+    }
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_key_changes_with_every_input() {
+        let b = DebianBase {
+            suite: "bookworm".into(),
+            arch: Arch::X86_64,
+            mirror: "http://m/debian".into(),
+            security_mirror: Some("http://m/debian-security".into()),
+            components: vec!["main".into()],
+            packages: vec!["a".into()],
+            source_date_epoch: None,
+            snapshot: false,
+        };
+        let k = b.inputs_key();
+        let mut c = b.clone();
+        c.packages.push("b".into());
+        assert_ne!(c.inputs_key(), k);
+        let mut c = b.clone();
+        c.arch = Arch::Arm64;
+        assert_ne!(c.inputs_key(), k);
+        let mut c = b.clone();
+        c.source_date_epoch = Some(1);
+        assert_ne!(c.inputs_key(), k);
+        let mut c = b.clone();
+        c.security_mirror = None;
+        assert_ne!(c.inputs_key(), k);
+        assert_eq!(b.clone().inputs_key(), k);
+        // The archive's state: a new InRelease in any suite is a new key, the same one is not.
+        let state = |text: &str| vec![suite_state("http://m/debian".into(), "bookworm".into(), text.as_bytes())];
+        let old = state("Origin: Debian\nDate: Sat, 01 Jun 2024 00:00:00 UTC\n");
+        let new = state("Origin: Debian\nDate: Sun, 02 Jun 2024 00:00:00 UTC\n");
+        assert_eq!(old[0].date, "Sat, 01 Jun 2024 00:00:00 UTC");
+        assert_eq!(b.cache_key(&old), b.cache_key(&old.clone()));
+        assert_ne!(b.cache_key(&old), b.cache_key(&new));
+        assert_ne!(b.cache_key(&old), b.cache_key(&[]));
+    }
+}
