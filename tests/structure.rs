@@ -179,4 +179,31 @@ fn is_region_tail(s: &str) -> bool {
     matches!((parts.next(), parts.next(), parts.next()),
         (Some(w), Some(n), None) if w.chars().all(|c| c.is_ascii_lowercase()) && !w.is_empty()
             && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty())
+/// ext4's on-disk layout is written down once, in `src/formats/ext4/ondisk.rs`: the reader
+/// and the writer both take their offsets and magic numbers from it, so a field cannot be
+/// written at one offset and read at another. The superblock magic is spelled in exactly one
+/// file under src/.
+#[test]
+fn the_ext4_reader_and_writer_share_one_on_disk_layout() {
+    let ext4 = repo().join("src/formats/ext4");
+    for file in ["read.rs", "write.rs", "layout.rs", "htree.rs"] {
+        let text = std::fs::read_to_string(ext4.join(file)).unwrap();
+        assert!(text.contains("use super::ondisk::"), "src/formats/ext4/{file} does not use the on-disk layout module");
+    }
+    let magic = ["0xef53", "0xef_53"];
+    let mut files: Vec<String> = sources(&repo().join("src"))
+        .into_iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap().to_lowercase();
+            magic.iter().any(|m| text.contains(m))
+        })
+        .map(|f| f.strip_prefix(repo()).unwrap().display().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["src/formats/ext4/ondisk.rs"], "the ext4 magic number is spelled outside the layout module");
+    // Nor are the extent, xattr or journal magics spelled twice.
+    for other in ["0xf30a", "0xea02_0000", "0xc03b_3998"] {
+        let hits = lines_with(other);
+        assert_eq!(hits.len(), 1, "{other} is written at {hits:?}");
+    }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 
-use super::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, Timestamp, Tree, TreeError};
+use super::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, SourceId, Timestamp, Tree, TreeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -56,14 +56,7 @@ pub fn overlay_tar(tree: &mut Tree, path: &Path, opts: &TarOptions) -> Result<()
 fn read_into(tree: &mut Tree, path: &Path, opts: &TarOptions, on_existing: OnExisting) -> Result<(), TarError> {
     let io_err = |source: io::Error| TarError::Io { path: path.to_path_buf(), source };
     let source = tree.add_source(path).map_err(io_err)?;
-    let file = File::open(path).map_err(io_err)?;
-    // A file that is no tar archive at all is told so here, in one line: the tar crate's own
-    // message would quote the header's bytes.
-    let mut first = [0u8; 512];
-    let got = read_up_to(&file, &mut first).map_err(io_err)?;
-    if let Some(what) = first_header_problem(&first[..got]) {
-        return Err(TarError::NotTar { path: path.to_path_buf(), what });
-    }
+    let file = open_archive(path)?;
     // Unbuffered on purpose: headers are read at their exact size and file contents are
     // skipped with a seek, so the archive is read once here (headers) and once more where the
     // image is written (contents), never refilled and thrown away. A buffer would be refilled
@@ -72,155 +65,252 @@ fn read_into(tree: &mut Tree, path: &Path, opts: &TarOptions, on_existing: OnExi
     let mut spool: Option<Spool> = None;
     let entries = archive.entries_with_seek().map_err(io_err)?;
     for (index, entry) in entries.enumerate() {
-        let index = index as u64;
         let mut entry = entry.map_err(io_err)?;
-        let name_bytes = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&name_bytes).into_owned();
-        let ctx_entry = |what: String| TarError::Entry { path: path.to_path_buf(), index, name: name.clone(), what };
-        let ctx_tree =
-            |source: TreeError| TarError::Tree { path: path.to_path_buf(), index, name: name.clone(), source };
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let at = At { path, index: index as u64, name };
+        let mut reading = Reading { tree: &mut *tree, source, opts, spool: &mut spool, on_existing };
+        reading.entry(&mut entry, &at)?;
+    }
+    Ok(())
+}
 
+/// Opens the archive, telling a file that is no tar archive at all so here, in one line: the
+/// tar crate's own message would quote the header's bytes.
+fn open_archive(path: &Path) -> Result<File, TarError> {
+    let io_err = |source: io::Error| TarError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io_err)?;
+    let mut first = [0u8; 512];
+    let got = read_up_to(&file, &mut first).map_err(io_err)?;
+    if let Some(what) = first_header_problem(&first[..got]) {
+        return Err(TarError::NotTar { path: path.to_path_buf(), what });
+    }
+    Ok(file)
+}
+
+/// Which entry of which archive is being read, for errors.
+struct At<'a> {
+    path: &'a Path,
+    index: u64,
+    name: String,
+}
+
+impl At<'_> {
+    fn entry(&self, what: String) -> TarError {
+        TarError::Entry { path: self.path.to_path_buf(), index: self.index, name: self.name.clone(), what }
+    }
+    fn tree(&self, source: TreeError) -> TarError {
+        TarError::Tree { path: self.path.to_path_buf(), index: self.index, name: self.name.clone(), source }
+    }
+    fn io(&self, source: io::Error) -> TarError {
+        TarError::Io { path: self.path.to_path_buf(), source }
+    }
+}
+
+/// What reading one archive into a tree carries from entry to entry.
+struct Reading<'a> {
+    tree: &'a mut Tree,
+    source: SourceId,
+    opts: &'a TarOptions,
+    /// Where GNU sparse members are expanded, made at the first one.
+    spool: &'a mut Option<Spool>,
+    on_existing: OnExisting,
+}
+
+type Entry<'a> = tar::Entry<'a, File>;
+
+impl Reading<'_> {
+    /// One archive entry into the tree: its metadata (header, then PAX records), then what it
+    /// is, then its place (parents made as needed).
+    fn entry(&mut self, entry: &mut Entry<'_>, at: &At<'_>) -> Result<(), TarError> {
+        let name_bytes = entry.path_bytes().into_owned();
         let header = entry.header().clone();
-        let etype = header.entry_type();
-        let mut meta = Meta::new(
-            (header.mode().map_err(|e| ctx_entry(format!("bad mode: {e}")))? & 0o7777) as u16,
-            header.uid().map_err(|e| ctx_entry(format!("bad uid: {e}")))? as u32,
-            header.gid().map_err(|e| ctx_entry(format!("bad gid: {e}")))? as u32,
-            Timestamp::new(header.mtime().map_err(|e| ctx_entry(format!("bad mtime: {e}")))? as i64, 0),
-        );
-        let mut have_atime = false;
-        let mut have_ctime = false;
+        let mut meta = header_meta(&header, at)?;
         let mut sparse = PaxSparse::default();
-        if let Some(pax) = entry.pax_extensions().map_err(io_err)? {
+        if let Some(pax) = entry.pax_extensions().map_err(|e| at.io(e))? {
+            let (mut have_atime, mut have_ctime) = (false, false);
             for ext in pax {
-                let ext = ext.map_err(io_err)?;
-                let key = ext.key_bytes();
-                let value = ext.value_bytes();
-                match key {
-                    b"uid" => meta.uid = parse_id(value).ok_or_else(|| ctx_entry(format!("bad PAX uid {value:?}")))?,
-                    b"gid" => meta.gid = parse_id(value).ok_or_else(|| ctx_entry(format!("bad PAX gid {value:?}")))?,
-                    b"mtime" => meta.mtime = parse_time(value).ok_or_else(|| ctx_entry("bad PAX mtime".into()))?,
-                    b"atime" => {
-                        meta.atime = parse_time(value).ok_or_else(|| ctx_entry("bad PAX atime".into()))?;
-                        have_atime = true;
-                    }
-                    b"ctime" => {
-                        meta.ctime = parse_time(value).ok_or_else(|| ctx_entry("bad PAX ctime".into()))?;
-                        have_ctime = true;
-                    }
-                    b"GNU.sparse.major" => sparse.major = parse_u64(value),
-                    b"GNU.sparse.minor" => sparse.minor = parse_u64(value),
-                    b"GNU.sparse.name" => sparse.name = Some(value.to_vec()),
-                    b"GNU.sparse.realsize" | b"GNU.sparse.size" => sparse.realsize = parse_u64(value),
-                    b"GNU.sparse.map" => {
-                        sparse.map = Some(parse_map(value).ok_or_else(|| ctx_entry("bad GNU.sparse.map".into()))?)
-                    }
-                    b"GNU.sparse.offset" => sparse.pairs_00.push(parse_u64(value).unwrap_or(u64::MAX)),
-                    b"GNU.sparse.numbytes" => sparse.pairs_00.push(parse_u64(value).unwrap_or(u64::MAX)),
-                    _ => {
-                        if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
-                            meta.xattrs.insert(xname.to_vec(), value.to_vec());
-                        } else if let Some(xname) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
-                            let xname = percent_decode(xname);
-                            let v = base64::engine::general_purpose::STANDARD_NO_PAD
-                                .decode(value.trim_ascii_end().trim_end_matches_eq(b'='))
-                                .map_err(|e| ctx_entry(format!("bad LIBARCHIVE xattr value: {e}")))?;
-                            meta.xattrs.insert(xname, v);
-                        }
-                    }
+                let ext = ext.map_err(|e| at.io(e))?;
+                match apply_pax(&mut meta, &mut sparse, ext.key_bytes(), ext.value_bytes(), at)? {
+                    PaxTime::Atime => have_atime = true,
+                    PaxTime::Ctime => have_ctime = true,
+                    PaxTime::Neither => {}
                 }
             }
-        }
-        if !have_atime {
-            meta.atime = meta.mtime;
-        }
-        if !have_ctime {
-            meta.ctime = meta.mtime;
+            if !have_atime {
+                meta.atime = meta.mtime;
+            }
+            if !have_ctime {
+                meta.ctime = meta.mtime;
+            }
         }
 
         // PAX sparse members (GNU tar's --sparse with --format=pax) name a placeholder path in
         // the header and carry the real name and map in PAX records (0.x) or at the start of
-        // the data (1.0). Their data segments are stored back to back, so they stay references.
+        // the data (1.0).
         let name_bytes = match &sparse.name {
             Some(n) if sparse.is_sparse() => n.clone(),
             _ => name_bytes,
         };
+        let etype = header.entry_type();
         let kind = match etype {
             tar::EntryType::Regular | tar::EntryType::Continuous if sparse.is_sparse() => {
-                let mut data_pos = entry.raw_file_position();
-                let map = match sparse.map.take() {
-                    Some(m) => m,
-                    None if sparse.major == Some(1) => {
-                        let (m, used) =
-                            read_map_1_0(&mut entry).map_err(|e| ctx_entry(format!("bad sparse map: {e}")))?;
-                        data_pos += used;
-                        m
-                    }
-                    None => pairs(&sparse.pairs_00).ok_or_else(|| ctx_entry("bad GNU.sparse 0.0 map".into()))?,
-                };
-                let realsize = sparse.realsize.ok_or_else(|| ctx_entry("sparse member without a real size".into()))?;
-                let mut content = Content { size: realsize, segments: Vec::with_capacity(map.len()) };
-                for (off, len) in map {
-                    if len > 0 {
-                        content.segments.push(Segment {
-                            offset: off,
-                            len,
-                            data: Data::Source { source, offset: data_pos },
-                        });
-                    }
-                    data_pos += len;
-                }
-                content.validate().map_err(|e| ctx_entry(format!("bad sparse map: {e}")))?;
-                Kind::File(content)
+                Kind::File(pax_sparse_content(entry, &mut sparse, self.source, at)?)
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.size();
-                let pos = entry.raw_file_position();
-                Kind::File(Content::from_source(source, pos, size))
+                Kind::File(Content::from_source(self.source, entry.raw_file_position(), entry.size()))
             }
             tar::EntryType::GNUSparse => {
-                let sp = match &mut spool {
+                let sp = match self.spool {
                     Some(s) => s,
-                    None => spool.insert(Spool::create(opts.spool_dir.as_deref(), tree).map_err(io_err)?),
+                    None => self
+                        .spool
+                        .insert(Spool::create(self.opts.spool_dir.as_deref(), self.tree).map_err(|e| at.io(e))?),
                 };
-                Kind::File(sp.expand(&mut entry).map_err(io_err)?)
+                Kind::File(sp.expand(entry).map_err(|e| at.io(e))?)
             }
             tar::EntryType::Directory => Kind::Dir(Dir::default()),
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().ok_or_else(|| ctx_entry("symlink without a target".into()))?;
+                let target = entry.link_name_bytes().ok_or_else(|| at.entry("symlink without a target".into()))?;
                 if target.is_empty() {
-                    return Err(ctx_entry("symlink with an empty target".into()));
+                    return Err(at.entry("symlink with an empty target".into()));
                 }
                 Kind::Symlink(target.into_owned())
             }
             tar::EntryType::Link => {
-                let target = entry.link_name_bytes().ok_or_else(|| ctx_entry("hard link without a target".into()))?;
-                tree.link(&name_bytes, &target, on_existing).map_err(ctx_tree)?;
-                continue;
+                let target = entry.link_name_bytes().ok_or_else(|| at.entry("hard link without a target".into()))?;
+                self.tree.link(&name_bytes, &target, self.on_existing).map_err(|e| at.tree(e))?;
+                return Ok(());
             }
-            tar::EntryType::Char | tar::EntryType::Block => {
-                let major =
-                    header.device_major().map_err(|e| ctx_entry(format!("bad device major: {e}")))?.unwrap_or(0);
-                let minor =
-                    header.device_minor().map_err(|e| ctx_entry(format!("bad device minor: {e}")))?.unwrap_or(0);
-                if etype == tar::EntryType::Char {
-                    Kind::CharDev { major, minor }
-                } else {
-                    Kind::BlockDev { major, minor }
-                }
-            }
+            tar::EntryType::Char | tar::EntryType::Block => device(&header, at)?,
             tar::EntryType::Fifo => Kind::Fifo,
             // Global PAX headers and GNU long-name records are consumed by the tar crate; other
             // kinds (GNU volume labels, multi-volume continuations) carry nothing for a root tree.
-            tar::EntryType::XGlobalHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => continue,
-            other => return Err(ctx_entry(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
+            tar::EntryType::XGlobalHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => return Ok(()),
+            other => return Err(at.entry(format!("unsupported tar entry type {:?}", other.as_byte() as char))),
         };
         // Archives made without explicit parent directories are common (`tar -cf x.tar a/b/c`).
         let parent_meta = Meta::new(0o755, 0, 0, meta.mtime);
-        tree.create_parents(&name_bytes, &parent_meta).map_err(ctx_tree)?;
-        tree.insert(&name_bytes, kind, meta, on_existing).map_err(ctx_tree)?;
+        self.tree.create_parents(&name_bytes, &parent_meta).map_err(|e| at.tree(e))?;
+        self.tree.insert(&name_bytes, kind, meta, self.on_existing).map_err(|e| at.tree(e))?;
+        Ok(())
     }
-    Ok(())
+}
+
+/// Mode, owner and mtime from the header; atime and ctime are the mtime unless PAX says
+/// otherwise. Numbers too large for the tree (GNU base-256 fields hold 64 bits) are refused.
+fn header_meta(header: &tar::Header, at: &At<'_>) -> Result<Meta, TarError> {
+    let mode = header.mode().map_err(|e| at.entry(format!("bad mode: {e}")))?;
+    let uid = header.uid().map_err(|e| at.entry(format!("bad uid: {e}")))?;
+    let gid = header.gid().map_err(|e| at.entry(format!("bad gid: {e}")))?;
+    let mtime = header.mtime().map_err(|e| at.entry(format!("bad mtime: {e}")))?;
+    let uid = u32::try_from(uid).map_err(|_| at.entry(format!("uid {uid} does not fit 32 bits")))?;
+    let gid = u32::try_from(gid).map_err(|_| at.entry(format!("gid {gid} does not fit 32 bits")))?;
+    let mtime = i64::try_from(mtime).map_err(|_| at.entry(format!("mtime {mtime} does not fit 64 signed bits")))?;
+    // The permission bits, set-id and sticky bits: 12 bits, which fit a u16.
+    let perm = u16::try_from(mode & 0o7777).expect("12 bits");
+    Ok(Meta::new(perm, uid, gid, Timestamp::new(mtime, 0)))
+}
+
+/// Which of the times a PAX record set (so the header's mtime does not stand in for it).
+enum PaxTime {
+    Atime,
+    Ctime,
+    Neither,
+}
+
+/// One PAX record: ids, times, GNU sparse information, extended attributes; others ignored.
+fn apply_pax(
+    meta: &mut Meta,
+    sparse: &mut PaxSparse,
+    key: &[u8],
+    value: &[u8],
+    at: &At<'_>,
+) -> Result<PaxTime, TarError> {
+    match key {
+        b"uid" => meta.uid = parse_id(value).ok_or_else(|| at.entry(format!("bad PAX uid {value:?}")))?,
+        b"gid" => meta.gid = parse_id(value).ok_or_else(|| at.entry(format!("bad PAX gid {value:?}")))?,
+        b"mtime" => meta.mtime = parse_time(value).ok_or_else(|| at.entry("bad PAX mtime".into()))?,
+        b"atime" => {
+            meta.atime = parse_time(value).ok_or_else(|| at.entry("bad PAX atime".into()))?;
+            return Ok(PaxTime::Atime);
+        }
+        b"ctime" => {
+            meta.ctime = parse_time(value).ok_or_else(|| at.entry("bad PAX ctime".into()))?;
+            return Ok(PaxTime::Ctime);
+        }
+        b"GNU.sparse.major" => sparse.major = parse_u64(value),
+        b"GNU.sparse.minor" => sparse.minor = parse_u64(value),
+        b"GNU.sparse.name" => sparse.name = Some(value.to_vec()),
+        b"GNU.sparse.realsize" | b"GNU.sparse.size" => sparse.realsize = parse_u64(value),
+        b"GNU.sparse.map" => sparse.map = Some(parse_map(value).ok_or_else(|| at.entry("bad GNU.sparse.map".into()))?),
+        b"GNU.sparse.offset" | b"GNU.sparse.numbytes" => sparse.pairs_00.push(parse_u64(value).unwrap_or(u64::MAX)),
+        _ => {
+            if let Some(xname) = key.strip_prefix(b"SCHILY.xattr.") {
+                meta.xattrs.insert(xname.to_vec(), value.to_vec());
+            } else if let Some(xname) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+                let xname = percent_decode(xname);
+                let v = base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(value.trim_ascii_end().trim_end_matches_eq(b'='))
+                    .map_err(|e| at.entry(format!("bad LIBARCHIVE xattr value: {e}")))?;
+                meta.xattrs.insert(xname, v);
+            }
+        }
+    }
+    Ok(PaxTime::Neither)
+}
+
+/// A PAX sparse member's content: its data segments are stored back to back in the archive,
+/// so they stay references.
+fn pax_sparse_content(
+    entry: &mut Entry<'_>,
+    sparse: &mut PaxSparse,
+    source: SourceId,
+    at: &At<'_>,
+) -> Result<Content, TarError> {
+    let mut data_pos = entry.raw_file_position();
+    let map = match sparse.map.take() {
+        Some(m) => m,
+        None if sparse.major == Some(1) => {
+            let (m, used) = read_map_1_0(entry).map_err(|e| at.entry(format!("bad sparse map: {e}")))?;
+            data_pos = data_pos.checked_add(used).ok_or_else(|| at.entry("sparse map past any archive".into()))?;
+            m
+        }
+        None => pairs(&sparse.pairs_00).ok_or_else(|| at.entry("bad GNU.sparse 0.0 map".into()))?,
+    };
+    let realsize = sparse.realsize.ok_or_else(|| at.entry("sparse member without a real size".into()))?;
+    let content =
+        sparse_content(&map, realsize, source, data_pos).map_err(|e| at.entry(format!("bad sparse map: {e}")))?;
+    Ok(content)
+}
+
+/// The content a sparse map describes, its data stored back to back from `data_pos`; the
+/// map comes from the archive, so its sums are checked.
+fn sparse_content(
+    map: &[(u64, u64)],
+    realsize: u64,
+    source: SourceId,
+    mut data_pos: u64,
+) -> Result<Content, TreeError> {
+    let mut content = Content { size: realsize, segments: Vec::with_capacity(map.len()) };
+    for &(offset, len) in map {
+        if len > 0 {
+            content.segments.push(Segment { offset, len, data: Data::Source { source, offset: data_pos } });
+        }
+        data_pos = data_pos.checked_add(len).ok_or(TreeError::BadContent("sparse data runs past 2^64 bytes"))?;
+    }
+    content.validate()?;
+    Ok(content)
+}
+
+/// A device node's numbers.
+fn device(header: &tar::Header, at: &At<'_>) -> Result<Kind, TarError> {
+    let major = header.device_major().map_err(|e| at.entry(format!("bad device major: {e}")))?.unwrap_or(0);
+    let minor = header.device_minor().map_err(|e| at.entry(format!("bad device minor: {e}")))?.unwrap_or(0);
+    Ok(if header.entry_type() == tar::EntryType::Char {
+        Kind::CharDev { major, minor }
+    } else {
+        Kind::BlockDev { major, minor }
+    })
 }
 
 /// GNU sparse information gathered from PAX records.
@@ -499,5 +589,45 @@ mod tests {
     fn percent_decoding() {
         assert_eq!(percent_decode(b"user.a%3Db"), b"user.a=b");
         assert_eq!(percent_decode(b"user.%"), b"user.%");
+    }
+
+    fn at() -> At<'static> {
+        At { path: Path::new("hostile.tar"), index: 3, name: "x".into() }
+    }
+
+    /// A GNU header with every number set, as tar writes one.
+    fn header() -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(1000);
+        h.set_gid(1000);
+        h.set_mtime(1_700_000_000);
+        h
+    }
+
+    #[test]
+    fn header_numbers_too_large_for_the_tree_are_refused_not_truncated() {
+        // GNU base-256 fields carry 64-bit numbers; a uid of 2^40 used to become 0.
+        let mut h = header();
+        h.set_uid(1 << 40);
+        let err = header_meta(&h, &at()).unwrap_err().to_string();
+        assert!(err.contains("uid 1099511627776 does not fit 32 bits"), "{err}");
+        let mut h = header();
+        h.set_gid(1 << 33);
+        assert!(header_meta(&h, &at()).unwrap_err().to_string().contains("gid 8589934592"));
+        let mut h = header();
+        h.set_mtime(u64::MAX);
+        assert!(header_meta(&h, &at()).unwrap_err().to_string().contains("mtime"));
+        let m = header_meta(&header(), &at()).unwrap();
+        assert_eq!((m.uid, m.gid, m.perm, m.mtime), (1000, 1000, 0o644, Timestamp::new(1_700_000_000, 0)));
+    }
+
+    #[test]
+    fn a_sparse_map_whose_data_runs_past_2_pow_64_is_refused() {
+        let map = [(0, 10), (10, u64::MAX - 20)];
+        let err = sparse_content(&map, u64::MAX, SourceId(0), 512).unwrap_err();
+        assert!(err.to_string().contains("2^64"), "{err}");
+        let ok = sparse_content(&[(0, 10), (100, 5)], 105, SourceId(0), 512).unwrap();
+        assert_eq!(ok.segments[1].data, Data::Source { source: SourceId(0), offset: 522 });
     }
 }

@@ -8,29 +8,25 @@
 //! superblock says so: hash version 1, `EXT2_FLAGS_UNSIGNED_HASH`), seeded by `s_hash_seed`.
 
 use super::csum;
+use super::ondisk::{dirent, sb};
 use super::BLOCK_SIZE;
 
 const BS: usize = BLOCK_SIZE as usize;
 /// Directory block bytes before the 12-byte checksum tail.
-const LEAF_USABLE: usize = BS - 12;
+const LEAF_USABLE: usize = BS - dirent::TAIL_SIZE;
 /// dx_root: `.` (12) + `..` header (12) + dx_root_info (8), then the count/limit entry.
-const ROOT_ENTRIES_AT: usize = 32;
+const ROOT_ENTRIES_AT: usize = dirent::DX_ROOT_INFO_AT + dirent::DX_INFO_SIZE as usize;
 /// dx_node: a fake empty entry (8), then the count/limit entry.
-const NODE_ENTRIES_AT: usize = 8;
-/// The dx_tail (reserved + checksum) that metadata_csum puts after the last possible entry.
-const DX_TAIL: usize = 8;
-pub const ROOT_LIMIT: usize = (BS - ROOT_ENTRIES_AT - DX_TAIL) / 8;
-pub const NODE_LIMIT: usize = (BS - NODE_ENTRIES_AT - DX_TAIL) / 8;
-/// dx_root_info.hash_version: half-MD4 (the unsigned variant comes from the superblock flag).
-const HASH_HALF_MD4: u8 = 1;
-/// `EXT4_INDEX_FL`: the directory has an htree index.
-pub const EXT4_INDEX_FL: u32 = 0x1000;
+const NODE_ENTRIES_AT: usize = dirent::HEADER;
+pub const ROOT_LIMIT: usize = (BS - ROOT_ENTRIES_AT - dirent::DX_TAIL_SIZE) / dirent::DX_ENTRY_SIZE;
+pub const NODE_LIMIT: usize = (BS - NODE_ENTRIES_AT - dirent::DX_TAIL_SIZE) / dirent::DX_ENTRY_SIZE;
 
 /// A directory entry: name, inode number, file type.
 pub type Entry = (Vec<u8>, u32, u8);
 
+/// An entry's record length: header and name, padded to 4 bytes.
 pub fn dirent_len(name_len: usize) -> usize {
-    (8 + name_len).div_ceil(4) * 4
+    (dirent::HEADER + name_len).div_ceil(4) * 4
 }
 
 /// The major half-MD4 hash of a name as ext4 computes it (`ext4fs_dirhash`, unsigned chars).
@@ -182,32 +178,36 @@ impl Leaves {
     }
 }
 
-fn put_dirent(blk: &mut [u8], at: usize, ino: u32, rec_len: usize, name: &[u8], ft: u8) {
-    blk[at..at + 4].copy_from_slice(&ino.to_le_bytes());
-    blk[at + 4..at + 6].copy_from_slice(&(rec_len as u16).to_le_bytes());
-    blk[at + 6] = name.len() as u8;
-    blk[at + 7] = ft;
-    blk[at + 8..at + 8 + name.len()].copy_from_slice(name);
+/// One directory entry at `at`. Record lengths are at most a block and names at most 255
+/// bytes (the planner checked), so both fit their fields.
+pub fn put_dirent(blk: &mut [u8], at: usize, ino: u32, rec_len: usize, name: &[u8], ft: u8) {
+    let e = &mut blk[at..];
+    dirent::INODE.put(e, ino);
+    dirent::REC_LEN.put(e, u16::try_from(rec_len).expect("a record fits a block"));
+    dirent::NAME_LEN.put(e, u8::try_from(name.len()).expect("names are at most 255 bytes"));
+    dirent::FILE_TYPE.put(e, ft);
+    e[dirent::HEADER..dirent::HEADER + name.len()].copy_from_slice(name);
 }
 
 /// Writes count/limit, the entries (the first one's hash slot holds count/limit) and the
 /// dx_tail checksum of one index block.
 fn put_index(blk: &mut [u8], at: usize, limit: usize, entries: &[(u32, u32)], iseed: u32) {
     let count = entries.len();
-    blk[at..at + 2].copy_from_slice(&(limit as u16).to_le_bytes());
-    blk[at + 2..at + 4].copy_from_slice(&(count as u16).to_le_bytes());
+    let fits = |n: usize| u16::try_from(n).expect("an index block holds fewer than 512 entries");
+    dirent::DX_LIMIT.put(&mut blk[at..], fits(limit));
+    dirent::DX_COUNT.put(&mut blk[at..], fits(count));
     for (k, &(hash, block)) in entries.iter().enumerate() {
-        let e = at + 8 * k;
+        let e = &mut blk[at + dirent::DX_ENTRY_SIZE * k..];
         if k > 0 {
-            blk[e..e + 4].copy_from_slice(&hash.to_le_bytes());
+            dirent::DX_HASH.put(e, hash);
         }
-        blk[e + 4..e + 8].copy_from_slice(&block.to_le_bytes());
+        dirent::DX_BLOCK.put(e, block);
     }
     // ext4_dx_csum: the block up to the last used entry, then dt_reserved, then a zero checksum.
-    let tail = at + 8 * limit;
-    let c = csum::raw(csum::raw(iseed, &blk[..at + 8 * count]), &blk[tail..tail + 4]);
+    let tail = at + dirent::DX_ENTRY_SIZE * limit;
+    let c = csum::raw(csum::raw(iseed, &blk[..at + dirent::DX_ENTRY_SIZE * count]), &blk[tail..tail + 4]);
     let c = csum::raw(c, &[0u8; 4]);
-    blk[tail + 4..tail + 8].copy_from_slice(&c.to_le_bytes());
+    dirent::DX_TAIL_CHECKSUM.put(&mut blk[tail..], c);
 }
 
 /// The blocks of an indexed directory, in logical order.
@@ -217,11 +217,14 @@ pub fn write(ino: u32, parent: u32, entries: &[Entry], leaves: &Leaves, iseed: u
     let mut out = Vec::with_capacity(first_leaf + leaves.leaves.len());
 
     let mut root = vec![0u8; BS];
-    put_dirent(&mut root, 0, ino, 12, b".", 2);
-    put_dirent(&mut root, 12, parent, BS - 12, b"..", 2);
-    root[24 + 4] = HASH_HALF_MD4;
-    root[24 + 5] = 8; // info_length
-    root[24 + 6] = u8::from(nodes > 0); // indirect_levels
+    let dot = dirent_len(1);
+    put_dirent(&mut root, 0, ino, dot, b".", dirent::FT_DIR);
+    put_dirent(&mut root, dot, parent, BS - dot, b"..", dirent::FT_DIR);
+    let info = &mut root[dirent::DX_ROOT_INFO_AT..];
+    // Half-MD4; the unsigned variant comes from the superblock's flag.
+    dirent::DX_INFO_HASH_VERSION.put(info, sb::DX_HASH_HALF_MD4);
+    dirent::DX_INFO_LENGTH.put(info, dirent::DX_INFO_SIZE);
+    dirent::DX_INFO_INDIRECT_LEVELS.put(info, u8::from(nodes > 0));
     let leaf_entries: Vec<(u32, u32)> =
         leaves.starts.iter().enumerate().map(|(k, &h)| (h, (first_leaf + k) as u32)).collect();
     if nodes == 0 {
@@ -235,7 +238,7 @@ pub fn write(ino: u32, parent: u32, entries: &[Entry], leaves: &Leaves, iseed: u
         for g in groups {
             let mut node = vec![0u8; BS];
             // A fake entry spanning the block, so directory walkers skip it.
-            node[4..6].copy_from_slice(&(BS as u16).to_le_bytes());
+            dirent::REC_LEN.put(&mut node, u16::try_from(BS).expect("4 KiB blocks"));
             put_index(&mut node, NODE_ENTRIES_AT, NODE_LIMIT, g, iseed);
             out.push(node);
         }
@@ -259,12 +262,12 @@ pub fn write(ino: u32, parent: u32, entries: &[Entry], leaves: &Leaves, iseed: u
 
 /// Stretches the last entry to the checksum tail and writes the tail.
 pub fn seal_leaf(blk: &mut [u8], last: usize, iseed: u32) {
-    blk[last + 4..last + 6].copy_from_slice(&((LEAF_USABLE - last) as u16).to_le_bytes());
-    let t = LEAF_USABLE;
-    blk[t + 4..t + 6].copy_from_slice(&12u16.to_le_bytes());
-    blk[t + 7] = 0xDE;
-    let c = csum::raw(iseed, &blk[..t]);
-    blk[t + 8..t + 12].copy_from_slice(&c.to_le_bytes());
+    dirent::REC_LEN.put(&mut blk[last..], u16::try_from(LEAF_USABLE - last).expect("inside a block"));
+    let tail = &mut blk[LEAF_USABLE..];
+    dirent::TAIL_REC_LEN.put(tail, dirent::TAIL_SIZE as u16);
+    dirent::TAIL_FT.put(tail, dirent::FT_DIR_CSUM);
+    let c = csum::raw(iseed, &blk[..LEAF_USABLE]);
+    dirent::TAIL_CHECKSUM.put(&mut blk[LEAF_USABLE..], c);
 }
 
 #[cfg(test)]

@@ -4,24 +4,30 @@
 use std::collections::BTreeMap;
 
 use super::csum;
+use super::htree::{self, dirent_len};
+use super::ondisk::{dirent, extent, hi16, inode, inum, jbd2, lo32, xattr};
 use super::{Ext4Error, Ext4Options, SizeSpec, BLOCKS_PER_GROUP, BLOCK_SIZE, INODE_SIZE};
-use crate::tree::{Content, InodeId, Kind, Timestamp, Tree};
+use crate::tree::{Content, InodeId, Kind, Meta, Timestamp, Tree};
 
 pub(super) const INODES_PER_BLOCK: u64 = BLOCK_SIZE / INODE_SIZE;
 /// Groups per flex group (`s_log_groups_per_flex` = 4), mke2fs's default.
 pub(super) const FLEX: u64 = 16;
 /// Longest initialized extent.
-const MAX_EXTENT: u64 = 32768;
-/// Extents in one 4 KiB leaf: (4096 - 12 header - 4 tail) / 12.
-const LEAF_EXTENTS: usize = 340;
-pub(super) const ROOT_INO: u32 = 2;
-pub(super) const JOURNAL_INO: u32 = 8;
-pub(super) const LOST_FOUND_INO: u32 = 11;
-pub(super) const FIRST_INO: u32 = 11;
+const MAX_EXTENT: u64 = extent::INIT_MAX_LEN as u64;
+/// Extents in one 4 KiB leaf: (4096 - 12 header - 4 tail) / 12 = 340.
+const LEAF_EXTENTS: usize = (BLOCK_SIZE as usize - extent::HEADER - extent::TAIL) / extent::ENTRY;
+/// mke2fs gives lost+found the first inode that is not reserved; e2fsck expects it there.
+const LOST_FOUND_INO: u32 = inum::FIRST;
 /// Bytes after the 32-byte extra inode fields where in-inode xattrs live (256 - 128 - 32).
-const IBODY_XATTR_SPACE: usize = 96;
-
-pub(super) const EXT4_EXTENTS_FL: u32 = 0x80000;
+const IBODY_XATTR_SPACE: usize = INODE_SIZE as usize - inode::XATTR_AT;
+/// Without the 64bit feature block numbers and counts are 32 bits (`s_blocks_count_lo`).
+pub(super) const MAX_BLOCKS: u64 = u32::MAX as u64;
+/// The largest file: logical block numbers are 32 bits (`ee_block`), as the kernel's
+/// `ext4_max_size` computes it for extent files: (2^32 - 1) blocks.
+pub(super) const MAX_FILE_BYTES: u64 = u32::MAX as u64 * BLOCK_SIZE;
+/// Hard links of one inode: `i_links_count` is 16 bits, and the kernel's `EXT4_LINK_MAX`
+/// is 65000 (a directory past it counts 1, the dir_nlink feature).
+const MAX_LINKS: u32 = 65000;
 
 /// Where everything is, for one file system.
 #[derive(Debug, Clone)]
@@ -210,7 +216,7 @@ struct Needs {
     /// ext4 inode number → tree inode (None for lost+found when kiln made it, and reserved).
     tree_of: Vec<Option<InodeId>>,
     /// Directory contents by ext4 inode: (name, child ino, file type).
-    dirs: BTreeMap<u32, Vec<(Vec<u8>, u32, u8)>>,
+    dirs: BTreeMap<u32, Vec<htree::Entry>>,
     /// Parent of every directory, by ext4 inode.
     parent: BTreeMap<u32, u32>,
     data_blocks: u64,
@@ -221,13 +227,13 @@ struct Needs {
 
 fn file_type(kind: &Kind) -> u8 {
     match kind {
-        Kind::File(_) => 1,
-        Kind::Dir(_) => 2,
-        Kind::CharDev { .. } => 3,
-        Kind::BlockDev { .. } => 4,
-        Kind::Fifo => 5,
-        Kind::Socket => 6,
-        Kind::Symlink(_) => 7,
+        Kind::File(_) => dirent::FT_REG_FILE,
+        Kind::Dir(_) => dirent::FT_DIR,
+        Kind::CharDev { .. } => dirent::FT_CHRDEV,
+        Kind::BlockDev { .. } => dirent::FT_BLKDEV,
+        Kind::Fifo => dirent::FT_FIFO,
+        Kind::Socket => dirent::FT_SOCK,
+        Kind::Symlink(_) => dirent::FT_SYMLINK,
     }
 }
 
@@ -247,15 +253,13 @@ fn data_ranges(c: &Content) -> Vec<(u64, u64)> {
     out
 }
 
-use super::htree::{self, dirent_len};
-
 /// Usable bytes of a directory block before the 12-byte checksum tail.
-const DIR_USABLE: usize = BLOCK_SIZE as usize - 12;
+const DIR_USABLE: usize = BLOCK_SIZE as usize - dirent::TAIL_SIZE;
 
 /// Splits a directory's entries (after `.` and `..`) into blocks.
-fn dir_block_count(entries: &[(Vec<u8>, u32, u8)]) -> u64 {
+fn dir_block_count(entries: &[htree::Entry]) -> u64 {
     let mut blocks = 1u64;
-    let mut used = 12 + 12; // "." and ".."
+    let mut used = dirent_len(1) + dirent_len(2); // "." and ".."
     for (name, _, _) in entries {
         let l = dirent_len(name.len());
         if used + l > DIR_USABLE {
@@ -267,123 +271,162 @@ fn dir_block_count(entries: &[(Vec<u8>, u32, u8)]) -> u64 {
     blocks
 }
 
-fn collect(tree: &Tree, hash_seed: &[u8; 16]) -> Result<Needs, Ext4Error> {
-    let mut ino_of = vec![0u32; tree.inodes().len()];
-    let mut tree_of: Vec<Option<InodeId>> = vec![None; FIRST_INO as usize - 1];
-    let mut paths = BTreeMap::new();
-    ino_of[InodeId::ROOT.index()] = ROOT_INO;
-    tree_of[ROOT_INO as usize - 1] = Some(InodeId::ROOT);
-    paths.insert(ROOT_INO, "/".to_string());
+/// ext4 inode numbers for the tree: the root is 2, an existing `/lost+found` 11, and every
+/// other inode the next number in walk (sorted path) order, hard links sharing theirs.
+struct Numbering {
+    /// Tree inode index → ext4 inode number (0: not numbered yet).
+    ino_of: Vec<u32>,
+    tree_of: Vec<Option<InodeId>>,
+    paths: BTreeMap<u32, String>,
+    /// The tree's own `/lost+found`, when it has a directory there.
+    lost_found: Option<InodeId>,
+    /// The highest number given.
+    last: u32,
+}
 
-    let root_entries = match &tree.root().kind {
-        Kind::Dir(d) => d,
-        _ => unreachable!("the root is a directory"),
-    };
-    let lf_existing = root_entries.entries.get(&b"lost+found"[..]).copied().filter(|id| tree.inode(*id).kind.is_dir());
+fn number_inodes(tree: &Tree) -> Result<Numbering, Ext4Error> {
+    let mut ino_of = vec![0u32; tree.inodes().len()];
+    let mut tree_of: Vec<Option<InodeId>> = vec![None; inum::FIRST as usize - 1];
+    let mut paths = BTreeMap::new();
+    ino_of[InodeId::ROOT.index()] = inum::ROOT;
+    tree_of[inum::ROOT as usize - 1] = Some(InodeId::ROOT);
+    paths.insert(inum::ROOT, "/".to_string());
+
+    let Kind::Dir(root) = &tree.root().kind else { unreachable!("the root is a directory") };
+    let lost_found = root.entries.get(&b"lost+found"[..]).copied().filter(|id| tree.inode(*id).kind.is_dir());
     // lost+found is inode 11 as mke2fs makes it; e2fsck wants it to exist.
-    tree_of.push(lf_existing);
-    if let Some(id) = lf_existing {
+    tree_of.push(lost_found);
+    if let Some(id) = lost_found {
         ino_of[id.index()] = LOST_FOUND_INO;
         paths.insert(LOST_FOUND_INO, "/lost+found".into());
     }
-    let mut next = LOST_FOUND_INO + 1;
-    let mut err: Option<Ext4Error> = None;
+    let mut next = Some(LOST_FOUND_INO + 1);
+    let mut last = LOST_FOUND_INO;
     tree.walk(|path, id, first| {
-        if !first || id == InodeId::ROOT || ino_of[id.index()] != 0 || err.is_some() {
+        if !first || id == InodeId::ROOT || ino_of[id.index()] != 0 {
             return;
         }
-        ino_of[id.index()] = next;
+        // Once u32::MAX is given nothing more is numbered; the error follows the walk.
+        let Some(ino) = next else { return };
+        ino_of[id.index()] = ino;
         tree_of.push(Some(id));
-        paths.insert(next, String::from_utf8_lossy(path).into_owned());
-        next = match next.checked_add(1) {
-            Some(n) => n,
-            None => {
-                err = Some(Ext4Error::TooManyInodes { need: u64::from(u32::MAX) + 1, max: u64::from(u32::MAX) });
-                next
-            }
-        };
+        paths.insert(ino, String::from_utf8_lossy(path).into_owned());
+        last = ino;
+        next = ino.checked_add(1);
     });
-    if let Some(e) = err {
-        return Err(e);
+    if next.is_none() {
+        return Err(Ext4Error::TooManyInodes { need: u64::from(u32::MAX) + 1, max: u64::from(u32::MAX) });
     }
+    Ok(Numbering { ino_of, tree_of, paths, lost_found, last })
+}
 
+/// A directory's entries as ext4 sees them, each name checked; records each subdirectory's
+/// parent.
+fn dir_entries(
+    tree: &Tree,
+    dir: &crate::tree::Dir,
+    ino: u32,
+    path: &str,
+    ino_of: &[u32],
+    parent: &mut BTreeMap<u32, u32>,
+) -> Result<Vec<htree::Entry>, Ext4Error> {
+    let mut entries = Vec::with_capacity(dir.entries.len());
+    for (name, child) in &dir.entries {
+        if name.is_empty() || name.contains(&b'/') || name.contains(&0) || name.len() > dirent::MAX_NAME_LEN {
+            return Err(Ext4Error::Unsupported {
+                path: path.into(),
+                what: format!("entry {:?} is not a valid file name", String::from_utf8_lossy(name)),
+            });
+        }
+        if name == b"." || name == b".." {
+            return Err(Ext4Error::Unsupported { path: path.into(), what: "entry named . or ..".into() });
+        }
+        let cino = ino_of[child.index()];
+        let ck = &tree.inode(*child).kind;
+        if ck.is_dir() {
+            parent.insert(cino, ino);
+        }
+        entries.push((name.clone(), cino, file_type(ck)));
+    }
+    Ok(entries)
+}
+
+/// Blocks a directory of `entries` takes: linear when one block holds them, else an htree.
+fn dir_data_blocks(path: &str, entries: &[htree::Entry], hash_seed: &[u8; 16]) -> Result<u64, Ext4Error> {
+    match htree::plan_leaves(entries, hash_seed) {
+        None => Ok(dir_block_count(entries)),
+        Some(l) if l.fits() => Ok(l.block_count()),
+        Some(_) => Err(Ext4Error::Unsupported {
+            path: path.into(),
+            what: format!(
+                "a directory of {} entries needs a third htree level (the large_dir feature), which kiln does not write",
+                entries.len()
+            ),
+        }),
+    }
+}
+
+/// Data blocks of a regular file, with its extent leaves counted generously; a file that
+/// ext4 cannot hold is an error.
+fn file_data_blocks(path: &str, c: &Content) -> Result<u64, Ext4Error> {
+    c.validate()?;
+    // Logical block numbers are 32 bits: a larger (say, sparse) file would wrap around.
+    if c.size > MAX_FILE_BYTES {
+        return Err(Ext4Error::FileTooLarge { path: path.into(), size_bytes: c.size, max_bytes: MAX_FILE_BYTES });
+    }
+    let data: u64 = data_ranges(c).iter().map(|(a, b)| b - a).sum();
+    let leaves = (c.segments.len() as u64).div_ceil(LEAF_EXTENTS as u64 / 2);
+    Ok(data + leaves)
+}
+
+fn collect(tree: &Tree, hash_seed: &[u8; 16]) -> Result<Needs, Ext4Error> {
+    let Numbering { ino_of, tree_of, mut paths, lost_found, last } = number_inodes(tree)?;
     let mut dirs = BTreeMap::new();
-    let mut parent = BTreeMap::new();
+    let mut parent = BTreeMap::from([(inum::ROOT, inum::ROOT)]);
     let mut data_blocks = 0u64;
-    parent.insert(ROOT_INO, ROOT_INO);
     for (idx, &ino) in ino_of.iter().enumerate() {
         if ino == 0 {
             continue;
         }
         let inode = &tree.inodes()[idx];
         let path = paths.get(&ino).cloned().unwrap_or_default();
-        match &inode.kind {
+        // A directory past the limit counts 1 link (dir_nlink); nothing else may pass it.
+        if !inode.kind.is_dir() {
+            let links = tree.nlink(InodeId(idx as u32));
+            if links > MAX_LINKS {
+                return Err(Ext4Error::TooManyLinks { path, links, max: MAX_LINKS });
+            }
+        }
+        let blocks = match &inode.kind {
             Kind::Dir(d) => {
-                let mut entries = Vec::with_capacity(d.entries.len());
-                for (name, child) in &d.entries {
-                    if name.is_empty() || name.contains(&b'/') || name.contains(&0) || name.len() > 255 {
-                        return Err(Ext4Error::Unsupported {
-                            path: path.clone(),
-                            what: format!("entry {:?} is not a valid file name", String::from_utf8_lossy(name)),
-                        });
-                    }
-                    if name == b"." || name == b".." {
-                        return Err(Ext4Error::Unsupported { path: path.clone(), what: "entry named . or ..".into() });
-                    }
-                    let cino = ino_of[child.index()];
-                    let ck = &tree.inode(*child).kind;
-                    if ck.is_dir() {
-                        parent.insert(cino, ino);
-                    }
-                    entries.push((name.clone(), cino, file_type(ck)));
-                }
-                data_blocks += match htree::plan_leaves(&entries, hash_seed) {
-                    None => dir_block_count(&entries),
-                    Some(l) if l.fits() => l.block_count(),
-                    Some(_) => {
-                        return Err(Ext4Error::Unsupported {
-                            path,
-                            what: format!(
-                                "a directory of {} entries needs a third htree level (the large_dir feature), which kiln does not write",
-                                entries.len()
-                            ),
-                        })
-                    }
-                };
+                let entries = dir_entries(tree, d, ino, &path, &ino_of, &mut parent)?;
+                let blocks = dir_data_blocks(&path, &entries, hash_seed)?;
                 dirs.insert(ino, entries);
+                blocks
             }
-            Kind::File(c) => {
-                c.validate()?;
-                data_blocks += data_ranges(c).iter().map(|(a, b)| b - a).sum::<u64>();
-                // Extent leaves for fragmented files: counted generously.
-                data_blocks += (c.segments.len() as u64).div_ceil(LEAF_EXTENTS as u64 / 2);
-                if tree.nlink(InodeId(idx as u32)) > 65000 {
-                    return Err(Ext4Error::Unsupported { path, what: "more than 65000 hard links".into() });
-                }
-            }
+            Kind::File(c) => file_data_blocks(&path, c)?,
             Kind::Symlink(t) => {
                 if t.is_empty() || t.len() >= BLOCK_SIZE as usize {
                     return Err(Ext4Error::Unsupported { path, what: format!("symlink target of {} bytes", t.len()) });
                 }
-                if t.len() >= 60 {
-                    data_blocks += 1;
-                }
+                u64::from(t.len() > inode::FAST_SYMLINK_MAX)
             }
-            _ => {}
-        }
-        if !inode.meta.xattrs.is_empty() {
-            data_blocks += 1;
-        }
+            _ => 0,
+        };
+        let xattr_block = u64::from(!inode.meta.xattrs.is_empty());
+        // Saturates rather than wraps: a sum past MAX_BLOCKS is refused by `geometry`.
+        data_blocks = data_blocks.saturating_add(blocks).saturating_add(xattr_block);
     }
-    let lost_found_made = lf_existing.is_none();
+    let lost_found_made = lost_found.is_none();
     if lost_found_made {
-        dirs.get_mut(&ROOT_INO).expect("root listed").push((b"lost+found".to_vec(), LOST_FOUND_INO, 2));
+        let entry = (b"lost+found".to_vec(), LOST_FOUND_INO, dirent::FT_DIR);
+        dirs.get_mut(&inum::ROOT).expect("root listed").push(entry);
         dirs.insert(LOST_FOUND_INO, Vec::new());
-        parent.insert(LOST_FOUND_INO, ROOT_INO);
-        data_blocks += 1;
+        parent.insert(LOST_FOUND_INO, inum::ROOT);
+        data_blocks = data_blocks.saturating_add(1);
         paths.insert(LOST_FOUND_INO, "/lost+found".into());
     }
-    let inode_count = u64::from(next - 1);
+    let inode_count = u64::from(last);
     Ok(Needs { tree_of, dirs, parent, data_blocks, inode_count, lost_found_made, paths })
 }
 
@@ -405,8 +448,9 @@ fn count_ones(map: &[u64]) -> u64 {
 
 /// Geometry for `blocks`, or None when metadata and contents do not fit.
 fn try_geometry(blocks: u64, needs: &Needs, opts: &Ext4Options) -> Option<(Geometry, Vec<u64>)> {
+    debug_assert!(blocks <= MAX_BLOCKS, "callers keep block counts to 32 bits");
     let by_ratio = blocks * BLOCK_SIZE / opts.inode_ratio.max(1024);
-    let wanted = by_ratio.max(needs.inode_count + opts.min_free_inodes);
+    let wanted = by_ratio.max(needs.inode_count.saturating_add(opts.min_free_inodes));
     let geo = Geometry::new(blocks, wanted);
     if geo.inodes() < needs.inode_count || geo.inodes() > u64::from(u32::MAX) {
         return None;
@@ -421,14 +465,14 @@ fn try_geometry(blocks: u64, needs: &Needs, opts: &Ext4Options) -> Option<(Geome
     (need <= blocks).then_some((geo, map))
 }
 
-/// Sequential allocator over the metadata map.
-struct Alloc<'a> {
-    used: &'a mut Vec<u64>,
+/// Sequential allocator over the block bitmap (metadata marked in advance).
+struct Alloc {
+    used: Vec<u64>,
     blocks: u64,
     cursor: u64,
 }
 
-impl Alloc<'_> {
+impl Alloc {
     fn is_used(&self, b: u64) -> bool {
         self.used[(b / 64) as usize] & (1 << (b % 64)) != 0
     }
@@ -466,18 +510,22 @@ struct Extent {
 }
 
 fn put_extent_header(buf: &mut [u8], entries: u16, max: u16, depth: u16) {
-    buf[0..2].copy_from_slice(&0xF30Au16.to_le_bytes());
-    buf[2..4].copy_from_slice(&entries.to_le_bytes());
-    buf[4..6].copy_from_slice(&max.to_le_bytes());
-    buf[6..8].copy_from_slice(&depth.to_le_bytes());
-    buf[8..12].copy_from_slice(&0u32.to_le_bytes());
+    extent::EH_MAGIC.put(buf, extent::EXT4_EXT_MAGIC);
+    extent::EH_ENTRIES.put(buf, entries);
+    extent::EH_MAX.put(buf, max);
+    extent::EH_DEPTH.put(buf, depth);
+}
+
+/// A logical block number: below 2^32 because `collect` refused larger files.
+fn logical32(logical: u64) -> u32 {
+    u32::try_from(logical).expect("files are at most MAX_FILE_BYTES")
 }
 
 fn put_extent(buf: &mut [u8], e: &Extent) {
-    buf[0..4].copy_from_slice(&(e.logical as u32).to_le_bytes());
-    buf[4..6].copy_from_slice(&(e.len as u16).to_le_bytes());
-    buf[6..8].copy_from_slice(&((e.physical >> 32) as u16).to_le_bytes());
-    buf[8..12].copy_from_slice(&(e.physical as u32).to_le_bytes());
+    extent::EE_BLOCK.put(buf, logical32(e.logical));
+    extent::EE_LEN.put(buf, u16::try_from(e.len).expect("extents are at most MAX_EXTENT blocks"));
+    extent::EE_START_HI.put(buf, hi16(e.physical));
+    extent::EE_START_LO.put(buf, lo32(e.physical));
 }
 
 /// Name index and suffix of an xattr name (the kernel's prefix table).
@@ -518,6 +566,9 @@ struct XattrEntry {
     value: Vec<u8>,
 }
 
+/// The largest value kiln writes: it must fit the attribute block with its header and entry.
+const MAX_XATTR_VALUE: usize = 4000;
+
 fn xattr_entries(path: &str, xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Vec<XattrEntry>, Ext4Error> {
     let mut out = Vec::new();
     for (full, value) in xattrs {
@@ -536,8 +587,12 @@ fn xattr_entries(path: &str, xattrs: &BTreeMap<Vec<u8>, Vec<u8>>) -> Result<Vec<
         } else {
             value.clone()
         };
-        if suffix.len() > 255 || value.len() > 4000 {
-            return Err(Ext4Error::XattrsTooLarge { path: path.into(), need: value.len() + suffix.len(), max: 4000 });
+        if suffix.len() > usize::from(u8::MAX) || value.len() > MAX_XATTR_VALUE {
+            return Err(Ext4Error::XattrsTooLarge {
+                path: path.into(),
+                need: value.len() + suffix.len(),
+                max: MAX_XATTR_VALUE,
+            });
         }
         out.push(XattrEntry { index, name: suffix.to_vec(), value });
     }
@@ -553,8 +608,9 @@ fn xattr_area(entries: &[XattrEntry], size: usize, table_at: usize, offs_base: u
     let mut value_end = size;
     let mut hashes = Vec::new();
     for e in entries {
-        let elen = (16 + e.name.len()).div_ceil(4) * 4;
+        let elen = (xattr::ENTRY_HEADER + e.name.len()).div_ceil(4) * 4;
         let vlen = e.value.len().div_ceil(4) * 4;
+        // The entry table ends in four zero bytes.
         if at + elen + 4 > value_end.checked_sub(vlen)? {
             return None;
         }
@@ -562,13 +618,15 @@ fn xattr_area(entries: &[XattrEntry], size: usize, table_at: usize, offs_base: u
         area[value_end..value_end + e.value.len()].copy_from_slice(&e.value);
         let hash = csum::xattr_entry_hash(&e.name, &e.value);
         hashes.push(hash);
-        area[at] = e.name.len() as u8;
-        area[at + 1] = e.index;
-        area[at + 2..at + 4].copy_from_slice(&((value_end - offs_base) as u16).to_le_bytes());
-        area[at + 4..at + 8].copy_from_slice(&0u32.to_le_bytes());
-        area[at + 8..at + 12].copy_from_slice(&(e.value.len() as u32).to_le_bytes());
-        area[at + 12..at + 16].copy_from_slice(&hash.to_le_bytes());
-        area[at + 16..at + 16 + e.name.len()].copy_from_slice(&e.name);
+        let entry = &mut area[at..];
+        // Names are at most 255 bytes, values 4000, areas one block: xattr_entries checked.
+        xattr::E_NAME_LEN.put(entry, u8::try_from(e.name.len()).ok()?);
+        xattr::E_NAME_INDEX.put(entry, e.index);
+        xattr::E_VALUE_OFFS.put(entry, u16::try_from(value_end - offs_base).ok()?);
+        xattr::E_VALUE_INUM.put(entry, 0);
+        xattr::E_VALUE_SIZE.put(entry, u32::try_from(e.value.len()).ok()?);
+        xattr::E_HASH.put(entry, hash);
+        entry[xattr::ENTRY_HEADER..xattr::ENTRY_HEADER + e.name.len()].copy_from_slice(&e.name);
         at += elen;
     }
     Some((area, hashes))
@@ -578,97 +636,184 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
     if opts.label.len() > 16 {
         return Err(Ext4Error::LabelTooLong { label: opts.label.clone(), len: opts.label.len() });
     }
+    // More would make the reserved count larger than the file system (and than its field).
+    if opts.reserved_percent > 100 {
+        return Err(Ext4Error::ReservedTooLarge { percent: opts.reserved_percent });
+    }
     let needs = collect(tree, &opts.hash_seed)?;
+    let (geo, meta_map) = geometry(&needs, opts)?;
+    let mut p = Planner::new(tree, opts, geo, meta_map);
+    // The journal first, contiguous near the start like mke2fs's.
+    p.journal()?;
+    // Every inode in number order: its blocks follow one another on disk.
+    let max_ino = u32::try_from(needs.tree_of.len()).expect("collect numbers inodes in 32 bits");
+    for ino in (inum::ROOT..=max_ino).filter(|&i| i == inum::ROOT || i >= inum::FIRST) {
+        p.inode(&needs, ino)?;
+    }
+    Ok(p.finish())
+}
 
-    // Geometry: the given size, or the smallest that fits plus headroom.
-    let (geo, meta_map) = match opts.size {
+/// Geometry: the given size, or the smallest that fits plus headroom.
+fn geometry(needs: &Needs, opts: &Ext4Options) -> Result<(Geometry, Vec<u64>), Ext4Error> {
+    if needs.data_blocks > MAX_BLOCKS {
+        return Err(Ext4Error::TooManyBlocks { blocks: needs.data_blocks, max: MAX_BLOCKS });
+    }
+    match opts.size {
         SizeSpec::Bytes(b) => {
             let blocks = b / BLOCK_SIZE;
-            match (blocks >= 256).then(|| try_geometry(blocks, &needs, opts)).flatten() {
-                Some(g) => g,
+            if blocks > MAX_BLOCKS {
+                return Err(Ext4Error::TooManyBlocks { blocks, max: MAX_BLOCKS });
+            }
+            match (blocks >= 256).then(|| try_geometry(blocks, needs, opts)).flatten() {
+                Some(g) => Ok(g),
                 None => {
-                    let need = smallest_fit(&needs, opts)?;
-                    return Err(Ext4Error::TooSmall { need_bytes: need * BLOCK_SIZE, have_bytes: b });
+                    let need = smallest_fit(needs, opts)?;
+                    Err(Ext4Error::TooSmall { need_bytes: need * BLOCK_SIZE, have_bytes: b })
                 }
             }
         }
         SizeSpec::Auto { headroom_percent, min_free_bytes } => {
-            let fit = smallest_fit(&needs, opts)?;
+            let fit = smallest_fit(needs, opts)?;
+            // No overflow: fit and data_blocks are below 2^32, min_free_bytes / BLOCK_SIZE below
+            // 2^52, and reserved_percent at most 100. A sum past MAX_BLOCKS is refused below.
             let extra = (needs.data_blocks * u64::from(headroom_percent) / 100).max(min_free_bytes / BLOCK_SIZE);
             let reserve = (fit + extra) * u64::from(opts.reserved_percent) / 100;
-            let blocks = smallest_fit_at_least(&needs, opts, fit + extra + reserve)?;
-            try_geometry(blocks, &needs, opts).expect("smallest_fit_at_least found it")
-        }
-    };
-
-    let mut used = meta_map;
-    let fs_seed = csum::fs_seed(&opts.uuid);
-    let mut inodes = vec![InodeRec::default(); geo.inodes() as usize];
-    let mut regions: Vec<Region> = Vec::new();
-    let mut built: Vec<Vec<u8>> = Vec::new();
-    let total_blocks = geo.blocks;
-    let mut alloc = Alloc { used: &mut used, blocks: total_blocks, cursor: 0 };
-    let no_space = || Ext4Error::TooSmall { need_bytes: 0, have_bytes: total_blocks * BLOCK_SIZE };
-
-    // The journal first, contiguous near the start like mke2fs's.
-    let jblocks = journal_blocks(geo.blocks);
-    let jruns = alloc.take(jblocks).ok_or_else(no_space)?;
-    {
-        let mut jsb = vec![0u8; BLOCK_SIZE as usize];
-        let be = |v: u32| v.to_be_bytes();
-        jsb[0..4].copy_from_slice(&be(0xC03B_3998));
-        jsb[4..8].copy_from_slice(&be(4)); // superblock v2
-        jsb[12..16].copy_from_slice(&be(BLOCK_SIZE as u32));
-        jsb[16..20].copy_from_slice(&be(jblocks as u32));
-        jsb[20..24].copy_from_slice(&be(1)); // first log block
-        jsb[24..28].copy_from_slice(&be(1)); // first expected sequence
-        jsb[48..64].copy_from_slice(&opts.uuid);
-        jsb[64..68].copy_from_slice(&be(1)); // one user: this file system
-        built.push(jsb);
-        regions.push(Region { start: jruns[0].0, len: 1, kind: RegionKind::Built(vec![built.len() - 1]) });
-        let extents = runs_to_extents(0, &jruns);
-        let rec = &mut inodes[JOURNAL_INO as usize - 1];
-        *rec = InodeRec {
-            mode: 0o100600,
-            size: jblocks * BLOCK_SIZE,
-            links: 1,
-            flags: EXT4_EXTENTS_FL,
-            fs_blocks: jblocks,
-            used: true,
-            atime: Timestamp::new(opts.timestamp, 0),
-            ctime: Timestamp::new(opts.timestamp, 0),
-            mtime: Timestamp::new(opts.timestamp, 0),
-            crtime: Timestamp::new(opts.timestamp, 0),
-            ..Default::default()
-        };
-        let path = "<journal>";
-        let (iblock, leaves) = extent_tree(path, &extents, &mut alloc, JOURNAL_INO, fs_seed)?;
-        rec.i_block = iblock;
-        for (b, blk) in leaves {
-            rec.fs_blocks += 1;
-            built.push(blk);
-            regions.push(Region { start: b, len: 1, kind: RegionKind::Built(vec![built.len() - 1]) });
+            let want = fit + extra + reserve;
+            let blocks = smallest_fit_at_least(needs, opts, want)?;
+            Ok(try_geometry(blocks, needs, opts).expect("smallest_fit_at_least found it"))
         }
     }
+}
 
-    // Every inode in number order: its blocks follow one another on disk.
-    let max_ino = needs.tree_of.len() as u32;
-    for ino in ROOT_INO..=max_ino {
-        if ino < FIRST_INO && ino != ROOT_INO {
-            continue;
-        }
+/// The 60-byte `i_block` of an inode: an extent header and up to four extents.
+type InodeBlock = [u8; 60];
+
+/// The state of planning once the geometry is settled: block allocation, the inode records
+/// and the blocks that will be written, filled in inode by inode.
+struct Planner<'a> {
+    tree: &'a Tree,
+    opts: &'a Ext4Options,
+    geo: Geometry,
+    fs_seed: u32,
+    alloc: Alloc,
+    inodes: Vec<InodeRec>,
+    regions: Vec<Region>,
+    built: Vec<Vec<u8>>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(tree: &'a Tree, opts: &'a Ext4Options, geo: Geometry, meta_map: Vec<u64>) -> Self {
+        let inodes = vec![InodeRec::default(); geo.inodes() as usize];
+        let alloc = Alloc { used: meta_map, blocks: geo.blocks, cursor: 0 };
+        let fs_seed = csum::fs_seed(&opts.uuid);
+        Planner { tree, opts, geo, fs_seed, alloc, inodes, regions: Vec::new(), built: Vec::new() }
+    }
+
+    fn no_space(&self) -> Ext4Error {
+        Ext4Error::TooSmall { need_bytes: 0, have_bytes: self.alloc.blocks * BLOCK_SIZE }
+    }
+
+    fn take(&mut self, n: u64) -> Result<Vec<(u64, u64)>, Ext4Error> {
+        self.alloc.take(n).ok_or_else(|| self.no_space())
+    }
+
+    /// One block, allocated and filled with `bytes`.
+    fn take_one(&mut self, bytes: Vec<u8>) -> Result<u64, Ext4Error> {
+        let b = self.take(1)?[0].0;
+        self.put_block(b, bytes);
+        Ok(b)
+    }
+
+    fn put_block(&mut self, at: u64, bytes: Vec<u8>) {
+        self.built.push(bytes);
+        self.regions.push(Region { start: at, len: 1, kind: RegionKind::Built(vec![self.built.len() - 1]) });
+    }
+
+    fn timestamp(&self) -> Timestamp {
+        Timestamp::new(self.opts.timestamp, 0)
+    }
+
+    /// The jbd2 journal: an empty log whose superblock is its first block.
+    fn journal(&mut self) -> Result<(), Ext4Error> {
+        let jblocks = journal_blocks(self.geo.blocks);
+        let jruns = self.take(jblocks)?;
+        let mut jsb = vec![0u8; BLOCK_SIZE as usize];
+        jbd2::H_MAGIC.put(&mut jsb, jbd2::MAGIC_NUMBER);
+        jbd2::H_BLOCKTYPE.put(&mut jsb, jbd2::SUPERBLOCK_V2);
+        jbd2::S_BLOCKSIZE.put(&mut jsb, BLOCK_SIZE as u32);
+        jbd2::S_MAXLEN.put(&mut jsb, u32::try_from(jblocks).expect("at most 65536 journal blocks"));
+        jbd2::S_FIRST.put(&mut jsb, 1); // first log block
+        jbd2::S_SEQUENCE.put(&mut jsb, 1); // first expected sequence
+        jbd2::S_UUID.put(&mut jsb, &self.opts.uuid);
+        jbd2::S_NR_USERS.put(&mut jsb, 1); // one user: this file system
+        self.put_block(jruns[0].0, jsb);
+        let t = self.timestamp();
+        let mut rec = InodeRec {
+            mode: inode::S_IFREG | 0o600,
+            size: jblocks * BLOCK_SIZE,
+            links: 1,
+            flags: inode::EXTENTS_FL,
+            fs_blocks: jblocks,
+            used: true,
+            atime: t,
+            ctime: t,
+            mtime: t,
+            crtime: t,
+            ..Default::default()
+        };
+        let (iblock, leaves) = self.extent_tree("<journal>", &runs_to_extents(0, &jruns), inum::JOURNAL)?;
+        rec.i_block = iblock;
+        rec.fs_blocks += leaves;
+        self.inodes[inum::JOURNAL as usize - 1] = rec;
+        Ok(())
+    }
+
+    /// Inode `ino`: its record, attributes and contents.
+    fn inode(&mut self, needs: &Needs, ino: u32) -> Result<(), Ext4Error> {
         let tid = needs.tree_of.get(ino as usize - 1).copied().flatten();
         let path = needs.paths.get(&ino).cloned().unwrap_or_default();
+        let tree = self.tree;
         let (kind, meta) = match tid {
-            Some(id) => {
-                let i = tree.inode(id);
-                (Some(&i.kind), Some(&i.meta))
-            }
+            Some(id) => (Some(&tree.inode(id).kind), Some(&tree.inode(id).meta)),
             None => (None, None),
         };
-        let t = |f: fn(&crate::tree::Meta) -> Timestamp| meta.map(f).unwrap_or(Timestamp::new(opts.timestamp, 0));
-        let mut rec = InodeRec {
-            mode: kind.map(|k| k.mode_type()).unwrap_or(0o040000) | meta.map(|m| m.perm).unwrap_or(0o700),
+        let mut rec = self.record(kind, meta);
+        rec.links = match tid {
+            Some(id) => {
+                let n = tree.nlink(id);
+                // The root gets lost+found's `..` when kiln makes lost+found.
+                let n = if id == InodeId::ROOT && needs.lost_found_made { n + 1 } else { n };
+                if kind.is_some_and(|k| k.is_dir()) && n > MAX_LINKS {
+                    1
+                } else {
+                    u16::try_from(n).expect("collect refused more than MAX_LINKS links")
+                }
+            }
+            None => 2,
+        };
+        if let Some(m) = meta.filter(|m| !m.xattrs.is_empty()) {
+            self.xattrs(&mut rec, &path, m)?;
+        }
+        match kind {
+            Some(Kind::Dir(_)) | None => self.directory(&mut rec, needs, ino, &path)?,
+            Some(Kind::File(c)) => self.file(&mut rec, c, tid.expect("a file is in the tree"), ino, &path)?,
+            Some(Kind::Symlink(target)) => self.symlink(&mut rec, target, ino, &path)?,
+            Some(Kind::CharDev { major, minor }) | Some(Kind::BlockDev { major, minor }) => {
+                device_block(&mut rec.i_block, *major, *minor)
+            }
+            Some(Kind::Fifo) | Some(Kind::Socket) => {}
+        }
+        self.inodes[ino as usize - 1] = rec;
+        Ok(())
+    }
+
+    /// Mode, owner and times: the tree's, or for kiln's own lost+found root's 0700 at the
+    /// build's timestamp.
+    fn record(&self, kind: Option<&Kind>, meta: Option<&Meta>) -> InodeRec {
+        let epoch = self.timestamp();
+        let t = |f: fn(&Meta) -> Timestamp| meta.map(f).unwrap_or(epoch);
+        InodeRec {
+            mode: kind.map(|k| k.mode_type()).unwrap_or(inode::S_IFDIR) | meta.map(|m| m.perm).unwrap_or(0o700),
             uid: meta.map(|m| m.uid).unwrap_or(0),
             gid: meta.map(|m| m.gid).unwrap_or(0),
             atime: t(|m| m.atime),
@@ -677,144 +822,171 @@ pub(super) fn plan(tree: &Tree, opts: &Ext4Options) -> Result<Ext4Plan, Ext4Erro
             crtime: t(|m| m.ctime),
             used: true,
             ..Default::default()
-        };
-        rec.links = match tid {
-            Some(id) => {
-                let n = tree.nlink(id);
-                let is_root = id == InodeId::ROOT;
-                // The root gets lost+found's `..` when kiln makes lost+found.
-                let n = if is_root && needs.lost_found_made { n + 1 } else { n };
-                if kind.is_some_and(|k| k.is_dir()) && n > 65000 {
-                    1
-                } else {
-                    n as u16
-                }
-            }
-            None => 2,
-        };
-
-        // Extended attributes: in the inode when they fit, else one attribute block.
-        if let Some(m) = meta.filter(|m| !m.xattrs.is_empty()) {
-            let entries = xattr_entries(&path, &m.xattrs)?;
-            if let Some((mut area, _)) = xattr_area(&entries, IBODY_XATTR_SPACE, 4, 4) {
-                area[0..4].copy_from_slice(&0xEA02_0000u32.to_le_bytes());
-                rec.ibody_xattr = area;
-            } else {
-                let (mut blk, hashes) =
-                    xattr_area(&entries, BLOCK_SIZE as usize, 32, 0).ok_or_else(|| Ext4Error::XattrsTooLarge {
-                        path: path.clone(),
-                        need: entries.iter().map(|e| 16 + e.name.len() + e.value.len()).sum(),
-                        max: BLOCK_SIZE as usize - 32,
-                    })?;
-                let b = alloc.take(1).ok_or_else(no_space)?[0].0;
-                blk[0..4].copy_from_slice(&0xEA02_0000u32.to_le_bytes());
-                blk[4..8].copy_from_slice(&1u32.to_le_bytes()); // refcount
-                blk[8..12].copy_from_slice(&1u32.to_le_bytes()); // blocks
-                blk[12..16].copy_from_slice(&csum::xattr_block_hash(&hashes).to_le_bytes());
-                let c = csum::raw(csum::raw(fs_seed, &b.to_le_bytes()), &blk);
-                blk[16..20].copy_from_slice(&c.to_le_bytes());
-                built.push(blk);
-                regions.push(Region { start: b, len: 1, kind: RegionKind::Built(vec![built.len() - 1]) });
-                rec.file_acl = b;
-                rec.fs_blocks += 1;
-            }
         }
-
-        let iseed = csum::inode_seed(fs_seed, ino, 0);
-        match kind {
-            Some(Kind::Dir(_)) | None => {
-                rec.is_dir = true;
-                let entries = &needs.dirs[&ino];
-                let parent = needs.parent[&ino];
-                let blocks = match htree::plan_leaves(entries, &opts.hash_seed) {
-                    Some(leaves) => {
-                        rec.flags |= htree::EXT4_INDEX_FL;
-                        htree::write(ino, parent, entries, &leaves, iseed)
-                    }
-                    None => dir_blocks(ino, parent, entries, iseed),
-                };
-                let runs = alloc.take(blocks.len() as u64).ok_or_else(no_space)?;
-                let first = built.len();
-                built.extend(blocks);
-                let mut k = first;
-                for &(s, l) in &runs {
-                    regions.push(Region { start: s, len: l, kind: RegionKind::Built((k..k + l as usize).collect()) });
-                    k += l as usize;
-                }
-                rec.size = (built.len() - first) as u64 * BLOCK_SIZE;
-                rec.flags |= EXT4_EXTENTS_FL;
-                let extents = runs_to_extents(0, &runs);
-                let (iblock, leaves) = extent_tree(&path, &extents, &mut alloc, ino, fs_seed)?;
-                rec.i_block = iblock;
-                rec.fs_blocks += runs.iter().map(|r| r.1).sum::<u64>() + leaves.len() as u64;
-                push_leaves(&mut built, &mut regions, leaves);
-            }
-            Some(Kind::File(c)) => {
-                rec.size = c.size;
-                rec.flags = EXT4_EXTENTS_FL;
-                let mut extents = Vec::new();
-                for (a, b) in data_ranges(c) {
-                    let runs = alloc.take(b - a).ok_or_else(no_space)?;
-                    let mut logical = a;
-                    for &(s, l) in &runs {
-                        regions.push(Region {
-                            start: s,
-                            len: l,
-                            kind: RegionKind::File { tree_inode: tid.expect("file"), file_block: logical },
-                        });
-                        logical += l;
-                    }
-                    extents.extend(runs_to_extents(a, &runs));
-                    rec.fs_blocks += b - a;
-                }
-                let (iblock, leaves) = extent_tree(&path, &extents, &mut alloc, ino, fs_seed)?;
-                rec.i_block = iblock;
-                rec.fs_blocks += leaves.len() as u64;
-                push_leaves(&mut built, &mut regions, leaves);
-            }
-            Some(Kind::Symlink(target)) => {
-                rec.size = target.len() as u64;
-                if target.len() < 60 {
-                    rec.i_block[..target.len()].copy_from_slice(target);
-                } else {
-                    rec.flags = EXT4_EXTENTS_FL;
-                    let b = alloc.take(1).ok_or_else(no_space)?[0].0;
-                    let mut blk = vec![0u8; BLOCK_SIZE as usize];
-                    blk[..target.len()].copy_from_slice(target);
-                    built.push(blk);
-                    regions.push(Region { start: b, len: 1, kind: RegionKind::Built(vec![built.len() - 1]) });
-                    let (iblock, _) =
-                        extent_tree(&path, &[Extent { logical: 0, len: 1, physical: b }], &mut alloc, ino, fs_seed)?;
-                    rec.i_block = iblock;
-                    rec.fs_blocks += 1;
-                }
-            }
-            Some(Kind::CharDev { major, minor }) | Some(Kind::BlockDev { major, minor }) => {
-                let (major, minor) = (*major, *minor);
-                if major < 256 && minor < 256 {
-                    rec.i_block[0..4].copy_from_slice(&((major << 8) | minor).to_le_bytes());
-                } else {
-                    let enc = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
-                    rec.i_block[4..8].copy_from_slice(&enc.to_le_bytes());
-                }
-            }
-            Some(Kind::Fifo) | Some(Kind::Socket) => {}
-        }
-        inodes[ino as usize - 1] = rec;
     }
-    // Bad-blocks inode: owned by nobody, but e2fsck expects its times set as mke2fs does.
-    let epoch = Timestamp::new(opts.timestamp, 0);
-    inodes[0] = InodeRec { atime: epoch, ctime: epoch, mtime: epoch, crtime: epoch, used: true, ..Default::default() };
 
-    regions.sort_by_key(|r| r.start);
-    let reserved_blocks = geo.blocks * u64::from(opts.reserved_percent) / 100;
-    Ok(Ext4Plan { geo, opts: opts.clone(), inodes, regions, built, used, fs_seed, reserved_blocks })
+    /// Extended attributes: in the inode when they fit, else one attribute block.
+    fn xattrs(&mut self, rec: &mut InodeRec, path: &str, meta: &Meta) -> Result<(), Ext4Error> {
+        let entries = xattr_entries(path, &meta.xattrs)?;
+        if let Some((mut area, _)) = xattr_area(&entries, IBODY_XATTR_SPACE, xattr::IBODY_HEADER, xattr::IBODY_HEADER) {
+            xattr::H_MAGIC.put(&mut area, xattr::EXT4_XATTR_MAGIC);
+            rec.ibody_xattr = area;
+            return Ok(());
+        }
+        let (mut blk, hashes) = xattr_area(&entries, BLOCK_SIZE as usize, xattr::BLOCK_HEADER, 0).ok_or_else(|| {
+            Ext4Error::XattrsTooLarge {
+                path: path.into(),
+                need: entries.iter().map(|e| xattr::ENTRY_HEADER + e.name.len() + e.value.len()).sum(),
+                max: BLOCK_SIZE as usize - xattr::BLOCK_HEADER,
+            }
+        })?;
+        let b = self.take(1)?[0].0;
+        xattr::H_MAGIC.put(&mut blk, xattr::EXT4_XATTR_MAGIC);
+        xattr::H_REFCOUNT.put(&mut blk, 1);
+        xattr::H_BLOCKS.put(&mut blk, 1);
+        xattr::H_HASH.put(&mut blk, csum::xattr_block_hash(&hashes));
+        let c = csum::raw(csum::raw(self.fs_seed, &b.to_le_bytes()), &blk);
+        xattr::H_CHECKSUM.put(&mut blk, c);
+        self.put_block(b, blk);
+        rec.file_acl = b;
+        rec.fs_blocks += 1;
+        Ok(())
+    }
+
+    /// A directory's blocks (linear, or hashed with an htree index) and its extent tree.
+    fn directory(&mut self, rec: &mut InodeRec, needs: &Needs, ino: u32, path: &str) -> Result<(), Ext4Error> {
+        rec.is_dir = true;
+        let entries = &needs.dirs[&ino];
+        let parent = needs.parent[&ino];
+        let iseed = csum::inode_seed(self.fs_seed, ino, 0);
+        let blocks = match htree::plan_leaves(entries, &self.opts.hash_seed) {
+            Some(leaves) => {
+                rec.flags |= inode::INDEX_FL;
+                htree::write(ino, parent, entries, &leaves, iseed)
+            }
+            None => dir_blocks(ino, parent, entries, iseed),
+        };
+        let count = blocks.len() as u64;
+        let runs = self.take(count)?;
+        let mut k = self.built.len();
+        self.built.extend(blocks);
+        for &(s, l) in &runs {
+            let l_blocks = usize::try_from(l).expect("runs are shorter than the directory");
+            self.regions.push(Region { start: s, len: l, kind: RegionKind::Built((k..k + l_blocks).collect()) });
+            k += l_blocks;
+        }
+        rec.size = count * BLOCK_SIZE;
+        rec.flags |= inode::EXTENTS_FL;
+        let (iblock, leaves) = self.extent_tree(path, &runs_to_extents(0, &runs), ino)?;
+        rec.i_block = iblock;
+        rec.fs_blocks += count + leaves;
+        Ok(())
+    }
+
+    /// A regular file: its data ranges allocated in order, holes left out.
+    fn file(&mut self, rec: &mut InodeRec, c: &Content, tid: InodeId, ino: u32, path: &str) -> Result<(), Ext4Error> {
+        rec.size = c.size;
+        rec.flags = inode::EXTENTS_FL;
+        let mut extents = Vec::new();
+        for (a, b) in data_ranges(c) {
+            let runs = self.take(b - a)?;
+            let mut logical = a;
+            for &(s, l) in &runs {
+                let kind = RegionKind::File { tree_inode: tid, file_block: logical };
+                self.regions.push(Region { start: s, len: l, kind });
+                logical += l;
+            }
+            extents.extend(runs_to_extents(a, &runs));
+            rec.fs_blocks += b - a;
+        }
+        let (iblock, leaves) = self.extent_tree(path, &extents, ino)?;
+        rec.i_block = iblock;
+        rec.fs_blocks += leaves;
+        Ok(())
+    }
+
+    /// A symlink: its target in `i_block` when short ("fast"), else in one block.
+    fn symlink(&mut self, rec: &mut InodeRec, target: &[u8], ino: u32, path: &str) -> Result<(), Ext4Error> {
+        rec.size = target.len() as u64;
+        if target.len() <= inode::FAST_SYMLINK_MAX {
+            rec.i_block[..target.len()].copy_from_slice(target);
+            return Ok(());
+        }
+        rec.flags = inode::EXTENTS_FL;
+        let mut blk = vec![0u8; BLOCK_SIZE as usize];
+        blk[..target.len()].copy_from_slice(target);
+        let b = self.take_one(blk)?;
+        let (iblock, _) = self.extent_tree(path, &[Extent { logical: 0, len: 1, physical: b }], ino)?;
+        rec.i_block = iblock;
+        rec.fs_blocks += 1;
+        Ok(())
+    }
+
+    /// The inode's i_block (extent root), and how many leaf blocks it needed (allocated and
+    /// filled here): up to four extents in the inode, else one level of leaves.
+    fn extent_tree(&mut self, path: &str, extents: &[Extent], ino: u32) -> Result<(InodeBlock, u64), Ext4Error> {
+        let mut iblock = [0u8; 60];
+        let count = |n: usize| u16::try_from(n).expect("at most LEAF_EXTENTS");
+        if extents.len() <= usize::from(extent::IN_INODE) {
+            put_extent_header(&mut iblock, count(extents.len()), extent::IN_INODE, 0);
+            for (i, e) in extents.iter().enumerate() {
+                put_extent(&mut iblock[extent::HEADER + extent::ENTRY * i..], e);
+            }
+            return Ok((iblock, 0));
+        }
+        let chunks: Vec<&[Extent]> = extents.chunks(LEAF_EXTENTS).collect();
+        if chunks.len() > usize::from(extent::IN_INODE) {
+            return Err(Ext4Error::TooFragmented { path: path.into(), extents: extents.len() });
+        }
+        let iseed = csum::inode_seed(self.fs_seed, ino, 0);
+        put_extent_header(&mut iblock, count(chunks.len()), extent::IN_INODE, 1);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let b = self.take(1)?[0].0;
+            let mut blk = vec![0u8; BLOCK_SIZE as usize];
+            put_extent_header(&mut blk, count(chunk.len()), count(LEAF_EXTENTS), 0);
+            for (j, e) in chunk.iter().enumerate() {
+                put_extent(&mut blk[extent::HEADER + extent::ENTRY * j..], e);
+            }
+            let tail = extent::HEADER + extent::ENTRY * LEAF_EXTENTS;
+            let c = csum::raw(iseed, &blk[..tail]);
+            blk[tail..tail + extent::TAIL].copy_from_slice(&c.to_le_bytes());
+            self.put_block(b, blk);
+            let idx = &mut iblock[extent::HEADER + extent::ENTRY * i..];
+            extent::EI_BLOCK.put(idx, logical32(chunk[0].logical));
+            extent::EI_LEAF_LO.put(idx, lo32(b));
+            extent::EI_LEAF_HI.put(idx, hi16(b));
+        }
+        Ok((iblock, chunks.len() as u64))
+    }
+
+    fn finish(mut self) -> Ext4Plan {
+        // Bad-blocks inode: owned by nobody, but e2fsck expects its times set as mke2fs does.
+        let epoch = self.timestamp();
+        self.inodes[0] =
+            InodeRec { atime: epoch, ctime: epoch, mtime: epoch, crtime: epoch, used: true, ..Default::default() };
+        self.regions.sort_by_key(|r| r.start);
+        let reserved_blocks = self.geo.blocks * u64::from(self.opts.reserved_percent) / 100;
+        Ext4Plan {
+            geo: self.geo,
+            opts: self.opts.clone(),
+            inodes: self.inodes,
+            regions: self.regions,
+            built: self.built,
+            used: self.alloc.used,
+            fs_seed: self.fs_seed,
+            reserved_blocks,
+        }
+    }
 }
 
-fn push_leaves(built: &mut Vec<Vec<u8>>, regions: &mut Vec<Region>, leaves: Vec<(u64, Vec<u8>)>) {
-    for (b, blk) in leaves {
-        built.push(blk);
-        regions.push(Region { start: b, len: 1, kind: RegionKind::Built(vec![built.len() - 1]) });
+/// A device's numbers in `i_block`: the old 8:8 encoding in the first word when both fit a
+/// byte, else the new 12:20 one (`new_encode_dev`) in the second.
+fn device_block(i_block: &mut InodeBlock, major: u32, minor: u32) {
+    if major < 256 && minor < 256 {
+        i_block[0..4].copy_from_slice(&((major << 8) | minor).to_le_bytes());
+    } else {
+        let enc = (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12);
+        i_block[4..8].copy_from_slice(&enc.to_le_bytes());
     }
 }
 
@@ -833,83 +1005,31 @@ fn runs_to_extents(mut logical: u64, runs: &[(u64, u64)]) -> Vec<Extent> {
     out
 }
 
-/// The 60-byte `i_block` of an inode: an extent header and up to four extents.
-type InodeBlock = [u8; 60];
-/// An extent-tree block below the root: where it goes (block number) and its bytes.
-type IndexBlock = (u64, Vec<u8>);
-
-/// The inode's i_block (extent root) and any leaf blocks `(block, bytes)` it needs.
-fn extent_tree(
-    path: &str,
-    extents: &[Extent],
-    alloc: &mut Alloc<'_>,
-    ino: u32,
-    fs_seed: u32,
-) -> Result<(InodeBlock, Vec<IndexBlock>), Ext4Error> {
-    let mut iblock = [0u8; 60];
-    if extents.len() <= 4 {
-        put_extent_header(&mut iblock, extents.len() as u16, 4, 0);
-        for (i, e) in extents.iter().enumerate() {
-            put_extent(&mut iblock[12 + 12 * i..], e);
-        }
-        return Ok((iblock, Vec::new()));
-    }
-    let chunks: Vec<&[Extent]> = extents.chunks(LEAF_EXTENTS).collect();
-    if chunks.len() > 4 {
-        return Err(Ext4Error::TooFragmented { path: path.into(), extents: extents.len() });
-    }
-    let iseed = csum::inode_seed(fs_seed, ino, 0);
-    let mut leaves = Vec::new();
-    put_extent_header(&mut iblock, chunks.len() as u16, 4, 1);
-    for (i, chunk) in chunks.iter().enumerate() {
-        let b = alloc.take(1).ok_or(Ext4Error::TooSmall { need_bytes: 0, have_bytes: alloc.blocks * BLOCK_SIZE })?[0].0;
-        let mut blk = vec![0u8; BLOCK_SIZE as usize];
-        put_extent_header(&mut blk, chunk.len() as u16, LEAF_EXTENTS as u16, 0);
-        for (j, e) in chunk.iter().enumerate() {
-            put_extent(&mut blk[12 + 12 * j..], e);
-        }
-        let tail = 12 + 12 * LEAF_EXTENTS;
-        let c = csum::raw(iseed, &blk[..tail]);
-        blk[tail..tail + 4].copy_from_slice(&c.to_le_bytes());
-        leaves.push((b, blk));
-        let idx = &mut iblock[12 + 12 * i..12 + 12 * (i + 1)];
-        idx[0..4].copy_from_slice(&(chunk[0].logical as u32).to_le_bytes());
-        idx[4..8].copy_from_slice(&(b as u32).to_le_bytes());
-        idx[8..10].copy_from_slice(&((b >> 32) as u16).to_le_bytes());
-    }
-    Ok((iblock, leaves))
-}
-
 /// A small directory's one linear block (or several, for callers that index nothing): `.`,
 /// `..`, the entries, and the checksum tail in every block.
-fn dir_blocks(ino: u32, parent: u32, entries: &[(Vec<u8>, u32, u8)], iseed: u32) -> Vec<Vec<u8>> {
+fn dir_blocks(ino: u32, parent: u32, entries: &[htree::Entry], iseed: u32) -> Vec<Vec<u8>> {
     let mut blocks: Vec<Vec<u8>> = Vec::new();
     let mut cur = vec![0u8; BLOCK_SIZE as usize];
     let mut at = 0usize;
     let mut last = 0usize;
     let put = |cur: &mut Vec<u8>, at: &mut usize, last: &mut usize, ino: u32, name: &[u8], ft: u8| {
         let l = dirent_len(name.len());
-        cur[*at..*at + 4].copy_from_slice(&ino.to_le_bytes());
-        cur[*at + 4..*at + 6].copy_from_slice(&(l as u16).to_le_bytes());
-        cur[*at + 6] = name.len() as u8;
-        cur[*at + 7] = ft;
-        cur[*at + 8..*at + 8 + name.len()].copy_from_slice(name);
+        htree::put_dirent(cur, *at, ino, l, name, ft);
         *last = *at;
         *at += l;
     };
-    let finish = |cur: &mut Vec<u8>, last: usize| htree::seal_leaf(cur, last, iseed);
-    put(&mut cur, &mut at, &mut last, ino, b".", 2);
-    put(&mut cur, &mut at, &mut last, parent, b"..", 2);
+    put(&mut cur, &mut at, &mut last, ino, b".", dirent::FT_DIR);
+    put(&mut cur, &mut at, &mut last, parent, b"..", dirent::FT_DIR);
     for (name, cino, ft) in entries {
         let l = dirent_len(name.len());
         if at + l > DIR_USABLE {
-            finish(&mut cur, last);
+            htree::seal_leaf(&mut cur, last, iseed);
             blocks.push(std::mem::replace(&mut cur, vec![0u8; BLOCK_SIZE as usize]));
             at = 0;
         }
         put(&mut cur, &mut at, &mut last, *cino, name, *ft);
     }
-    finish(&mut cur, last);
+    htree::seal_leaf(&mut cur, last, iseed);
     blocks.push(cur);
     blocks
 }
@@ -922,6 +1042,9 @@ fn smallest_fit(needs: &Needs, opts: &Ext4Options) -> Result<u64, Ext4Error> {
 fn smallest_fit_at_least(needs: &Needs, opts: &Ext4Options, from: u64) -> Result<u64, Ext4Error> {
     // Metadata grows with the block count, so search upward from an estimate in 1% steps,
     // then settle on the exact smallest by bisection.
+    if from > MAX_BLOCKS {
+        return Err(Ext4Error::TooManyBlocks { blocks: from, max: MAX_BLOCKS });
+    }
     let mut hi = from.max(256);
     let limit = 1u64 << 32;
     while try_geometry(hi, needs, opts).is_none() {
@@ -945,4 +1068,84 @@ fn smallest_fit_at_least(needs: &Needs, opts: &Ext4Options, from: u64) -> Result
         }
     }
     Ok(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::tree::{Data, Meta, OnExisting, Segment};
+
+    fn tree_with(path: &[u8], kind: Kind) -> Tree {
+        let mut tree = Tree::new(Meta::new(0o755, 0, 0, Timestamp::default()));
+        tree.insert(path, kind, Meta::new(0o644, 0, 0, Timestamp::default()), OnExisting::Error).unwrap();
+        tree
+    }
+
+    fn small() -> Ext4Options {
+        Ext4Options { size: SizeSpec::Bytes(64 << 20), ..Ext4Options::default() }
+    }
+
+    #[test]
+    fn a_file_larger_than_ext4_holds_is_refused_with_its_size() {
+        // All hole: without the check the plan succeeds and i_size says 16 TiB and more.
+        let size = MAX_FILE_BYTES + 1;
+        let tree = tree_with(b"/big", Kind::File(Content { size, segments: Vec::new() }));
+        match plan(&tree, &small()) {
+            Err(Ext4Error::FileTooLarge { path, size_bytes, max_bytes }) => {
+                assert_eq!((path.as_str(), size_bytes, max_bytes), ("/big", size, MAX_FILE_BYTES));
+            }
+            other => panic!("expected FileTooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn data_past_logical_block_2_pow_32_is_refused_not_wrapped() {
+        // A (hostile) sparse map can put one byte at 32 TiB: its extent's ee_block would wrap.
+        let offset = 1u64 << 45;
+        let seg = Segment { offset, len: 1, data: Data::Inline(Arc::from(&b"x"[..])) };
+        let tree = tree_with(b"/far", Kind::File(Content { size: offset + 1, segments: vec![seg] }));
+        assert!(
+            matches!(plan(&tree, &small()), Err(Ext4Error::FileTooLarge { size_bytes, .. }) if size_bytes == offset + 1)
+        );
+    }
+
+    #[test]
+    fn a_size_past_32_bit_block_numbers_is_refused_before_anything_is_allocated() {
+        let opts = Ext4Options { size: SizeSpec::Bytes(1 << 45), ..Ext4Options::default() };
+        let tree = tree_with(b"/f", Kind::File(Content::inline(&b"x"[..])));
+        match plan(&tree, &opts) {
+            Err(Ext4Error::TooManyBlocks { blocks, max }) => assert_eq!((blocks, max), (1 << 33, MAX_BLOCKS)),
+            other => panic!("expected TooManyBlocks, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn headroom_options_that_overflow_are_refused() {
+        let tree = tree_with(b"/f", Kind::File(Content::inline(&b"x"[..])));
+        // The free space asked for is past 2^32 blocks.
+        let auto = SizeSpec::Auto { headroom_percent: 20, min_free_bytes: u64::MAX };
+        let opts = Ext4Options { size: auto, ..Ext4Options::default() };
+        assert!(matches!(plan(&tree, &opts), Err(Ext4Error::TooManyBlocks { .. })), "{:?}", plan(&tree, &opts).err());
+        // A reserve larger than the file system is refused before it is computed.
+        let opts = Ext4Options { size: auto, reserved_percent: u32::MAX, ..Ext4Options::default() };
+        assert!(matches!(plan(&tree, &opts), Err(Ext4Error::ReservedTooLarge { percent: u32::MAX })));
+    }
+
+    #[test]
+    fn more_hard_links_than_i_links_count_holds_are_refused_for_any_kind() {
+        // i_links_count is 16 bits: a fifo with 65536 names would have been written with 0.
+        let mut tree = tree_with(b"/p", Kind::Fifo);
+        let links = 65_536u32;
+        for i in 1..links {
+            tree.link(format!("/p{i}").as_bytes(), b"/p", OnExisting::Error).unwrap();
+        }
+        match plan(&tree, &small()) {
+            Err(Ext4Error::TooManyLinks { path, links: n, max }) => {
+                assert_eq!((path.as_str(), n, max), ("/p", links, MAX_LINKS));
+            }
+            other => panic!("expected TooManyLinks, got {other:?}"),
+        }
+    }
 }

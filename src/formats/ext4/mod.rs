@@ -13,71 +13,15 @@
 mod csum;
 mod htree;
 mod layout;
+mod ondisk;
 pub mod read;
 mod write;
 
 pub use layout::Ext4Plan;
+pub use ondisk::features;
 pub use read::{read_tree, ReadError};
 
 use crate::tree::{Tree, TreeError};
-
-/// ext4 feature bits (Documentation/filesystems/ext4/super.rst): which set each is in, its bit
-/// and e2fsprogs' name; the writer's sets and the reader's names both come from here.
-pub mod features {
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Set {
-        Compat,
-        Incompat,
-        RoCompat,
-    }
-    pub const HAS_JOURNAL: u32 = 0x4;
-    pub const EXT_ATTR: u32 = 0x8;
-    pub const DIR_INDEX: u32 = 0x20;
-    pub const FILETYPE: u32 = 0x2;
-    pub const EXTENTS: u32 = 0x40;
-    pub const BIT64: u32 = 0x80;
-    pub const FLEX_BG: u32 = 0x200;
-    pub const INLINE_DATA: u32 = 0x8000;
-    pub const SPARSE_SUPER: u32 = 0x1;
-    pub const LARGE_FILE: u32 = 0x2;
-    pub const HUGE_FILE: u32 = 0x8;
-    pub const DIR_NLINK: u32 = 0x20;
-    pub const EXTRA_ISIZE: u32 = 0x40;
-    pub const METADATA_CSUM: u32 = 0x400;
-
-    pub const NAMES: [(Set, u32, &str); 14] = [
-        (Set::Compat, HAS_JOURNAL, "has_journal"),
-        (Set::Compat, EXT_ATTR, "ext_attr"),
-        (Set::Compat, DIR_INDEX, "dir_index"),
-        (Set::Incompat, FILETYPE, "filetype"),
-        (Set::Incompat, EXTENTS, "extent"),
-        (Set::Incompat, BIT64, "64bit"),
-        (Set::Incompat, FLEX_BG, "flex_bg"),
-        (Set::Incompat, INLINE_DATA, "inline_data"),
-        (Set::RoCompat, SPARSE_SUPER, "sparse_super"),
-        (Set::RoCompat, LARGE_FILE, "large_file"),
-        (Set::RoCompat, HUGE_FILE, "huge_file"),
-        (Set::RoCompat, DIR_NLINK, "dir_nlink"),
-        (Set::RoCompat, EXTRA_ISIZE, "extra_isize"),
-        (Set::RoCompat, METADATA_CSUM, "metadata_csum"),
-    ];
-
-    /// The names of the known features set in (compat, incompat, ro_compat).
-    pub fn names(compat: u32, incompat: u32, ro_compat: u32) -> Vec<&'static str> {
-        NAMES
-            .iter()
-            .filter(|(set, bit, _)| {
-                let v = match set {
-                    Set::Compat => compat,
-                    Set::Incompat => incompat,
-                    Set::RoCompat => ro_compat,
-                };
-                v & bit != 0
-            })
-            .map(|(_, _, n)| *n)
-            .collect()
-    }
-}
 
 pub const BLOCK_SIZE: u64 = 4096;
 pub const INODE_SIZE: u64 = 256;
@@ -156,6 +100,14 @@ pub enum Ext4Error {
     TooSmall { need_bytes: u64, have_bytes: u64 },
     #[error("the tree has {need} inodes; a file system of this size holds at most {max}")]
     TooManyInodes { need: u64, max: u64 },
+    #[error("the file system needs {blocks} blocks; without the 64bit feature it holds at most {max}")]
+    TooManyBlocks { blocks: u64, max: u64 },
+    #[error("{path}: {size_bytes} bytes; an ext4 file holds at most {max_bytes}")]
+    FileTooLarge { path: String, size_bytes: u64, max_bytes: u64 },
+    #[error("{path}: {links} hard links; an ext4 inode holds at most {max}")]
+    TooManyLinks { path: String, links: u32, max: u32 },
+    #[error("{percent}% of the blocks reserved for root; at most 100% can be")]
+    ReservedTooLarge { percent: u32 },
     #[error("label {label:?} is {len} bytes; ext4 labels hold at most 16")]
     LabelTooLong { label: String, len: usize },
     #[error("{path}: {what}")]

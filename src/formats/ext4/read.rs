@@ -7,20 +7,15 @@
 //! is an error naming it, never a panic. Checksums are not verified (e2fsck does that); what is
 //! not understood (block-mapped or inline-data files) is reported as unreadable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, SourceId, Timestamp, Tree};
 
-use super::layout::{EXT4_EXTENTS_FL, ROOT_INO};
+use super::ondisk::{self, dirent, extent, gd, inode, inum, sb};
 
-const MAGIC: u16 = 0xEF53;
-const EXTENT_MAGIC: u16 = 0xF30A;
-const INLINE_DATA_FL: u32 = 0x1000_0000;
-/// Extent trees are at most 5 levels deep (the kernel's limit).
-const MAX_EXTENT_DEPTH: u16 = 5;
 /// Directories larger than this are not a root file system's (and would be a memory bomb).
 const MAX_DIR_BYTES: u64 = 64 << 20;
 
@@ -59,39 +54,40 @@ pub struct Superblock {
 
 impl Superblock {
     /// Parses the 1024-byte superblock.
-    pub fn parse(sb: &[u8; 1024], offset: u64) -> Result<Superblock, ReadError> {
-        let u16at = |o: usize| u16::from_le_bytes([sb[o], sb[o + 1]]);
-        let u32at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
-        if u16at(0x38) != MAGIC {
+    pub fn parse(raw: &[u8; sb::SIZE], offset: u64) -> Result<Superblock, ReadError> {
+        if sb::MAGIC.get(raw) != sb::EXT4_SUPER_MAGIC {
             return Err(ReadError::NotExt4(offset));
         }
-        let log = u32at(0x18);
+        let log = sb::LOG_BLOCK_SIZE.get(raw);
         if log > 6 {
             return Err(bad(format!("block size 1024 << {log}")));
         }
         let block_size = 1024u64 << log;
-        let incompat = u32at(0x60);
-        let blocks_hi = if incompat & super::features::BIT64 != 0 { u64::from(u32at(0x150)) } else { 0 };
-        let desc_size = if incompat & super::features::BIT64 != 0 { u64::from(u16at(0xFE)) } else { 32 };
-        let inode_size = u64::from(u16at(0x58));
-        let free_hi = if incompat & super::features::BIT64 != 0 { u64::from(u32at(0x158)) } else { 0 };
+        let incompat = sb::FEATURE_INCOMPAT.get(raw);
+        let bit64 = incompat & super::features::BIT64 != 0;
+        let hi = |field: ondisk::Le32| if bit64 { u64::from(field.get(raw)) } else { 0 };
+        let desc_size = if bit64 { u64::from(sb::DESC_SIZE.get(raw)) } else { gd::SIZE as u64 };
         let sb = Superblock {
             block_size,
-            blocks: u64::from(u32at(0x04)) | blocks_hi << 32,
-            free_blocks: u64::from(u32at(0x0C)) | free_hi << 32,
-            inodes: u32at(0x00),
-            free_inodes: u32at(0x10),
-            inodes_per_group: u32at(0x28),
-            inode_size,
-            first_data_block: u64::from(u32at(0x14)),
+            blocks: u64::from(sb::BLOCKS_COUNT_LO.get(raw)) | hi(sb::BLOCKS_COUNT_HI) << 32,
+            free_blocks: u64::from(sb::FREE_BLOCKS_COUNT_LO.get(raw)) | hi(sb::FREE_BLOCKS_COUNT_HI) << 32,
+            inodes: sb::INODES_COUNT.get(raw),
+            free_inodes: sb::FREE_INODES_COUNT.get(raw),
+            inodes_per_group: sb::INODES_PER_GROUP.get(raw),
+            inode_size: u64::from(sb::INODE_SIZE.get(raw)),
+            first_data_block: u64::from(sb::FIRST_DATA_BLOCK.get(raw)),
             desc_size,
-            compat: u32at(0x5C),
+            compat: sb::FEATURE_COMPAT.get(raw),
             incompat,
-            ro_compat: u32at(0x64),
-            uuid: sb[0x68..0x78].try_into().expect("16 bytes"),
-            label: String::from_utf8_lossy(&sb[0x78..0x88]).trim_end_matches('\0').to_string(),
+            ro_compat: sb::FEATURE_RO_COMPAT.get(raw),
+            uuid: sb::UUID.get(raw),
+            label: String::from_utf8_lossy(&sb::VOLUME_NAME.get(raw)).trim_end_matches('\0').to_string(),
         };
-        if sb.inodes_per_group == 0 || !(128..=block_size).contains(&sb.inode_size) || sb.desc_size < 32 {
+        let min_inode = inode::GOOD_OLD_SIZE as u64;
+        if sb.inodes_per_group == 0
+            || !(min_inode..=block_size).contains(&sb.inode_size)
+            || sb.desc_size < gd::SIZE as u64
+        {
             return Err(bad(format!(
                 "{} inodes per group of {} bytes, group descriptors of {} bytes",
                 sb.inodes_per_group, sb.inode_size, sb.desc_size
@@ -114,8 +110,8 @@ impl Superblock {
 
     /// The superblock of the file system at byte `offset` of `file`.
     fn read_from(file: &File, offset: u64) -> Result<Superblock, ReadError> {
-        let mut raw = [0u8; 1024];
-        file.read_exact_at(&mut raw, offset.checked_add(1024).ok_or_else(|| bad("offset"))?)?;
+        let mut raw = [0u8; sb::SIZE];
+        file.read_exact_at(&mut raw, offset.checked_add(sb::OFFSET).ok_or_else(|| bad("offset"))?)?;
         Superblock::parse(&raw, offset)
     }
 
@@ -157,21 +153,29 @@ impl Reader {
             return Err(bad(format!("{groups} block groups of {}-byte descriptors", sb.desc_size)));
         }
         let mut table = vec![0u8; (groups * sb.desc_size) as usize];
+        // The descriptors start in the block after the superblock's.
         let gdt = (sb.first_data_block + 1) * sb.block_size;
-        file.read_exact_at(&mut table, base + gdt)?;
+        file.read_exact_at(&mut table, base.checked_add(gdt).ok_or_else(|| bad("descriptor table offset"))?)?;
         let tables = table
             .chunks_exact(sb.desc_size as usize)
             .map(|d| {
-                let lo = u64::from(u32::from_le_bytes([d[8], d[9], d[10], d[11]]));
-                let hi = if sb.desc_size >= 64 {
-                    u64::from(u32::from_le_bytes([d[0x28], d[0x29], d[0x2a], d[0x2b]]))
-                } else {
-                    0
-                };
+                let lo = u64::from(gd::INODE_TABLE_LO.get(d));
+                let hi = if sb.desc_size >= gd::SIZE_64BIT as u64 { u64::from(gd::INODE_TABLE_HI.get(d)) } else { 0 };
                 lo | hi << 32
             })
             .collect();
         Ok(Reader { file, base, sb, tables })
+    }
+
+    /// Byte offset in the image of block `n`, checked against the file system's
+    /// size and against overflow (a 64bit superblock can claim 2^64 blocks).
+    fn block_offset(&self, n: u64) -> Result<u64, ReadError> {
+        if n >= self.sb.blocks {
+            return Err(bad(format!("block {n} beyond the file system's {} blocks", self.sb.blocks)));
+        }
+        n.checked_mul(self.sb.block_size)
+            .and_then(|b| b.checked_add(self.base))
+            .ok_or_else(|| bad(format!("block {n} lies beyond any image")))
     }
 
     fn inode(&self, ino: u32) -> Result<RawInode, ReadError> {
@@ -186,41 +190,38 @@ impl Reader {
             .and_then(|t| t.checked_add((i % ipg) * self.sb.inode_size))
             .and_then(|t| t.checked_add(self.base))
             .ok_or_else(|| bad(format!("inode {ino}: table offset overflows")))?;
-        let mut b = [0u8; 160];
+        // Everything read lies in the first XATTR_AT bytes; a shorter inode reads as zeros there.
+        let mut b = [0u8; inode::XATTR_AT];
         let n = (self.sb.inode_size as usize).min(b.len());
         self.file.read_exact_at(&mut b[..n], off)?;
-        let u16at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let u32at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         // The extra fields past byte 128 carry nanoseconds and two epoch bits (post-2038).
-        let extra = if n > 128 { usize::from(u16at(0x80)) } else { 0 };
-        let time = |lo: usize, ext: usize| {
-            let secs = i64::from(u32at(lo) as i32);
-            if extra >= ext + 4 - 128 {
-                let e = u32at(ext);
+        let extra = if n > inode::GOOD_OLD_SIZE { usize::from(inode::EXTRA_ISIZE_FIELD.get(&b)) } else { 0 };
+        let time = |lo: ondisk::Le32, ext: ondisk::Le32| {
+            let secs = i64::from(lo.get(&b) as i32);
+            if extra >= ext.0 + 4 - inode::GOOD_OLD_SIZE {
+                let e = ext.get(&b);
                 Timestamp::new(secs + (i64::from(e & 3) << 32), e >> 2)
             } else {
                 Timestamp::new(secs, 0)
             }
         };
         Ok(RawInode {
-            mode: u16at(0x00),
-            uid: u32::from(u16at(0x02)) | u32::from(u16at(0x78)) << 16,
-            gid: u32::from(u16at(0x18)) | u32::from(u16at(0x7A)) << 16,
-            size: u64::from(u32at(0x04)) | u64::from(u32at(0x6C)) << 32,
-            flags: u32at(0x20),
-            block: b[0x28..0x64].try_into().expect("60 bytes"),
-            atime: time(0x08, 0x8C),
-            ctime: time(0x0C, 0x84),
-            mtime: time(0x10, 0x88),
+            mode: inode::MODE.get(&b),
+            uid: u32::from(inode::UID.get(&b)) | u32::from(inode::UID_HIGH.get(&b)) << 16,
+            gid: u32::from(inode::GID.get(&b)) | u32::from(inode::GID_HIGH.get(&b)) << 16,
+            size: u64::from(inode::SIZE_LO.get(&b)) | u64::from(inode::SIZE_HIGH.get(&b)) << 32,
+            flags: inode::FLAGS.get(&b),
+            block: inode::BLOCK.get(&b),
+            atime: time(inode::ATIME, inode::ATIME_EXTRA),
+            ctime: time(inode::CTIME, inode::CTIME_EXTRA),
+            mtime: time(inode::MTIME, inode::MTIME_EXTRA),
         })
     }
 
     fn block(&self, n: u64) -> Result<Vec<u8>, ReadError> {
-        if n >= self.sb.blocks {
-            return Err(bad(format!("block {n} beyond the file system's {} blocks", self.sb.blocks)));
-        }
+        let at = self.block_offset(n)?;
         let mut b = vec![0u8; self.sb.block_size as usize];
-        self.file.read_exact_at(&mut b, self.base + n * self.sb.block_size)?;
+        self.file.read_exact_at(&mut b, at)?;
         Ok(b)
     }
 
@@ -235,24 +236,23 @@ impl Reader {
         nodes_left: &mut u32,
         out: &mut Vec<(u64, u64, u64)>,
     ) -> Result<(), ReadError> {
-        let u16at = |o: usize| u16::from_le_bytes([node[o], node[o + 1]]);
-        let u32at = |o: usize| u32::from_le_bytes([node[o], node[o + 1], node[o + 2], node[o + 3]]);
-        if node.len() < 12 || u16at(0) != EXTENT_MAGIC {
+        if node.len() < extent::HEADER || extent::EH_MAGIC.get(node) != extent::EXT4_EXT_MAGIC {
             return Err(bad(format!("inode {ino}: bad extent header")));
         }
-        let (entries, depth) = (usize::from(u16at(2)), u16at(6));
-        if depth > depth_left || 12 + entries * 12 > node.len() {
+        let (entries, depth) = (usize::from(extent::EH_ENTRIES.get(node)), extent::EH_DEPTH.get(node));
+        if depth > depth_left || extent::HEADER + entries * extent::ENTRY > node.len() {
             return Err(bad(format!("inode {ino}: extent node of depth {depth} with {entries} entries")));
         }
         let bs = self.sb.block_size;
-        for e in (0..entries).map(|k| 12 + k * 12) {
-            let logical = u64::from(u32at(e));
+        for at in (0..entries).map(|k| extent::HEADER + k * extent::ENTRY) {
+            let e = &node[at..at + extent::ENTRY];
             if depth == 0 {
-                let raw_len = u16at(e + 4);
-                if raw_len > 32768 {
+                let logical = u64::from(extent::EE_BLOCK.get(e));
+                let raw_len = extent::EE_LEN.get(e);
+                if raw_len > extent::INIT_MAX_LEN {
                     continue; // unwritten: reads as zeros
                 }
-                let start = u64::from(u16at(e + 6)) << 32 | u64::from(u32at(e + 8));
+                let start = u64::from(extent::EE_START_HI.get(e)) << 32 | u64::from(extent::EE_START_LO.get(e));
                 if start.checked_add(u64::from(raw_len)).is_none_or(|end| end > self.sb.blocks) {
                     return Err(bad(format!("inode {ino}: extent beyond the file system")));
                 }
@@ -261,9 +261,14 @@ impl Reader {
                     continue;
                 }
                 let len = (u64::from(raw_len) * bs).min(size - from);
-                out.push((from, len, self.base + start * bs));
+                // A 64bit superblock can claim blocks whose byte offset no u64 holds.
+                let at = start
+                    .checked_mul(bs)
+                    .and_then(|b| b.checked_add(self.base))
+                    .ok_or_else(|| bad(format!("inode {ino}: extent at block {start} lies beyond any image")))?;
+                out.push((from, len, at));
             } else {
-                let leaf = u64::from(u16::from_le_bytes([node[e + 8], node[e + 9]])) << 32 | u64::from(u32at(e + 4));
+                let leaf = u64::from(extent::EI_LEAF_HI.get(e)) << 32 | u64::from(extent::EI_LEAF_LO.get(e));
                 // Index nodes pointing at one leaf again and again would multiply the work.
                 *nodes_left =
                     nodes_left.checked_sub(1).ok_or_else(|| bad(format!("inode {ino}: too many extent nodes")))?;
@@ -275,7 +280,7 @@ impl Reader {
     }
 
     fn content(&self, ino: u32, inode: &RawInode, source: SourceId) -> Result<Content, ReadError> {
-        if inode.flags & INLINE_DATA_FL != 0 || inode.flags & EXT4_EXTENTS_FL == 0 {
+        if inode.flags & inode::INLINE_DATA_FL != 0 || inode.flags & inode::EXTENTS_FL == 0 {
             if inode.size == 0 {
                 return Ok(Content::empty());
             }
@@ -284,7 +289,7 @@ impl Reader {
         let mut ext = Vec::new();
         // Every real file's extent tree fits: 4096 leaves map over a million extents.
         let mut nodes_left = 4096;
-        self.extents(ino, &inode.block, MAX_EXTENT_DEPTH, inode.size, &mut nodes_left, &mut ext)?;
+        self.extents(ino, &inode.block, extent::MAX_DEPTH, inode.size, &mut nodes_left, &mut ext)?;
         ext.sort_unstable();
         let mut segments: Vec<Segment> = Vec::with_capacity(ext.len());
         let mut end = 0;
@@ -312,6 +317,78 @@ impl Reader {
         }
         Ok(buf)
     }
+
+    /// The named entries of a directory's blocks, sorted, without `.` and `..`.
+    fn dir_entries(&self, dir_ino: u32, data: &[u8]) -> Result<Vec<(u32, Vec<u8>)>, ReadError> {
+        let mut children = Vec::new();
+        for block in data.chunks(self.sb.block_size as usize) {
+            let mut at = 0usize;
+            while at + dirent::HEADER <= block.len() {
+                let e = &block[at..];
+                let ino = dirent::INODE.get(e);
+                let rec_len = usize::from(dirent::REC_LEN.get(e));
+                let name_len = usize::from(dirent::NAME_LEN.get(e));
+                if rec_len < dirent::HEADER || rec_len > e.len() || dirent::HEADER + name_len > rec_len {
+                    return Err(bad(format!("directory inode {dir_ino}: bad entry at byte {at}")));
+                }
+                let name = &e[dirent::HEADER..dirent::HEADER + name_len];
+                if ino != 0 && name != b"." && name != b".." && !name.is_empty() && !name.contains(&b'/') {
+                    children.push((ino, name.to_vec()));
+                }
+                at += rec_len;
+            }
+        }
+        children.sort();
+        Ok(children)
+    }
+
+    /// What inode `ino` is; a directory is queued on `stack` to be walked (once).
+    fn kind(
+        &self,
+        ino: u32,
+        i: &RawInode,
+        source: SourceId,
+        path: &[u8],
+        dirs_seen: &mut HashSet<u32>,
+        stack: &mut Vec<(u32, Vec<u8>)>,
+    ) -> Result<Kind, ReadError> {
+        Ok(match i.mode & inode::S_IFMT {
+            inode::S_IFDIR => {
+                if !dirs_seen.insert(ino) {
+                    return Err(bad(format!("directory inode {ino} is linked twice")));
+                }
+                stack.push((ino, path.to_vec()));
+                Kind::Dir(Dir::default())
+            }
+            inode::S_IFREG => Kind::File(self.content(ino, i, source)?),
+            inode::S_IFLNK if i.size <= inode::FAST_SYMLINK_MAX as u64 && i.flags & inode::EXTENTS_FL == 0 => {
+                Kind::Symlink(i.block[..i.size as usize].to_vec())
+            }
+            inode::S_IFLNK => Kind::Symlink(self.bytes(ino, i, source, 4096)?),
+            t @ (inode::S_IFCHR | inode::S_IFBLK) => {
+                let (major, minor) = device_numbers(&i.block);
+                if t == inode::S_IFCHR {
+                    Kind::CharDev { major, minor }
+                } else {
+                    Kind::BlockDev { major, minor }
+                }
+            }
+            inode::S_IFIFO => Kind::Fifo,
+            inode::S_IFSOCK => Kind::Socket,
+            t => return Err(bad(format!("inode {ino}: unknown file type {t:o}"))),
+        })
+    }
+}
+
+/// A device inode's numbers: the old 8:8 encoding in the first two bytes of `i_block`, else
+/// the new 12:20 one (the kernel's `new_encode_dev`) in the next word.
+fn device_numbers(b: &[u8; 60]) -> (u32, u32) {
+    if b[0] != 0 || b[1] != 0 {
+        (u32::from(b[1]), u32::from(b[0]))
+    } else {
+        let d = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        ((d & 0xfff00) >> 8, (d & 0xff) | ((d >> 12) & 0xfff00))
+    }
 }
 
 fn meta(i: &RawInode) -> Meta {
@@ -325,8 +402,8 @@ fn meta(i: &RawInode) -> Meta {
 /// refer to the image. Hard links come back as links; `lost+found` is kept.
 pub fn read_tree(image: &Path, offset: u64) -> Result<Tree, ReadError> {
     let r = Reader::open(image, offset)?;
-    let root = r.inode(ROOT_INO)?;
-    if root.mode & 0o170000 != 0o040000 {
+    let root = r.inode(inum::ROOT)?;
+    if root.mode & inode::S_IFMT != inode::S_IFDIR {
         return Err(bad("the root inode is not a directory"));
     }
     let mut tree = Tree::new(meta(&root));
@@ -334,31 +411,13 @@ pub fn read_tree(image: &Path, offset: u64) -> Result<Tree, ReadError> {
     // ext4 inode → its first path, for hard links; directories are walked once (a hostile
     // image can link a directory into itself).
     let mut seen: HashMap<u32, Vec<u8>> = HashMap::new();
-    let mut dirs_seen = std::collections::HashSet::from([ROOT_INO]);
-    let mut stack: Vec<(u32, Vec<u8>)> = vec![(ROOT_INO, Vec::new())];
+    let mut dirs_seen = HashSet::from([inum::ROOT]);
+    let mut stack: Vec<(u32, Vec<u8>)> = vec![(inum::ROOT, Vec::new())];
     let mut entries_left = u64::from(r.sb.inodes).saturating_mul(4);
     while let Some((dir_ino, dir_path)) = stack.pop() {
         let dir = r.inode(dir_ino)?;
         let data = r.bytes(dir_ino, &dir, source, MAX_DIR_BYTES)?;
-        let mut children = Vec::new();
-        for block in data.chunks(r.sb.block_size as usize) {
-            let mut at = 0usize;
-            while at + 8 <= block.len() {
-                let ino = u32::from_le_bytes(block[at..at + 4].try_into().expect("4"));
-                let rec_len = usize::from(u16::from_le_bytes([block[at + 4], block[at + 5]]));
-                let name_len = usize::from(block[at + 6]);
-                if rec_len < 8 || at + rec_len > block.len() || 8 + name_len > rec_len {
-                    return Err(bad(format!("directory inode {dir_ino}: bad entry at byte {at}")));
-                }
-                let name = &block[at + 8..at + 8 + name_len];
-                if ino != 0 && name != b"." && name != b".." && !name.is_empty() && !name.contains(&b'/') {
-                    children.push((ino, name.to_vec()));
-                }
-                at += rec_len;
-            }
-        }
-        children.sort();
-        for (ino, name) in children {
+        for (ino, name) in r.dir_entries(dir_ino, &data)? {
             entries_left = entries_left.checked_sub(1).ok_or_else(|| bad("more directory entries than inodes"))?;
             let mut path = dir_path.clone();
             path.push(b'/');
@@ -368,41 +427,54 @@ pub fn read_tree(image: &Path, offset: u64) -> Result<Tree, ReadError> {
                 continue;
             }
             let i = r.inode(ino)?;
-            let kind = match i.mode & 0o170000 {
-                0o040000 => {
-                    if dirs_seen.insert(ino) {
-                        stack.push((ino, path.clone()));
-                    } else {
-                        return Err(bad(format!("directory inode {ino} is linked twice")));
-                    }
-                    Kind::Dir(Dir::default())
-                }
-                0o100000 => Kind::File(r.content(ino, &i, source)?),
-                0o120000 if i.size < 60 && i.flags & EXT4_EXTENTS_FL == 0 => {
-                    Kind::Symlink(i.block[..i.size as usize].to_vec())
-                }
-                0o120000 => Kind::Symlink(r.bytes(ino, &i, source, 4096)?),
-                0o020000 | 0o060000 => {
-                    let b = &i.block;
-                    let (major, minor) = if b[0] != 0 || b[1] != 0 {
-                        (u32::from(b[1]), u32::from(b[0]))
-                    } else {
-                        let d = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-                        ((d & 0xfff00) >> 8, (d & 0xff) | ((d >> 12) & 0xfff00))
-                    };
-                    if i.mode & 0o170000 == 0o020000 {
-                        Kind::CharDev { major, minor }
-                    } else {
-                        Kind::BlockDev { major, minor }
-                    }
-                }
-                0o010000 => Kind::Fifo,
-                0o140000 => Kind::Socket,
-                t => return Err(bad(format!("inode {ino}: unknown file type {t:o}"))),
-            };
+            let kind = r.kind(ino, &i, source, &path, &mut dirs_seen, &mut stack)?;
             tree.insert(&path, kind, meta(&i), OnExisting::Error).map_err(|e| bad(e.to_string()))?;
             seen.insert(ino, path);
         }
     }
     Ok(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ext4::features;
+
+    /// An image whose 64bit superblock claims 2^64 - 1 blocks, with one group descriptor.
+    fn huge_image(dir: &Path) -> std::path::PathBuf {
+        let mut img = vec![0u8; 8192];
+        let raw = &mut img[1024..2048];
+        sb::MAGIC.put(raw, sb::EXT4_SUPER_MAGIC);
+        sb::LOG_BLOCK_SIZE.put(raw, 2);
+        sb::FEATURE_INCOMPAT.put(raw, features::BIT64);
+        sb::BLOCKS_COUNT_LO.put(raw, u32::MAX);
+        sb::BLOCKS_COUNT_HI.put(raw, u32::MAX);
+        sb::INODES_COUNT.put(raw, 16);
+        sb::INODES_PER_GROUP.put(raw, 16);
+        sb::INODE_SIZE.put(raw, 256);
+        sb::DESC_SIZE.put(raw, 64);
+        let path = dir.join("huge.img");
+        std::fs::write(&path, img).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_block_whose_byte_offset_overflows_is_malformed_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Reader::open(&huge_image(dir.path()), 0).unwrap();
+        assert_eq!(r.sb.blocks, u64::MAX);
+        // Inside the claimed size, but 2^60 blocks of 4 KiB lie past any u64 offset.
+        match r.block(1 << 60) {
+            Err(ReadError::Malformed(what)) => assert!(what.contains("beyond any image"), "{what}"),
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_superblock_is_read_where_the_writer_puts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = Superblock::read_at(&huge_image(dir.path()), 0).unwrap().expect("ext4 magic");
+        assert_eq!((sb.block_size, sb.inodes, sb.inode_size, sb.desc_size), (4096, 16, 256, 64));
+        assert_eq!(sb.feature_names(), ["64bit"]);
+    }
 }

@@ -2,7 +2,8 @@
 //! something non-zero are passed on; everything else is a hole.
 
 use super::csum;
-use super::layout::{Ext4Plan, InodeRec, RegionKind, FIRST_INO, FLEX, JOURNAL_INO};
+use super::layout::{Ext4Plan, InodeRec, RegionKind, FLEX};
+use super::ondisk::{gd, hi16, hi16_of32, hi32, inode, inum, lo16, lo32, sb};
 use super::{features, Ext4Error, BLOCKS_PER_GROUP, BLOCK_SIZE, INODE_SIZE};
 use crate::image::Sink;
 use crate::tree::{Kind, Timestamp, Tree};
@@ -17,18 +18,22 @@ const RO_COMPAT: u32 = features::SPARSE_SUPER
     | features::DIR_NLINK
     | features::EXTRA_ISIZE
     | features::METADATA_CSUM;
-/// bg_flags: the inode table is zeroed (holes read as zeros).
-const BG_INODE_ZEROED: u16 = 0x4;
 
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+/// A block number or count that the plan has checked to fit 32 bits (kiln does not set the
+/// 64bit feature, so the file system has fewer than 2^32 blocks and inodes).
+fn planned32(v: u64) -> u32 {
+    u32::try_from(v).expect("the plan keeps block numbers and inode counts below 2^32")
 }
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+
+/// A per-group count: at most [`BLOCKS_PER_GROUP`] (32768), which fits the 16-bit fields.
+fn group16(v: u32) -> u16 {
+    u16::try_from(v).expect("a group holds at most 32768 blocks and inodes")
 }
 
 /// Seconds split into the 32-bit field and the extra field's epoch bits, with nanoseconds.
 fn time_fields(t: Timestamp) -> (u32, u32) {
+    // The 32-bit field holds the seconds' low bits (as a signed value); the two epoch bits
+    // say how many 2^32-second spans to add, so the truncation is the format's own.
     let lo = t.secs as u32;
     let epoch = ((t.secs - i64::from(lo as i32)) >> 32) as u32 & 3;
     (lo, epoch | (t.nanos.min(999_999_999) << 2))
@@ -70,7 +75,7 @@ impl Ext4Plan {
                 for i in 0..ipg {
                     let ino = g as usize * ipg + i + 1;
                     let rec = &self.inodes[ino - 1];
-                    if rec.used || ino < FIRST_INO as usize {
+                    if rec.used || ino < inum::FIRST as usize {
                         ib[i / 8] |= 1 << (i % 8);
                         last_used = i + 1;
                         if rec.is_dir {
@@ -95,53 +100,54 @@ impl Ext4Plan {
     fn superblock(&self, group: u64, stats: &[GroupStats]) -> Vec<u8> {
         let geo = &self.geo;
         let o = &self.opts;
-        let mut s = vec![0u8; 1024];
+        let mut s = vec![0u8; sb::SIZE];
         let free_blocks: u64 = stats.iter().map(|g| u64::from(g.free_blocks)).sum();
         let free_inodes: u64 = stats.iter().map(|g| u64::from(g.free_inodes)).sum();
-        let t = o.timestamp as u32;
-        put32(&mut s, 0x00, geo.inodes() as u32);
-        put32(&mut s, 0x04, geo.blocks as u32);
-        put32(&mut s, 0x08, self.reserved_blocks as u32);
-        put32(&mut s, 0x0C, free_blocks as u32);
-        put32(&mut s, 0x10, free_inodes as u32);
-        put32(&mut s, 0x14, 0); // first data block: 0 with 4 KiB blocks
-        put32(&mut s, 0x18, 2); // log2(block size) - 10
-        put32(&mut s, 0x1C, 2);
-        put32(&mut s, 0x20, BLOCKS_PER_GROUP as u32);
-        put32(&mut s, 0x24, BLOCKS_PER_GROUP as u32);
-        put32(&mut s, 0x28, geo.inodes_per_group as u32);
-        put32(&mut s, 0x30, t); // write time
-        put16(&mut s, 0x36, 0xFFFF); // max mount count: no forced checks
-        put16(&mut s, 0x38, 0xEF53);
-        put16(&mut s, 0x3A, 1); // clean
-        put16(&mut s, 0x3C, 1); // errors: continue
-        put32(&mut s, 0x40, t); // last check
-        put32(&mut s, 0x4C, 1); // dynamic revision
-        put32(&mut s, 0x54, FIRST_INO);
-        put16(&mut s, 0x58, INODE_SIZE as u16);
-        put16(&mut s, 0x5A, group as u16);
-        put32(&mut s, 0x5C, COMPAT);
-        put32(&mut s, 0x60, INCOMPAT);
-        put32(&mut s, 0x64, RO_COMPAT);
-        s[0x68..0x78].copy_from_slice(&o.uuid);
-        s[0x78..0x78 + o.label.len()].copy_from_slice(o.label.as_bytes());
-        put32(&mut s, 0xE0, JOURNAL_INO);
-        s[0xEC..0xFC].copy_from_slice(&o.hash_seed);
-        s[0xFC] = 1; // default hash: half_md4
-        s[0xFD] = 1; // s_jnl_blocks holds a copy of the journal inode's block map
-        put32(&mut s, 0x100, 0x0004 | 0x0008); // default mount options: user_xattr, acl
-        put32(&mut s, 0x108, t); // mkfs time
-        let j = &self.inodes[JOURNAL_INO as usize - 1];
-        s[0x10C..0x10C + 60].copy_from_slice(&j.i_block);
-        put32(&mut s, 0x10C + 60, (j.size >> 32) as u32);
-        put32(&mut s, 0x10C + 64, j.size as u32);
-        put16(&mut s, 0x15C, 32); // min extra isize
-        put16(&mut s, 0x15E, 32); // want extra isize
-        put32(&mut s, 0x160, 0x2); // directory hashes are unsigned
-        s[0x174] = FLEX.trailing_zeros() as u8;
-        s[0x175] = 1; // checksum type: crc32c
-        let c = csum::raw(!0, &s[..0x3FC]);
-        put32(&mut s, 0x3FC, c);
+        let (t, _) = time_fields(Timestamp::new(o.timestamp, 0));
+        sb::INODES_COUNT.put(&mut s, planned32(geo.inodes()));
+        sb::BLOCKS_COUNT_LO.put(&mut s, planned32(geo.blocks));
+        sb::R_BLOCKS_COUNT_LO.put(&mut s, planned32(self.reserved_blocks));
+        sb::FREE_BLOCKS_COUNT_LO.put(&mut s, planned32(free_blocks));
+        sb::FREE_INODES_COUNT.put(&mut s, planned32(free_inodes));
+        sb::FIRST_DATA_BLOCK.put(&mut s, 0); // 0 with 4 KiB blocks
+        sb::LOG_BLOCK_SIZE.put(&mut s, BLOCK_SIZE.trailing_zeros() - 10);
+        sb::LOG_CLUSTER_SIZE.put(&mut s, BLOCK_SIZE.trailing_zeros() - 10);
+        sb::BLOCKS_PER_GROUP.put(&mut s, planned32(BLOCKS_PER_GROUP));
+        sb::CLUSTERS_PER_GROUP.put(&mut s, planned32(BLOCKS_PER_GROUP));
+        sb::INODES_PER_GROUP.put(&mut s, planned32(geo.inodes_per_group));
+        sb::WTIME.put(&mut s, t);
+        sb::MAX_MNT_COUNT.put(&mut s, 0xFFFF); // no forced checks
+        sb::MAGIC.put(&mut s, sb::EXT4_SUPER_MAGIC);
+        sb::STATE.put(&mut s, sb::STATE_VALID);
+        sb::ERRORS.put(&mut s, sb::ERRORS_CONTINUE);
+        sb::LASTCHECK.put(&mut s, t);
+        sb::REV_LEVEL.put(&mut s, sb::DYNAMIC_REV);
+        sb::FIRST_INO.put(&mut s, inum::FIRST);
+        sb::INODE_SIZE.put(&mut s, INODE_SIZE as u16);
+        // A backup names its group in 16 bits; e2fsprogs truncates the same way.
+        sb::BLOCK_GROUP_NR.put(&mut s, (group & 0xFFFF) as u16);
+        sb::FEATURE_COMPAT.put(&mut s, COMPAT);
+        sb::FEATURE_INCOMPAT.put(&mut s, INCOMPAT);
+        sb::FEATURE_RO_COMPAT.put(&mut s, RO_COMPAT);
+        sb::UUID.put(&mut s, &o.uuid);
+        sb::VOLUME_NAME.put(&mut s, o.label.as_bytes());
+        sb::JOURNAL_INUM.put(&mut s, inum::JOURNAL);
+        sb::HASH_SEED.put(&mut s, &o.hash_seed);
+        sb::DEF_HASH_VERSION.put(&mut s, sb::DX_HASH_HALF_MD4);
+        sb::JNL_BACKUP_TYPE.put(&mut s, sb::JNL_BACKUP_BLOCKS);
+        sb::DEFAULT_MOUNT_OPTS.put(&mut s, sb::DEFM_XATTR_USER | sb::DEFM_ACL);
+        sb::MKFS_TIME.put(&mut s, t);
+        let j = &self.inodes[inum::JOURNAL as usize - 1];
+        sb::JNL_BLOCKS.put(&mut s, &j.i_block);
+        sb::JNL_SIZE_HIGH.put(&mut s, hi32(j.size));
+        sb::JNL_SIZE.put(&mut s, lo32(j.size));
+        sb::MIN_EXTRA_ISIZE.put(&mut s, inode::EXTRA_ISIZE);
+        sb::WANT_EXTRA_ISIZE.put(&mut s, inode::EXTRA_ISIZE);
+        sb::FLAGS.put(&mut s, sb::FLAGS_UNSIGNED_HASH);
+        sb::LOG_GROUPS_PER_FLEX.put(&mut s, FLEX.trailing_zeros() as u8);
+        sb::CHECKSUM_TYPE.put(&mut s, sb::CRC32C_CHKSUM);
+        let c = csum::raw(!0, &s[..sb::CHECKSUM.0]);
+        sb::CHECKSUM.put(&mut s, c);
         s
     }
 
@@ -150,61 +156,64 @@ impl Ext4Plan {
         let mut d = vec![0u8; (geo.gdt_blocks as usize) * BS];
         let ipg_bytes = geo.inodes_per_group as usize / 8;
         for (g, st) in stats.iter().enumerate() {
-            let at = g * 32;
-            let e = &mut d[at..at + 32];
-            put32(e, 0x00, geo.block_bitmap(g as u64) as u32);
-            put32(e, 0x04, geo.inode_bitmap(g as u64) as u32);
-            put32(e, 0x08, geo.inode_table(g as u64) as u32);
-            put16(e, 0x0C, st.free_blocks as u16);
-            put16(e, 0x0E, st.free_inodes as u16);
-            put16(e, 0x10, st.used_dirs as u16);
-            put16(e, 0x12, BG_INODE_ZEROED);
-            put16(e, 0x18, csum::raw(self.fs_seed, &st.block_bitmap) as u16);
-            put16(e, 0x1A, csum::raw(self.fs_seed, &st.inode_bitmap[..ipg_bytes]) as u16);
-            put16(e, 0x1C, st.itable_unused as u16);
+            let at = g * gd::SIZE;
+            let e = &mut d[at..at + gd::SIZE];
+            let group = g as u64;
+            gd::BLOCK_BITMAP_LO.put(e, planned32(geo.block_bitmap(group)));
+            gd::INODE_BITMAP_LO.put(e, planned32(geo.inode_bitmap(group)));
+            gd::INODE_TABLE_LO.put(e, planned32(geo.inode_table(group)));
+            gd::FREE_BLOCKS_COUNT_LO.put(e, group16(st.free_blocks));
+            gd::FREE_INODES_COUNT_LO.put(e, group16(st.free_inodes));
+            gd::USED_DIRS_COUNT_LO.put(e, group16(st.used_dirs));
+            gd::FLAGS.put(e, gd::INODE_ZEROED);
+            // Without the 64bit feature only the low halves of the bitmap checksums are kept.
+            gd::BLOCK_BITMAP_CSUM_LO.put(e, lo16(csum::raw(self.fs_seed, &st.block_bitmap)));
+            gd::INODE_BITMAP_CSUM_LO.put(e, lo16(csum::raw(self.fs_seed, &st.inode_bitmap[..ipg_bytes])));
+            gd::ITABLE_UNUSED_LO.put(e, group16(st.itable_unused));
             // Over the whole descriptor with its checksum field still zero.
-            let c = csum::raw(csum::raw(self.fs_seed, &(g as u32).to_le_bytes()), &e[..0x20]);
-            put16(e, 0x1E, c as u16);
+            let c = csum::raw(csum::raw(self.fs_seed, &planned32(group).to_le_bytes()), &e[..gd::SIZE]);
+            gd::CHECKSUM.put(e, lo16(c));
         }
         d
     }
 
     fn inode_bytes(&self, ino: u32, r: &InodeRec) -> [u8; INODE_SIZE as usize] {
         let mut b = [0u8; INODE_SIZE as usize];
-        put16(&mut b, 0x00, r.mode);
-        put16(&mut b, 0x02, r.uid as u16);
-        put32(&mut b, 0x04, r.size as u32);
+        inode::MODE.put(&mut b, r.mode);
+        inode::UID.put(&mut b, lo16(r.uid));
+        inode::SIZE_LO.put(&mut b, lo32(r.size));
         let (a, ax) = time_fields(r.atime);
         let (c, cx) = time_fields(r.ctime);
         let (m, mx) = time_fields(r.mtime);
         let (cr, crx) = time_fields(r.crtime);
-        put32(&mut b, 0x08, a);
-        put32(&mut b, 0x0C, c);
-        put32(&mut b, 0x10, m);
-        put16(&mut b, 0x18, r.gid as u16);
-        put16(&mut b, 0x1A, r.links);
+        inode::ATIME.put(&mut b, a);
+        inode::CTIME.put(&mut b, c);
+        inode::MTIME.put(&mut b, m);
+        inode::GID.put(&mut b, lo16(r.gid));
+        inode::LINKS_COUNT.put(&mut b, r.links);
+        // i_blocks counts 512-byte sectors in 48 bits (huge_file without EXT4_HUGE_FILE_FL).
         let sectors = r.fs_blocks * (BLOCK_SIZE / 512);
-        put32(&mut b, 0x1C, sectors as u32);
-        put32(&mut b, 0x20, r.flags);
-        b[0x28..0x64].copy_from_slice(&r.i_block);
-        put32(&mut b, 0x68, r.file_acl as u32);
-        put32(&mut b, 0x6C, (r.size >> 32) as u32);
-        put16(&mut b, 0x74, (sectors >> 32) as u16);
-        put16(&mut b, 0x76, (r.file_acl >> 32) as u16);
-        put16(&mut b, 0x78, (r.uid >> 16) as u16);
-        put16(&mut b, 0x7A, (r.gid >> 16) as u16);
-        put16(&mut b, 0x80, 32); // i_extra_isize
-        put32(&mut b, 0x84, cx);
-        put32(&mut b, 0x88, mx);
-        put32(&mut b, 0x8C, ax);
-        put32(&mut b, 0x90, cr);
-        put32(&mut b, 0x94, crx);
-        b[0xA0..0xA0 + r.ibody_xattr.len()].copy_from_slice(&r.ibody_xattr);
+        inode::BLOCKS_LO.put(&mut b, lo32(sectors));
+        inode::FLAGS.put(&mut b, r.flags);
+        inode::BLOCK.put(&mut b, &r.i_block);
+        inode::FILE_ACL_LO.put(&mut b, lo32(r.file_acl));
+        inode::SIZE_HIGH.put(&mut b, hi32(r.size));
+        inode::BLOCKS_HIGH.put(&mut b, hi16(sectors));
+        inode::FILE_ACL_HIGH.put(&mut b, hi16(r.file_acl));
+        inode::UID_HIGH.put(&mut b, hi16_of32(r.uid));
+        inode::GID_HIGH.put(&mut b, hi16_of32(r.gid));
+        inode::EXTRA_ISIZE_FIELD.put(&mut b, inode::EXTRA_ISIZE);
+        inode::CTIME_EXTRA.put(&mut b, cx);
+        inode::MTIME_EXTRA.put(&mut b, mx);
+        inode::ATIME_EXTRA.put(&mut b, ax);
+        inode::CRTIME.put(&mut b, cr);
+        inode::CRTIME_EXTRA.put(&mut b, crx);
+        b[inode::XATTR_AT..inode::XATTR_AT + r.ibody_xattr.len()].copy_from_slice(&r.ibody_xattr);
         // Checksum with both checksum fields zero: seed(ino, generation) over the whole inode.
         let seed = csum::inode_seed(self.fs_seed, ino, 0);
         let c = csum::raw(seed, &b);
-        put16(&mut b, 0x7C, c as u16);
-        put16(&mut b, 0x82, (c >> 16) as u16);
+        inode::CHECKSUM_LO.put(&mut b, lo16(c));
+        inode::CHECKSUM_HI.put(&mut b, hi16_of32(c));
         b
     }
 
@@ -243,9 +252,9 @@ impl Ext4Plan {
             let off = block * BLOCK_SIZE;
             match item {
                 Item::Super(g) => {
-                    let sb = self.superblock(g, &stats);
+                    let bytes = self.superblock(g, &stats);
                     // The primary sits 1024 bytes into block 0; backups start their block.
-                    sink.write_at(if g == 0 { 1024 } else { off }, &sb)?;
+                    sink.write_at(if g == 0 { sb::OFFSET } else { off }, &bytes)?;
                 }
                 Item::Gdt => sink.write_at(off, &gdt)?,
                 Item::BlockBitmap(g) => sink.write_at(off, &stats[g as usize].block_bitmap)?,
@@ -261,7 +270,7 @@ impl Ext4Plan {
                             let r = &self.inodes[ino as usize - 1];
                             if r.used {
                                 let at = (i * INODE_SIZE) as usize;
-                                blk[at..at + INODE_SIZE as usize].copy_from_slice(&self.inode_bytes(ino as u32, r));
+                                blk[at..at + INODE_SIZE as usize].copy_from_slice(&self.inode_bytes(planned32(ino), r));
                                 any = true;
                             }
                         }
