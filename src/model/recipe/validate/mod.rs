@@ -101,6 +101,33 @@ fn at_or_top<T>(table: Option<&Loc<T>>) -> Span {
     table.map(|t| header(t.span)).unwrap_or(Span { file: 0, start: 0, end: 0 })
 }
 
+/// One entry of an array of tables (`[[files]]`, `[[users]]`, …), as diagnostics name it.
+struct Entry {
+    array: &'static str,
+    index: usize,
+    span: Span,
+}
+
+impl Entry {
+    /// `users[2]`: the entry as a whole.
+    fn name(&self) -> String {
+        format!("{}[{}]", self.array, self.index)
+    }
+    /// `users[2].uid`: one of its keys.
+    fn key(&self, key: &str) -> String {
+        format!("{}[{}].{key}", self.array, self.index)
+    }
+    /// Where a key the entry lacks is reported: its `[[…]]` line.
+    fn header(&self) -> Span {
+        header(self.span)
+    }
+}
+
+/// The entries of the array of tables `array`, in recipe order.
+fn entries<'a, T>(array: &'static str, list: &'a Option<Vec<Loc<T>>>) -> impl Iterator<Item = (Entry, &'a T)> {
+    list.iter().flatten().enumerate().map(move |(index, at)| (Entry { array, index, span: at.span }, &at.value))
+}
+
 /// Checks the merged recipe section by section. Diagnostics are reported in file order; where
 /// two point at the same place (a missing `name` and a missing `os`, both at `[image]`), in the
 /// order of the checks below.
@@ -126,15 +153,14 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     let service = check_service(&mut v, raw, &base);
 
     // [[files]]
-    let files: Vec<FileEntry> =
-        raw.files.iter().flatten().enumerate().filter_map(|(i, f)| check_file(&mut v, i, f)).collect();
+    let files: Vec<FileEntry> = entries("files", &raw.files).filter_map(|(e, f)| check_file(&mut v, &e, f)).collect();
 
     // [system], and the files it would have kiln write over the recipe's.
     let system = match &raw.system {
         Some(s) => check_system(&mut v, &s.value, boot, &base, &packages),
         None => System::default(),
     };
-    check_generated_conflicts(&mut v, raw.files.as_deref().unwrap_or_default(), &system);
+    check_generated_conflicts(&mut v, &raw.files, &system);
 
     // [ami], [bundle], [test], [audit]
     let image_bytes = match size {
