@@ -148,11 +148,15 @@ pub(super) fn check_base(v: &mut V, image: &RawImage, header: Span) -> (Option<O
     )
 }
 
+/// Whether a URL is one apt fetches and kiln accepts: http, https or a local directory.
+pub(super) fn has_apt_scheme(u: &str) -> bool {
+    ["http://", "https://", "file:/"].iter().any(|p| u.starts_with(p))
+}
+
 /// An archive URL (`mirror`, `apt_mirror`, `apt_security_mirror`), or a diagnostic.
 pub(super) fn archive_url<'a>(v: &mut V, m: &'a Loc<String>, key: &str) -> Option<&'a String> {
     let u = &m.value;
-    let scheme_ok = ["http://", "https://", "file:/"].iter().any(|p| u.starts_with(p));
-    if !scheme_ok || u.chars().any(char::is_whitespace) {
+    if !has_apt_scheme(u) || u.chars().any(char::is_whitespace) {
         v.err(
             m.span,
             key,

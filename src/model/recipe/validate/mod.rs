@@ -74,6 +74,17 @@ impl V<'_> {
     fn resolve(&self, at: &Loc<String>) -> PathBuf {
         self.src.files[at.span.file].dir().join(&at.value)
     }
+    /// Whether `at` is the first of its value (in `seen`, with where each was); a repeat is
+    /// reported as `message`, with where the first one is.
+    fn first_use(&mut self, seen: &mut BTreeMap<String, Span>, at: &Loc<String>, key: String, message: String) -> bool {
+        if let Some(first) = seen.get(&at.value) {
+            let first_at = self.origin(*first);
+            self.err(at.span, key, message, Some(format!("first at {first_at}")));
+            return false;
+        }
+        seen.insert(at.value.clone(), at.span);
+        true
+    }
     /// Checks `value` is one of `accepted`, suggesting the nearest otherwise.
     fn one_of<'v>(&mut self, at: &'v Loc<String>, key: &str, accepted: &[&str]) -> Option<&'v str> {
         if accepted.contains(&at.value.as_str()) {
