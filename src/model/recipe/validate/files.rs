@@ -34,8 +34,12 @@ pub(super) fn parse_mode(s: &str) -> Option<u16> {
     u16::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
 }
 
+/// The user or group half of an `owner`: an id, or a name the stage looks up in the image
+/// (with id 0 until then).
+type OwnerPart = (u32, Option<String>);
+
 /// `root`, a number, or a name kept for the stage to look up.
-pub(super) fn parse_owner_part(s: &str) -> Option<(u32, Option<String>)> {
+pub(super) fn parse_owner_part(s: &str) -> Option<OwnerPart> {
     if s == "root" {
         return Some((0, None));
     }
@@ -52,30 +56,50 @@ pub(super) fn parse_owner_part(s: &str) -> Option<(u32, Option<String>)> {
     ok.then(|| (0, Some(s.to_string())))
 }
 
-pub(super) fn check_file(v: &mut V, i: usize, f: &Loc<RawFile>) -> Option<FileEntry> {
-    let raw = &f.value;
-    let k = |name: &str| format!("files[{i}].{name}");
-    let header = Span { end: f.span.start, ..f.span };
+pub(super) fn check_file(v: &mut V, e: &Entry, raw: &RawFile) -> Option<FileEntry> {
     let Some(path) = &raw.path else {
         v.err(
-            header,
-            format!("files[{i}]"),
+            e.header(),
+            e.name(),
             "[[files]] entry has no `path`",
             Some("add `path = \"/etc/example\"`, the absolute path in the image".into()),
         );
         return None;
     };
-    let mut ok = true;
-    if let Some(problem) = image_path_problem(&path.value) {
-        v.err(path.span, k("path"), format!("`{}` is not a valid path in the image", path.value), Some(problem.into()));
-        ok = false;
+    let image_path = check_path(v, e, path);
+    if !creates_one_thing(v, e, raw, path) {
+        return None;
     }
-    let dir = raw.dir.as_ref().filter(|d| d.value);
+    let kind = check_kind(v, e, raw);
+    let mode = check_mode(v, e, raw.mode.as_ref());
+    let owner = check_owner(v, e, raw.owner.as_ref());
+    let (kind, default_mode) = kind?;
+    let ((uid, user), (gid, group)) = owner?;
+    Some(FileEntry {
+        path: image_path?,
+        kind,
+        mode: mode?.unwrap_or(default_mode),
+        uid,
+        gid,
+        user,
+        group,
+        origin: v.origin(e.span),
+    })
+}
+
+fn check_path(v: &mut V, e: &Entry, path: &Loc<String>) -> Option<String> {
+    let Some(problem) = image_path_problem(&path.value) else { return Some(path.value.clone()) };
+    v.err(path.span, e.key("path"), format!("`{}` is not a valid path in the image", path.value), Some(problem.into()));
+    None
+}
+
+/// Whether the entry says what to create, and only one thing.
+fn creates_one_thing(v: &mut V, e: &Entry, raw: &RawFile, path: &Loc<String>) -> bool {
     let given: Vec<(&str, Span)> = [
         ("content", raw.content.as_ref().map(|x| x.span)),
         ("source", raw.source.as_ref().map(|x| x.span)),
         ("symlink", raw.symlink.as_ref().map(|x| x.span)),
-        ("dir", dir.map(|x| x.span)),
+        ("dir", raw.dir.as_ref().filter(|d| d.value).map(|x| x.span)),
     ]
     .into_iter()
     .filter_map(|(n, s)| s.map(|s| (n, s)))
@@ -85,99 +109,101 @@ pub(super) fn check_file(v: &mut V, i: usize, f: &Loc<RawFile>) -> Option<FileEn
         0 => {
             v.err(
                 path.span,
-                k("path"),
+                e.key("path"),
                 format!("[[files]] entry for {} says nothing to create", path.value),
                 Some(format!("add {kinds_help}")),
             );
-            return None;
+            false
         }
-        1 => {}
+        1 => true,
         _ => {
             let names: Vec<String> = given.iter().map(|g| format!("`{}`", g.0)).collect();
             v.err(
                 given[1].1,
-                k(given[1].0),
+                e.key(given[1].0),
                 format!("[[files]] entry for {} sets both {}", path.value, names.join(" and ")),
                 Some(format!("each entry creates one thing: {kinds_help}")),
             );
-            return None;
+            false
         }
     }
-    let mode_default;
-    let kind = if let Some(c) = &raw.content {
-        mode_default = 0o644;
-        FileKind::File { content: FileContent::Inline(c.value.clone().into_bytes()) }
-    } else if let Some(s) = &raw.source {
+}
+
+/// What the entry creates (it creates one thing), and the mode it gets when `mode` is left out.
+fn check_kind(v: &mut V, e: &Entry, raw: &RawFile) -> Option<(FileKind, u16)> {
+    if let Some(c) = &raw.content {
+        return Some((FileKind::File { content: FileContent::Inline(c.value.clone().into_bytes()) }, 0o644));
+    }
+    if let Some(s) = &raw.source {
         let p = v.resolve(s);
-        let meta = check_source_file(v, s, &k("source"), &p);
+        let meta = check_source_file(v, s, &e.key("source"), &p);
         // A source marked executable stays executable (git records that bit, so it is
         // as reproducible as the content).
-        mode_default = match meta {
+        let default_mode = match meta {
             Some(m) if is_executable(&m) => 0o755,
             _ => 0o644,
         };
-        FileKind::File { content: FileContent::Source(p) }
-    } else if let Some(t) = &raw.symlink {
-        mode_default = 0o777;
-        if t.value.is_empty() || t.value.contains('\0') || t.value.len() > 4095 {
-            v.err(
-                t.span,
-                k("symlink"),
-                "invalid symlink target",
-                Some("a non-empty path without NUL, at most 4095 bytes".into()),
-            );
-            ok = false;
-        }
-        if let Some(m) = &raw.mode {
-            v.err(
-                m.span,
-                k("mode"),
-                "symlinks have no mode of their own",
-                Some("remove `mode`; access is decided by the target's mode".into()),
-            );
-            ok = false;
-        }
-        FileKind::Symlink { target: t.value.clone() }
-    } else {
-        mode_default = 0o755;
-        FileKind::Dir
-    };
-    let mode = match &raw.mode {
-        None => mode_default,
-        Some(m) => match parse_mode(&m.value) {
-            Some(mode) => mode,
-            None => {
-                v.err(
-                    m.span,
-                    k("mode"),
-                    format!("`{}` is not a file mode", m.value),
-                    Some("an octal string from \"0000\" to \"7777\", like \"0644\" or \"0755\"".into()),
-                );
-                ok = false;
-                0
-            }
-        },
-    };
-    let (mut uid, mut gid, mut user, mut group) = (0, 0, None, None);
-    if let Some(o) = &raw.owner {
-        let parsed = o.value.split_once(':').and_then(|(u, g)| Some((parse_owner_part(u)?, parse_owner_part(g)?)));
-        match parsed {
-            Some(((u, un), (g, gn))) => {
-                (uid, gid, user, group) = (u, g, un, gn);
-            }
-            None => {
-                v.err(
-                    o.span,
-                    k("owner"),
-                    format!("`{}` is not an owner", o.value),
-                    Some("write \"user:group\" with names or numbers, like \"root:root\", \"0:0\" or \"www-data:www-data\"".into()),
-                );
-                ok = false;
-            }
-        }
+        return Some((FileKind::File { content: FileContent::Source(p) }, default_mode));
     }
-    let origin = v.origin(f.span);
-    ok.then(|| FileEntry { path: path.value.clone(), kind, mode, uid, gid, user, group, origin })
+    if let Some(t) = &raw.symlink {
+        return check_symlink(v, e, t, raw.mode.as_ref()).map(|kind| (kind, 0o777));
+    }
+    Some((FileKind::Dir, 0o755))
+}
+
+fn check_symlink(v: &mut V, e: &Entry, target: &Loc<String>, mode: Option<&Loc<String>>) -> Option<FileKind> {
+    let mut ok = true;
+    if target.value.is_empty() || target.value.contains('\0') || target.value.len() > 4095 {
+        v.err(
+            target.span,
+            e.key("symlink"),
+            "invalid symlink target",
+            Some("a non-empty path without NUL, at most 4095 bytes".into()),
+        );
+        ok = false;
+    }
+    if let Some(m) = mode {
+        v.err(
+            m.span,
+            e.key("mode"),
+            "symlinks have no mode of their own",
+            Some("remove `mode`; access is decided by the target's mode".into()),
+        );
+        ok = false;
+    }
+    ok.then(|| FileKind::Symlink { target: target.value.clone() })
+}
+
+fn check_mode(v: &mut V, e: &Entry, mode: Option<&Loc<String>>) -> Option<Option<u16>> {
+    let Some(m) = mode else { return Some(None) };
+    if let Some(mode) = parse_mode(&m.value) {
+        return Some(Some(mode));
+    }
+    v.err(
+        m.span,
+        e.key("mode"),
+        format!("`{}` is not a file mode", m.value),
+        Some("an octal string from \"0000\" to \"7777\", like \"0644\" or \"0755\"".into()),
+    );
+    None
+}
+
+/// `owner`: `user:group`, root's when left out.
+fn check_owner(v: &mut V, e: &Entry, owner: Option<&Loc<String>>) -> Option<(OwnerPart, OwnerPart)> {
+    let Some(o) = owner else { return Some(((0, None), (0, None))) };
+    let parsed = o.value.split_once(':').and_then(|(u, g)| Some((parse_owner_part(u)?, parse_owner_part(g)?)));
+    if parsed.is_none() {
+        v.err(
+            o.span,
+            e.key("owner"),
+            format!("`{}` is not an owner", o.value),
+            Some(
+                "write \"user:group\" with names or numbers, like \"root:root\", \"0:0\" or \"www-data:www-data\""
+                    .into(),
+            ),
+        );
+    }
+    parsed
 }
 
 #[cfg(unix)]
@@ -211,9 +237,9 @@ pub(super) fn check_source_file(v: &mut V, at: &Loc<String>, key: &str, path: &P
 
 /// `[[files]]` entries that kiln's own generated files would silently replace, or that a
 /// mount would hide.
-pub(super) fn check_generated_conflicts(v: &mut V, files: &[Loc<RawFile>], system: &System) {
-    for (i, f) in files.iter().enumerate() {
-        let Some(p) = &f.value.path else { continue };
+pub(super) fn check_generated_conflicts(v: &mut V, files: &Option<Vec<Loc<RawFile>>>, system: &System) {
+    for (e, f) in entries("files", files) {
+        let Some(p) = &f.path else { continue };
         let path = p.value.as_str();
         let generated = match path {
             "/etc/fstab" => Some((
@@ -245,7 +271,7 @@ pub(super) fn check_generated_conflicts(v: &mut V, files: &[Loc<RawFile>], syste
             _ => None,
         };
         if let Some((why, what)) = generated {
-            v.err(p.span, format!("files[{i}].path"), format!("{path} would be replaced: {why}"), Some(what.into()));
+            v.err(p.span, e.key("path"), format!("{path} would be replaced: {why}"), Some(what.into()));
         }
         if let Some(esp) = &system.mount_esp {
             if path.strip_prefix(esp.as_str()).is_some_and(|rest| rest.starts_with('/')) {

@@ -3,10 +3,14 @@
 //! `kiln check` shows all of them.
 //!
 //! This module holds the whole-recipe pass and `[image]`'s own keys; each section's rules are
-//! a module of their own: [`base`] (the root's source and `[packages]`), [`files`],
-//! [`system`], [`aws`] (`[ami]` and `[bundle]`, with EC2's rules from `crate::ec2`). [`hash`]
-//! is the recipe hash, whose file reading lives in `recipe::digest`; [`diagnose`] turns the
-//! TOML parser's errors into the same kind of diagnostic.
+//! a module of their own: [`base`] (the root's source and `[packages]`), [`service`]
+//! (`[[repositories]]`, `[packages].local`, `[[users]]`, `[[steps]]`), [`files`], [`system`],
+//! [`aws`] (`[ami]` and `[bundle]`, with EC2's rules from `crate::ec2`). [`hash`] is the recipe
+//! hash, whose file reading lives in `recipe::digest`; [`diagnose`] turns the TOML parser's
+//! errors into the same kind of diagnostic.
+//!
+//! A `check_*` function reports what it finds wrong; one that returns an `Option` returns
+//! `None` for what it refused and, where the key is optional, `Some(None)` for a key left out.
 mod aws;
 mod base;
 mod diagnose;
@@ -70,6 +74,17 @@ impl V<'_> {
     fn resolve(&self, at: &Loc<String>) -> PathBuf {
         self.src.files[at.span.file].dir().join(&at.value)
     }
+    /// Whether `at` is the first of its value (in `seen`, with where each was); a repeat is
+    /// reported as `message`, with where the first one is.
+    fn first_use(&mut self, seen: &mut BTreeMap<String, Span>, at: &Loc<String>, key: String, message: String) -> bool {
+        if let Some(first) = seen.get(&at.value) {
+            let first_at = self.origin(*first);
+            self.err(at.span, key, message, Some(format!("first at {first_at}")));
+            return false;
+        }
+        seen.insert(at.value.clone(), at.span);
+        true
+    }
     /// Checks `value` is one of `accepted`, suggesting the nearest otherwise.
     fn one_of<'v>(&mut self, at: &'v Loc<String>, key: &str, accepted: &[&str]) -> Option<&'v str> {
         if accepted.contains(&at.value.as_str()) {
@@ -85,85 +100,62 @@ impl V<'_> {
     }
 }
 
+/// Where a missing key is reported: the start of the table that should hold it, the line a
+/// reader looks at.
+fn header(table: Span) -> Span {
+    Span { end: table.start, ..table }
+}
+
 /// Where to point when a required key is missing: the table that should hold it, or the start
 /// of the recipe given on the command line.
 fn at_or_top<T>(table: Option<&Loc<T>>) -> Span {
-    table.map(|t| Span { end: t.span.start, ..t.span }).unwrap_or(Span { file: 0, start: 0, end: 0 })
+    table.map(|t| header(t.span)).unwrap_or(Span { file: 0, start: 0, end: 0 })
 }
 
+/// One entry of an array of tables (`[[files]]`, `[[users]]`, …), as diagnostics name it.
+struct Entry {
+    array: &'static str,
+    index: usize,
+    span: Span,
+}
+
+impl Entry {
+    /// `users[2]`: the entry as a whole.
+    fn name(&self) -> String {
+        format!("{}[{}]", self.array, self.index)
+    }
+    /// `users[2].uid`: one of its keys.
+    fn key(&self, key: &str) -> String {
+        format!("{}[{}].{key}", self.array, self.index)
+    }
+    /// Where a key the entry lacks is reported: its `[[…]]` line.
+    fn header(&self) -> Span {
+        header(self.span)
+    }
+}
+
+/// The entries of the array of tables `array`, in recipe order.
+fn entries<'a, T>(array: &'static str, list: &'a Option<Vec<Loc<T>>>) -> impl Iterator<Item = (Entry, &'a T)> {
+    list.iter().flatten().enumerate().map(move |(index, at)| (Entry { array, index, span: at.span }, &at.value))
+}
+
+/// Checks the merged recipe section by section. Diagnostics are reported in file order; where
+/// two point at the same place (a missing `name` and a missing `os`, both at `[image]`), in the
+/// order of the checks below.
 pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<Arch>) -> Result<Recipe, RecipeError> {
     let raw: &RawRecipe = &loaded.merged;
     let mut v = V { src: &loaded.sources, diags: Vec::new(), warnings: Vec::new() };
-    let default_image = Loc { span: at_or_top::<()>(None), value: RawImage::default() };
-    let image_loc = raw.image.as_ref().unwrap_or(&default_image);
-    let image = &image_loc.value;
+    let default_image = RawImage::default();
+    let image = raw.image.as_ref().map_or(&default_image, |i| &i.value);
+    let image_header = at_or_top(raw.image.as_ref());
 
     // [image]
-    let name = match &image.name {
-        Some(n) => {
-            check_name(&mut v, n);
-            n.value.clone()
-        }
-        None => {
-            v.err(
-                at_or_top(raw.image.as_ref()),
-                "image.name",
-                "missing `name` in [image]",
-                Some(
-                    "every recipe needs a name, like `name = \"debian-12-minimal\"`; outputs are called NAME-ARCH"
-                        .into(),
-                ),
-            );
-            String::new()
-        }
-    };
-    let arch = match (&image.arch, arch_override) {
-        (_, Some(a)) => a,
-        (None, None) => super::DEFAULT_ARCH,
-        (Some(a), None) => match Arch::parse(&a.value) {
-            Some(arch) => arch,
-            None => {
-                v.one_of(a, "image.arch", &["x86_64", "arm64"]);
-                super::DEFAULT_ARCH
-            }
-        },
-    };
-    let boot = match &image.boot {
-        None => default_boot(arch),
-        Some(b) => match v.one_of(b, "image.boot", &["uefi", "bios", "hybrid"]) {
-            Some("bios") => BootMode::Bios,
-            Some("hybrid") => BootMode::Hybrid,
-            _ => BootMode::Uefi,
-        },
-    };
-    if arch == Arch::Arm64 && boot.has_bios() {
-        let b = image.boot.as_ref().expect("arm64 defaults to uefi");
-        let via = if arch_override.is_some() { " (arm64 was chosen with --arch)" } else { "" };
-        v.err(
-            b.span,
-            "image.boot",
-            format!("boot = \"{}\" cannot be built for arm64{via}: arm64 machines have no legacy BIOS", boot),
-            Some("Graviton instances and QEMU's virt machine boot UEFI only; use boot = \"uefi\" for arm64".into()),
-        );
-    }
-    let size = match &image.size {
-        None => DiskSize::Auto,
-        Some(s) => check_image_size(&mut v, s),
-    };
-    let (os, base) = check_base(&mut v, image, at_or_top(raw.image.as_ref()));
-    let source_date_epoch = image.source_date_epoch.as_ref().and_then(|e| {
-        if (0..=MAX_EPOCH).contains(&e.value) {
-            Some(e.value)
-        } else {
-            v.err(
-                e.span,
-                "image.source_date_epoch",
-                format!("source_date_epoch {} is out of range", e.value),
-                Some(format!("seconds since 1970-01-01 UTC, from 0 to {MAX_EPOCH} (year 9999)")),
-            );
-            None
-        }
-    });
+    let name = check_name(&mut v, image.name.as_ref(), image_header);
+    let arch = check_arch(&mut v, image.arch.as_ref(), arch_override);
+    let boot = check_boot(&mut v, image.boot.as_ref(), arch, arch_override.is_some());
+    let size = image.size.as_ref().map_or(DiskSize::Auto, |s| check_image_size(&mut v, s));
+    let (os, base) = check_base(&mut v, image, image_header);
+    let source_date_epoch = image.source_date_epoch.as_ref().and_then(|e| check_source_date_epoch(&mut v, e));
 
     // [packages]
     let (packages, exclude_packages) = check_packages(&mut v, raw, &base, arch);
@@ -172,16 +164,16 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     let service = check_service(&mut v, raw, &base);
 
     // [[files]]
-    let files: Vec<FileEntry> =
-        raw.files.iter().flatten().enumerate().filter_map(|(i, f)| check_file(&mut v, i, f)).collect();
+    let files: Vec<FileEntry> = entries("files", &raw.files).filter_map(|(e, f)| check_file(&mut v, &e, f)).collect();
 
-    // [system]
+    // [system], and the files it would have kiln write over the recipe's.
     let system = match &raw.system {
         Some(s) => check_system(&mut v, &s.value, boot, &base, &packages),
         None => System::default(),
     };
-    check_generated_conflicts(&mut v, raw.files.as_deref().unwrap_or_default(), &system);
+    check_generated_conflicts(&mut v, &raw.files, &system);
 
+    // [ami], [bundle], [test], [audit]
     let image_bytes = match size {
         DiskSize::Bytes(b) => Some(b),
         DiskSize::Auto => None,
@@ -189,19 +181,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     let ami = raw.ami.as_ref().map(|a| check_ami(&mut v, a, arch, boot, image_bytes, arch_override.is_some()));
     let bundle = raw.bundle.as_ref().map(|b| check_bundle(&mut v, b, arch, boot));
     let test = raw.test.as_ref().map(|t| check_test(&mut v, &t.value)).unwrap_or_default();
-    let mut audit_allow = Vec::new();
-    for a in raw.audit.iter().flat_map(|a| a.value.allow.iter()).flat_map(|l| &l.value) {
-        if a.value.starts_with('/') && !a.value.ends_with('/') && !a.value.split('/').any(|c| c == ".." || c == ".") {
-            audit_allow.push(a.value.clone());
-        } else {
-            v.err(
-                a.span,
-                "audit.allow",
-                format!("`{}` is not an absolute path to one file", a.value),
-                Some("write the file's absolute path in the image, like \"/etc/app/tls.key\"".into()),
-            );
-        }
-    }
+    let audit_allow = check_audit_allow(&mut v, raw);
 
     if !v.diags.is_empty() {
         return Err(v.into_error());
@@ -235,6 +215,102 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     })
 }
 
+/// `name`, which every recipe needs: outputs are named after it.
+fn check_name(v: &mut V, name: Option<&Loc<String>>, image_header: Span) -> String {
+    let Some(n) = name else {
+        v.err(
+            image_header,
+            "image.name",
+            "missing `name` in [image]",
+            Some("every recipe needs a name, like `name = \"debian-12-minimal\"`; outputs are called NAME-ARCH".into()),
+        );
+        return String::new();
+    };
+    let s = &n.value;
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        v.err(
+            n.span,
+            "image.name",
+            format!("`{s}` is not a valid image name"),
+            Some("1 to 64 characters: letters, digits, `.`, `_` and `-`, starting with a letter or digit (it becomes a file name)".into()),
+        );
+    }
+    s.clone()
+}
+
+/// `arch`; `--arch` wins over it, and it is not even checked then.
+fn check_arch(v: &mut V, arch: Option<&Loc<String>>, arch_override: Option<Arch>) -> Arch {
+    match (arch, arch_override) {
+        (_, Some(a)) => a,
+        (None, None) => super::DEFAULT_ARCH,
+        (Some(a), None) => match Arch::parse(&a.value) {
+            Some(arch) => arch,
+            None => {
+                v.one_of(a, "image.arch", &["x86_64", "arm64"]);
+                super::DEFAULT_ARCH
+            }
+        },
+    }
+}
+
+/// `boot`, which must be one the architecture's machines can start.
+fn check_boot(v: &mut V, boot: Option<&Loc<String>>, arch: Arch, arch_overridden: bool) -> BootMode {
+    let mode = match boot {
+        None => default_boot(arch),
+        Some(b) => match v.one_of(b, "image.boot", &["uefi", "bios", "hybrid"]) {
+            Some("bios") => BootMode::Bios,
+            Some("hybrid") => BootMode::Hybrid,
+            _ => BootMode::Uefi,
+        },
+    };
+    if arch == Arch::Arm64 && mode.has_bios() {
+        let b = boot.expect("arm64 defaults to uefi");
+        let via = if arch_overridden { " (arm64 was chosen with --arch)" } else { "" };
+        v.err(
+            b.span,
+            "image.boot",
+            format!("boot = \"{}\" cannot be built for arm64{via}: arm64 machines have no legacy BIOS", mode),
+            Some("Graviton instances and QEMU's virt machine boot UEFI only; use boot = \"uefi\" for arm64".into()),
+        );
+    }
+    mode
+}
+
+fn check_source_date_epoch(v: &mut V, e: &Loc<i64>) -> Option<i64> {
+    if (0..=MAX_EPOCH).contains(&e.value) {
+        return Some(e.value);
+    }
+    v.err(
+        e.span,
+        "image.source_date_epoch",
+        format!("source_date_epoch {} is out of range", e.value),
+        Some(format!("seconds since 1970-01-01 UTC, from 0 to {MAX_EPOCH} (year 9999)")),
+    );
+    None
+}
+
+/// `[audit].allow`: each an absolute path to one file, as the audit reports them.
+fn check_audit_allow(v: &mut V, raw: &RawRecipe) -> Vec<String> {
+    let mut allow = Vec::new();
+    for a in raw.audit.iter().flat_map(|a| a.value.allow.iter()).flat_map(|l| &l.value) {
+        if a.value.starts_with('/') && !a.value.ends_with('/') && !a.value.split('/').any(|c| c == ".." || c == ".") {
+            allow.push(a.value.clone());
+        } else {
+            v.err(
+                a.span,
+                "audit.allow",
+                format!("`{}` is not an absolute path to one file", a.value),
+                Some("write the file's absolute path in the image, like \"/etc/app/tls.key\"".into()),
+            );
+        }
+    }
+    allow
+}
+
 fn check_test(v: &mut V, t: &RawTest) -> TestSpec {
     let user = t.user.as_ref().and_then(|u| {
         let s = &u.value;
@@ -258,22 +334,6 @@ fn check_test(v: &mut V, t: &RawTest) -> TestSpec {
         }
     }
     TestSpec { user, commands }
-}
-
-fn check_name(v: &mut V, n: &Loc<String>) {
-    let s = &n.value;
-    let ok = !s.is_empty()
-        && s.len() <= 64
-        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !ok {
-        v.err(
-            n.span,
-            "image.name",
-            format!("`{s}` is not a valid image name"),
-            Some("1 to 64 characters: letters, digits, `.`, `_` and `-`, starting with a letter or digit (it becomes a file name)".into()),
-        );
-    }
 }
 
 fn check_image_size(v: &mut V, s: &Loc<String>) -> DiskSize {

@@ -3,8 +3,9 @@
 //! tools (a repository's signature, a package's architecture and dependencies) is judged when
 //! the layer is staged, with the same `file:line:column`.
 
-use super::super::raw::{RawRepository, RawStep, RawUser};
+use super::super::raw::{LocList, RawRepository, RawStep, RawUser};
 use super::super::service::{LocalPackage, Repository, Service, Step, StepAction, User};
+use super::base::has_apt_scheme;
 use super::files::image_path_problem;
 use super::*;
 
@@ -34,240 +35,241 @@ const SSH_KEY_TYPES: [&str; 8] = [
 ];
 
 pub(super) fn check_service(v: &mut V, raw: &RawRecipe, base: &Base) -> Service {
-    let mut service = Service::default();
-    let tarball = matches!(base, Base::Tarball(_));
-    let tarball_help = || {
-        Some("the service layer is installed with Debian's apt and dpkg on top of a staged Debian base; set `os` instead of `base.tarball`".to_string())
-    };
-    let mut names: BTreeMap<String, Span> = BTreeMap::new();
-    for (i, r) in raw.repositories.iter().flatten().enumerate() {
-        if tarball {
-            v.err(r.span, format!("repositories[{i}]"), "[[repositories]] needs an OS base", tarball_help());
-            continue;
-        }
-        if let Some(repo) = check_repository(v, i, r, &mut names) {
-            service.repositories.push(repo);
-        }
+    if matches!(base, Base::Tarball(_)) {
+        refuse_on_tarball(v, raw);
+        return Service::default();
     }
-    if let Some(p) = &raw.packages {
-        for (i, l) in p.value.local.iter().flat_map(|l| &l.value).enumerate() {
-            if tarball {
-                v.err(l.span, "packages.local", "[packages].local needs an OS base", tarball_help());
-                continue;
-            }
-            if let Some(pkg) = check_local(v, i, l) {
-                service.local.push(pkg);
-            }
-        }
-    }
-    let mut user_names: BTreeMap<String, Span> = BTreeMap::new();
-    let mut uids: BTreeMap<u32, String> = BTreeMap::new();
-    for (i, u) in raw.users.iter().flatten().enumerate() {
-        if tarball {
-            v.err(u.span, format!("users[{i}]"), "[[users]] needs an OS base", tarball_help());
-            continue;
-        }
-        if let Some(user) = check_user(v, i, u, &mut user_names, &mut uids) {
-            service.users.push(user);
-        }
-    }
-    for (i, s) in raw.steps.iter().flatten().enumerate() {
-        if tarball {
-            v.err(s.span, format!("steps[{i}]"), "[[steps]] needs an OS base", tarball_help());
-            continue;
-        }
-        if let Some(step) = check_step(v, i, s) {
-            service.steps.push(step);
-        }
-    }
-    service
+    let mut repository_names = BTreeMap::new();
+    let repositories = entries("repositories", &raw.repositories)
+        .filter_map(|(e, r)| check_repository(v, &e, r, &mut repository_names))
+        .collect();
+    let local = local_packages(raw).filter_map(|l| check_local(v, l)).collect();
+    let (mut user_names, mut uids) = (BTreeMap::new(), BTreeMap::new());
+    let users =
+        entries("users", &raw.users).filter_map(|(e, u)| check_user(v, &e, u, &mut user_names, &mut uids)).collect();
+    let steps = entries("steps", &raw.steps).filter_map(|(e, s)| check_step(v, &e, s)).collect();
+    Service { repositories, local, users, steps }
 }
 
-fn header(span: Span) -> Span {
-    Span { end: span.start, ..span }
+/// `[packages].local`, in recipe order.
+fn local_packages(raw: &RawRecipe) -> impl Iterator<Item = &Loc<String>> {
+    raw.packages.iter().flat_map(|p| p.value.local.iter()).flat_map(|l| &l.value)
+}
+
+/// A tarball base has no apt or dpkg to install with: every service-layer entry is refused.
+fn refuse_on_tarball(v: &mut V, raw: &RawRecipe) {
+    const HELP: &str = "the service layer is installed with Debian's apt and dpkg on top of a staged Debian base; set `os` instead of `base.tarball`";
+    for (e, _) in entries("repositories", &raw.repositories) {
+        v.err(e.span, e.name(), "[[repositories]] needs an OS base", Some(HELP.into()));
+    }
+    for l in local_packages(raw) {
+        v.err(l.span, "packages.local", "[packages].local needs an OS base", Some(HELP.into()));
+    }
+    for (e, _) in entries("users", &raw.users) {
+        v.err(e.span, e.name(), "[[users]] needs an OS base", Some(HELP.into()));
+    }
+    for (e, _) in entries("steps", &raw.steps) {
+        v.err(e.span, e.name(), "[[steps]] needs an OS base", Some(HELP.into()));
+    }
+}
+
+/// Checks every item of a list, reporting each it refuses, and gives them all if it refused
+/// none.
+fn check_all<'a, T>(
+    v: &mut V,
+    items: impl IntoIterator<Item = &'a Loc<String>>,
+    mut check: impl FnMut(&mut V, &'a Loc<String>) -> Option<T>,
+) -> Option<Vec<T>> {
+    let mut out = Vec::new();
+    let mut ok = true;
+    for it in items {
+        match check(v, it) {
+            Some(x) => out.push(x),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
 }
 
 fn check_repository(
     v: &mut V,
-    i: usize,
-    r: &Loc<RawRepository>,
+    e: &Entry,
+    raw: &RawRepository,
     names: &mut BTreeMap<String, Span>,
 ) -> Option<Repository> {
-    let raw = &r.value;
-    let k = |name: &str| format!("repositories[{i}].{name}");
-    let mut ok = true;
-    let name = match &raw.name {
-        None => {
-            v.err(
-                header(r.span),
-                format!("repositories[{i}]"),
-                "[[repositories]] entry has no `name`",
-                Some("add `name = \"vendor\"`: the image gets /etc/apt/sources.list.d/vendor.sources".into()),
-            );
-            ok = false;
-            String::new()
-        }
-        Some(n) => {
-            let s = &n.value;
-            let valid = !s.is_empty()
-                && s.len() <= 63
-                && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-            if !valid {
-                v.err(
-                    n.span,
-                    k("name"),
-                    format!("`{s}` is not a repository name"),
-                    Some("lower-case letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 63 characters (it names files in the image)".into()),
-                );
-                ok = false;
-            } else if s == RESERVED_REPOSITORY {
-                v.err(
-                    n.span,
-                    k("name"),
-                    "`debian` is the name of the image's own Debian sources",
-                    Some("choose another name; Debian's archive is set with [image].mirror and apt_mirror".into()),
-                );
-                ok = false;
-            } else if let Some(first) = names.get(s) {
-                let at = v.origin(*first);
-                v.err(n.span, k("name"), format!("repository `{s}` is named twice"), Some(format!("first at {at}")));
-                ok = false;
-            } else {
-                names.insert(s.clone(), n.span);
-            }
-            s.clone()
-        }
-    };
-    let uri = match &raw.uri {
-        None => {
-            v.err(
-                header(r.span),
-                k("uri"),
-                format!("repository `{name}` has no `uri`"),
-                Some("add `uri = \"https://packages.example.com/debian\"` (http, https or file:)".into()),
-            );
-            ok = false;
-            String::new()
-        }
-        Some(u) => {
-            let s = u.value.trim_end_matches('/');
-            let scheme_ok = ["http://", "https://", "file:/"].iter().any(|p| s.starts_with(p));
-            let host_ok = !matches!(s, "http:/" | "https:/" | "file:") && s.len() > "file:/".len();
-            if !scheme_ok || !host_ok || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                v.err(
-                    u.span,
-                    k("uri"),
-                    format!("`{}` is not a repository URI", u.value),
-                    Some("an http://, https:// or file:/ URI without spaces, like \"https://packages.example.com/debian\"".into()),
-                );
-                ok = false;
-            }
-            s.to_string()
-        }
-    };
-    let word_ok = |s: &str| !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#');
-    let suites: Vec<String> = match &raw.suites {
-        Some(l) if !l.value.is_empty() => {
-            for s in &l.value {
-                if !word_ok(&s.value) {
-                    v.err(
-                        s.span,
-                        k("suites"),
-                        format!("`{}` is not a suite", s.value),
-                        Some("one word, like \"stable\" or \"bookworm\"".into()),
-                    );
-                    ok = false;
-                }
-            }
-            l.value.iter().map(|s| s.value.clone()).collect()
-        }
-        other => {
-            v.err(
-                other.as_ref().map(|l| l.span).unwrap_or(header(r.span)),
-                k("suites"),
-                format!("repository `{name}` names no suite"),
-                Some("add `suites = [\"stable\"]` (what the repository's dists/ directory holds), or `[\"./\"]` for a flat repository".into()),
-            );
-            ok = false;
-            Vec::new()
-        }
-    };
-    let flat = suites.iter().any(|s| s.ends_with('/'));
-    if flat && suites.len() > 1 {
+    // Messages about the other keys name the repository as written, even a refused name.
+    let written = raw.name.as_ref().map_or("", |n| n.value.as_str());
+    let name = check_repository_name(v, e, raw.name.as_ref(), names);
+    let uri = check_repository_uri(v, e, raw.uri.as_ref(), written);
+    let suites = check_suites(v, e, raw.suites.as_ref(), written);
+    let components = check_components(v, e, raw.components.as_ref(), is_flat(raw.suites.as_ref()));
+    let key = check_key(v, e, raw.key.as_ref(), written);
+    let (key, key_armored) = key?;
+    Some(Repository {
+        name: name?,
+        uri: uri?,
+        suites: suites?,
+        components: components?,
+        key,
+        key_armored,
+        origin: v.origin(e.span),
+    })
+}
+
+/// Repository names become file names in the image (`/etc/apt/sources.list.d/NAME.sources`).
+fn valid_repository_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+}
+
+fn check_repository_name(
+    v: &mut V,
+    e: &Entry,
+    name: Option<&Loc<String>>,
+    names: &mut BTreeMap<String, Span>,
+) -> Option<String> {
+    let Some(n) = name else {
         v.err(
-            raw.suites.as_ref().map(|l| l.span).unwrap_or(r.span),
-            k("suites"),
+            e.header(),
+            e.name(),
+            "[[repositories]] entry has no `name`",
+            Some("add `name = \"vendor\"`: the image gets /etc/apt/sources.list.d/vendor.sources".into()),
+        );
+        return None;
+    };
+    let s = &n.value;
+    if !valid_repository_name(s) {
+        v.err(
+            n.span,
+            e.key("name"),
+            format!("`{s}` is not a repository name"),
+            Some("lower-case letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 63 characters (it names files in the image)".into()),
+        );
+        return None;
+    }
+    if s == RESERVED_REPOSITORY {
+        v.err(
+            n.span,
+            e.key("name"),
+            "`debian` is the name of the image's own Debian sources",
+            Some("choose another name; Debian's archive is set with [image].mirror and apt_mirror".into()),
+        );
+        return None;
+    }
+    v.first_use(names, n, e.key("name"), format!("repository `{s}` is named twice")).then(|| s.clone())
+}
+
+/// `uri`, without the trailing `/`s.
+fn check_repository_uri(v: &mut V, e: &Entry, uri: Option<&Loc<String>>, name: &str) -> Option<String> {
+    let Some(u) = uri else {
+        v.err(
+            e.header(),
+            e.key("uri"),
+            format!("repository `{name}` has no `uri`"),
+            Some("add `uri = \"https://packages.example.com/debian\"` (http, https or file:)".into()),
+        );
+        return None;
+    };
+    let s = u.value.trim_end_matches('/');
+    let host_ok = !matches!(s, "http:/" | "https:/" | "file:") && s.len() > "file:/".len();
+    if !has_apt_scheme(s) || !host_ok || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        v.err(
+            u.span,
+            e.key("uri"),
+            format!("`{}` is not a repository URI", u.value),
+            Some(
+                "an http://, https:// or file:/ URI without spaces, like \"https://packages.example.com/debian\""
+                    .into(),
+            ),
+        );
+        return None;
+    }
+    Some(s.to_string())
+}
+
+/// A flat repository names the one directory that holds its index, ending in `/`, for a suite.
+fn is_flat(suites: Option<&LocList<String>>) -> bool {
+    suites.is_some_and(|l| l.value.iter().any(|s| s.value.ends_with('/')))
+}
+
+/// `suites`: at least one, each one word; a flat repository's path alone.
+fn check_suites(v: &mut V, e: &Entry, suites: Option<&LocList<String>>, name: &str) -> Option<Vec<String>> {
+    let Some(l) = suites.filter(|l| !l.value.is_empty()) else {
+        v.err(
+            suites.map_or(e.header(), |l| l.span),
+            e.key("suites"),
+            format!("repository `{name}` names no suite"),
+            Some("add `suites = [\"stable\"]` (what the repository's dists/ directory holds), or `[\"./\"]` for a flat repository".into()),
+        );
+        return None;
+    };
+    let words = check_all(v, &l.value, |v, s| check_word(v, s, e.key("suites"), "suite", "\"stable\" or \"bookworm\""));
+    if is_flat(suites) && l.value.len() > 1 {
+        v.err(
+            l.span,
+            e.key("suites"),
             "a flat repository has exactly one path (ending in `/`)",
             Some("write `suites = [\"./\"]` alone, or name the suites of a repository with dists/".into()),
         );
-        ok = false;
+        return None;
     }
-    let components: Vec<String> = match &raw.components {
+    words
+}
+
+/// `components`: `["main"]` when left out; none in a flat repository.
+fn check_components(v: &mut V, e: &Entry, components: Option<&LocList<String>>, flat: bool) -> Option<Vec<String>> {
+    match components {
         Some(l) if flat => {
             v.err(
                 l.span,
-                k("components"),
+                e.key("components"),
                 "a flat repository (its suite ends in `/`) has no components",
                 Some("remove `components`".into()),
             );
-            ok = false;
-            Vec::new()
+            None
         }
         Some(l) if l.value.is_empty() => {
-            v.err(l.span, k("components"), "`components` is empty", Some("leave it out for `[\"main\"]`".into()));
-            ok = false;
-            Vec::new()
+            v.err(l.span, e.key("components"), "`components` is empty", Some("leave it out for `[\"main\"]`".into()));
+            None
         }
-        Some(l) => {
-            for c in &l.value {
-                if !word_ok(&c.value) {
-                    v.err(
-                        c.span,
-                        k("components"),
-                        format!("`{}` is not a component", c.value),
-                        Some("one word, like \"main\"".into()),
-                    );
-                    ok = false;
-                }
-            }
-            l.value.iter().map(|c| c.value.clone()).collect()
-        }
-        None if flat => Vec::new(),
-        None => vec!["main".into()],
+        Some(l) => check_all(v, &l.value, |v, c| check_word(v, c, e.key("components"), "component", "\"main\"")),
+        None if flat => Some(Vec::new()),
+        None => Some(vec!["main".into()]),
+    }
+}
+
+/// A suite or a component: one word of a sources file's field.
+fn check_word(v: &mut V, at: &Loc<String>, key: String, what: &str, like: &str) -> Option<String> {
+    let s = &at.value;
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '#') {
+        v.err(at.span, key, format!("`{s}` is not a {what}"), Some(format!("one word, like {like}")));
+        return None;
+    }
+    Some(s.clone())
+}
+
+/// `key`: the repository's OpenPGP public key file, and whether it is armored.
+fn check_key(v: &mut V, e: &Entry, key: Option<&Loc<String>>, name: &str) -> Option<(PathBuf, bool)> {
+    let Some(kl) = key else {
+        v.err(
+            e.header(),
+            e.key("key"),
+            format!("repository `{name}` has no `key`"),
+            Some("add `key = \"keys/vendor.asc\"`, the repository's OpenPGP public key (armored or binary), relative to this recipe; kiln installs only from repositories it can verify".into()),
+        );
+        return None;
     };
-    let (key, key_armored) = match &raw.key {
-        None => {
-            v.err(
-                header(r.span),
-                k("key"),
-                format!("repository `{name}` has no `key`"),
-                Some("add `key = \"keys/vendor.asc\"`, the repository's OpenPGP public key (armored or binary), relative to this recipe; kiln installs only from repositories it can verify".into()),
-            );
-            ok = false;
-            (PathBuf::new(), false)
+    let path = v.resolve(kl);
+    check_source_file(v, kl, &e.key("key"), &path)?;
+    match key_format(&path) {
+        Ok(armored) => Some((path, armored)),
+        Err(problem) => {
+            v.err(kl.span, e.key("key"), format!("key `{}` {problem}", kl.value), Some("export the repository's public key with `gpg --export` (binary) or `gpg --armor --export` (armored)".into()));
+            None
         }
-        Some(kl) => {
-            let path = v.resolve(kl);
-            let armored = match check_source_file(v, kl, &k("key"), &path) {
-                None => {
-                    ok = false;
-                    false
-                }
-                Some(_) => match key_format(&path) {
-                    Ok(armored) => armored,
-                    Err(problem) => {
-                        v.err(kl.span, k("key"), format!("key `{}` {problem}", kl.value), Some("export the repository's public key with `gpg --export` (binary) or `gpg --armor --export` (armored)".into()));
-                        ok = false;
-                        false
-                    }
-                },
-            };
-            (path, armored)
-        }
-    };
-    let origin = v.origin(r.span);
-    ok.then_some(Repository { name, uri, suites, components, key, key_armored, origin })
+    }
 }
 
 /// Whether an OpenPGP public key file is armored; refuses what is no public key at all (a
@@ -291,8 +293,7 @@ fn key_format(path: &Path) -> Result<bool, String> {
 /// The first bytes of every `.deb`: an ar archive whose first member is `debian-binary`.
 const DEB_MAGIC: &[u8] = b"!<arch>\ndebian-binary";
 
-fn check_local(v: &mut V, i: usize, l: &Loc<String>) -> Option<LocalPackage> {
-    let _ = i;
+fn check_local(v: &mut V, l: &Loc<String>) -> Option<LocalPackage> {
     let path = v.resolve(l);
     check_source_file(v, l, "packages.local", &path)?;
     let mut head = [0u8; DEB_MAGIC.len()];
@@ -317,134 +318,147 @@ fn check_local(v: &mut V, i: usize, l: &Loc<String>) -> Option<LocalPackage> {
 
 fn check_user(
     v: &mut V,
-    i: usize,
-    u: &Loc<RawUser>,
+    e: &Entry,
+    raw: &RawUser,
     names: &mut BTreeMap<String, Span>,
     uids: &mut BTreeMap<u32, String>,
 ) -> Option<User> {
-    let raw = &u.value;
-    let k = |name: &str| format!("users[{i}].{name}");
-    let mut ok = true;
     let Some(n) = &raw.name else {
-        v.err(
-            header(u.span),
-            format!("users[{i}]"),
-            "[[users]] entry has no `name`",
-            Some("add `name = \"svc\"`".into()),
-        );
+        v.err(e.header(), e.name(), "[[users]] entry has no `name`", Some("add `name = \"svc\"`".into()));
         return None;
     };
-    let name = n.value.clone();
-    if !valid_user_name(&name) {
-        v.err(n.span, k("name"), format!("`{name}` is not a user name"), Some(USER_NAME_HELP.into()));
-        ok = false;
-    } else if name == "root" {
+    let name = check_user_name(v, e, n, names);
+    let uid = check_uid(v, e, raw.uid.as_ref(), &n.value, uids);
+    let groups = check_all(v, raw.groups.iter().flat_map(|l| &l.value), |v, g| check_group(v, e, g));
+    let shell = check_absolute_path(v, e, raw.shell.as_ref(), "shell", "/usr/sbin/nologin");
+    let home = check_absolute_path(v, e, raw.home.as_ref(), "home", "/var/lib/svc");
+    let authorized_keys =
+        check_all(v, raw.authorized_keys.iter().flat_map(|l| &l.value), |v, k| check_authorized_key(v, e, k));
+    Some(User {
+        name: name?,
+        uid: uid?,
+        groups: groups?,
+        shell: shell?,
+        home: home?,
+        authorized_keys: authorized_keys?,
+        origin: v.origin(e.span),
+    })
+}
+
+/// `name`: a login name, not root's, and no other entry's.
+fn check_user_name(v: &mut V, e: &Entry, n: &Loc<String>, names: &mut BTreeMap<String, Span>) -> Option<String> {
+    let name = &n.value;
+    if !valid_user_name(name) {
+        v.err(n.span, e.key("name"), format!("`{name}` is not a user name"), Some(USER_NAME_HELP.into()));
+        return None;
+    }
+    if name == "root" {
         v.err(
             n.span,
-            k("name"),
+            e.key("name"),
             "`root` already exists",
             Some("[[users]] creates new users; root's settings come from the base".into()),
         );
-        ok = false;
-    } else if let Some(first) = names.get(&name) {
-        let at = v.origin(*first);
-        v.err(n.span, k("name"), format!("user `{name}` is created twice"), Some(format!("first at {at}")));
-        ok = false;
-    } else {
-        names.insert(name.clone(), n.span);
+        return None;
     }
-    let uid = raw.uid.as_ref().and_then(|id| {
-        if !(1..=59_999).contains(&id.value) {
-            v.err(
-                id.span,
-                k("uid"),
-                format!("uid {} is out of range", id.value),
-                Some("from 1 to 59999 (Debian keeps 0 for root and 60000 and up for itself); leave `uid` out for the next free id from 1000".into()),
-            );
-            ok = false;
-            return None;
-        }
-        let id32 = id.value as u32;
-        if let Some(other) = uids.get(&id32) {
-            v.err(id.span, k("uid"), format!("uid {id32} is already `{other}`'s"), None);
-            ok = false;
-            return None;
-        }
-        uids.insert(id32, name.clone());
-        Some(id32)
-    });
-    let mut groups = Vec::new();
-    for g in raw.groups.iter().flat_map(|l| &l.value) {
-        if valid_user_name(&g.value) {
-            groups.push(g.value.clone());
-        } else {
-            v.err(
-                g.span,
-                k("groups"),
-                format!("`{}` is not a group name", g.value),
-                Some(USER_NAME_HELP.replace("login", "group")),
-            );
-            ok = false;
-        }
-    }
-    let mut abs_path = |at: &Option<Loc<String>>, key: &str, example: &str| {
-        at.as_ref().and_then(|p| match image_path_problem(&p.value) {
-            None => Some(p.value.clone()),
-            Some(problem) => {
-                v.err(
-                    p.span,
-                    k(key),
-                    format!("`{}` is not an absolute path in the image", p.value),
-                    Some(format!("{problem}; like \"{example}\"")),
-                );
-                ok = false;
-                None
-            }
-        })
-    };
-    let shell = abs_path(&raw.shell, "shell", "/usr/sbin/nologin");
-    let home = abs_path(&raw.home, "home", "/var/lib/svc");
-    let mut authorized_keys = Vec::new();
-    for key in raw.authorized_keys.iter().flat_map(|l| &l.value) {
-        let line = key.value.trim();
-        let typed = line.split_whitespace().take(2).any(|w| SSH_KEY_TYPES.contains(&w));
-        if line.contains("PRIVATE KEY") {
-            v.err(
-                key.span,
-                k("authorized_keys"),
-                "this is a private key",
-                Some("authorized_keys holds public keys: the line of the `.pub` file".into()),
-            );
-            ok = false;
-        } else if !typed || line.contains('\n') || line.contains('\r') {
-            v.err(
-                key.span,
-                k("authorized_keys"),
-                "not an OpenSSH public key line",
-                Some(format!(
-                    "one line of a `.pub` file, like \"ssh-ed25519 AAAA… ops@example\" (types: {})",
-                    list(&SSH_KEY_TYPES)
-                )),
-            );
-            ok = false;
-        } else {
-            authorized_keys.push(line.to_string());
-        }
-    }
-    let origin = v.origin(u.span);
-    ok.then_some(User { name, uid, groups, shell, home, authorized_keys, origin })
+    v.first_use(names, n, e.key("name"), format!("user `{name}` is created twice")).then(|| name.clone())
 }
 
-fn check_step(v: &mut V, i: usize, s: &Loc<RawStep>) -> Option<Step> {
-    let raw = &s.value;
-    let k = |name: &str| format!("steps[{i}].{name}");
-    let origin = v.origin(s.span);
+/// `uid`: in the range Debian leaves to local accounts, and no other user's (`uids` holds the
+/// ones taken, by user `name`).
+fn check_uid(
+    v: &mut V,
+    e: &Entry,
+    uid: Option<&Loc<i64>>,
+    name: &str,
+    uids: &mut BTreeMap<u32, String>,
+) -> Option<Option<u32>> {
+    let Some(id) = uid else { return Some(None) };
+    if !(1..=59_999).contains(&id.value) {
+        v.err(
+            id.span,
+            e.key("uid"),
+            format!("uid {} is out of range", id.value),
+            Some("from 1 to 59999 (Debian keeps 0 for root and 60000 and up for itself); leave `uid` out for the next free id from 1000".into()),
+        );
+        return None;
+    }
+    let id32 = id.value as u32;
+    if let Some(other) = uids.get(&id32) {
+        v.err(id.span, e.key("uid"), format!("uid {id32} is already `{other}`'s"), None);
+        return None;
+    }
+    uids.insert(id32, name.to_string());
+    Some(Some(id32))
+}
+
+fn check_group(v: &mut V, e: &Entry, g: &Loc<String>) -> Option<String> {
+    if valid_user_name(&g.value) {
+        return Some(g.value.clone());
+    }
+    v.err(
+        g.span,
+        e.key("groups"),
+        format!("`{}` is not a group name", g.value),
+        Some(USER_NAME_HELP.replace("login", "group")),
+    );
+    None
+}
+
+/// `shell` or `home`: an absolute path in the image, written like `example`.
+fn check_absolute_path(
+    v: &mut V,
+    e: &Entry,
+    at: Option<&Loc<String>>,
+    key: &str,
+    example: &str,
+) -> Option<Option<String>> {
+    let Some(p) = at else { return Some(None) };
+    let Some(problem) = image_path_problem(&p.value) else { return Some(Some(p.value.clone())) };
+    v.err(
+        p.span,
+        e.key(key),
+        format!("`{}` is not an absolute path in the image", p.value),
+        Some(format!("{problem}; like \"{example}\"")),
+    );
+    None
+}
+
+/// One line of an `authorized_keys` file: a public key, never a private one.
+fn check_authorized_key(v: &mut V, e: &Entry, key: &Loc<String>) -> Option<String> {
+    let line = key.value.trim();
+    let typed = line.split_whitespace().take(2).any(|w| SSH_KEY_TYPES.contains(&w));
+    if line.contains("PRIVATE KEY") {
+        v.err(
+            key.span,
+            e.key("authorized_keys"),
+            "this is a private key",
+            Some("authorized_keys holds public keys: the line of the `.pub` file".into()),
+        );
+        return None;
+    }
+    if !typed || line.contains('\n') || line.contains('\r') {
+        v.err(
+            key.span,
+            e.key("authorized_keys"),
+            "not an OpenSSH public key line",
+            Some(format!(
+                "one line of a `.pub` file, like \"ssh-ed25519 AAAA… ops@example\" (types: {})",
+                list(&SSH_KEY_TYPES)
+            )),
+        );
+        return None;
+    }
+    Some(line.to_string())
+}
+
+fn check_step(v: &mut V, e: &Entry, raw: &RawStep) -> Option<Step> {
+    let origin = v.origin(e.span);
     match (&raw.run, &raw.script) {
-        (Some(r), Some(sc)) => {
-            let _ = r;
+        (Some(_), Some(sc)) => {
             v.err(
                 sc.span,
-                k("script"),
+                e.key("script"),
                 "a step sets both `run` and `script`",
                 Some("each step runs one thing: make two steps".into()),
             );
@@ -452,8 +466,8 @@ fn check_step(v: &mut V, i: usize, s: &Loc<RawStep>) -> Option<Step> {
         }
         (None, None) => {
             v.err(
-                header(s.span),
-                format!("steps[{i}]"),
+                e.header(),
+                e.name(),
                 "[[steps]] entry says nothing to run",
                 Some("add `run = \"command\"` or `script = \"scripts/setup.sh\"` (relative to this recipe)".into()),
             );
@@ -463,7 +477,7 @@ fn check_step(v: &mut V, i: usize, s: &Loc<RawStep>) -> Option<Step> {
             if r.value.trim().is_empty() {
                 v.err(
                     r.span,
-                    k("run"),
+                    e.key("run"),
                     "an empty command",
                     Some("a shell command, run with /bin/sh -c inside the image's root".into()),
                 );
@@ -473,7 +487,7 @@ fn check_step(v: &mut V, i: usize, s: &Loc<RawStep>) -> Option<Step> {
         }
         (None, Some(sc)) => {
             let path = v.resolve(sc);
-            check_source_file(v, sc, &k("script"), &path)?;
+            check_source_file(v, sc, &e.key("script"), &path)?;
             Some(Step { action: StepAction::Script(path), origin })
         }
     }
