@@ -58,8 +58,8 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Digests of recipe source files (a tarball base above all), kept in the cache so a rebuild
 /// reads an unchanged tarball once, to assemble it, and not a second time to hash it.
-pub fn digest_cache(cache_dir: &Path) -> crate::recipe::DigestCache {
-    crate::recipe::DigestCache::at(cache_dir.join("digests"))
+pub fn digest_cache(cache_dir: &Path) -> crate::digest_cache::DigestCache {
+    crate::digest_cache::DigestCache::at(cache_dir.join("digests"))
 }
 
 /// Seed for every identifier in the image (disk and partition GUIDs, filesystem UUIDs, hash
@@ -319,7 +319,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         name: name.clone(),
         recipe: manifest::RecipeInfo { path: recipe.path.display().to_string(), sha256: recipe.sha256.clone() },
-        os: recipe.os.as_ref().map(|o| o.as_str().to_string()).unwrap_or_else(|| "custom".into()),
+        os: recipe.os,
         arch: recipe.arch,
         boot: recipe.boot,
         source_date_epoch: epoch_secs,
@@ -328,7 +328,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         layer: layer_info,
         image: manifest::ImageInfo { file: outputs.image_file_name(), size_bytes: size, sha256 },
         disk: plan.disk_info(),
-        blocks: block_map,
+        blocks: block_map.try_into().context("the image's block digests")?,
         ami: recipe.ami.clone().map(|a| crate::recipe::with_root_size(a, size)),
         bundle: recipe.bundle.clone(),
         test: Some(test_settings(recipe, &tree)),
@@ -339,7 +339,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         &crate::formats::spdx::SbomImage {
             name: name.clone(),
             sha256: manifest.image.sha256.clone(),
-            distro: manifest.os.clone(),
+            distro: manifest.os_name().to_string(),
             created_unix: epoch_secs,
             tool: format!("kiln-{}", env!("CARGO_PKG_VERSION")),
         },

@@ -130,3 +130,44 @@ fn an_images_files_are_named_in_one_place() {
     // The rule itself is found, so the search cannot pass by finding nothing.
     assert!(inside >= suffixes.len(), "only {inside} suffixes found in src/model/outputs.rs");
 }
+
+/// The recipe and manifest model is data and rules: it reads the recipe, the files the recipe
+/// names and the manifest it is given, but runs no program, looks for none on the host, and
+/// keeps nothing on disk. Finding programs (`kiln::host`) and remembering file digests between
+/// runs (`kiln::digest_cache`, passed to the model as a `FileDigests`) live in the top crate.
+#[test]
+fn the_model_crate_runs_no_program_and_writes_no_file() {
+    let forbidden = [
+        // Running or finding programs.
+        "std::process",
+        "Command::new",
+        "find_program",
+        // Writing files: an on-disk cache or any other state.
+        "DigestCache",
+        "fs::write",
+        "File::create",
+        "OpenOptions",
+        "create_dir",
+        "remove_file",
+        "rename(",
+        "atomic::",
+        "set_permissions",
+    ];
+    let model = repo().join("src/model");
+    let mut hits = Vec::new();
+    for f in sources(&model) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Unit tests may make scratch files; the crate's code may not.
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (i, line) in code.lines().enumerate() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
+                continue;
+            }
+            for needle in forbidden.iter().filter(|n| line.contains(*n)) {
+                hits.push(format!("{}:{}: {needle}", f.strip_prefix(repo()).unwrap().display(), i + 1));
+            }
+        }
+    }
+    assert!(hits.is_empty(), "the model crate does host I/O beyond reading its inputs:\n{}", hits.join("\n"));
+}

@@ -190,7 +190,7 @@ fn test_image(image: &Path, manifest: Option<&Manifest>, args: &Args, output: Ou
             DiskSize::Bytes(b) => b,
             DiskSize::Auto => bail!("--volume-size needs a size, like 8GiB"),
         },
-        None => ami.map(|a| u64::from(a.root_volume.size_gib) << 30).filter(|b| *b > 0).unwrap_or(8 << 30),
+        None => ami.and_then(|a| a.root_volume.size_gib).map(|g| u64::from(g) << 30).unwrap_or(8 << 30),
     };
     let settings = manifest.and_then(|m| m.test.clone());
     let cloud_init = settings.as_ref().map(|s| s.cloud_init).unwrap_or(true);
