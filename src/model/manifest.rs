@@ -22,8 +22,9 @@ pub const EBS_BLOCK_SIZE: u64 = 524_288;
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// A manifest as the rest of kiln trusts it: every value checked once, when it is loaded (or
-/// made by the build), and kept in its checked type. The file's form is [`RawManifest`]'s;
-/// serde goes through it both ways, so a manifest written and read back is the same bytes.
+/// made by the build), and kept in its checked type. The file's form is the private
+/// `RawManifest`; serde goes through it both ways, so a manifest written and read back is the
+/// same bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawManifest", into = "RawManifest")]
 pub struct Manifest {
