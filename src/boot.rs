@@ -169,7 +169,7 @@ pub fn qemu_command(machine: &Machine, opts: &BootOptions, vars: Option<&Path>) 
         }
         (Arch::Arm64, Firmware::Bios) => return Err(BootError::BiosOnArm),
     }
-    if crate::platform::find_program(binary).is_none() {
+    if crate::host::find_program(binary).is_none() {
         return Err(BootError::NoQemu { binary, package });
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());

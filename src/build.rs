@@ -66,8 +66,8 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Digests of recipe source files (a tarball base above all), kept in the cache so a rebuild
 /// reads an unchanged tarball once, to assemble it, and not a second time to hash it.
-pub fn digest_cache(cache_dir: &Path) -> crate::recipe::DigestCache {
-    crate::recipe::DigestCache::at(cache_dir.join("digests"))
+pub fn digest_cache(cache_dir: &Path) -> crate::digest_cache::DigestCache {
+    crate::digest_cache::DigestCache::at(cache_dir.join("digests"))
 }
 
 /// Seed for every identifier in the image (disk and partition GUIDs, filesystem UUIDs, hash
@@ -129,6 +129,9 @@ pub enum BuildError {
     Plan(#[source] disk::DiskError),
     #[error("writing the image")]
     Write(#[source] disk::DiskError),
+    /// The writer's block digests are not the manifest's checked kind: a bug, said as one.
+    #[error("the image's block digests")]
+    Digests(#[source] manifest::FieldError),
     #[error("{what} {}", path.display())]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -160,7 +163,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         name: recipe.output_name(),
         recipe: manifest::RecipeInfo { path: recipe.path.display().to_string(), sha256: recipe.sha256.clone() },
-        os: recipe.os.as_ref().map(|o| o.as_str().to_string()).unwrap_or_else(|| "custom".into()),
+        os: recipe.os,
         arch: recipe.arch,
         boot: recipe.boot,
         source_date_epoch: epoch.secs,
@@ -471,7 +474,7 @@ fn write_image(
     // Writeback runs while the second core finishes the SHA-256.
     file.start_writeback().map_err(io_error("writing", &image_path))?;
     let sha256 = whole.join().map_err(io_error("hashing", &image_path))?.hex();
-    let blocks = blocks.into_block_map();
+    let blocks: manifest::BlockMap = blocks.into_block_map().try_into().map_err(BuildError::Digests)?;
     // The last moment to stop with nothing published; from here the outputs are written out.
     crate::interrupt::check()?;
     // A manifest or checksum must never describe another image: the old ones go before the
@@ -502,7 +505,7 @@ fn write_records(
         &crate::formats::spdx::SbomImage {
             name: manifest.name.clone(),
             sha256: sha256.clone(),
-            distro: manifest.os.clone(),
+            distro: manifest.os_name().to_string(),
             created_unix: manifest.source_date_epoch,
             tool: format!("kiln-{}", env!("CARGO_PKG_VERSION")),
         },

@@ -219,8 +219,8 @@ fn manifest_lists_every_data_block_with_its_digest() {
     use std::io::Read;
     let mut f = std::fs::File::open(image(b)).unwrap();
     let mut buf = vec![0u8; kiln::manifest::EBS_BLOCK_SIZE as usize];
-    let listed: std::collections::BTreeMap<u64, &str> =
-        b.manifest.blocks.data_blocks.iter().map(|d| (d.index, d.sha256.as_str())).collect();
+    let listed: std::collections::BTreeMap<u64, String> =
+        b.manifest.blocks.data_blocks.iter().map(|d| (d.index, d.sha256.to_string())).collect();
     let blocks = b.manifest.image.size_bytes / kiln::manifest::EBS_BLOCK_SIZE;
     for i in 0..blocks {
         f.read_exact(&mut buf).unwrap();
@@ -362,7 +362,7 @@ fn hybrid_image_boots_with_bios_and_with_uefi() {
 fn debian_13_hybrid_boots_bios_with_its_own_grub() {
     let Some(b) = built("fixtures/build/hybrid-13.toml", None) else { return };
     let (Some(debugfs), Some(_)) = (tool("debugfs"), tool("qemu-system-x86_64")) else { return };
-    assert_eq!(b.manifest.os, "debian-13");
+    assert_eq!(b.manifest.os_name(), "debian-13");
     let t = tempdir();
     let root = b.manifest.disk.partitions.iter().find(|p| p.filesystem == "ext4").unwrap();
     let rootimg = t.path().join("root.img");

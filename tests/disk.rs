@@ -8,9 +8,10 @@ use std::process::Command;
 
 use kiln::disk::{self, BootSetup, DiskIds, DiskPlan, DiskSpec};
 use kiln::formats::ext4::Ext4Options;
+use kiln::formats::image::BlockMap;
 use kiln::formats::image::{BlockDigests, Sha256Sink, Sink, SparseFile, Tee};
 use kiln::formats::tree::{Content, Dir, Kind, Meta, OnExisting, Timestamp, Tree};
-use kiln::manifest::{BlockMap, EBS_BLOCK_SIZE};
+use kiln::manifest::EBS_BLOCK_SIZE;
 use kiln::platform::{Arch, BootMode};
 use serde_json::Value;
 

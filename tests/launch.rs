@@ -288,7 +288,7 @@ fn ec2_recipe_for_arm64_differs_only_where_it_must_and_launches_clean() {
     assert_eq!(am.arch, kiln::platform::Arch::Arm64);
     // Same recipe, OS and partition layout; the root partition type says the architecture.
     assert_eq!(xm.recipe.sha256, am.recipe.sha256);
-    assert_eq!((xm.os.as_str(), xm.boot), (am.os.as_str(), am.boot));
+    assert_eq!((xm.os, xm.boot), (am.os, am.boot));
     assert_eq!(xm.disk.partitions.len(), am.disk.partitions.len());
     for (x, a) in xm.disk.partitions.iter().zip(&am.disk.partitions) {
         assert_eq!(

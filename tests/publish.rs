@@ -90,7 +90,7 @@ fn write_image(dir: &Path, name: &str, total: u64, data: &BTreeMap<u64, Vec<u8>>
         kiln_version: "test".into(),
         name: name.into(),
         recipe: RecipeInfo { path: "recipes/test.toml".into(), sha256: hex::encode(Sha256::digest(name.as_bytes())) },
-        os: "debian-12".into(),
+        os: Some(kiln::recipe::Os::Debian12),
         arch: kiln::platform::Arch::X86_64,
         boot: kiln::platform::BootMode::Uefi,
         source_date_epoch: 1_700_000_000,
@@ -112,7 +112,7 @@ fn write_image(dir: &Path, name: &str, total: u64, data: &BTreeMap<u64, Vec<u8>>
             block_size: EBS_BLOCK_SIZE,
             data_blocks: data
                 .iter()
-                .map(|(&index, b)| BlockDigest { index, sha256: hex::encode(Sha256::digest(b)) })
+                .map(|(&index, b)| BlockDigest { index, sha256: Sha256Digest(Sha256::digest(b).into()) })
                 .collect(),
         },
         ami: Some(ami),
@@ -1002,7 +1002,7 @@ fn deprecation_is_set_on_the_ami_and_every_copy() {
     let dir = common::tempdir();
     let data: BTreeMap<u64, Vec<u8>> = [0u64, 2].iter().map(|&i| (i, block_bytes(i, 60))).collect();
     let mut ami = settings(&["us-east-1", "eu-west-1"]);
-    ami.deprecate_after = Some("180d".into());
+    ami.deprecate_after = Some(DeprecateAfter::parse("180d").unwrap());
     let m = write_image(dir.path(), "img", 8, &data, ami);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let rec = run_json(publish_cmd(&proxy, &m));
@@ -1027,7 +1027,7 @@ fn deprecation_is_set_on_the_ami_and_every_copy() {
     // A fixed time already past is refused before anything is sent.
     let dir2 = common::tempdir();
     let mut past = settings(&["us-east-1"]);
-    past.deprecate_after = Some("2020-01-01T00:00:00Z".into());
+    past.deprecate_after = Some(DeprecateAfter::parse("2020-01-01T00:00:00Z").unwrap());
     let m2 = write_image(dir2.path(), "img", 8, &data, past);
     proxy.clear();
     let out = publish_cmd(&proxy, &m2).output().unwrap();
@@ -1458,9 +1458,9 @@ fn a_rebuild_after_one_recipe_file_changed_publishes_only_its_blocks() {
     let (first, _) = publish_remembering(&proxy, &m1, &state, &[]);
     let parent = first["snapshot_id"].as_str().unwrap().to_string();
 
-    let digests = |m: &Path| -> BTreeMap<u64, String> {
+    let digests = |m: &Path| -> BTreeMap<u64, Sha256Digest> {
         let m = Manifest::load(m).unwrap();
-        m.blocks.data_blocks.iter().map(|b| (b.index, b.sha256.clone())).collect()
+        m.blocks.data_blocks.iter().map(|b| (b.index, b.sha256)).collect()
     };
     let (d1, d2) = (digests(&m1), digests(&m2));
     let changed: BTreeSet<u64> = d1.keys().chain(d2.keys()).filter(|i| d1.get(i) != d2.get(i)).copied().collect();

@@ -314,7 +314,7 @@ fn full_recipe_every_key() {
     let (via, key) = a.region("us-east-1", "us-east-1");
     assert_eq!((via.as_str(), key.map(|k| &k[..24])), ("upload", Some("arn:aws:kms:us-east-1:12")));
     assert_eq!(a.region("eu-west-1", "us-east-1"), (kiln::ec2::Delivery::Copy, a.kms_key_arn.as_deref()));
-    assert_eq!(a.root_volume.size_gib, 8);
+    assert_eq!(a.root_volume.size_gib, Some(8));
     assert_eq!((a.root_volume.iops, a.root_volume.throughput), (Some(4000), Some(250)));
     assert_eq!(a.boot_mode.as_str(), "uefi-preferred");
     assert!(a.ena && a.sriov && !a.tpm && a.encrypted);
@@ -322,7 +322,7 @@ fn full_recipe_every_key() {
     assert_eq!(a.launch_permissions.accounts, vec!["123456789012", "012345678901"]);
     assert_eq!(a.launch_permissions.organizational_units.len(), 1);
     assert_eq!(a.keep, Some(5));
-    assert_eq!(a.deprecate_after.as_deref(), Some("365d"));
+    assert_eq!(a.deprecate_after.as_ref().map(|d| d.to_string()).as_deref(), Some("365d"));
     assert_eq!(a.ssm_parameters, ["/golden/{name}/{arch}/latest", "/golden/{name}/{arch}/{date}"]);
     // tags merge key by key, the child winning.
     assert_eq!(a.tags.get("team").map(String::as_str), Some("platform"));
@@ -526,14 +526,14 @@ fn root_volume_size_follows_the_image_when_not_given() {
     )
     .unwrap();
     let ami = recipe::load(&p).unwrap().ami.unwrap();
-    assert_eq!(ami.root_volume.size_gib, 0, "unknown until built");
-    assert_eq!(recipe::with_root_size(ami.clone(), (1 << 30) + 1).root_volume.size_gib, 2);
-    assert_eq!(recipe::with_root_size(ami, 1 << 30).root_volume.size_gib, 1);
+    assert_eq!(ami.root_volume.size_gib, None, "unknown until built");
+    assert_eq!(recipe::with_root_size(ami.clone(), (1 << 30) + 1).root_volume.size_gib, Some(2));
+    assert_eq!(recipe::with_root_size(ami, 1 << 30).root_volume.size_gib, Some(1));
     // With a fixed image size, the default is known at once (2.5 GiB → 3 GiB).
     std::fs::write(&p, "[image]\nname = \"a\"\nos = \"debian-12\"\nsize = \"2560MiB\"\n[ami]\n").unwrap();
     let ami = recipe::load(&p).unwrap().ami.unwrap();
-    assert_eq!(ami.root_volume.size_gib, 3);
-    assert_eq!(recipe::with_root_size(ami, 100 << 30).root_volume.size_gib, 3, "a set size is kept");
+    assert_eq!(ami.root_volume.size_gib, Some(3));
+    assert_eq!(recipe::with_root_size(ami, 100 << 30).root_volume.size_gib, Some(3), "a set size is kept");
 }
 
 /// What a recipe says about files and system settings is what debugfs finds in the built

@@ -179,6 +179,8 @@ fn is_region_tail(s: &str) -> bool {
     matches!((parts.next(), parts.next(), parts.next()),
         (Some(w), Some(n), None) if w.chars().all(|c| c.is_ascii_lowercase()) && !w.is_empty()
             && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty())
+}
+
 /// ext4's on-disk layout is written down once, in `src/formats/ext4/ondisk.rs`: the reader
 /// and the writer both take their offsets and magic numbers from it, so a field cannot be
 /// written at one offset and read at another. The superblock magic is spelled in exactly one
@@ -206,4 +208,45 @@ fn the_ext4_reader_and_writer_share_one_on_disk_layout() {
         let hits = lines_with(other);
         assert_eq!(hits.len(), 1, "{other} is written at {hits:?}");
     }
+}
+
+/// The recipe and manifest model is data and rules: it reads the recipe, the files the recipe
+/// names and the manifest it is given, but runs no program, looks for none on the host, and
+/// keeps nothing on disk. Finding programs (`kiln::host`) and remembering file digests between
+/// runs (`kiln::digest_cache`, passed to the model as a `FileDigests`) live in the top crate.
+#[test]
+fn the_model_crate_runs_no_program_and_writes_no_file() {
+    let forbidden = [
+        // Running or finding programs.
+        "std::process",
+        "Command::new",
+        "find_program",
+        // Writing files: an on-disk cache or any other state.
+        "DigestCache",
+        "fs::write",
+        "File::create",
+        "OpenOptions",
+        "create_dir",
+        "remove_file",
+        "rename(",
+        "atomic::",
+        "set_permissions",
+    ];
+    let model = repo().join("src/model");
+    let mut hits = Vec::new();
+    for f in sources(&model) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Unit tests may make scratch files; the crate's code may not.
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        for (i, line) in code.lines().enumerate() {
+            let line = line.trim_start();
+            if line.starts_with("//") {
+                continue;
+            }
+            for needle in forbidden.iter().filter(|n| line.contains(*n)) {
+                hits.push(format!("{}:{}: {needle}", f.strip_prefix(repo()).unwrap().display(), i + 1));
+            }
+        }
+    }
+    assert!(hits.is_empty(), "the model crate does host I/O beyond reading its inputs:\n{}", hits.join("\n"));
 }

@@ -4,7 +4,7 @@
 
 pub mod retry;
 
-pub use retry::{with_retry, AwsError, Failure, RetryPolicy};
+pub use retry::{with_retry, AwsError, Failure, RetryPolicy, DEFAULT_ATTEMPT_TIMEOUT};
 
 /// Where to send requests and for which region.
 #[derive(Debug, Clone, Default)]

@@ -23,6 +23,9 @@ pub struct RetryPolicy {
     pub attempt_timeout: Duration,
 }
 
+/// Each AWS request's time before it is abandoned and retried (see [`RetryPolicy::default`]).
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Default for RetryPolicy {
     /// 10 attempts with ceilings 0.2, 0.4, … 6.4 s capped at 10 s: about 25 s of waiting at the
     /// very worst, enough to ride out EBS's per-snapshot throttling bursts (which clear in
@@ -33,7 +36,7 @@ impl Default for RetryPolicy {
             max_attempts: 10,
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(10),
-            attempt_timeout: Duration::from_secs(60),
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 }

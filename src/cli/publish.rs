@@ -84,11 +84,11 @@ pub struct Args {
     /// Seconds a region's waits (the snapshot completing, each AMI becoming available, a copy
     /// queued at EC2's concurrent-copy limit) may go on without EC2 reporting progress; each
     /// new state or percentage starts the count again.
-    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECS", default_value_t = publish::DEFAULT_WAIT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub wait_timeout: u64,
     /// Seconds each AWS request may take before it is abandoned and retried (the answer is
     /// then taken as lost: retries never make a second snapshot or AMI).
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+    #[arg(long, value_name = "SECS", default_value_t = kiln::aws::DEFAULT_ATTEMPT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=600))]
     pub request_timeout: u64,
     /// Print the publish record (or with --dry-run, the plan) as JSON on stdout.
     #[arg(long)]

@@ -147,7 +147,7 @@ impl TestReport {
 }
 
 fn need(tool: &'static str, package: &'static str) -> Result<PathBuf, LaunchError> {
-    crate::platform::find_program(tool).ok_or(LaunchError::MissingTool { tool, package })
+    crate::host::find_program(tool).ok_or(LaunchError::MissingTool { tool, package })
 }
 
 /// Runs `cmd` with `input` on stdin, killing it after `timeout`.

@@ -183,7 +183,7 @@ pub fn options(target: &TestTarget, req: &TestRequest) -> Result<TestOptions, Te
         firmware,
         volume_bytes: req
             .volume_bytes
-            .or_else(|| ami.map(|a| u64::from(a.root_volume.size_gib) << 30).filter(|b| *b > 0))
+            .or_else(|| ami.and_then(|a| a.root_volume.size_gib).map(|g| u64::from(g) << 30))
             .unwrap_or(DEFAULT_VOLUME_BYTES),
         extra_volume_bytes: ami
             .map(|a| a.volumes.iter().map(|v| u64::from(v.size_gib) << 30).collect())

@@ -448,8 +448,13 @@ impl Deprecation {
     /// What can be judged of `s` without the clock: its form, and a number of days within
     /// EC2's limit. A fixed time is judged again at publish time, against the clock then.
     pub fn check(s: &str, public: bool) -> Result<(), String> {
-        match Deprecation::parse(s)? {
-            d @ Deprecation::AfterDays(_) => d.at(0, public).map(|_| ()),
+        Deprecation::parse(s)?.check_days(public)
+    }
+
+    /// [`Deprecation::check`] of a parsed value: a number of days within EC2's limit.
+    pub fn check_days(self, public: bool) -> Result<(), String> {
+        match self {
+            Deprecation::AfterDays(_) => self.at(0, public).map(|_| ()),
             Deprecation::At(_) => Ok(()),
         }
     }

@@ -5,13 +5,15 @@
 //! holds only zeros, so publishing never reads or scans the rest of the image.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ec2::{Delivery, Ec2BootMode, ImdsSupport, VolumeType};
-pub use crate::formats::image::{BlockDigest, BlockMap};
+use crate::ec2::{Delivery, Deprecation, Ec2BootMode, ImdsSupport, VolumeType};
+use crate::formats::image as raw_blocks;
 use crate::platform::{Arch, BootMode};
+use crate::recipe::Os;
 
 /// EBS direct APIs move snapshots in blocks of 512 KiB.
 pub const EBS_BLOCK_SIZE: u64 = 524_288;
@@ -19,15 +21,20 @@ pub const EBS_BLOCK_SIZE: u64 = 524_288;
 /// Bumped when a field changes meaning; readers refuse versions they do not know.
 pub const MANIFEST_VERSION: u32 = 1;
 
+/// A manifest as the rest of kiln trusts it: every value checked once, when it is loaded (or
+/// made by the build), and kept in its checked type. The file's form is the private
+/// `RawManifest`; serde goes through it both ways, so a manifest written and read back is the
+/// same bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawManifest", into = "RawManifest")]
 pub struct Manifest {
     pub manifest_version: u32,
     pub kiln_version: String,
     /// Output name, architecture included (`debian-12-minimal-x86_64`).
     pub name: String,
     pub recipe: RecipeInfo,
-    pub os: String,
+    /// None for a tarball base (`"custom"` in the file).
+    pub os: Option<Os>,
     pub arch: Arch,
     pub boot: BootMode,
     /// The SOURCE_DATE_EPOCH every timestamp in the image was clamped to.
@@ -55,6 +62,193 @@ pub struct Manifest {
     /// What `kiln build --test` found; publishing pipelines can require `passed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_result: Option<TestResult>,
+}
+
+/// The manifest file's form: what serde reads and writes. Values that are text in the file
+/// (block digests, `os`, the deprecation) are checked into [`Manifest`]'s types by
+/// `TryFrom`, which names the field a bad value is in. Field order is the file's.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    manifest_version: u32,
+    kiln_version: String,
+    name: String,
+    recipe: RecipeInfo,
+    os: String,
+    arch: Arch,
+    boot: BootMode,
+    source_date_epoch: i64,
+    packages: Vec<Package>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<BaseInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layer: Option<LayerInfo>,
+    image: ImageInfo,
+    disk: DiskInfo,
+    blocks: raw_blocks::BlockMap,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ami: Option<RawAmiSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bundle: Option<BundleSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    test: Option<TestSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    test_result: Option<TestResult>,
+}
+
+/// What `os` says of an image built on a tarball base, which has no [`Os`].
+const CUSTOM_OS: &str = "custom";
+
+/// A manifest value that is not what its field holds: `blocks.data_blocks[12].sha256: not 64
+/// hex digits`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// The field's path in the manifest (`os`, `ami.deprecate_after`).
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError { field: field.into(), message: message.into() }
+    }
+}
+
+impl TryFrom<RawManifest> for Manifest {
+    type Error = FieldError;
+    fn try_from(r: RawManifest) -> Result<Manifest, FieldError> {
+        let os = match r.os.as_str() {
+            CUSTOM_OS => None,
+            name => Some(Os::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = Os::ALL.iter().map(|o| o.as_str()).chain([CUSTOM_OS]).collect();
+                FieldError::new("os", format!("`{name}` is not an os kiln knows ({})", known.join(", ")))
+            })?),
+        };
+        Ok(Manifest {
+            manifest_version: r.manifest_version,
+            kiln_version: r.kiln_version,
+            name: r.name,
+            recipe: r.recipe,
+            os,
+            arch: r.arch,
+            boot: r.boot,
+            source_date_epoch: r.source_date_epoch,
+            packages: r.packages,
+            base: r.base,
+            layer: r.layer,
+            image: r.image,
+            disk: r.disk,
+            blocks: BlockMap::try_from(r.blocks)?,
+            ami: r.ami.map(AmiSettings::try_from).transpose()?,
+            bundle: r.bundle,
+            test: r.test,
+            test_result: r.test_result,
+        })
+    }
+}
+
+impl From<Manifest> for RawManifest {
+    fn from(m: Manifest) -> RawManifest {
+        let os = m.os_name().to_string();
+        RawManifest {
+            manifest_version: m.manifest_version,
+            kiln_version: m.kiln_version,
+            name: m.name,
+            recipe: m.recipe,
+            os,
+            arch: m.arch,
+            boot: m.boot,
+            source_date_epoch: m.source_date_epoch,
+            packages: m.packages,
+            base: m.base,
+            layer: m.layer,
+            image: m.image,
+            disk: m.disk,
+            blocks: m.blocks.into(),
+            ami: m.ami.map(RawAmiSettings::from),
+            bundle: m.bundle,
+            test: m.test,
+            test_result: m.test_result,
+        }
+    }
+}
+
+/// A SHA-256 digest; 64 lowercase hex digits in files.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Sha256Digest(pub [u8; 32]);
+
+impl fmt::Display for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Sha256Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha256Digest({self})")
+    }
+}
+
+impl std::str::FromStr for Sha256Digest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Sha256Digest, String> {
+        let mut d = [0u8; 32];
+        match hex::decode_to_slice(s, &mut d) {
+            Ok(()) => Ok(Sha256Digest(d)),
+            Err(_) => Err(format!("`{s}` is not 64 hex digits")),
+        }
+    }
+}
+
+impl From<[u8; 32]> for Sha256Digest {
+    fn from(d: [u8; 32]) -> Sha256Digest {
+        Sha256Digest(d)
+    }
+}
+
+/// The image's blocks that hold data, each by its digest: the uploader's source of truth.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMap {
+    pub block_size: u64,
+    /// Blocks that hold data, ascending by index; every other block is all zeros.
+    pub data_blocks: Vec<BlockDigest>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDigest {
+    pub index: u64,
+    /// SHA-256 of the block's `block_size` bytes.
+    pub sha256: Sha256Digest,
+}
+
+/// The block list in the file's form, as the image writer's block sink makes it.
+impl TryFrom<raw_blocks::BlockMap> for BlockMap {
+    type Error = FieldError;
+    fn try_from(r: raw_blocks::BlockMap) -> Result<BlockMap, FieldError> {
+        let data_blocks = r
+            .data_blocks
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let sha256 =
+                    b.sha256.parse().map_err(|m| FieldError::new(format!("blocks.data_blocks[{i}].sha256"), m))?;
+                Ok(BlockDigest { index: b.index, sha256 })
+            })
+            .collect::<Result<_, FieldError>>()?;
+        Ok(BlockMap { block_size: r.block_size, data_blocks })
+    }
+}
+
+impl From<BlockMap> for raw_blocks::BlockMap {
+    fn from(m: BlockMap) -> raw_blocks::BlockMap {
+        let data_blocks = m
+            .data_blocks
+            .into_iter()
+            .map(|b| raw_blocks::BlockDigest { index: b.index, sha256: b.sha256.to_string() })
+            .collect();
+        raw_blocks::BlockMap { block_size: m.block_size, data_blocks }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,27 +391,24 @@ pub struct PartitionInfo {
 /// [`Manifest::load`]. Outside this crate they cannot be built field by field
 /// (`non_exhaustive`), only read from those two, or deserialized on purpose.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawAmiSettings", into = "RawAmiSettings")]
 #[non_exhaustive]
 pub struct AmiSettings {
     /// May contain `{date}` (UTC YYYYMMDD of SOURCE_DATE_EPOCH), `{arch}`, `{name}`, `{sha}`
     /// (first 12 hex digits of the image SHA-256).
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// The first region is where the snapshot is uploaded; the others receive CopyImage, or
     /// an upload of their own ([`AmiSettings::region`]).
     pub regions: Vec<String>,
     /// Settings of regions after the first that differ from the default (a copy, encrypted
     /// with the region's default key when `encrypted`).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub region_settings: BTreeMap<String, RegionSettings>,
     pub root_volume: RootVolume,
     pub ena: bool,
     pub sriov: bool,
     pub tpm: bool,
     /// `v2.0` to require IMDSv2, or none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds: Option<ImdsSupport>,
     pub boot_mode: Ec2BootMode,
     pub launch_permissions: LaunchPermissions,
@@ -225,21 +416,124 @@ pub struct AmiSettings {
     pub volumes: Vec<ExtraVolume>,
     /// Encrypt the snapshot (and so the root volume); with a KMS key ARN, or the account default.
     pub encrypted: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms_key_arn: Option<String>,
     /// Retention: after each publish, keep this many of the newest AMIs of the image (per
     /// region) and deregister the older ones with their snapshots (`kiln prune`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<u32>,
     /// SSM parameter names (`/golden/{name}/{arch}/latest`) set to the AMI's id in each
     /// region, with the `aws:ec2:image` data type; may hold `{name}`, `{arch}`, `{region}`,
     /// `{date}` and `{sha}`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssm_parameters: Vec<String>,
     /// `180d` (days after publishing) or an RFC 3339 time: EnableImageDeprecation on the AMI
     /// and every copy ([`crate::ec2::Deprecation`]).
+    pub deprecate_after: Option<DeprecateAfter>,
+}
+
+/// [`AmiSettings`] in the file's form: the deprecation as written.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAmiSettings {
+    name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deprecate_after: Option<String>,
+    description: Option<String>,
+    regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    region_settings: BTreeMap<String, RegionSettings>,
+    root_volume: RootVolume,
+    ena: bool,
+    sriov: bool,
+    tpm: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    imds: Option<ImdsSupport>,
+    boot_mode: Ec2BootMode,
+    launch_permissions: LaunchPermissions,
+    tags: BTreeMap<String, String>,
+    volumes: Vec<ExtraVolume>,
+    encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kms_key_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keep: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ssm_parameters: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deprecate_after: Option<String>,
+}
+
+impl TryFrom<RawAmiSettings> for AmiSettings {
+    type Error = FieldError;
+    fn try_from(r: RawAmiSettings) -> Result<AmiSettings, FieldError> {
+        let deprecate_after = r
+            .deprecate_after
+            .map(|d| DeprecateAfter::parse(&d).map_err(|m| FieldError::new("ami.deprecate_after", m)))
+            .transpose()?;
+        Ok(AmiSettings {
+            name: r.name,
+            description: r.description,
+            regions: r.regions,
+            region_settings: r.region_settings,
+            root_volume: r.root_volume,
+            ena: r.ena,
+            sriov: r.sriov,
+            tpm: r.tpm,
+            imds: r.imds,
+            boot_mode: r.boot_mode,
+            launch_permissions: r.launch_permissions,
+            tags: r.tags,
+            volumes: r.volumes,
+            encrypted: r.encrypted,
+            kms_key_arn: r.kms_key_arn,
+            keep: r.keep,
+            ssm_parameters: r.ssm_parameters,
+            deprecate_after,
+        })
+    }
+}
+
+impl From<AmiSettings> for RawAmiSettings {
+    fn from(a: AmiSettings) -> RawAmiSettings {
+        RawAmiSettings {
+            name: a.name,
+            description: a.description,
+            regions: a.regions,
+            region_settings: a.region_settings,
+            root_volume: a.root_volume,
+            ena: a.ena,
+            sriov: a.sriov,
+            tpm: a.tpm,
+            imds: a.imds,
+            boot_mode: a.boot_mode,
+            launch_permissions: a.launch_permissions,
+            tags: a.tags,
+            volumes: a.volumes,
+            encrypted: a.encrypted,
+            kms_key_arn: a.kms_key_arn,
+            keep: a.keep,
+            ssm_parameters: a.ssm_parameters,
+            deprecate_after: a.deprecate_after.map(|d| d.to_string()),
+        }
+    }
+}
+
+/// `[ami].deprecate_after`, parsed once: when the AMI is deprecated, and the text as written,
+/// which is what the manifest keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeprecateAfter {
+    pub when: Deprecation,
+    written: String,
+}
+
+impl DeprecateAfter {
+    /// `"180d"` or an RFC 3339 UTC time; see [`Deprecation::parse`].
+    pub fn parse(s: &str) -> Result<DeprecateAfter, String> {
+        Ok(DeprecateAfter { when: Deprecation::parse(s)?, written: s.to_string() })
+    }
+}
+
+impl fmt::Display for DeprecateAfter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.written)
+    }
 }
 
 /// How one region after the first gets the AMI: `[ami].regions` entries written as tables.
@@ -270,13 +564,29 @@ impl RegionSettings {
 pub struct RootVolume {
     /// `/dev/xvda`.
     pub device: String,
-    pub size_gib: u32,
+    /// None while the recipe leaves it to the image and the image is not built yet
+    /// ([`crate::recipe::with_root_size`]); written as 0 then.
+    #[serde(with = "zero_is_unset")]
+    pub size_gib: Option<u32>,
     pub volume_type: VolumeType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iops: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput: Option<u32>,
     pub delete_on_termination: bool,
+}
+
+/// A size whose 0 in the file means "not set".
+mod zero_is_unset {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(v.unwrap_or(0))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        Ok(Some(u32::deserialize(d)?).filter(|&n| n != 0))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -335,6 +645,9 @@ pub enum ManifestError {
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("manifest {path} has version {found}; this kiln reads version {MANIFEST_VERSION} (rebuild the image with this kiln)")]
     Version { path: PathBuf, found: u32 },
+    /// A value that is not what its field holds (a digest that is no digest, an unknown `os`).
+    #[error("manifest {path}: {field}: {message}")]
+    Field { path: PathBuf, field: String, message: String },
     /// AMI settings EC2 would refuse: the manifest was edited or made by another tool. The
     /// words are those `kiln check` gives for the same value in a recipe.
     #[error("manifest {path}: {key}: {message}{}", help.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
@@ -381,12 +694,12 @@ impl AmiSettings {
         let volumes =
             std::iter::once(("ami.root_volume".to_string(), r.volume_type, r.size_gib, r.iops, r.throughput, true))
                 .chain(self.volumes.iter().enumerate().map(|(i, v)| {
-                    (format!("ami.volumes[{i}]"), v.volume_type, v.size_gib, v.iops, v.throughput, false)
+                    (format!("ami.volumes[{i}]"), v.volume_type, Some(v.size_gib), v.iops, v.throughput, false)
                 }));
         for (prefix, volume_type, size_gib, iops, throughput, root) in volumes {
             let req = VolumeRequest {
                 volume_type,
-                size_gib: Some(size_gib),
+                size_gib,
                 iops: iops.map(i64::from),
                 throughput: throughput.map(i64::from),
                 root,
@@ -396,7 +709,7 @@ impl AmiSettings {
             }
         }
         if let Some(d) = &self.deprecate_after {
-            if let Err(message) = crate::ec2::Deprecation::check(d, self.launch_permissions.public) {
+            if let Err(message) = d.when.check_days(self.launch_permissions.public) {
                 out.push((
                     "ami.deprecate_after".into(),
                     crate::ec2::Problem { field: "deprecate_after", message, help: None },
@@ -438,8 +751,21 @@ impl AmiSettings {
                 out.push((key, p));
             }
         }
-        if let Some(p) = crate::ec2::root_too_small(r.size_gib, &format!("{} GiB", r.size_gib), image_bytes) {
-            out.push(("ami.root_volume.size".into(), p));
+        // A built image's root volume has a size: the recipe's, or the image's own.
+        match r.size_gib {
+            None => out.push((
+                "ami.root_volume.size".into(),
+                crate::ec2::Problem {
+                    field: "size",
+                    message: "the root volume has no size (0 GiB)".into(),
+                    help: None,
+                },
+            )),
+            Some(g) => {
+                if let Some(p) = crate::ec2::root_too_small(g, &format!("{g} GiB"), image_bytes) {
+                    out.push(("ami.root_volume.size".into(), p));
+                }
+            }
         }
         out
     }
@@ -448,11 +774,16 @@ impl AmiSettings {
 impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         let text = std::fs::read(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
-        let m: Manifest =
+        let raw: RawManifest =
             serde_json::from_slice(&text).map_err(|source| ManifestError::Parse { path: path.into(), source })?;
-        if m.manifest_version != MANIFEST_VERSION {
-            return Err(ManifestError::Version { path: path.into(), found: m.manifest_version });
+        if raw.manifest_version != MANIFEST_VERSION {
+            return Err(ManifestError::Version { path: path.into(), found: raw.manifest_version });
         }
+        let m = Manifest::try_from(raw).map_err(|FieldError { field, message }| ManifestError::Field {
+            path: path.into(),
+            field,
+            message,
+        })?;
         // Every step after the build trusts a loaded manifest's AMI settings as `kiln check`
         // left them: the same rules judge them again here, the one door a manifest comes in by.
         if let Some(ami) = &m.ami {
@@ -468,9 +799,119 @@ impl Manifest {
         manifest_path.parent().unwrap_or(Path::new(".")).join(&self.image.file)
     }
 
+    /// `os` as the file writes it: the recipe's spelling, or `custom` for a tarball base.
+    pub fn os_name(&self) -> &'static str {
+        self.os.map_or(CUSTOM_OS, Os::as_str)
+    }
+
     pub fn to_json(&self) -> String {
         let mut s = serde_json::to_string_pretty(self).expect("manifest serializes");
         s.push('\n');
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("../../fixtures/manifest/ec2.manifest.json");
+
+    /// Loads `text` as a manifest file, the one door a manifest comes in by.
+    fn load(text: &str) -> Result<Manifest, ManifestError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.manifest.json");
+        std::fs::write(&path, text).unwrap();
+        Manifest::load(&path)
+    }
+
+    /// The fixture with `edit` applied to its JSON.
+    fn edited(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut v: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        edit(&mut v);
+        serde_json::to_string_pretty(&v).unwrap()
+    }
+
+    fn field_error(text: &str) -> (String, String) {
+        match load(text) {
+            Err(ManifestError::Field { field, message, .. }) => (field, message),
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    /// The fixture with `from` (found once) replaced: an edit that keeps the file's field order.
+    fn replaced(from: &str, to: &str) -> String {
+        assert_eq!(FIXTURE.matches(from).count(), 1, "{from}");
+        FIXTURE.replace(from, to)
+    }
+
+    #[test]
+    fn a_manifest_is_written_back_byte_for_byte() {
+        let m = load(FIXTURE).unwrap();
+        assert_eq!(m.os, Some(Os::Debian12));
+        assert!(m.blocks.data_blocks.iter().all(|b| b.sha256.to_string().len() == 64));
+        // The fixture file lacks the final newline kiln writes.
+        assert_eq!(m.to_json(), format!("{FIXTURE}\n"));
+        // A tarball base has no os: `custom`, both ways.
+        let custom = FIXTURE.replacen("\n  \"os\": \"debian-12\",", "\n  \"os\": \"custom\",", 1);
+        let m = load(&custom).unwrap();
+        assert_eq!((m.os, m.os_name()), (None, "custom"));
+        assert_eq!(m.to_json(), format!("{custom}\n"));
+    }
+
+    #[test]
+    fn a_block_digest_that_is_not_64_hex_digits_is_refused_by_field() {
+        let short = edited(|v| {
+            let d = &mut v["blocks"]["data_blocks"][1]["sha256"];
+            *d = d.as_str().unwrap()[1..].into();
+        });
+        let (field, message) = field_error(&short);
+        assert_eq!(field, "blocks.data_blocks[1].sha256");
+        assert!(message.contains("is not 64 hex digits"), "{message}");
+        let (field, _) = field_error(&edited(|v| v["blocks"]["data_blocks"][0]["sha256"] = "zz".repeat(32).into()));
+        assert_eq!(field, "blocks.data_blocks[0].sha256");
+    }
+
+    #[test]
+    fn an_unknown_os_is_refused_by_field() {
+        let (field, message) = field_error(&edited(|v| v["os"] = "debian-11".into()));
+        assert_eq!(field, "os");
+        assert!(message.contains("`debian-11` is not an os kiln knows (debian-12, debian-13, custom)"), "{message}");
+    }
+
+    #[test]
+    fn a_bad_deprecation_is_refused_by_field_and_a_good_one_kept_as_written() {
+        let (field, message) = field_error(&edited(|v| v["ami"]["deprecate_after"] = "soon".into()));
+        assert_eq!(field, "ami.deprecate_after");
+        assert!(message.contains("is neither a number of days"), "{message}");
+        let e = load(&edited(|v| v["ami"]["deprecate_after"] = "0d".into())).unwrap_err().to_string();
+        assert!(e.ends_with("ami.deprecate_after: `0d` is not a number of days from 1 (like \"180d\")"), "{e}");
+
+        let text = replaced(
+            "\"encrypted\": false\n  },",
+            "\"encrypted\": false,\n    \"deprecate_after\": \"2027-06-01T00:00:00+00:00\"\n  },",
+        );
+        let m = load(&text).unwrap();
+        let d = m.ami.as_ref().unwrap().deprecate_after.as_ref().unwrap();
+        assert_eq!(d.when, Deprecation::At(1_811_808_000));
+        assert_eq!(m.to_json(), format!("{text}\n"), "the time is written back as the recipe wrote it");
+    }
+
+    #[test]
+    fn a_root_volume_size_of_zero_is_unset_and_refused_in_a_built_image() {
+        let text = edited(|v| v["ami"]["root_volume"]["size_gib"] = 0.into());
+        match load(&text) {
+            Err(ManifestError::Ami { key, message, .. }) => {
+                assert_eq!(key, "ami.root_volume.size");
+                assert!(message.contains("no size"), "{message}");
+            }
+            other => panic!("expected the root volume to be refused, got {other:?}"),
+        }
+        // The file's 0 is the type's None, both ways.
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let ami: AmiSettings = serde_json::from_value(v["ami"].clone()).unwrap();
+        assert_eq!(ami.root_volume.size_gib, None);
+        let back = serde_json::to_value(&ami).unwrap();
+        assert_eq!(back["root_volume"]["size_gib"], 0);
     }
 }

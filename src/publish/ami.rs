@@ -171,7 +171,7 @@ pub async fn register(
     };
     let mut root = EbsBlockDevice::builder()
         .snapshot_id(snapshot_id)
-        .volume_size(int(s.root_volume.size_gib, "root volume size")?)
+        .set_volume_size(s.root_volume.size_gib.map(|g| int(g, "root volume size")).transpose()?)
         .volume_type(VolumeType::from(s.root_volume.volume_type.as_str()))
         .delete_on_termination(s.root_volume.delete_on_termination);
     if let Some(i) = s.root_volume.iops {

@@ -151,9 +151,10 @@ impl Ctx {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |t| t.as_secs() as i64);
-                let at = crate::ec2::Deprecation::parse(d)
-                    .and_then(|dep| dep.at(now, settings.launch_permissions.public))
-                    .map_err(|why| PublishError::Refused(format!("ami.deprecate_after = {d:?}: {why}")))?;
+                let at = d
+                    .when
+                    .at(now, settings.launch_permissions.public)
+                    .map_err(|why| PublishError::Refused(format!("ami.deprecate_after = \"{d}\": {why}")))?;
                 Some(at)
             }
         };
@@ -189,7 +190,7 @@ impl Ctx {
     }
 
     /// Which blocks to send, and where their bytes come from ([`blocks`]).
-    fn jobs(&self) -> Result<Vec<ebs::BlockJob>, PublishError> {
+    fn jobs(&self) -> Result<Vec<blocks::BlockJob>, PublishError> {
         let target = match &self.parent {
             Some((pm, _)) => blocks::Target::Child { parent: &pm.blocks },
             None if self.settings.encrypted => blocks::Target::Encrypted,
@@ -199,11 +200,11 @@ impl Ctx {
     }
 
     /// Data blocks of the image a child snapshot takes from its parent: those not sent.
-    fn inherited(&self, jobs: &[ebs::BlockJob]) -> u64 {
+    fn inherited(&self, jobs: &[blocks::BlockJob]) -> u64 {
         if self.parent.is_none() {
             return 0;
         }
-        let sent = jobs.iter().filter(|j| matches!(j.source, ebs::Source::Image(_))).count();
+        let sent = jobs.iter().filter(|j| matches!(j.source, blocks::Source::Image(_))).count();
         (self.manifest.blocks.data_blocks.len() - sent) as u64
     }
 
@@ -277,7 +278,7 @@ impl Ctx {
                 .filter(|s| Some(s) != existing.resumable_snapshot_id.as_ref());
         let acked: std::collections::BTreeSet<u64> = resume.map(|s| s.acked.into_iter().collect()).unwrap_or_default();
         let already = jobs.iter().filter(|j| acked.contains(&j.index)).count() as u64;
-        let zero = jobs.iter().filter(|j| j.source == ebs::Source::Zero).count() as u64;
+        let zero = jobs.iter().filter(|j| j.source == blocks::Source::Zero).count() as u64;
         let need_upload = !existing.amis.contains_key(&self.regions[0]) && existing.snapshot_id.is_none();
         let to_send = if need_upload { jobs.len() as u64 - already } else { 0 };
         let mut calls = Vec::new();

@@ -13,6 +13,7 @@ use aws_sdk_ebs::types::{ChecksumAggregationMethod, ChecksumAlgorithm, Tag};
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
+use super::blocks::{BlockJob, Source};
 use super::record::{self, UploadState};
 use super::PublishError;
 use crate::aws::{with_retry, RetryPolicy};
@@ -21,36 +22,6 @@ use crate::progress::{Progress, Unit};
 
 /// `EBS_BLOCK_SIZE` as the SDK's integer type; 524288 fits easily.
 const BLOCK_LEN_I32: i32 = EBS_BLOCK_SIZE as i32;
-
-/// Where a block's bytes come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Read from the raw image; the digest is the manifest's, checked after the read.
-    Image([u8; 32]),
-    /// A block of zeros: never read, its digest is a constant.
-    Zero,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockJob {
-    pub index: u64,
-    pub source: Source,
-}
-
-impl BlockJob {
-    pub fn digest(&self) -> [u8; 32] {
-        match self.source {
-            Source::Image(d) => d,
-            Source::Zero => zero_block_digest(),
-        }
-    }
-}
-
-/// SHA-256 of 524288 zero bytes.
-pub fn zero_block_digest() -> [u8; 32] {
-    static D: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-    *D.get_or_init(|| Sha256::digest(vec![0u8; EBS_BLOCK_SIZE as usize]).into())
-}
 
 /// CompleteSnapshot's LINEAR checksum: SHA-256 over the concatenated raw 32-byte digests of
 /// every written block in ascending block-index order, base64.

@@ -33,14 +33,21 @@ use crate::manifest::ManifestError;
 use crate::progress::Progress;
 pub use record::{PublishRecord, RegionFailure, RegionImage};
 
-/// PutSnapshotBlock requests in flight. Not tuned by measurement yet (benches/publish.sh has not
-/// been run): 16 overlaps request latency well beyond what 2 cores can hash and send, and stays
-/// far below the per-snapshot request rate at which AWS documents throttling.
+/// PutSnapshotBlock requests in flight. 16 overlaps request latency well beyond what 2 cores can
+/// hash and send, and stays far below the per-snapshot request rate at which AWS documents
+/// throttling. Measured only against moto, at this value and no other (benches/publish.sh,
+/// 2026-12-04: 1,035 blocks of a 4 GiB image in 4.58 s, 2.2x coldsnap; README's table), which
+/// answers on localhost: how the value fares against EBS's latency is not measured.
 pub const DEFAULT_CONCURRENCY: usize = 16;
 
 /// StartSnapshot `Timeout`: how long (minutes) a pending snapshot accepts blocks, and so the
 /// window for `--resume`. AWS allows 10 to 4320; 60 minutes covers an 8 GiB upload at ~2.5 MB/s.
 pub const DEFAULT_SNAPSHOT_TIMEOUT_MINUTES: i32 = 60;
+
+/// How long a region's waits (a snapshot completing, an AMI becoming available, a copy queued
+/// at EC2's concurrent-copy limit) may go without EC2 reporting progress: real snapshot
+/// completion and cross-region copies take minutes to tens of minutes.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// 1 GiB: snapshot volume sizes are whole GiB.
 const GIB: u64 = 1 << 30;
@@ -89,8 +96,7 @@ impl Default for PublishOptions {
             keep_snapshot_on_failure: false,
             retry: RetryPolicy::default(),
             snapshot_timeout_minutes: DEFAULT_SNAPSHOT_TIMEOUT_MINUTES,
-            // Real snapshot completion and cross-region copies take minutes to tens of minutes.
-            wait_timeout: Duration::from_secs(60 * 60),
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
         }
     }
 }
@@ -173,7 +179,7 @@ pub struct Plan {
     pub existing: Existing,
     pub api_calls: Vec<String>,
     #[serde(skip)]
-    jobs: Vec<ebs::BlockJob>,
+    jobs: Vec<blocks::BlockJob>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -40,6 +40,35 @@ pub(super) async fn publish_async(
     if opts.dry_run {
         return Err(PublishError::Refused("dry run: use publish::plan()".into()));
     }
+    check_image_size(&ctx)?;
+    if ctx.settings.launch_permissions.public {
+        check_public_sharing(&ctx, &plan, progress).await?;
+    }
+    let (direct, unplanned) = plan_direct_uploads(&ctx, &plan, progress).await;
+    let results = publish_everywhere(&ctx, &plan, &direct, progress).await?;
+    let outcome = Outcome::gather(&ctx, &plan, results, &direct, unplanned, progress);
+
+    let mut notes = plan.notes.clone();
+    notes.extend(direct.iter().flat_map(|(c, p)| p.notes.iter().map(move |n| format!("{}: {n}", c.regions[0]))));
+    // A parameter that could not be set leaves the publish incomplete, but recorded.
+    let mut problems: Vec<String> = outcome.failed.iter().map(|f| format!("{}: {}", f.region, f.error)).collect();
+    let parameters = set_parameters(&ctx, &outcome.amis, progress, &mut notes, &mut problems).await;
+    let pruned = retention(&ctx, &outcome.amis, progress, &mut notes).await;
+    let rec = outcome.record(&ctx, &plan, notes, parameters, pruned);
+    let path = record::record_path(manifest_path);
+    record::write_json_atomic(&path, &rec).map_err(|source| PublishError::WriteFile { path, source })?;
+    // Remembered last: the next publish of this name may take a snapshot as its parent only
+    // once everything above succeeded in its region.
+    remember(&outcome.remember)?;
+    if !problems.is_empty() {
+        return Err(PublishError::Incomplete { problems, record: record::record_path(manifest_path) });
+    }
+    Ok(rec)
+}
+
+/// The image must be the one the manifest describes; its size is checked before anything is
+/// uploaded (each block's digest as it is read).
+fn check_image_size(ctx: &Ctx) -> Result<(), PublishError> {
     let image_path = ctx.image_path();
     let found = std::fs::metadata(&image_path)
         .map_err(|source| PublishError::ReadImage { path: image_path.clone(), source })?
@@ -47,15 +76,20 @@ pub(super) async fn publish_async(
     if found != ctx.manifest.image.size_bytes {
         return Err(PublishError::ImageSize { path: image_path, expected: ctx.manifest.image.size_bytes, found });
     }
-    if ctx.settings.launch_permissions.public {
-        check_public_sharing(&ctx, &plan, progress).await?;
-    }
-    // A region with its own upload that cannot even be planned (not enabled for the account,
-    // say) is that region's failure, not the publish's.
+    Ok(())
+}
+
+/// The context and plan of each region with its own upload. A region that cannot even be
+/// planned (not enabled for the account, say) is that region's failure, not the publish's.
+async fn plan_direct_uploads(
+    ctx: &Ctx,
+    plan: &Plan,
+    progress: &dyn Progress,
+) -> (Vec<(Ctx, Plan)>, Vec<(String, PublishError)>) {
     let mut direct = Vec::new();
     let mut unplanned = Vec::new();
     for region in &plan.upload_regions {
-        match Ctx::plan_region(manifest_path, opts, region, &ctx).await {
+        match Ctx::plan_region(&ctx.manifest_path, &ctx.opts, region, ctx).await {
             Ok((c, p)) => {
                 for n in &p.notes {
                     progress.note(&format!("{region}: {n}"));
@@ -65,20 +99,29 @@ pub(super) async fn publish_async(
             Err(e) => unplanned.push((region.clone(), e)),
         }
     }
+    (direct, unplanned)
+}
+
+/// The first region, then its copies; beside them, the regions with their own upload. Only
+/// the first region's failure fails the publish; the others are outcomes to record.
+async fn publish_everywhere(
+    ctx: &Ctx,
+    plan: &Plan,
+    direct: &[(Ctx, Plan)],
+    progress: &dyn Progress,
+) -> Result<Results, PublishError> {
     let quiet: Vec<Regional> =
         direct.iter().map(|(c, _)| Regional { region: &c.regions[0], inner: progress }).collect();
-
-    // The first region, then its copies; beside them, the regions with their own upload.
     let first = async {
-        let site = publish_site(&ctx, &plan, progress).await?;
-        let copies = plan.copy_regions.iter().map(|r| copy_to(&ctx, &plan, &site.image, r, progress));
+        let site = publish_site(ctx, plan, progress).await?;
+        let copies = plan.copy_regions.iter().map(|r| copy_to(ctx, plan, &site.image, r, progress));
         let copies = futures_util::future::join_all(copies).await;
         Ok::<_, PublishError>((site, copies))
     };
     let uploads = futures_util::future::join_all(direct.iter().zip(&quiet).map(|((c, p), q)| publish_site(c, p, q)));
     let (first, uploads) = futures_util::future::join(first, uploads).await;
-    let (site, copies) = match first {
-        Ok(x) => x,
+    match first {
+        Ok((site, copies)) => Ok(Results { site, copies, uploads }),
         Err(e) => {
             // Regions that took their own upload keep their AMIs (a re-run finds them): say so.
             for ((c, _), up) in direct.iter().zip(&uploads) {
@@ -87,118 +130,161 @@ pub(super) async fn publish_async(
                     Err(e) => progress.note(&format!("{} failed too: {}", c.regions[0], render_error(e))),
                 }
             }
-            return Err(e);
-        }
-    };
-
-    // Every other region's outcome, then the AMIs in the recipe's region order.
-    let mut outcomes: std::collections::BTreeMap<String, Result<RegionImage, PublishError>> =
-        plan.copy_regions.iter().cloned().zip(copies).collect();
-    let mut remember = vec![(&ctx, site.image.snapshot_id.clone())];
-    for ((c, _), up) in direct.iter().zip(uploads) {
-        if let Ok(s) = &up {
-            remember.push((c, s.image.snapshot_id.clone()));
-        }
-        outcomes.insert(c.regions[0].clone(), up.map(|s| s.image));
-    }
-    outcomes.extend(unplanned.into_iter().map(|(r, e)| (r, Err(e))));
-    let mut amis = vec![site.image.clone()];
-    let mut failed = Vec::new();
-    for region in &ctx.regions[1..] {
-        match outcomes.remove(region) {
-            Some(Ok(img)) => amis.push(img),
-            Some(Err(e)) => {
-                let why = render_error(&e);
-                progress.note(&format!("{region} failed: {why}"));
-                failed.push(record::RegionFailure { region: region.clone(), error: why });
-            }
-            None => {}
+            Err(e)
         }
     }
-    let blocks_sent = site.blocks_sent;
-    let created_snapshot = site.created_snapshot;
-    let src = site.image.region.clone();
-    let snapshot_id = site.image.snapshot_id.clone();
+}
 
-    // Parameters, once every AMI is available.
-    let mut notes = plan.notes.clone();
-    notes.extend(direct.iter().flat_map(|(c, p)| p.notes.iter().map(move |n| format!("{}: {n}", c.regions[0]))));
-    // A parameter that could not be set leaves the publish incomplete, but recorded.
-    let mut problems: Vec<String> = failed.iter().map(|f| format!("{}: {}", f.region, f.error)).collect();
-    let parameters = if ctx.settings.ssm_parameters.is_empty() {
-        Vec::new()
-    } else {
-        let set = super::ssm::set_parameters(
-            &ctx.settings.ssm_parameters,
-            &ctx.manifest,
-            &amis,
-            opts,
-            opts.force,
-            progress,
-            &mut notes,
-        )
-        .await;
-        set.unwrap_or_else(|e| {
-            let why = format!("SSM parameters: {}", render_error(&e));
-            progress.note(&why);
-            notes.push(why.clone());
-            problems.push(why);
-            Vec::new()
-        })
-    };
+/// What each region's publish came to, when the first region's succeeded.
+struct Results {
+    site: Site,
+    /// In `plan.copy_regions` order.
+    copies: Vec<Result<RegionImage, PublishError>>,
+    /// In the order of the direct uploads.
+    uploads: Vec<Result<Site, PublishError>>,
+}
 
-    // Retention, where the new AMI exists. A failure here does not undo the
-    // publish: it is a note, and `kiln prune` finishes the job.
-    let published: Vec<String> = amis.iter().map(|a| a.region.clone()).collect();
-    let pruned = match ctx.settings.keep {
-        Some(keep) => match super::prune::prune(&ctx.manifest.name, keep as usize, &published, opts).await {
-            Ok(p) => p,
-            Err(e) => {
-                let note = format!("retention (keep = {keep}) failed: {e}; run `kiln prune` to finish it");
-                progress.note(&note);
-                notes.push(note);
-                Vec::new()
+/// What the regions came to once the first region published: the AMIs in the recipe's region
+/// order, the regions that failed, and the snapshots to remember for the next publish.
+struct Outcome<'a> {
+    site: Site,
+    amis: Vec<RegionImage>,
+    failed: Vec<record::RegionFailure>,
+    remember: Vec<(&'a Ctx, String)>,
+}
+
+impl<'a> Outcome<'a> {
+    fn gather(
+        ctx: &'a Ctx,
+        plan: &Plan,
+        Results { site, copies, uploads }: Results,
+        direct: &'a [(Ctx, Plan)],
+        unplanned: Vec<(String, PublishError)>,
+        progress: &dyn Progress,
+    ) -> Outcome<'a> {
+        let mut outcomes: std::collections::BTreeMap<String, Result<RegionImage, PublishError>> =
+            plan.copy_regions.iter().cloned().zip(copies).collect();
+        let mut remember = vec![(ctx, site.image.snapshot_id.clone())];
+        for ((c, _), up) in direct.iter().zip(uploads) {
+            if let Ok(s) = &up {
+                remember.push((c, s.image.snapshot_id.clone()));
             }
-        },
-        None => Vec::new(),
-    };
-    let rec = PublishRecord {
-        name: ctx.manifest.name.clone(),
-        image_sha256: ctx.manifest.image.sha256.clone(),
-        recipe_sha256: ctx.manifest.recipe.sha256.clone(),
-        source_region: src,
-        snapshot_id,
-        parent_snapshot_id: ctx.parent.as_ref().filter(|_| created_snapshot).map(|p| p.1.clone()),
-        blocks_sent,
-        bytes_sent: blocks_sent * EBS_BLOCK_SIZE,
-        blocks_inherited: if created_snapshot { plan.blocks_inherited } else { 0 },
-        deprecate_at: ctx.deprecate_at.and_then(|t| {
-            time::OffsetDateTime::from_unix_timestamp(t)
-                .ok()?
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        }),
-        notes,
-        parameters,
-        pruned,
-        ami_name: ctx.name.clone(),
+            outcomes.insert(c.regions[0].clone(), up.map(|s| s.image));
+        }
+        outcomes.extend(unplanned.into_iter().map(|(r, e)| (r, Err(e))));
+        let mut amis = vec![site.image.clone()];
+        let mut failed = Vec::new();
+        for region in &ctx.regions[1..] {
+            match outcomes.remove(region) {
+                Some(Ok(img)) => amis.push(img),
+                Some(Err(e)) => {
+                    let why = render_error(&e);
+                    progress.note(&format!("{region} failed: {why}"));
+                    failed.push(record::RegionFailure { region: region.clone(), error: why });
+                }
+                None => {}
+            }
+        }
+        Outcome { site, amis, failed, remember }
+    }
+
+    fn record(
+        &self,
+        ctx: &Ctx,
+        plan: &Plan,
+        notes: Vec<String>,
+        parameters: Vec<super::ssm::Parameter>,
+        pruned: Vec<super::prune::RegionPrune>,
+    ) -> PublishRecord {
+        let Site { image, blocks_sent, created_snapshot } = &self.site;
+        PublishRecord {
+            name: ctx.manifest.name.clone(),
+            image_sha256: ctx.manifest.image.sha256.clone(),
+            recipe_sha256: ctx.manifest.recipe.sha256.clone(),
+            source_region: image.region.clone(),
+            snapshot_id: image.snapshot_id.clone(),
+            parent_snapshot_id: ctx.parent.as_ref().filter(|_| *created_snapshot).map(|p| p.1.clone()),
+            blocks_sent: *blocks_sent,
+            bytes_sent: blocks_sent * EBS_BLOCK_SIZE,
+            blocks_inherited: if *created_snapshot { plan.blocks_inherited } else { 0 },
+            deprecate_at: ctx.deprecate_at.and_then(|t| {
+                time::OffsetDateTime::from_unix_timestamp(t)
+                    .ok()?
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            }),
+            notes,
+            parameters,
+            pruned,
+            ami_name: ctx.name.clone(),
+            amis: self.amis.clone(),
+            failed: self.failed.clone(),
+        }
+    }
+}
+
+/// The SSM parameters, once every AMI is available. One that could not be set is a problem
+/// (the publish is incomplete) and a note, never a reason to undo the AMIs.
+async fn set_parameters(
+    ctx: &Ctx,
+    amis: &[RegionImage],
+    progress: &dyn Progress,
+    notes: &mut Vec<String>,
+    problems: &mut Vec<String>,
+) -> Vec<super::ssm::Parameter> {
+    if ctx.settings.ssm_parameters.is_empty() {
+        return Vec::new();
+    }
+    let opts = &ctx.opts;
+    let set = super::ssm::set_parameters(
+        &ctx.settings.ssm_parameters,
+        &ctx.manifest,
         amis,
-        failed,
-    };
-    let path = record::record_path(manifest_path);
-    record::write_json_atomic(&path, &rec).map_err(|source| PublishError::WriteFile { path, source })?;
-    // Remembered last: the next publish of this name may take a snapshot as its parent only
-    // once everything above succeeded in its region.
-    for (c, snapshot_id) in remember {
+        opts,
+        opts.force,
+        progress,
+        notes,
+    )
+    .await;
+    set.unwrap_or_else(|e| {
+        let why = format!("SSM parameters: {}", render_error(&e));
+        progress.note(&why);
+        notes.push(why.clone());
+        problems.push(why);
+        Vec::new()
+    })
+}
+
+/// Retention, where the new AMI exists. A failure here does not undo the publish: it is a
+/// note, and `kiln prune` finishes the job.
+async fn retention(
+    ctx: &Ctx,
+    amis: &[RegionImage],
+    progress: &dyn Progress,
+    notes: &mut Vec<String>,
+) -> Vec<super::prune::RegionPrune> {
+    let Some(keep) = ctx.settings.keep else { return Vec::new() };
+    let published: Vec<String> = amis.iter().map(|a| a.region.clone()).collect();
+    match super::prune::prune(&ctx.manifest.name, keep as usize, &published, &ctx.opts).await {
+        Ok(p) => p,
+        Err(e) => {
+            let note = format!("retention (keep = {keep}) failed: {e}; run `kiln prune` to finish it");
+            progress.note(&note);
+            notes.push(note);
+            Vec::new()
+        }
+    }
+}
+
+/// Each region's new snapshot, in [`history`], for the next publish of the same image name.
+fn remember(snapshots: &[(&Ctx, String)]) -> Result<(), PublishError> {
+    for (c, snapshot_id) in snapshots {
         if let (Some(h), false) = (&c.history, snapshot_id.is_empty()) {
-            let entry = history::Published::new(snapshot_id, &c.settings, c.manifest.clone());
+            let entry = history::Published::new(snapshot_id.clone(), &c.settings, c.manifest.clone());
             history::save(h, &entry).map_err(|source| PublishError::WriteFile { path: h.clone(), source })?;
         }
     }
-    if !problems.is_empty() {
-        return Err(PublishError::Incomplete { problems, record: record::record_path(manifest_path) });
-    }
-    Ok(rec)
+    Ok(())
 }
 
 /// The snapshot (reused or uploaded), the AMI registered from it (or the existing one), its

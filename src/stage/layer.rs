@@ -26,7 +26,7 @@ use crate::formats::tree::Tree;
 use crate::manifest::{Package, RepositoryState};
 use crate::platform::Arch;
 use crate::progress::{Progress, Unit};
-use crate::recipe::{DigestCache, FileContent, FileEntry, FileKind, LocalPackage, Repository, StepAction, User};
+use crate::recipe::{FileContent, FileDigests, FileEntry, FileKind, LocalPackage, Repository, StepAction, User};
 use crate::stage::debian::tail;
 
 /// Bump when the hook changes what the same inputs produce.
@@ -121,7 +121,7 @@ pub struct LayerPlan {
     /// Name of the recipe's outputs (`NAME-ARCH`): the layer's cache files start with it.
     pub output_name: String,
     /// The recipe's digest cache: the digests of its files, taken when it was loaded.
-    pub digests: DigestCache,
+    pub digests: std::sync::Arc<dyn FileDigests>,
 }
 
 /// The apt options that confine the host's apt-get to a private directory and one architecture.
@@ -153,9 +153,9 @@ pub fn probe_repositories(repos: &[Repository], arch: Arch) -> Result<Vec<RepoSt
     if repos.is_empty() {
         return Ok(Vec::new());
     }
-    let apt_get = crate::platform::find_program("apt-get")
+    let apt_get = crate::host::find_program("apt-get")
         .ok_or(LayerError::Missing("apt-get", "kiln reads recipe repositories with the build host's apt"))?;
-    let apt_cache = crate::platform::find_program("apt-cache")
+    let apt_cache = crate::host::find_program("apt-cache")
         .ok_or(LayerError::Missing("apt-cache", "kiln reads recipe repositories with the build host's apt"))?;
     let tmp = tempfile::tempdir().map_err(io("creating a temporary directory in", &std::env::temp_dir()))?;
     let mut out = Vec::new();
@@ -241,11 +241,15 @@ pub fn probe_repositories(repos: &[Repository], arch: Arch) -> Result<Vec<RepoSt
 
 /// Reads each local `.deb`'s control fields with `dpkg-deb`, refusing one for another
 /// architecture, one that is no package, and two files of one package.
-pub fn inspect_local(local: &[LocalPackage], arch: Arch, digests: &DigestCache) -> Result<Vec<LocalDeb>, LayerError> {
+pub fn inspect_local(
+    local: &[LocalPackage],
+    arch: Arch,
+    digests: &dyn FileDigests,
+) -> Result<Vec<LocalDeb>, LayerError> {
     if local.is_empty() {
         return Ok(Vec::new());
     }
-    let dpkg_deb = crate::platform::find_program("dpkg-deb")
+    let dpkg_deb = crate::host::find_program("dpkg-deb")
         .ok_or(LayerError::Missing("dpkg-deb", "install dpkg (every Debian host has it)"))?;
     let mut out: Vec<LocalDeb> = Vec::new();
     for l in local {
@@ -292,7 +296,7 @@ pub fn inspect_local(local: &[LocalPackage], arch: Arch, digests: &DigestCache) 
 
 /// Hex SHA-256 of a file the recipe names, from the recipe's digest cache: the recipe hash
 /// read it already, so an unchanged file is not read again.
-fn sha256_hex(digests: &DigestCache, path: &Path) -> Result<String, LayerError> {
+fn sha256_hex(digests: &dyn FileDigests, path: &Path) -> Result<String, LayerError> {
     digests.digest(path).map(|d| hex::encode(d.sha256)).map_err(io("reading", path))
 }
 
@@ -685,7 +689,7 @@ pub fn stage(
         return Ok(found);
     }
     crate::stage::debian::check_can_execute(plan.arch)?;
-    let mmdebstrap = crate::platform::find_program("mmdebstrap").ok_or(LayerError::Missing(
+    let mmdebstrap = crate::host::find_program("mmdebstrap").ok_or(LayerError::Missing(
         "mmdebstrap",
         "install it with `apt-get install mmdebstrap` (or run .ci/setup-host)",
     ))?;
@@ -999,7 +1003,7 @@ mod tests {
             steps: vec![step],
             recipe_dir: "/r".into(),
             output_name: "x-x86_64".into(),
-            digests: DigestCache::none(),
+            digests: std::sync::Arc::new(crate::recipe::ReadEach),
         };
         let log = "kiln-phase step 1\nkiln-step 1: hello\nkiln-step 1: oops\nkiln-failed step 1 3\n";
         let e = failure(&plan, log, Path::new("/l")).unwrap().to_string();

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-pub use digest::{DigestCache, FileDigest};
+pub use digest::{digest_of, FileDigest, FileDigests, ReadEach};
 pub use error::{Diagnostic, Position, RecipeError};
 pub use service::{LocalPackage, Repository, Service, Step, StepAction, User};
 pub use size::DiskSize;
@@ -264,7 +264,7 @@ pub struct Recipe {
     pub system: System,
     /// From the recipe; the SOURCE_DATE_EPOCH environment variable wins at the CLI edge.
     pub source_date_epoch: Option<i64>,
-    /// `root_volume.size_gib` is 0 when `[image].size` is `auto` and the recipe sets no root
+    /// `root_volume.size_gib` is None when `[image].size` is `auto` and the recipe sets no root
     /// volume size: [`with_root_size`] fills it in once the image's size is known.
     pub ami: Option<AmiSettings>,
     pub bundle: Option<BundleSettings>,
@@ -283,16 +283,15 @@ pub struct Recipe {
 struct Loaded {
     sources: SourceMap,
     merged: RawRecipe,
-    digests: DigestCache,
+    digests: Arc<dyn FileDigests>,
 }
 
 /// `[ami]` settings with the root volume sized for an image of `image_bytes`, when the recipe
-/// left the size to the image (`root_volume.size_gib == 0`, with `[image].size = "auto"`):
+/// left the size to the image (no `root_volume.size_gib`, with `[image].size = "auto"`):
 /// the image's size rounded up to whole GiB, since EBS volumes are whole GiB.
 pub fn with_root_size(mut ami: AmiSettings, image_bytes: u64) -> AmiSettings {
-    if ami.root_volume.size_gib == 0 {
-        ami.root_volume.size_gib = u32::try_from(image_bytes.div_ceil(size::GIB)).unwrap_or(u32::MAX);
-    }
+    let image_gib = u32::try_from(image_bytes.div_ceil(size::GIB)).unwrap_or(u32::MAX);
+    ami.root_volume.size_gib.get_or_insert(image_gib);
     ami
 }
 
@@ -302,11 +301,13 @@ const MAX_EXTENDS_DEPTH: usize = 16;
 /// Reads, merges and validates the recipe at `path` and every recipe it extends, reading
 /// every source file it names to hash it.
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
-    load_with(path, DigestCache::none())
+    load_with(path, ReadEach)
 }
 
-/// [`load`], taking the digests of unchanged source files from `digests`.
-pub fn load_with(path: &Path, digests: DigestCache) -> Result<Recipe, RecipeError> {
+/// [`load`], taking the digests of the source files from `digests` (kiln's build passes a
+/// cache that remembers them between runs).
+pub fn load_with(path: &Path, digests: impl FileDigests + 'static) -> Result<Recipe, RecipeError> {
+    let digests: Arc<dyn FileDigests> = Arc::new(digests);
     let text = read_text(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
     let canonical =
         std::fs::canonicalize(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
@@ -359,9 +360,9 @@ impl Recipe {
         format!("{}-{}", self.name, self.arch)
     }
 
-    /// Where the digests of the files this recipe names were taken and are remembered: later
-    /// stages that need a file's digest again ask here instead of reading the file again.
-    pub fn digests(&self) -> &DigestCache {
+    /// Where the digests of the files this recipe names were taken: later stages that need a
+    /// file's digest again ask here, and a cache the caller passed answers without reading.
+    pub fn digests(&self) -> &Arc<dyn FileDigests> {
         &self.loaded.digests
     }
 

@@ -187,7 +187,7 @@ pub fn stage(
     }
     let (tar, record) = (dir.join(format!("{stem}.tar")), dir.join(format!("{stem}.json")));
     check_can_execute(base.arch)?;
-    let mmdebstrap = crate::platform::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
+    let mmdebstrap = crate::host::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
 
     // mmdebstrap writes next to the final name and the rename publishes it: an interrupted run
     // leaves no tarball that a later build would trust.

@@ -7,11 +7,12 @@ use crate::ec2::{
     check_boot, check_volume as check_volume_rules, Delivery, Ec2BootMode, ImdsSupport, VolumeRequest, VolumeType,
 };
 use crate::manifest::{
-    first_upload_region, AmiSettings, BundleSettings, ExtraVolume, LaunchPermissions, RegionSettings, RootVolume,
+    first_upload_region, AmiSettings, BundleSettings, DeprecateAfter, ExtraVolume, LaunchPermissions, RegionSettings,
+    RootVolume,
 };
 use crate::platform::{Arch, BootMode};
 use crate::recipe::error::{list, Span};
-use crate::recipe::raw::{Loc, RawAmi, RawBundle, RawVolume};
+use crate::recipe::raw::{Loc, RawAmi, RawBundle, RawRegion, RawVolume};
 use crate::recipe::size::{self, GIB};
 
 /// EC2 allows 50 tags per resource; kiln adds its own (image SHA-256, recipe hash, name).
@@ -146,6 +147,8 @@ fn check_device(v: &mut V, d: &Loc<String>, key: &str) -> Option<char> {
     }
 }
 
+/// `[ami]`, judged part by part; each part reports its own problems, and the settings exist
+/// only when no part found one.
 pub(super) fn check_ami(
     v: &mut V,
     a: &Loc<RawAmi>,
@@ -163,6 +166,45 @@ pub(super) fn check_ami(
             n.value.clone()
         }
     };
+    check_description(v, r);
+    let regions = check_regions(v, r);
+    let (boot_mode, tpm) = check_boot_mode(v, a, arch, boot, arch_from_flag);
+    let imds = check_imds(v, r);
+    let root = check_root_volume(v, a, image_bytes);
+    let volumes = check_extra_volumes(v, r, &regions.settings);
+    let launch_permissions = check_launch_permissions(v, r);
+    let tags = check_tags(v, r);
+    let (encrypted, kms_key_arn) = check_encryption(v, r, &regions);
+    let keep = check_keep(v, r);
+    let ssm_parameters = check_ssm_parameters(v, r);
+    let deprecate_after = check_deprecation(v, r, launch_permissions.public);
+
+    if v.diags.len() != before {
+        return None;
+    }
+    Some(AmiSettings {
+        name,
+        description: r.description.as_ref().map(|d| d.value.clone()),
+        regions: regions.names,
+        region_settings: regions.settings,
+        root_volume: root?,
+        ena: r.ena.as_ref().is_none_or(|e| e.value),
+        sriov: r.sriov.as_ref().is_some_and(|s| s.value),
+        tpm,
+        imds,
+        boot_mode,
+        launch_permissions,
+        tags,
+        volumes,
+        encrypted,
+        kms_key_arn,
+        keep,
+        ssm_parameters,
+        deprecate_after,
+    })
+}
+
+fn check_description(v: &mut V, r: &RawAmi) {
     if let Some(d) = &r.description {
         if d.value.len() > 255 {
             v.err(
@@ -173,10 +215,32 @@ pub(super) fn check_ami(
             );
         }
     }
-    let mut regions = Vec::new();
-    // (region, key, where it is written) for each KMS key: judged once `encrypted` is known.
-    let mut region_keys = Vec::new();
-    let mut region_settings = BTreeMap::new();
+}
+
+/// `[ami].regions`: where the AMI goes, how each region after the first gets it, and the KMS
+/// keys written in the entries.
+struct Regions {
+    names: Vec<String>,
+    /// Regions after the first that are not plain copies with the default key.
+    settings: BTreeMap<String, RegionSettings>,
+    /// Each KMS key, judged once `encrypted` is known.
+    keys: Vec<RegionKey>,
+    /// The key written in the first region's entry, if any.
+    first_entry_key: Option<String>,
+}
+
+struct RegionKey {
+    region: String,
+    arn: String,
+    span: Span,
+    field: String,
+    via: Delivery,
+}
+
+fn check_regions(v: &mut V, r: &RawAmi) -> Regions {
+    let mut names = Vec::new();
+    let mut keys = Vec::new();
+    let mut settings = BTreeMap::new();
     for (i, reg) in r.regions.iter().flat_map(|l| l.value.iter()).enumerate() {
         let name = &reg.value.name;
         if !valid_region(name) {
@@ -187,46 +251,67 @@ pub(super) fn check_ami(
                 Some("like \"us-east-1\" or \"eu-west-1\"".into()),
             );
             continue;
-        } else if regions.contains(name) {
+        } else if names.contains(name) {
             v.err(reg.span, "ami.regions", format!("region `{name}` is listed twice"), None);
             continue;
         }
-        regions.push(name.clone());
-        let via = match reg.value.via.as_deref() {
-            None => Delivery::Copy,
-            Some(via) => match via.parse::<Delivery>() {
-                Ok(Delivery::Copy) if i == 0 => {
-                    v.err(
-                        reg.span,
-                        "ami.regions",
-                        format!("`{name}` is the first region, where the snapshot is uploaded: it cannot be a copy"),
-                        Some("leave `via` out of the first entry, or list the region you copy from first".into()),
-                    );
-                    Delivery::Copy
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    v.err(
-                        reg.span,
-                        "ami.regions",
-                        e.to_string(),
-                        Some("\"copy\" (CopyImage from the first region) or \"upload\" (the same blocks, uploaded there directly)".into()),
-                    );
-                    Delivery::Copy
-                }
-            },
-        };
+        names.push(name.clone());
+        let via = check_delivery(v, reg, i == 0);
         if let Some(k) = &reg.value.kms_key_arn {
-            let via = if i == 0 { Delivery::Upload } else { via };
-            region_keys.push((name.clone(), k.clone(), reg.span, format!("ami.regions.{name}.kms_key_arn"), via));
+            keys.push(RegionKey {
+                region: name.clone(),
+                arn: k.clone(),
+                span: reg.span,
+                field: format!("ami.regions.{name}.kms_key_arn"),
+                via: if i == 0 { Delivery::Upload } else { via },
+            });
         }
         if i > 0 && (via != Delivery::Copy || reg.value.kms_key_arn.is_some()) {
-            region_settings.insert(name.clone(), RegionSettings::new(reg.value.kms_key_arn.clone(), via));
+            settings.insert(name.clone(), RegionSettings::new(reg.value.kms_key_arn.clone(), via));
         }
     }
     let first_entry_key = r.regions.iter().flat_map(|l| l.value.first()).find_map(|f| f.value.kms_key_arn.clone());
+    Regions { names, settings, keys, first_entry_key }
+}
 
-    // Boot mode: from [image].boot unless set, and only one the image can actually boot.
+/// A region entry's `via`: a copy unless it says otherwise, and never a copy for the first
+/// region, which receives the upload.
+fn check_delivery(v: &mut V, reg: &Loc<RawRegion>, first: bool) -> Delivery {
+    let name = &reg.value.name;
+    let Some(via) = reg.value.via.as_deref() else { return Delivery::Copy };
+    match via.parse::<Delivery>() {
+        Ok(Delivery::Copy) if first => {
+            v.err(
+                reg.span,
+                "ami.regions",
+                format!("`{name}` is the first region, where the snapshot is uploaded: it cannot be a copy"),
+                Some("leave `via` out of the first entry, or list the region you copy from first".into()),
+            );
+            Delivery::Copy
+        }
+        Ok(d) => d,
+        Err(e) => {
+            v.err(
+                reg.span,
+                "ami.regions",
+                e.to_string(),
+                Some("\"copy\" (CopyImage from the first region) or \"upload\" (the same blocks, uploaded there directly)".into()),
+            );
+            Delivery::Copy
+        }
+    }
+}
+
+/// Boot mode: from [image].boot unless set, and only one the image can actually boot; and
+/// whether NitroTPM is asked for.
+fn check_boot_mode(
+    v: &mut V,
+    a: &Loc<RawAmi>,
+    arch: Arch,
+    boot: BootMode,
+    arch_from_flag: bool,
+) -> (Ec2BootMode, bool) {
+    let r = &a.value;
     let boot_mode = match &r.boot_mode {
         None => boot.ec2_boot_mode(),
         Some(b) => v
@@ -244,16 +329,25 @@ pub(super) fn check_ami(
             v.err(span.unwrap_or(a.span), format!("ami.{}", p.field), p.message, p.help);
         }
     }
-    let imds = match &r.imds {
+    (boot_mode, tpm)
+}
+
+/// IMDSv2 is required unless the recipe says `optional`.
+fn check_imds(v: &mut V, r: &RawAmi) -> Option<ImdsSupport> {
+    match &r.imds {
         None => Some(ImdsSupport::V2),
         Some(i) => match v.one_of(i, "ami.imds", &["v2.0", "optional"]) {
             Some("optional") => None,
             _ => Some(ImdsSupport::V2),
         },
-    };
+    }
+}
 
+/// The root volume: its device, type, performance and size, which must hold the image. The
+/// size is the image's own (whole GiB) when the recipe sets none, or None until it is built.
+fn check_root_volume(v: &mut V, a: &Loc<RawAmi>, image_bytes: Option<u64>) -> Option<RootVolume> {
     let default_root = Loc { span: Span { end: a.span.start, ..a.span }, value: RawVolume::default() };
-    let root_raw = r.root_volume.as_ref().unwrap_or(&default_root);
+    let root_raw = a.value.root_volume.as_ref().unwrap_or(&default_root);
     for (key, span) in [
         ("encrypted", root_raw.value.encrypted.as_ref().map(|x| x.span)),
         ("kms_key_id", root_raw.value.kms_key_id.as_ref().map(|x| x.span)),
@@ -270,20 +364,33 @@ pub(super) fn check_ami(
             );
         }
     }
-    let root_device = match &root_raw.value.device {
+    let device = match &root_raw.value.device {
         None => "/dev/xvda".to_string(),
         Some(d) => {
             v.one_of(d, "ami.root_volume.device", &["/dev/xvda", "/dev/sda1"]).unwrap_or("/dev/xvda").to_string()
         }
     };
     let root = check_volume(v, root_raw, "ami.root_volume", true);
-    let image_gib = image_bytes.map(|b| b.div_ceil(GIB));
     if let (Some(root), Some(bytes), Some(s)) = (&root, image_bytes, &root_raw.value.size) {
         if let Some(p) = root.size_gib.and_then(|g| crate::ec2::root_too_small(g, &s.value, bytes)) {
             v.err(s.span, "ami.root_volume.size", p.message, p.help);
         }
     }
+    let image_gib = image_bytes.and_then(|b| u32::try_from(b.div_ceil(GIB)).ok());
+    let root = root?;
+    Some(RootVolume {
+        device,
+        size_gib: root.size_gib.or(image_gib),
+        volume_type: root.volume_type,
+        iops: root.iops,
+        throughput: root.throughput,
+        delete_on_termination: root_raw.value.delete_on_termination.as_ref().is_none_or(|d| d.value),
+    })
+}
 
+/// `[[ami.volumes]]`: each needs a device of its own and a size; a KMS key needs encryption,
+/// and cannot be used with a region of its own upload (keys are regional).
+fn check_extra_volumes(v: &mut V, r: &RawAmi, region_settings: &BTreeMap<String, RegionSettings>) -> Vec<ExtraVolume> {
     let mut volumes = Vec::new();
     let mut letters: BTreeMap<char, &str> = BTreeMap::new();
     for (i, vol) in r.volumes.iter().flatten().enumerate() {
@@ -328,116 +435,138 @@ pub(super) fn check_ami(
         if let (Some(k), false) = (&vol.value.kms_key_id, encrypted) {
             v.err(k.span, format!("{prefix}.kms_key_id"), "`kms_key_id` needs `encrypted = true`", None);
         }
-        if let (Some(k), Some(region)) = (&vol.value.kms_key_id, first_upload_region(&region_settings)) {
+        if let (Some(k), Some(region)) = (&vol.value.kms_key_id, first_upload_region(region_settings)) {
             let p = crate::ec2::volume_keys_and_uploads(region);
             v.err(k.span, format!("{prefix}.kms_key_id"), p.message, p.help);
         }
         if let (Some(device), Some(c)) = (device, checked) {
-            volumes.push(ExtraVolume {
-                device,
-                size_gib: c.size_gib.unwrap_or(0),
-                volume_type: c.volume_type,
-                iops: c.iops,
-                throughput: c.throughput,
-                encrypted,
-                kms_key_id,
-                delete_on_termination: vol.value.delete_on_termination.as_ref().is_none_or(|d| d.value),
-            });
+            // A volume without a size was reported above; only sized ones get this far whole.
+            if let Some(size_gib) = c.size_gib {
+                volumes.push(ExtraVolume {
+                    device,
+                    size_gib,
+                    volume_type: c.volume_type,
+                    iops: c.iops,
+                    throughput: c.throughput,
+                    encrypted,
+                    kms_key_id,
+                    delete_on_termination: vol.value.delete_on_termination.as_ref().is_none_or(|d| d.value),
+                });
+            }
         }
     }
+    volumes
+}
 
+/// Who may launch the AMI: accounts, organizations and OUs by well-formed id, and the public
+/// only when the recipe says so.
+fn check_launch_permissions(v: &mut V, r: &RawAmi) -> LaunchPermissions {
     let mut launch = LaunchPermissions::default();
-    if let Some(lp) = &r.launch_permissions {
-        let lp = &lp.value;
-        for acc in lp.accounts.iter().flat_map(|l| l.value.iter()) {
-            if check_account(v, acc, "ami.launch_permissions.accounts") {
-                launch.accounts.push(acc.value.clone());
-            }
+    let Some(lp) = &r.launch_permissions else { return launch };
+    let lp = &lp.value;
+    for acc in lp.accounts.iter().flat_map(|l| l.value.iter()) {
+        if check_account(v, acc, "ami.launch_permissions.accounts") {
+            launch.accounts.push(acc.value.clone());
         }
-        for org in lp.organizations.iter().flat_map(|l| l.value.iter()) {
-            if valid_org_arn(&org.value, false) {
-                launch.organizations.push(org.value.clone());
-            } else {
-                v.err(
-                    org.span,
-                    "ami.launch_permissions.organizations",
-                    format!("`{}` is not an organization ARN", org.value),
-                    Some("like \"arn:aws:organizations::123456789012:organization/o-abcd123456\"".into()),
-                );
-            }
-        }
-        for ou in lp.organizational_units.iter().flat_map(|l| l.value.iter()) {
-            if valid_org_arn(&ou.value, true) {
-                launch.organizational_units.push(ou.value.clone());
-            } else {
-                v.err(
-                    ou.span,
-                    "ami.launch_permissions.organizational_units",
-                    format!("`{}` is not an organizational unit ARN", ou.value),
-                    Some("like \"arn:aws:organizations::123456789012:ou/o-abcd123456/ou-ab12-cdef3456\"".into()),
-                );
-            }
-        }
-        launch.public = lp.public.as_ref().is_some_and(|p| p.value);
     }
-
-    let mut tags = BTreeMap::new();
-    if let Some(t) = &r.tags {
-        if t.value.len() > MAX_USER_TAGS {
+    for org in lp.organizations.iter().flat_map(|l| l.value.iter()) {
+        if valid_org_arn(&org.value, false) {
+            launch.organizations.push(org.value.clone());
+        } else {
             v.err(
-                t.span,
-                "ami.tags",
-                format!("{} tags; at most {MAX_USER_TAGS}", t.value.len()),
-                Some("EC2 allows 50 tags per resource and kiln adds its own".into()),
+                org.span,
+                "ami.launch_permissions.organizations",
+                format!("`{}` is not an organization ARN", org.value),
+                Some("like \"arn:aws:organizations::123456789012:organization/o-abcd123456\"".into()),
             );
         }
-        for (k, val) in &t.value {
-            if k.is_empty() || k.len() > 128 || k.to_ascii_lowercase().starts_with("aws:") {
-                v.err(
-                    val.span,
-                    format!("ami.tags.{k}"),
-                    format!("`{k}` is not a valid tag key"),
-                    Some("1 to 128 characters, not starting with `aws:`".into()),
-                );
-            } else if val.value.len() > 256 {
-                v.err(val.span, format!("ami.tags.{k}"), "tag values are at most 256 characters", None);
-            } else {
-                tags.insert(k.clone(), val.value.clone());
-            }
+    }
+    for ou in lp.organizational_units.iter().flat_map(|l| l.value.iter()) {
+        if valid_org_arn(&ou.value, true) {
+            launch.organizational_units.push(ou.value.clone());
+        } else {
+            v.err(
+                ou.span,
+                "ami.launch_permissions.organizational_units",
+                format!("`{}` is not an organizational unit ARN", ou.value),
+                Some("like \"arn:aws:organizations::123456789012:ou/o-abcd123456/ou-ab12-cdef3456\"".into()),
+            );
         }
     }
+    launch.public = lp.public.as_ref().is_some_and(|p| p.value);
+    launch
+}
 
-    // The first region's key is written either as `kms_key_arn` or in its `regions` entry.
-    if let (Some(top), Some(entry)) = (&r.kms_key_arn, &first_entry_key) {
+/// The recipe's tags: as many as EC2 leaves room for beside kiln's own, each key and value
+/// within EC2's limits.
+fn check_tags(v: &mut V, r: &RawAmi) -> BTreeMap<String, String> {
+    let mut tags = BTreeMap::new();
+    let Some(t) = &r.tags else { return tags };
+    if t.value.len() > MAX_USER_TAGS {
+        v.err(
+            t.span,
+            "ami.tags",
+            format!("{} tags; at most {MAX_USER_TAGS}", t.value.len()),
+            Some("EC2 allows 50 tags per resource and kiln adds its own".into()),
+        );
+    }
+    for (k, val) in &t.value {
+        if k.is_empty() || k.len() > 128 || k.to_ascii_lowercase().starts_with("aws:") {
+            v.err(
+                val.span,
+                format!("ami.tags.{k}"),
+                format!("`{k}` is not a valid tag key"),
+                Some("1 to 128 characters, not starting with `aws:`".into()),
+            );
+        } else if val.value.len() > 256 {
+            v.err(val.span, format!("ami.tags.{k}"), "tag values are at most 256 characters", None);
+        } else {
+            tags.insert(k.clone(), val.value.clone());
+        }
+    }
+    tags
+}
+
+/// Whether the snapshot is encrypted (by default, when any key is named) and the first
+/// region's key, written either as `kms_key_arn` or in its `regions` entry (once); every key
+/// judged against its region and how that region gets the AMI.
+fn check_encryption(v: &mut V, r: &RawAmi, regions: &Regions) -> (bool, Option<String>) {
+    if let (Some(top), Some(entry)) = (&r.kms_key_arn, &regions.first_entry_key) {
         if &top.value != entry {
             v.err(
                 top.span,
                 "ami.kms_key_arn",
-                format!("`kms_key_arn` and the first `regions` entry name different keys for {}", regions[0]),
+                format!(
+                    "`kms_key_arn` and the first `regions` entry name different keys for {}",
+                    regions.names.first().map_or("the first region", String::as_str)
+                ),
                 Some("write the first region's key once".into()),
             );
         }
     }
-    if let Some(k) = &r.kms_key_arn {
-        region_keys.push((
-            regions.first().cloned().unwrap_or_default(),
-            k.value.clone(),
-            k.span,
-            "ami.kms_key_arn".into(),
-            Delivery::Upload,
-        ));
-    }
-    let kms_key_arn = r.kms_key_arn.as_ref().map(|k| k.value.clone()).or(first_entry_key);
-    let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(!region_keys.is_empty());
-    for (region, key, span, field, via) in &region_keys {
-        let region = Some(region.as_str()).filter(|r| !r.is_empty());
-        if let Err(p) = crate::ec2::check_kms_key(key, region, *via, encrypted) {
-            v.err(*span, field.clone(), p.message, p.help);
+    let top = r.kms_key_arn.as_ref().map(|k| RegionKey {
+        region: regions.names.first().cloned().unwrap_or_default(),
+        arn: k.value.clone(),
+        span: k.span,
+        field: "ami.kms_key_arn".into(),
+        via: Delivery::Upload,
+    });
+    let keys: Vec<&RegionKey> = regions.keys.iter().chain(top.as_ref()).collect();
+    let kms_key_arn = r.kms_key_arn.as_ref().map(|k| k.value.clone()).or(regions.first_entry_key.clone());
+    let encrypted = r.encrypted.as_ref().map(|e| e.value).unwrap_or(!keys.is_empty());
+    for k in keys {
+        let region = Some(k.region.as_str()).filter(|r| !r.is_empty());
+        if let Err(p) = crate::ec2::check_kms_key(&k.arn, region, k.via, encrypted) {
+            v.err(k.span, k.field.clone(), p.message, p.help);
         }
     }
+    (encrypted, kms_key_arn)
+}
 
-    // EC2 allows at most 50,000 AMIs per region (a quota); a larger count keeps everything.
-    let keep = r.keep.as_ref().and_then(|k| match u32::try_from(k.value) {
+/// `keep`: EC2 allows at most 50,000 AMIs per region (a quota); a larger count keeps
+/// everything, and 0 keeps nothing, so both are refused.
+fn check_keep(v: &mut V, r: &RawAmi) -> Option<u32> {
+    r.keep.as_ref().and_then(|k| match u32::try_from(k.value) {
         Ok(n @ 1..=50_000) => Some(n),
         _ => {
             v.err(
@@ -451,8 +580,11 @@ pub(super) fn check_ami(
             );
             None
         }
-    });
+    })
+}
 
+/// `[ami.ssm].parameters`: names SSM accepts, each once.
+fn check_ssm_parameters(v: &mut V, r: &RawAmi) -> Vec<String> {
     let mut ssm_parameters = Vec::new();
     for p in r.ssm.iter().flat_map(|s| s.value.parameters.iter()).flat_map(|l| l.value.iter()) {
         match crate::ec2::check_ssm_parameter_name(&p.value) {
@@ -471,54 +603,29 @@ pub(super) fn check_ami(
             Ok(()) => ssm_parameters.push(p.value.clone()),
         }
     }
+    ssm_parameters
+}
 
-    // Days are judged here; a fixed time again at publish time, against the clock then.
-    if let Some(d) = &r.deprecate_after {
-        if let Err(why) = crate::ec2::Deprecation::check(&d.value, launch.public) {
+/// `deprecate_after`, parsed once. Days are judged here; a fixed time again at publish time,
+/// against the clock then.
+fn check_deprecation(v: &mut V, r: &RawAmi, public: bool) -> Option<DeprecateAfter> {
+    let d = r.deprecate_after.as_ref()?;
+    let checked = DeprecateAfter::parse(&d.value).and_then(|dep| dep.when.check_days(public).map(|()| dep));
+    match checked {
+        Ok(dep) => Some(dep),
+        Err(why) => {
             v.err(
                 d.span,
                 "ami.deprecate_after",
                 why,
                 Some(format!(
                     "days after publishing (\"180d\", at most {} for this AMI) or an RFC 3339 UTC time",
-                    crate::ec2::max_deprecation_days(launch.public)
+                    crate::ec2::max_deprecation_days(public)
                 )),
             );
+            None
         }
     }
-
-    if v.diags.len() != before {
-        return None;
-    }
-    let root = root?;
-    Some(AmiSettings {
-        name,
-        description: r.description.as_ref().map(|d| d.value.clone()),
-        regions,
-        region_settings,
-        root_volume: RootVolume {
-            device: root_device,
-            // 0: not set; the image's size rounded up to whole GiB (known once it is built).
-            size_gib: root.size_gib.or(image_gib.and_then(|g| u32::try_from(g).ok())).unwrap_or(0),
-            volume_type: root.volume_type,
-            iops: root.iops,
-            throughput: root.throughput,
-            delete_on_termination: root_raw.value.delete_on_termination.as_ref().is_none_or(|d| d.value),
-        },
-        ena: r.ena.as_ref().is_none_or(|e| e.value),
-        sriov: r.sriov.as_ref().is_some_and(|s| s.value),
-        tpm,
-        imds,
-        boot_mode,
-        launch_permissions: launch,
-        tags,
-        volumes,
-        encrypted,
-        kms_key_arn,
-        keep,
-        ssm_parameters,
-        deprecate_after: r.deprecate_after.as_ref().map(|d| d.value.clone()),
-    })
 }
 
 /// The placeholders an AMI name may hold (see [`AmiSettings::name`]).

@@ -17,10 +17,10 @@ use crate::recipe::service::{Service, StepAction};
 ///    script (`script\0`), in recipe order, each by length (u64 LE) and SHA-256.
 ///
 /// Lengths frame every part, so no two different inputs hash the same bytes. Files enter by
-/// their own digest so an unchanged one need not be read again ([`DigestCache`]).
+/// their own digest so an unchanged one need not be read again ([`FileDigests`]).
 pub(super) fn recipe_hash(
     v: &mut V,
-    digests: &DigestCache,
+    digests: &dyn FileDigests,
     raw: &RawRecipe,
     files: &[FileEntry],
     base: &Base,
@@ -77,7 +77,7 @@ pub(super) fn recipe_hash(
 
 pub(super) fn hash_file(
     v: &mut V,
-    digests: &DigestCache,
+    digests: &dyn FileDigests,
     h: &mut Sha256,
     path: &Path,
     at: Option<&Loc<String>>,

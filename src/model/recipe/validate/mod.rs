@@ -35,7 +35,7 @@ use super::error::{list, list_and, nearest, Diagnostic, SourceMap, Span};
 use super::raw::{Loc, RawFile, RawImage, RawRecipe, RawSystem, RawTest};
 use super::size::{self, DiskSize, MIB, TIB};
 use super::{
-    default_boot, Base, DigestCache, FileContent, FileEntry, FileKind, Loaded, Network, Os, Recipe, RecipeError,
+    default_boot, Base, FileContent, FileDigests, FileEntry, FileKind, Loaded, Network, Os, Recipe, RecipeError,
     System, TestSpec,
 };
 use crate::platform::{Arch, BootMode};
