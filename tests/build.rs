@@ -824,7 +824,7 @@ fn a_build_killed_while_staging_takes_mmdebstrap_with_it() {
 /// systemd-boot stand-ins, a user database and dpkg status, so `kiln build` runs its whole
 /// pipeline (generalize, [[files]], generated system files, audit, ESP, disk, records) on
 /// inputs that never change.
-fn synthetic_base(dir: &Path) -> PathBuf {
+pub(crate) fn synthetic_base(dir: &Path) -> PathBuf {
     let path = dir.join("base.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
     let mut rng = crate::common::XorShift(0x9e37_79b9_7f4a_7c15);

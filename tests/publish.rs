@@ -1488,3 +1488,51 @@ fn a_rebuild_after_one_recipe_file_changed_publishes_only_its_blocks() {
         assert!(*reads == want, "block {i} of a volume of the child snapshot differs from tonight's image");
     }
 }
+
+/// `kiln build --publish` remembers what it published as `kiln publish` does: tomorrow's
+/// build of the same recipe, in a fresh output directory, uploads only what changed, on top
+/// of today's snapshot (before the pipeline moved into the library, it remembered nothing and
+/// every nightly build uploaded in full).
+#[test]
+fn build_and_publish_remembers_like_publish() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let t = common::tempdir();
+    crate::build::synthetic_base(t.path());
+    let state = t.path().join("state");
+    let build = |night: &str| {
+        let recipe = t.path().join("nightly.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "[image]\nname = \"nightly\"\narch = \"x86_64\"\nbase = {{ tarball = \"base.tar\" }}\n\n\
+                 [system]\nnetwork = \"none\"\n\n[[files]]\npath = \"/etc/motd\"\ncontent = \"{night}\\n\"\n\n\
+                 [ami]\nname = \"nightly-{{arch}}-{night}\"\nregions = [\"us-east-1\"]\n"
+            ),
+        )
+        .unwrap();
+        let mut c = common::kiln();
+        crate::moto::fake_aws_env(&mut c)
+            .args(["build", "--quiet", "--publish", "--endpoint-url", &proxy.url()])
+            .arg(&recipe)
+            .arg("--out")
+            .arg(t.path().join(night))
+            .env("KILN_CACHE_DIR", t.path().join("cache"))
+            .env("KILN_STATE_DIR", &state)
+            .env("SOURCE_DATE_EPOCH", "1700000000");
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let record = t.path().join(night).join("nightly-x86_64.publish.json");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&record).unwrap()).unwrap()
+    };
+    let first = build("monday");
+    let first_snap = first["snapshot_id"].as_str().expect("a snapshot id").to_string();
+    proxy.clear();
+    let second = build("tuesday");
+    let reqs = proxy.requests();
+    let start: serde_json::Value = serde_json::from_slice(&of(&reqs, "StartSnapshot")[0].body).unwrap();
+    assert_eq!(start["ParentSnapshotId"], first_snap.as_str(), "the second night uploaded in full");
+    assert_eq!(second["parent_snapshot_id"], first_snap.as_str());
+    let sent = second["blocks_sent"].as_u64().unwrap();
+    assert!(sent > 0 && sent < first["blocks_sent"].as_u64().unwrap(), "{second}");
+}
