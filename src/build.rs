@@ -310,13 +310,36 @@ fn spool_dir(opts: &BuildOptions) -> PathBuf {
 }
 
 /// Every timestamp is clamped to one epoch: the caller's SOURCE_DATE_EPOCH, the recipe's, or
-/// else the newest time already in the base (deterministic for a given base).
+/// else the newest time the installed packages carry (see [`packaged_epoch`]), so two runners
+/// that stage the same packages a minute apart build the same bytes; a tree with no package
+/// documentation (a foreign tarball) falls back to the newest time in it.
 fn build_epoch(recipe: &Recipe, opts: &BuildOptions, tree: &Tree) -> Timestamp {
     let secs = opts
         .source_date_epoch
         .or(recipe.source_date_epoch)
+        .or_else(|| packaged_epoch(tree))
         .unwrap_or_else(|| tree.live_inodes().map(|(_, i)| i.meta.mtime.secs).max().unwrap_or(0));
     Timestamp::new(secs, 0)
+}
+
+/// The newest modification time of the files under /usr/share/doc. dpkg unpacks every file
+/// with the time its package's archive gives it (the package's own build date, its changelog's
+/// under reproducible builds), and Debian policy has every package ship its changelog there,
+/// so this is the date of the newest package installed: the same package set gives the same
+/// epoch. Files made while staging (dpkg's database, maintainer scripts' output, caches)
+/// carry the staging time and are left out by looking only here.
+fn packaged_epoch(tree: &Tree) -> Option<i64> {
+    let doc = tree.resolve(b"/usr/share/doc").ok()?;
+    let mut newest = None;
+    let mut todo = vec![doc];
+    while let Some(id) = todo.pop() {
+        match &tree.inode(id).kind {
+            Kind::Dir(d) => todo.extend(d.entries.values().copied()),
+            Kind::File(_) => newest = newest.max(Some(tree.inode(id).meta.mtime.secs)),
+            _ => {}
+        }
+    }
+    newest
 }
 
 /// Step 3: the service layer, staged on the base (cached by every input, the base's key

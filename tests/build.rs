@@ -902,3 +902,38 @@ fn a_tarball_build_gives_the_bytes_recorded_before_the_refactor() {
     let sha = summary["sha256"].as_str().unwrap();
     assert_eq!(sha, "a641c7a1f860a925721154b339c212e05546441d323d7bb64d6b76d2250b8c4c", "the image's bytes changed");
 }
+
+/// Two CI runners that stage the same recipe from the same archive (separate caches, no
+/// SOURCE_DATE_EPOCH anywhere) build the same bytes: the default epoch is the newest date the
+/// installed packages carry, not the moment either runner staged them.
+#[test]
+fn two_cold_builds_on_two_runners_give_the_same_bytes() {
+    if tool("mmdebstrap").is_none() {
+        return;
+    }
+    let t = tempdir();
+    let build = |runner: &str| {
+        let o = run_ok(
+            kiln()
+                .arg("build")
+                .arg(root_dir().join("recipes/debian-12-minimal.toml"))
+                .arg("--out")
+                .arg(t.path().join(runner).join("out"))
+                .arg("--json")
+                .env("KILN_CACHE_DIR", t.path().join(runner).join("cache"))
+                .env_remove("SOURCE_DATE_EPOCH"),
+        );
+        let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["base_cached"], false, "{runner} did not stage afresh");
+        let manifest = Manifest::load(Path::new(summary["manifest"].as_str().unwrap())).unwrap();
+        (summary["sha256"].as_str().unwrap().to_string(), manifest)
+    };
+    let (a, ma) = build("runner-a");
+    // A second apart at the least: the staging times differ.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (b, mb) = build("runner-b");
+    let staged_at = |m: &Manifest| m.base.as_ref().unwrap().staged_at.clone();
+    assert_ne!(staged_at(&ma), staged_at(&mb));
+    assert_eq!(ma.source_date_epoch, mb.source_date_epoch, "the epoch follows the staging");
+    assert_eq!(a, b, "two runners built different bytes from the same packages");
+}

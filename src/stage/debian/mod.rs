@@ -106,6 +106,11 @@ impl DebianBase {
             h.update([2]);
         }
         h.update(format!("{:?} {}", self.source_date_epoch, self.snapshot).as_bytes());
+        if self.source_date_epoch.is_none() {
+            // Without an epoch, staging takes the archive's date (see `staging_epoch`); a base
+            // staged before that rule (at its own wall-clock time) is not one of these.
+            h.update(b"\0epoch-from-archive-date");
+        }
         hex::encode(h.finalize())
     }
 
@@ -194,6 +199,9 @@ pub fn stage(
     let partial = tar.with_extension("tar.partial");
     let log = tar.with_extension("log");
     let mut cmd = mmdebstrap_command(&mmdebstrap, base, &archive, &partial);
+    if let Some(e) = base.source_date_epoch.or_else(|| staging_epoch(&archive)) {
+        cmd.env("SOURCE_DATE_EPOCH", e.to_string());
+    }
     let cmdline = format!("{cmd:?}");
     progress.begin(&format!("staging {} {} with mmdebstrap", base.suite, base.arch), None, Unit::Items);
     fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StageError + 'a {
@@ -255,10 +263,23 @@ fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteStat
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(e) = base.source_date_epoch {
-        cmd.env("SOURCE_DATE_EPOCH", e.to_string());
-    }
     cmd
+}
+
+/// The epoch staging runs under when none is given: the newest `Date:` of the archive's
+/// suites. What staging makes rather than unpacks (the initrd's cpio times above all, which
+/// initramfs-tools takes from SOURCE_DATE_EPOCH) then depends on the archive's state, not on
+/// the moment a runner staged it, so two runners staging from one state make the same base.
+fn staging_epoch(archive: &[SuiteState]) -> Option<i64> {
+    archive
+        .iter()
+        .filter_map(|s| {
+            // InRelease writes `Sat, 07 Dec 2026 08:12:34 UTC`; RFC 2822 spells the zone +0000.
+            let date = s.date.trim().strip_suffix("UTC").map(|d| format!("{d}+0000")).unwrap_or_else(|| s.date.clone());
+            time::OffsetDateTime::parse(&date, &time::format_description::well_known::Rfc2822).ok()
+        })
+        .map(|t| t.unix_timestamp())
+        .max()
 }
 
 #[cfg(test)]
@@ -299,5 +320,27 @@ mod tests {
         assert_eq!(b.cache_key(&old), b.cache_key(&old.clone()));
         assert_ne!(b.cache_key(&old), b.cache_key(&new));
         assert_ne!(b.cache_key(&old), b.cache_key(&[]));
+    }
+
+    #[test]
+    fn staging_takes_the_newest_suite_date_as_its_epoch() {
+        let state =
+            |date: &str| suite_state("http://m/debian".into(), "s".into(), format!("Date: {date}\n").as_bytes());
+        let archive = [state("Sat, 01 Jun 2024 00:00:00 UTC"), state("Sun, 02 Jun 2024 08:30:00 UTC")];
+        assert_eq!(staging_epoch(&archive), Some(1_717_317_000));
+        assert_eq!(staging_epoch(&[state("not a date")]), None);
+        let mut with_epoch = DebianBase {
+            suite: "bookworm".into(),
+            arch: Arch::X86_64,
+            mirror: "http://m/debian".into(),
+            security_mirror: None,
+            components: vec!["main".into()],
+            packages: vec![],
+            source_date_epoch: Some(1),
+            snapshot: false,
+        };
+        let keyed = with_epoch.inputs_key();
+        with_epoch.source_date_epoch = None;
+        assert_ne!(with_epoch.inputs_key(), keyed);
     }
 }
