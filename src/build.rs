@@ -45,6 +45,8 @@ pub struct BuildOptions {
     pub source_date_epoch: Option<i64>,
     /// `--offline`: the newest cached base, without reading the archive's state.
     pub offline: bool,
+    /// `--cache-url`: staged bases shared with other runners, behind the local cache.
+    pub cache_url: Option<crate::share::ShareUrl>,
 }
 
 #[derive(Debug)]
@@ -55,6 +57,8 @@ pub struct BuildOutput {
     pub base_cached: bool,
     /// Seconds since the base was staged (0 when this build staged it).
     pub base_age_secs: u64,
+    /// Where the base came from and why it was reused or re-staged (None for a tarball base).
+    pub base_origin: Option<debian::Origin>,
     pub seconds: f64,
 }
 
@@ -98,6 +102,8 @@ pub enum BuildError {
     NoMirror(debian::StageError),
     #[error("staging the Debian base")]
     Stage(#[source] debian::StageError),
+    #[error("the shared cache")]
+    Share(#[source] crate::share::ShareError),
     #[error("reading the recipe's [[repositories]]")]
     Repositories(#[source] LayerError),
     #[error("--offline: the recipe repositories' state")]
@@ -189,6 +195,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         manifest,
         base_cached: base.cached,
         base_age_secs: base.age_secs,
+        base_origin: base.origin.clone(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -200,6 +207,8 @@ struct StagedRoot {
     /// None for a tarball base.
     info: Option<manifest::BaseInfo>,
     age_secs: u64,
+    /// None for a tarball base.
+    origin: Option<debian::Origin>,
     /// The image's own apt sources (a Debian base only).
     apt: Option<system::AptSources>,
     /// The service layer to stage on the base, read before it (a Debian base only).
@@ -219,6 +228,7 @@ fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> 
                 cached: true,
                 info: None,
                 age_secs: 0,
+                origin: None,
                 apt: None,
                 layer_plan: None,
             });
@@ -255,7 +265,14 @@ fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> 
         snapshot: snapshot.is_some(),
     };
     let freshness = if opts.offline { debian::Freshness::Offline } else { debian::Freshness::Online };
-    let staged = debian::stage(&base, freshness, &opts.cache_dir, progress).map_err(BuildError::Stage)?;
+    let shared = match &opts.cache_url {
+        Some(url) if !opts.offline => {
+            Some(crate::share::bases::SharedCache::connect(url.clone()).map_err(BuildError::Share)?)
+        }
+        _ => None,
+    };
+    let shared = shared.as_ref().map(|s| s as &dyn debian::SharedBases);
+    let staged = debian::stage(&base, freshness, &opts.cache_dir, shared, progress).map_err(BuildError::Stage)?;
     if opts.offline {
         progress.note(&format!(
             "offline: the base was staged {} ({} ago) from the archive as of {}; newer packages may exist",
@@ -269,6 +286,7 @@ fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> 
         cached: staged.cached,
         info: Some(staged.info),
         age_secs: staged.age_secs,
+        origin: Some(staged.origin),
         apt: Some(apt),
         layer_plan,
     })

@@ -27,4 +27,5 @@ pub use kiln_model::outputs;
 pub use kiln_model::platform;
 pub mod publish;
 pub use kiln_model::recipe;
+pub mod share;
 pub mod stage;

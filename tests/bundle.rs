@@ -354,7 +354,7 @@ fn bad_inputs_get_clear_errors_and_leave_nothing_behind() {
     assert!(std::fs::read(d.join("r.raw")).unwrap() == std::fs::read(&img).unwrap());
 }
 
-fn s3_client(url: &str) -> (tokio::runtime::Runtime, aws_sdk_s3::Client, aws_sdk_ec2::Client) {
+pub(crate) fn s3_client(url: &str) -> (tokio::runtime::Runtime, aws_sdk_s3::Client, aws_sdk_ec2::Client) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let conf = rt.block_on(
         aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -368,7 +368,7 @@ fn s3_client(url: &str) -> (tokio::runtime::Runtime, aws_sdk_s3::Client, aws_sdk
 }
 
 /// An object's bytes as moto holds them.
-fn get_object(rt: &tokio::runtime::Runtime, s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+pub(crate) fn get_object(rt: &tokio::runtime::Runtime, s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
     rt.block_on(async {
         s3.get_object()
             .bucket(bucket)

@@ -6,6 +6,7 @@ mod bundle;
 mod common;
 mod disk;
 mod ext4;
+mod fleet;
 mod launch;
 mod messages;
 mod moto;

@@ -60,6 +60,12 @@ pub struct Args {
     /// Cache for staged bases [default: $KILN_CACHE_DIR, else ~/.cache/kiln].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Share staged bases with other runners through S3 (s3://BUCKET/PREFIX): a base another
+    /// runner staged from the same archive state is downloaded and verified instead of staged,
+    /// and one staged here is uploaded. The local cache stays in front. Any S3-compatible
+    /// store through AWS_ENDPOINT_URL; the bucket's region from AWS_REGION.
+    #[arg(long, env = "KILN_CACHE_URL", value_name = "s3://BUCKET/PREFIX")]
+    pub cache_url: Option<kiln::share::ShareUrl>,
     /// Print a JSON summary (manifest path, image, SHA-256, timings) on stdout; logs go to stderr.
     #[arg(long)]
     pub json: bool,
@@ -108,6 +114,7 @@ pub fn run(args: Args) -> Result<()> {
             apt_mirror: args.apt_mirror.clone(),
             source_date_epoch: source_date_epoch_from_env()?,
             offline: args.offline,
+            cache_url: args.cache_url.clone(),
         },
         boot: args.boot,
         test: args.test.then(TestRequest::default),
@@ -141,6 +148,7 @@ fn print_built(out: &build::BuildOutput, args: &Args) {
             "data_blocks": m.blocks.data_blocks.len(),
             "base_cached": out.base_cached,
             "base_age_secs": out.base_age_secs,
+            "base_origin": out.base_origin,
             "base": m.base,
             "seconds": out.seconds,
         });
@@ -152,7 +160,11 @@ fn print_built(out: &build::BuildOutput, args: &Args) {
             build::human_bytes(m.image.size_bytes),
             m.image.sha256,
             out.seconds,
-            if out.base_cached { ", staged base from cache" } else { "" },
+            match &out.base_origin {
+                Some(kiln::stage::debian::Origin::Cache(_)) => ", staged base from cache",
+                Some(kiln::stage::debian::Origin::Shared(_)) => ", staged base from the shared cache",
+                _ => "",
+            },
             out.manifest_path.display()
         );
     }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{DebianBase, StageError, StagedBase};
+use super::{DebianBase, Origin, StageError, StagedBase};
 use crate::manifest::BaseInfo;
 use crate::progress::Progress;
 
@@ -28,7 +28,12 @@ pub(super) fn load_cached(dir: &Path, stem: &str) -> Option<StagedBase> {
     let tar = dir.join(format!("{stem}.tar"));
     let info: BaseInfo = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).ok()?).ok()?;
     let age_secs = std::fs::metadata(&tar).ok()?.modified().ok()?.elapsed().map(|d| d.as_secs()).unwrap_or(0);
-    Some(StagedBase { tar, cached: true, info, age_secs })
+    let why = format!(
+        "staged {} from this state of the archive (key {}); in the local cache",
+        info.staged_at,
+        &info.cache_key[..12.min(info.cache_key.len())]
+    );
+    Some(StagedBase { tar, cached: true, info, age_secs, origin: Origin::Cache(why) })
 }
 
 /// Cached bases for these inputs, whatever archive state they came from.

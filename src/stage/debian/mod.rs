@@ -148,36 +148,103 @@ impl DebianBase {
 #[derive(Debug, Clone)]
 pub struct StagedBase {
     pub tar: PathBuf,
-    /// True when the tarball came from the cache and mmdebstrap did not run.
+    /// True when the tarball came from a cache (local or shared) and mmdebstrap did not run.
     pub cached: bool,
     /// When it was staged and from which state of the archive.
     pub info: BaseInfo,
     /// How long ago it was staged, in seconds (for --offline's note).
     pub age_secs: u64,
+    /// Where it came from and why: the rule that reused or re-staged it, for people and for
+    /// `kiln build --json`.
+    pub origin: Origin,
+}
+
+/// Where a staged base came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "from", content = "why")]
+pub enum Origin {
+    /// The local cache held a base staged from this state of the archive.
+    Cache(String),
+    /// Another runner staged it: downloaded from the shared cache and verified.
+    Shared(String),
+    /// mmdebstrap staged it here.
+    Staged(String),
+}
+
+impl Origin {
+    pub fn why(&self) -> &str {
+        match self {
+            Origin::Cache(w) | Origin::Shared(w) | Origin::Staged(w) => w,
+        }
+    }
+}
+
+/// Staged bases shared between build hosts (a CI fleet's S3 prefix, see `crate::share`),
+/// behind the local cache. Failures are the caller's to report: a base can always be staged.
+pub trait SharedBases {
+    /// Where the bases are shared, for messages (`s3://ci-kiln/fleet`).
+    fn location(&self) -> String;
+    /// Downloads the base shared as `stem` to `dest`, verified against its record.
+    fn fetch(&self, stem: &str, dest: &Path, progress: &dyn Progress) -> Result<Fetched, String>;
+    /// Whether a base is shared as `stem` (its record is there).
+    fn has(&self, stem: &str) -> Result<bool, String>;
+    /// Shares the base at `tar` as `stem`, unless another runner shared one first; replaces a
+    /// record `fetch` found corrupt.
+    fn share(&self, stem: &str, tar: &Path, info: &BaseInfo, progress: &dyn Progress) -> Result<(), String>;
+}
+
+/// What [`SharedBases::fetch`] found.
+#[derive(Debug)]
+pub enum Fetched {
+    /// No base is shared under the name.
+    Absent,
+    /// The base is at `dest`; its SHA-256 and size are those recorded with it.
+    Found(BaseInfo),
+    /// The shared base is not what its record says (a flipped byte, a truncated object): not
+    /// used. The reason, for the note.
+    Corrupt(String),
 }
 
 /// Returns the base for these inputs and the archive as it is now, running mmdebstrap only when
-/// no base was staged from this state of the archive. A new base replaces the older ones staged
-/// from the same inputs. Offline, the newest cached base for these inputs is used.
+/// no base was staged from this state of the archive, here or (with `shared`) by another
+/// runner. A new base replaces the older ones staged from the same inputs and is shared.
+/// Offline, the newest cached base for these inputs is used.
 pub fn stage(
     base: &DebianBase,
     freshness: Freshness,
     cache_dir: &Path,
+    shared: Option<&dyn SharedBases>,
     progress: &dyn Progress,
 ) -> Result<StagedBase, StageError> {
     let dir = cache_dir.join("bases");
     if freshness == Freshness::Offline {
-        return newest_cached(base, &dir).ok_or_else(|| StageError::NothingCached {
+        let mut found = newest_cached(base, &dir).ok_or_else(|| StageError::NothingCached {
             dir: dir.clone(),
             suite: base.suite.clone(),
             arch: base.arch,
-        });
+        })?;
+        found.origin = Origin::Cache("--offline: the newest base cached for these inputs, the archive unread".into());
+        return Ok(found);
     }
     let archive = probe_archive(base)?;
     let key = base.cache_key(&archive);
     let stem = format!("{}{}", base.file_prefix(), &key[..12]);
+    let share_local = |found: StagedBase| {
+        if let Some(s) = shared {
+            match s.has(&stem) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Err(e) = s.share(&stem, &found.tar, &found.info, progress) {
+                        progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+                    }
+                }
+                Err(e) => progress.note(&format!("the shared cache {} cannot be read: {e}", s.location())),
+            }
+        }
+        found
+    };
     if let Some(found) = load_cached(&dir, &stem) {
-        return Ok(found);
+        return Ok(share_local(found));
     }
     std::fs::create_dir_all(&dir).map_err(|source| StageError::Io {
         what: "creating cache dir",
@@ -188,8 +255,81 @@ pub fn stage(
     let lock_path = dir.join(format!("{stem}.lock"));
     let _lock = lock_exclusive(&lock_path, progress)?;
     if let Some(found) = load_cached(&dir, &stem) {
-        return Ok(found);
+        return Ok(share_local(found));
     }
+    let mut why = format!("no base staged from this state of the archive (key {}) is cached", &key[..12]);
+    if let Some(s) = shared {
+        match fetch_shared(s, &dir, &stem, progress) {
+            Ok(Ok(found)) => {
+                remove_older(base, &dir, &stem);
+                return Ok(found);
+            }
+            Ok(Err(reason)) | Err(reason) => {
+                if !reason.is_empty() {
+                    progress.note(&reason);
+                }
+                why = if reason.is_empty() { format!("{why} here or in {}", s.location()) } else { reason };
+            }
+        }
+    }
+    let staged = run_staging(base, &archive, key, &dir, &stem, why, progress)?;
+    if let Some(s) = shared {
+        if let Err(e) = s.share(&stem, &staged.tar, &staged.info, progress) {
+            progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+        }
+    }
+    Ok(staged)
+}
+
+/// The shared base `stem`, moved into the local cache once verified. Ok(Err("")) when none
+/// is shared; Ok(Err(why)) or Err(why) when one could not be used, with the reason.
+fn fetch_shared(
+    s: &dyn SharedBases,
+    dir: &Path,
+    stem: &str,
+    progress: &dyn Progress,
+) -> Result<Result<StagedBase, String>, String> {
+    let (tar, record) = (dir.join(format!("{stem}.tar")), dir.join(format!("{stem}.json")));
+    let partial = tar.with_extension("tar.partial");
+    let fetched = s.fetch(stem, &partial, progress);
+    let found = match fetched {
+        Ok(Fetched::Found(info)) => info,
+        Ok(Fetched::Absent) => return Ok(Err(String::new())),
+        Ok(Fetched::Corrupt(reason)) => {
+            let _ = std::fs::remove_file(&partial);
+            return Ok(Err(format!(
+                "the shared base in {} is corrupt ({reason}): not used; staging afresh",
+                s.location()
+            )));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(format!("the shared cache {} cannot be read ({e}); staging here", s.location()));
+        }
+    };
+    let io = |e: std::io::Error| format!("keeping the shared base in {}: {e}", dir.display());
+    let json = serde_json::to_vec_pretty(&found).unwrap_or_default();
+    crate::formats::atomic::write(&record, &json).map_err(io)?;
+    std::fs::rename(&partial, &tar).map_err(io)?;
+    crate::formats::atomic::sync_dir(dir).map_err(io)?;
+    let why = format!(
+        "staged by another runner from this state of the archive (key {}); downloaded from {} and its SHA-256 verified",
+        &found.cache_key[..12.min(found.cache_key.len())],
+        s.location()
+    );
+    Ok(Ok(StagedBase { tar, cached: true, info: found, age_secs: 0, origin: Origin::Shared(why) }))
+}
+
+/// Runs mmdebstrap for `base` into the cache entry `stem`, holding its lock.
+fn run_staging(
+    base: &DebianBase,
+    archive: &[SuiteState],
+    key: String,
+    dir: &Path,
+    stem: &str,
+    why: String,
+    progress: &dyn Progress,
+) -> Result<StagedBase, StageError> {
     let (tar, record) = (dir.join(format!("{stem}.tar")), dir.join(format!("{stem}.json")));
     check_can_execute(base.arch)?;
     let mmdebstrap = crate::host::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
@@ -198,8 +338,8 @@ pub fn stage(
     // leaves no tarball that a later build would trust.
     let partial = tar.with_extension("tar.partial");
     let log = tar.with_extension("log");
-    let mut cmd = mmdebstrap_command(&mmdebstrap, base, &archive, &partial);
-    if let Some(e) = base.source_date_epoch.or_else(|| staging_epoch(&archive)) {
+    let mut cmd = mmdebstrap_command(&mmdebstrap, base, archive, &partial);
+    if let Some(e) = base.source_date_epoch.or_else(|| staging_epoch(archive)) {
         cmd.env("SOURCE_DATE_EPOCH", e.to_string());
     }
     let cmdline = format!("{cmd:?}");
@@ -228,16 +368,16 @@ pub fn stage(
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
-    let info = BaseInfo { cache_key: key, staged_at, archive };
+    let info = BaseInfo { cache_key: key, staged_at, archive: archive.to_vec() };
     // The record first: a tarball without one is not trusted (see load_cached).
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
     crate::formats::atomic::write(&record, &json).map_err(io("writing", &record))?;
     std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(io("writing", &partial))?;
     std::fs::rename(&partial, &tar).map_err(io("publishing staged base", &tar))?;
-    crate::formats::atomic::sync_dir(&dir).map_err(io("publishing staged base", &tar))?;
-    remove_older(base, &dir, &stem);
+    crate::formats::atomic::sync_dir(dir).map_err(io("publishing staged base", &tar))?;
+    remove_older(base, dir, stem);
     progress.end(&format!("{} packages requested", base.packages.len()));
-    Ok(StagedBase { tar, cached: false, info, age_secs: 0 })
+    Ok(StagedBase { tar, cached: false, info, age_secs: 0, origin: Origin::Staged(why) })
 }
 
 /// mmdebstrap's command line for `base` from the archive's suites as they are now, writing the
