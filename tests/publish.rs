@@ -1536,3 +1536,160 @@ fn build_and_publish_remembers_like_publish() {
     let sent = second["blocks_sent"].as_u64().unwrap();
     assert!(sent > 0 && sent < first["blocks_sent"].as_u64().unwrap(), "{second}");
 }
+
+/// `kiln publish` on a runner of its own (its own state directory) that shares the history
+/// through `s3://kiln-fleet/state` on moto; S3 is addressed directly, EC2 and EBS through the
+/// proxy.
+fn runner_publish(moto: &Moto, proxy: &Proxy, manifest: &Path, runner: &Path, extra: &[&str]) -> std::process::Output {
+    let mut c = publish_cmd(proxy, manifest);
+    c.env("AWS_ENDPOINT_URL", moto.url())
+        .arg("--state-dir")
+        .arg(runner.join("state"))
+        .args(["--state-url", "s3://kiln-fleet/state"])
+        .args(extra);
+    c.output().unwrap()
+}
+
+fn published(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "kiln publish failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Tomorrow's build of the test image: block 9 changed, 17 zeroed, 12 new (salted).
+fn next_image(data: &BTreeMap<u64, Vec<u8>>, salt: u8) -> (tempfile::TempDir, PathBuf, BTreeMap<u64, Vec<u8>>) {
+    let dir = common::tempdir();
+    let mut next = data.clone();
+    next.insert(9, block_bytes(9, salt));
+    next.remove(&17);
+    next.insert(12, block_bytes(12, salt));
+    let m = write_image(dir.path(), "img", 24, &next, settings(&["us-east-1"]));
+    (dir, m, next)
+}
+
+/// Runners share what they published through S3: runner B's publish is incremental on runner
+/// A's snapshot and reads back as B's image; two runners publishing at once take turns (one
+/// waits on the lease, then builds on the other's snapshot: one AMI each, the history names
+/// the last); a lease held elsewhere makes `--lease-wait 0` fail with who holds it, having
+/// changed nothing; a lease that ran out is taken over.
+#[test]
+fn runners_share_publish_history_and_take_turns() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let (srt, s3, _) = crate::bundle::s3_client(&moto.url());
+    srt.block_on(s3.create_bucket().bucket("kiln-fleet").send()).unwrap();
+    let runners = common::tempdir();
+    let runner = |n: &str| runners.path().join(n);
+    let (img, data) = test_image(&["us-east-1"]);
+
+    let a = published(&runner_publish(&moto, &proxy, &img.manifest, &runner("a"), &[]));
+    let a_snap = a["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(a["blocks_sent"], data.len() as u64);
+
+    let (_d, m2, next) = next_image(&data, 1);
+    proxy.clear();
+    let b = published(&runner_publish(&moto, &proxy, &m2, &runner("b"), &[]));
+    assert_eq!(b["parent_snapshot_id"], a_snap.as_str(), "runner B did not build on runner A's snapshot: {b:#}");
+    assert_eq!(check_puts(&proxy.requests()), BTreeSet::from([9, 12, 17]));
+    assert_eq!(b["blocks_sent"], 3);
+    let child = read_back(&moto.url(), b["snapshot_id"].as_str().unwrap());
+    let parent = read_back(&moto.url(), &a_snap);
+    let zero = vec![0u8; BS];
+    for i in 0..24u64 {
+        let reads = child.get(&i).or(parent.get(&i)).unwrap_or(&zero);
+        assert!(reads == next.get(&i).unwrap_or(&zero), "block {i} of B's snapshot differs from B's image");
+    }
+    // Runner B's state directory holds a copy of the shared record.
+    let history_key = "state/published/";
+    let shared_keys = {
+        let r = srt.block_on(s3.list_objects_v2().bucket("kiln-fleet").prefix(history_key).send()).unwrap();
+        r.contents().iter().filter_map(|o| o.key().map(String::from)).collect::<Vec<_>>()
+    };
+    assert_eq!(shared_keys.len(), 1, "one history record and no lease left: {shared_keys:?}");
+    let record = |bytes: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&bytes).unwrap();
+    let shared_now = || record(crate::bundle::get_object(&srt, &s3, "kiln-fleet", &shared_keys[0]));
+    assert_eq!(shared_now()["snapshot_id"], b["snapshot_id"]);
+    let local_copy = runner("b").join("state").join(shared_keys[0].strip_prefix("state/").unwrap());
+    assert_eq!(record(std::fs::read(&local_copy).unwrap())["snapshot_id"], b["snapshot_id"]);
+
+    // Two runners at once, each with its own image.
+    let (_d3, m3, _) = next_image(&data, 3);
+    let (_d4, m4, _) = next_image(&data, 4);
+    let amis_before = images_named(&proxy.url(), "us-east-1", "kiln-test-img-*").len();
+    let (c, d) = std::thread::scope(|s| {
+        let c = s.spawn(|| runner_publish(&moto, &proxy, &m3, &runner("c"), &[]));
+        let d = s.spawn(|| runner_publish(&moto, &proxy, &m4, &runner("d"), &[]));
+        (c.join().unwrap(), d.join().unwrap())
+    });
+    let (cj, dj) = (published(&c), published(&d));
+    let waited: Vec<bool> =
+        [&c, &d].iter().map(|o| String::from_utf8_lossy(&o.stderr).contains("waiting for another publish")).collect();
+    assert_eq!(waited.iter().filter(|w| **w).count(), 1, "exactly one runner waits: {waited:?}");
+    let (first, second) = if waited[0] { (&dj, &cj) } else { (&cj, &dj) };
+    assert_eq!(first["parent_snapshot_id"], b["snapshot_id"], "{first:#}");
+    assert_eq!(second["parent_snapshot_id"], first["snapshot_id"], "the second did not build on the first: {second:#}");
+    assert_eq!(shared_now()["snapshot_id"], second["snapshot_id"], "the history lost the last publish");
+    assert_eq!(
+        images_named(&proxy.url(), "us-east-1", "kiln-test-img-*").len(),
+        amis_before + 2,
+        "one AMI per publish"
+    );
+
+    // A lease another runner holds (for an hour yet): --lease-wait 0 fails at once, saying who.
+    let lease_key = shared_keys[0].replace("/us-east-1/", "/").replace(".json", ".lease");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let lease = |expires_at: i64| {
+        let body =
+            serde_json::json!({"holder": "ci-runner-7 pid 4242", "taken_at": now - 60, "expires_at": expires_at});
+        srt.block_on(
+            s3.put_object().bucket("kiln-fleet").key(&lease_key).body(body.to_string().into_bytes().into()).send(),
+        )
+        .unwrap();
+    };
+    lease(now + 3600);
+    let (_d5, m5, _) = next_image(&data, 5);
+    proxy.clear();
+    let o = runner_publish(&moto, &proxy, &m5, &runner("e"), &["--lease-wait", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("another publish of this image name is in progress") && err.contains("ci-runner-7 pid 4242"),
+        "{err}"
+    );
+    assert!(of(&proxy.requests(), "StartSnapshot").is_empty(), "a publish that did not get the lease uploaded");
+    assert_eq!(shared_now()["snapshot_id"], second["snapshot_id"]);
+
+    // The same lease, run out: taken over, with a note.
+    lease(now - 1);
+    let o = runner_publish(&moto, &proxy, &m5, &runner("e"), &["--lease-wait", "0"]);
+    let e = published(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("took over the lease"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(e["parent_snapshot_id"], second["snapshot_id"]);
+    assert_eq!(shared_now()["snapshot_id"], e["snapshot_id"]);
+}
+
+/// The history's compare-and-swap against S3 as moto implements it: a write succeeds only
+/// as the version read (or, with none read, only if there is none), so of two runners that
+/// read the same version, exactly one update wins.
+#[test]
+fn a_history_update_wins_only_over_the_version_it_read() {
+    let Some(moto) = Moto::start() else { return };
+    let (rt, s3, _) = crate::bundle::s3_client(&moto.url());
+    rt.block_on(s3.create_bucket().bucket("kiln-fleet").send()).unwrap();
+    let store = kiln::share::Store::with_client(s3, "s3://kiln-fleet/state".parse().unwrap());
+    use kiln::share::state::{read, write};
+    rt.block_on(async {
+        let none_a = read(&store, "h.json").await.unwrap();
+        let none_b = read(&store, "h.json").await.unwrap();
+        assert!(write(&store, "h.json", b"a".to_vec(), &none_a).await.unwrap());
+        assert!(!write(&store, "h.json", b"b".to_vec(), &none_b).await.unwrap(), "two creations both won");
+        let (x, y) = (read(&store, "h.json").await.unwrap(), read(&store, "h.json").await.unwrap());
+        assert_eq!(x.bytes.as_deref(), Some(&b"a"[..]));
+        assert!(write(&store, "h.json", b"x".to_vec(), &x).await.unwrap());
+        assert!(!write(&store, "h.json", b"y".to_vec(), &y).await.unwrap(), "a stale update won");
+        assert_eq!(read(&store, "h.json").await.unwrap().bytes.as_deref(), Some(&b"x"[..]));
+    });
+}

@@ -83,6 +83,10 @@ pub struct Args {
     /// With --publish: send requests to this endpoint (a local stand-in, a VPC endpoint).
     #[arg(long, requires = "publish")]
     pub endpoint_url: Option<String>,
+    /// With --publish: share what kiln remembers of published images through S3 (see
+    /// `kiln publish --help`).
+    #[arg(long, env = "KILN_STATE_URL", value_name = "s3://BUCKET/PREFIX")]
+    pub state_url: Option<kiln::share::ShareUrl>,
     /// Only warnings and errors on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -122,6 +126,7 @@ pub fn run(args: Args) -> Result<()> {
             endpoint_url: args.endpoint_url.clone(),
             // What `kiln publish` remembers, so tomorrow's build uploads only what changed.
             state_dir: Some(kiln::publish::history::default_state_dir()),
+            state_url: args.state_url.clone(),
             ..Default::default()
         }),
     };

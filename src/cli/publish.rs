@@ -64,6 +64,15 @@ pub struct Args {
     /// [default: $KILN_STATE_DIR, else $XDG_STATE_HOME/kiln, else ~/.local/state/kiln].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Share what kiln remembers with other runners through S3 (s3://BUCKET/PREFIX): tonight's
+    /// publish on any runner builds on last night's snapshot from any other. One publish of an
+    /// image name runs at a time (a lease in the bucket); the state directory keeps a copy.
+    #[arg(long, env = "KILN_STATE_URL", value_name = "s3://BUCKET/PREFIX")]
+    pub state_url: Option<kiln::share::ShareUrl>,
+    /// With --state-url: seconds to wait for another runner's publish of the same image name
+    /// before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = publish::DEFAULT_LEASE_WAIT.as_secs())]
+    pub lease_wait: u64,
     /// Incremental upload: the manifest of the image PREV was published from (needs --parent-snapshot).
     #[arg(long, value_name = "PREV.manifest.json", requires = "parent_snapshot")]
     pub parent_manifest: Option<PathBuf>,
@@ -104,6 +113,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         parent_manifest: a.parent_manifest,
         parent_snapshot: a.parent_snapshot,
         state_dir: Some(a.state_dir.unwrap_or_else(publish::history::default_state_dir)),
+        state_url: a.state_url,
+        lease_wait: Duration::from_secs(a.lease_wait),
         full: a.full,
         force: a.force,
         resume: a.resume,

@@ -23,8 +23,8 @@ pub(super) struct Ctx {
     /// that gets its own upload ([`Ctx::plan_region`]) has that region alone.
     pub(super) regions: Vec<String>,
     pub(super) parent: Option<(Manifest, String)>,
-    /// Where this publish is remembered, in the upload region.
-    pub(super) history: Option<PathBuf>,
+    /// Where this publish is remembered, in the upload region, and what was read there.
+    pub(super) history: Option<(history::Place, history::Recalled)>,
     /// The resume state of this context's upload.
     pub(super) state_path: PathBuf,
     /// What a person should know about this publish (a remembered parent that could not be
@@ -40,14 +40,14 @@ pub(super) struct Ctx {
 /// of this one, when it can be: see [`history`]. Each reason it cannot is a note, and the
 /// upload a full one.
 async fn remembered_parent(
-    history_path: &Path,
+    prev: Option<history::Published>,
     manifest: &Manifest,
     settings: &AmiSettings,
     opts: &PublishOptions,
     region: &str,
     notes: &mut Vec<String>,
 ) -> Result<Option<(Manifest, String)>, PublishError> {
-    let Some(prev) = history::load(history_path) else { return Ok(None) };
+    let Some(prev) = prev else { return Ok(None) };
     if let Some(why) = history::unusable(&prev, manifest, settings) {
         if prev.manifest.image.sha256 != manifest.image.sha256 {
             notes.push(format!("full upload: {why}"));
@@ -129,15 +129,31 @@ impl Ctx {
                 return Err(PublishError::Refused("--parent-snapshot needs --parent-manifest: kiln must know the parent's blocks to send only the differences".into()))
             }
         };
-        let history = opts
-            .state_dir
-            .as_deref()
-            .map(|d| history::path(d, opts.endpoint_url.as_deref(), &regions[0], &manifest.name));
+        let place = history::Place {
+            local: opts
+                .state_dir
+                .as_deref()
+                .map(|d| history::path(d, opts.endpoint_url.as_deref(), &regions[0], &manifest.name)),
+            shared: match &opts.state_url {
+                Some(url) => Some((
+                    crate::share::Store::connect(url.clone()).await,
+                    history::relative(opts.endpoint_url.as_deref(), &regions[0], &manifest.name),
+                )),
+                None => None,
+            },
+        };
+        let history = match (&place.local, &place.shared) {
+            (None, None) => None,
+            _ => {
+                let recalled = place.recall().await?;
+                Some((place, recalled))
+            }
+        };
         let mut notes = Vec::new();
         let parent = match (parent, &history) {
             (Some(p), _) => Some(p),
-            (None, Some(h)) if !opts.full => {
-                remembered_parent(h, &manifest, &settings, opts, &regions[0], &mut notes).await?
+            (None, Some((_, h))) if !opts.full => {
+                remembered_parent(h.published.clone(), &manifest, &settings, opts, &regions[0], &mut notes).await?
             }
             (None, _) => None,
         };

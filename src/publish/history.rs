@@ -48,15 +48,82 @@ pub fn default_state_dir() -> PathBuf {
     crate::dirs::kiln_dir("KILN_STATE_DIR", "XDG_STATE_HOME", ".local/state/kiln", "/var/lib/kiln")
 }
 
-/// `STATE/published/ENDPOINT/REGION/NAME.json`. ENDPOINT is `aws`, or for another endpoint
-/// (a stand-in, a private endpoint) a digest of its URL, so their snapshots never pass for
-/// each other's.
+/// `STATE/published/ENDPOINT/REGION/NAME.json` (see [`relative`]).
 pub fn path(state_dir: &Path, endpoint_url: Option<&str>, region: &str, image_name: &str) -> PathBuf {
-    let endpoint = match endpoint_url {
+    state_dir.join(relative(endpoint_url, region, image_name))
+}
+
+/// `published/ENDPOINT/REGION/NAME.json`, the same under a state directory and a shared state
+/// URL. ENDPOINT is `aws`, or for another endpoint (a stand-in, a private endpoint) a digest
+/// of its URL, so their snapshots never pass for each other's.
+pub fn relative(endpoint_url: Option<&str>, region: &str, image_name: &str) -> String {
+    format!("published/{}/{}/{}.json", endpoint(endpoint_url), safe(region), safe(image_name))
+}
+
+/// `published/ENDPOINT/NAME.lease`: one publish of an image name at a time, whatever its
+/// regions, in a shared state ([`crate::share::state::Lease`]).
+pub fn lease(endpoint_url: Option<&str>, image_name: &str) -> String {
+    format!("published/{}/{}.lease", endpoint(endpoint_url), safe(image_name))
+}
+
+fn endpoint(endpoint_url: Option<&str>) -> String {
+    match endpoint_url {
         None => "aws".to_string(),
         Some(url) => format!("endpoint-{}", &hex::encode(Sha256::digest(url.trim_end_matches('/')))[..16]),
-    };
-    state_dir.join("published").join(endpoint).join(safe(region)).join(format!("{}.json", safe(image_name)))
+    }
+}
+
+/// Where one image name's history lives in one region: the state directory, the shared
+/// state, or both (the shared one is then the truth, the local file a copy of it).
+#[derive(Clone)]
+pub struct Place {
+    pub local: Option<PathBuf>,
+    pub shared: Option<(crate::share::Store, String)>,
+}
+
+/// What a publish read of its history, and what its write must match.
+#[derive(Debug, Clone, Default)]
+pub struct Recalled {
+    pub published: Option<Published>,
+    /// The shared record's version as read (none read when there is no shared state).
+    pub read: crate::share::state::ReadRecord,
+}
+
+impl Place {
+    /// The last publish remembered here: the shared record when there is a shared state,
+    /// else the local file.
+    pub async fn recall(&self) -> Result<Recalled, crate::share::ShareError> {
+        match &self.shared {
+            Some((store, name)) => {
+                let read = crate::share::state::read(store, name).await?;
+                let published = read.bytes.as_deref().and_then(parse);
+                Ok(Recalled { published, read })
+            }
+            None => Ok(Recalled { published: self.local.as_deref().and_then(load), read: Default::default() }),
+        }
+    }
+
+    /// Remembers `published` locally and in the shared state; Ok(false) when the shared record
+    /// changed since `recalled` read it (another runner published in between).
+    pub async fn remember(&self, published: &Published, recalled: &Recalled) -> Result<bool, std::io::Error> {
+        if let Some(p) = &self.local {
+            save(p, published)?;
+        }
+        if let Some((store, name)) = &self.shared {
+            let bytes = serde_json::to_vec_pretty(published).map_err(std::io::Error::other)?;
+            return crate::share::state::write(store, name, bytes, &recalled.read).await.map_err(std::io::Error::other);
+        }
+        Ok(true)
+    }
+
+    /// For messages: the shared record's URL, else the local file.
+    pub fn show(&self) -> String {
+        match (&self.shared, &self.local) {
+            (Some((store, name)), _) => store.url().show(name),
+            (None, Some(p)) => p.display().to_string(),
+            (None, None) => String::new(),
+        }
+    }
 }
 
 /// A name as one path component: itself when it is plainly one, else a digest of it.
@@ -74,8 +141,11 @@ fn safe(name: &str) -> String {
 /// The remembered snapshot at `path`; None when there is none, or it is unreadable or of
 /// another version (a full upload is always correct, a misread parent never is).
 pub fn load(path: &Path) -> Option<Published> {
-    let bytes = std::fs::read(path).ok()?;
-    serde_json::from_slice::<Published>(&bytes).ok().filter(|p| p.version == HISTORY_VERSION)
+    parse(&std::fs::read(path).ok()?)
+}
+
+fn parse(bytes: &[u8]) -> Option<Published> {
+    serde_json::from_slice::<Published>(bytes).ok().filter(|p| p.version == HISTORY_VERSION)
 }
 
 /// Remembers a published snapshot (atomically: a crash leaves the old entry or the new one).

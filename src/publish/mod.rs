@@ -49,6 +49,10 @@ pub const DEFAULT_SNAPSHOT_TIMEOUT_MINUTES: i32 = 60;
 /// completion and cross-region copies take minutes to tens of minutes.
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
+/// How long a publish waits for another runner's publish of the same image name (in a shared
+/// state) before giving up: about what a publish with cross-region copies takes.
+pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(30 * 60);
+
 /// 1 GiB: snapshot volume sizes are whole GiB.
 const GIB: u64 = 1 << 30;
 
@@ -66,6 +70,11 @@ pub struct PublishOptions {
     /// image name becomes the parent, and this publish is remembered. None: nothing is
     /// remembered or looked up.
     pub state_dir: Option<PathBuf>,
+    /// A history shared by runners (`--state-url`): read from there, written there (only as
+    /// the version read) and to `state_dir`, under a lease on the image name.
+    pub state_url: Option<crate::share::ShareUrl>,
+    /// How long to wait for another runner's publish of the same image name to finish.
+    pub lease_wait: Duration,
     /// Upload every block even when a remembered snapshot could be the parent.
     pub full: bool,
     /// Overwrite SSM parameters that name a newer build of the image.
@@ -90,6 +99,8 @@ impl Default for PublishOptions {
             parent_manifest: None,
             parent_snapshot: None,
             state_dir: None,
+            state_url: None,
+            lease_wait: DEFAULT_LEASE_WAIT,
             full: false,
             force: false,
             resume: false,
@@ -135,6 +146,12 @@ pub enum PublishError {
     Resume { path: PathBuf, reason: String },
     #[error("writing {path}")]
     WriteFile { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Lease(#[from] crate::share::state::LeaseError),
+    #[error("the shared state: {0}")]
+    Share(#[from] crate::share::ShareError),
+    #[error("the shared history {record} changed while this publish ran (another runner took over its lease after it ran out): snapshot {snapshot_id} and its AMIs are published, but not remembered there; the next publish of this name builds on the history as it is")]
+    HistoryConflict { record: String, snapshot_id: String },
     #[error("unexpected answer from AWS: {0}")]
     Protocol(String),
     #[error("starting the async runtime: {0}")]

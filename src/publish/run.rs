@@ -32,6 +32,28 @@ pub(super) async fn publish_async(
     opts: &PublishOptions,
     progress: &dyn Progress,
 ) -> Result<PublishRecord, PublishError> {
+    let Some(url) = &opts.state_url else { return publish_held(manifest_path, opts, progress).await };
+    // In a shared state, one publish of an image name at a time: what it reads of the
+    // history is still true when it writes it.
+    let store = crate::share::Store::connect(url.clone()).await;
+    let name = crate::manifest::Manifest::load(manifest_path)?.name;
+    let lease_name = history::lease(opts.endpoint_url.as_deref(), &name);
+    let lease = crate::share::state::Lease::acquire(&store, &lease_name, opts.lease_wait, progress).await?;
+    let published = publish_held(manifest_path, opts, progress).await;
+    if let Err(e) = lease.release().await {
+        progress.note(&format!(
+            "the lease {} was not released ({e}); it runs out by itself",
+            store.url().show(&lease_name)
+        ));
+    }
+    published
+}
+
+async fn publish_held(
+    manifest_path: &Path,
+    opts: &PublishOptions,
+    progress: &dyn Progress,
+) -> Result<PublishRecord, PublishError> {
     let ctx = Ctx::load(manifest_path, opts).await?;
     let plan = ctx.plan().await?;
     for n in &plan.notes {
@@ -59,7 +81,7 @@ pub(super) async fn publish_async(
     record::write_json_atomic(&path, &rec).map_err(|source| PublishError::WriteFile { path, source })?;
     // Remembered last: the next publish of this name may take a snapshot as its parent only
     // once everything above succeeded in its region.
-    remember(&outcome.remember)?;
+    remember(&outcome.remember).await?;
     if !problems.is_empty() {
         return Err(PublishError::Incomplete { problems, record: record::record_path(manifest_path) });
     }
@@ -277,11 +299,17 @@ async fn retention(
 }
 
 /// Each region's new snapshot, in [`history`], for the next publish of the same image name.
-fn remember(snapshots: &[(&Ctx, String)]) -> Result<(), PublishError> {
+async fn remember(snapshots: &[(&Ctx, String)]) -> Result<(), PublishError> {
     for (c, snapshot_id) in snapshots {
-        if let (Some(h), false) = (&c.history, snapshot_id.is_empty()) {
+        if let (Some((place, recalled)), false) = (&c.history, snapshot_id.is_empty()) {
             let entry = history::Published::new(snapshot_id.clone(), &c.settings, c.manifest.clone());
-            history::save(h, &entry).map_err(|source| PublishError::WriteFile { path: h.clone(), source })?;
+            let won = place
+                .remember(&entry, recalled)
+                .await
+                .map_err(|source| PublishError::WriteFile { path: place.show().into(), source })?;
+            if !won {
+                return Err(PublishError::HistoryConflict { record: place.show(), snapshot_id: snapshot_id.clone() });
+            }
         }
     }
     Ok(())

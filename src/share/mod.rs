@@ -18,6 +18,7 @@
 //! `AWS_ENDPOINT_URL_S3`); the bucket's region comes from the usual chain (`AWS_REGION`).
 
 pub mod bases;
+pub mod state;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -158,6 +159,11 @@ impl Store {
             b = b.region(aws_config::Region::new(crate::launch::request::DEFAULT_REGION));
         }
         Store { s3: aws_sdk_s3::Client::from_conf(b.build()), url, policy: RetryPolicy::default() }
+    }
+
+    /// A store with a client made elsewhere (a test's, pointed at a stand-in).
+    pub fn with_client(s3: aws_sdk_s3::Client, url: ShareUrl) -> Store {
+        Store { s3, url, policy: RetryPolicy::default() }
     }
 
     pub fn url(&self) -> &ShareUrl {
