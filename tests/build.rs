@@ -620,12 +620,30 @@ fn a_stale_base_is_restaged_and_an_unchanged_one_kept() {
     let before = bases();
     assert_eq!(before.len(), 1, "{before:?}");
 
-    // The archive changed: staged afresh, the new state recorded, the stale base gone.
+    // apt's real answer was understood: the base carries its resolution.
+    let resolved = first["base"]["resolved"].as_str().unwrap_or_default().to_string();
+    assert_eq!(resolved.len(), 64, "no resolution recorded: {first:#}");
+
+    // The archive changed (bookworm-updates is gone). Whether the base is staged afresh
+    // depends on whether a package it holds came from there: apt's resolution decides, and
+    // --json says which rule applied. Either way the new state is remembered and the stale
+    // entry gone.
     std::fs::write(&hide, "/dists/bookworm-updates/\n").unwrap();
     let third = summary(&build(&[]));
-    assert_eq!(third["base_cached"], false);
-    assert!(!suites(&third).contains(&"bookworm-updates".to_string()), "{third:#}");
-    assert_ne!(third["base"]["cache_key"], first["base"]["cache_key"]);
+    let why = third["base_origin"]["why"].as_str().unwrap_or_default();
+    match third["base_origin"]["from"].as_str() {
+        Some("cache") => {
+            assert!(why.contains("same versions"), "{third:#}");
+            assert_eq!(third["base"], first["base"], "a reused base is the one staged");
+        }
+        Some("staged") => {
+            assert!(why.contains("changed"), "{third:#}");
+            assert!(!suites(&third).contains(&"bookworm-updates".to_string()), "{third:#}");
+            assert_ne!(third["base"]["cache_key"], first["base"]["cache_key"]);
+            assert_ne!(third["base"]["resolved"].as_str(), Some(resolved.as_str()));
+        }
+        other => panic!("the base came from {other:?}: {third:#}"),
+    }
     let after = bases();
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(after, before);
@@ -936,4 +954,109 @@ fn two_cold_builds_on_two_runners_give_the_same_bytes() {
     assert_ne!(staged_at(&ma), staged_at(&mb));
     assert_eq!(ma.source_date_epoch, mb.source_date_epoch, "the epoch follows the staging");
     assert_eq!(a, b, "two runners built different bytes from the same packages");
+}
+
+/// The base's cache key follows what is installed, not the archive's signature. A local
+/// archive (served on 127.0.0.1) is re-signed with a new Date and nothing else changes: the
+/// base is reused, and --json says why. A package version changes: re-staged. apt's answer is
+/// not understood: re-staged, never taken for "nothing changed". mmdebstrap here is a stand-in
+/// that stages the synthetic base and answers `--simulate` with the versions the test sets, so
+/// what is judged is kiln's rule (apt's real answer is read in `a_real_simulation_resolves_…`).
+#[test]
+fn a_re_signed_archive_reuses_the_base_and_a_changed_version_restages() {
+    let t = tempdir();
+    let synthetic = synthetic_base(t.path());
+    let archive = t.path().join("archive");
+    let release = archive.join("20261201T000000Z/dists/bookworm");
+    std::fs::create_dir_all(&release).unwrap();
+    let sign = |date: &str| {
+        let text = format!("Origin: Debian\nSuite: bookworm\nCodename: bookworm\nDate: {date}\nValid-Until: {date}\n");
+        std::fs::write(release.join("InRelease"), text).unwrap();
+    };
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let port = server.server_addr().to_ip().unwrap().port();
+    let root = archive.clone();
+    std::thread::spawn(move || {
+        for req in server.incoming_requests() {
+            let path = root.join(req.url().trim_start_matches('/'));
+            let _ = match std::fs::read(&path) {
+                Ok(b) => req.respond(tiny_http::Response::from_data(b)),
+                Err(_) => req.respond(tiny_http::Response::empty(404)),
+            };
+        }
+    });
+    let bin = t.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let (version, staged) = (t.path().join("version"), t.path().join("stagings"));
+    std::fs::write(
+        bin.join("mmdebstrap"),
+        format!(
+            "#!/bin/sh\n\
+             for a in \"$@\"; do case \"$a\" in --include=*) inc=\"${{a#--include=}}\";; esac; done\n\
+             for a in \"$@\"; do case \"$a\" in --simulate)\n\
+               v=$(cat {version}); [ \"$v\" = garbled ] && {{ echo 'apt said something else' >&2; exit 0; }}\n\
+               for p in $(echo \"$inc\" | tr , ' '); do echo \"Inst $p ($v Debian:12.15/oldstable [amd64])\" >&2; done\n\
+               exit 0;; esac; done\n\
+             echo staged >> {staged}\n\
+             for a in \"$@\"; do case \"$a\" in *.tar.partial) cp {synthetic} \"$a\";; esac; done\n",
+            version = version.display(),
+            staged = staged.display(),
+            synthetic = synthetic.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(bin.join("mmdebstrap"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let recipe = t.path().join("resign.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[image]\nname = \"resign\"\nos = \"debian-12\"\narch = \"x86_64\"\n\
+             snapshot = \"20261201T000000Z\"\nmirror = \"http://127.0.0.1:{port}/{{snapshot}}\"\n\n\
+             [system]\nnetwork = \"none\"\n"
+        ),
+    )
+    .unwrap();
+    let build = |date: &str, v: &str| -> Value {
+        sign(date);
+        std::fs::write(&version, v).unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let o = run_ok(
+            kiln()
+                .arg("build")
+                .arg(&recipe)
+                .arg("--out")
+                .arg(t.path().join("out"))
+                .arg("--json")
+                .env("PATH", path)
+                .env("KILN_CACHE_DIR", t.path().join("cache"))
+                .env("SOURCE_DATE_EPOCH", EPOCH),
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let stagings = || std::fs::read_to_string(&staged).unwrap_or_default().lines().count();
+
+    let first = build("Tue, 01 Dec 2026 08:00:00 UTC", "1.0-1");
+    assert_eq!((first["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 1), "{first:#}");
+    assert!(first["base"]["resolved"].as_str().is_some_and(|r| r.len() == 64), "{first:#}");
+
+    let resigned = build("Tue, 08 Dec 2026 08:00:00 UTC", "1.0-1");
+    assert_eq!(stagings(), 1, "a re-signed archive re-staged the base: {resigned:#}");
+    assert_eq!(resigned["base_origin"]["from"], "cache", "{resigned:#}");
+    let why = resigned["base_origin"]["why"].as_str().unwrap();
+    assert!(why.contains("re-signed") && why.contains("same versions"), "{why}");
+    assert_eq!(resigned["sha256"], first["sha256"]);
+    assert_eq!(resigned["base"]["resolved"], first["base"]["resolved"]);
+    // The new state is remembered: the next build at it asks apt nothing (a garbled answer
+    // would otherwise re-stage).
+    let again = build("Tue, 08 Dec 2026 08:00:00 UTC", "garbled");
+    assert_eq!((again["base_origin"]["from"].as_str(), stagings()), (Some("cache"), 1), "{again:#}");
+
+    let bumped = build("Wed, 09 Dec 2026 08:00:00 UTC", "1.0-2");
+    assert_eq!((bumped["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 2), "{bumped:#}");
+    assert!(bumped["base_origin"]["why"].as_str().unwrap().contains("changed"), "{bumped:#}");
+    assert_ne!(bumped["base"]["resolved"], first["base"]["resolved"]);
+
+    let garbled = build("Thu, 10 Dec 2026 08:00:00 UTC", "garbled");
+    assert_eq!((garbled["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 3), "{garbled:#}");
+    assert_eq!(garbled["base"].get("resolved"), None, "{garbled:#}");
 }

@@ -295,6 +295,11 @@ pub struct BaseInfo {
     pub staged_at: String,
     /// Every suite the base was installed from, as the archive published it then.
     pub archive: Vec<SuiteState>,
+    /// SHA-256 over the base's inputs and the package versions apt resolved them to: a later
+    /// state of the archive that resolves the same (a suite re-signed, nothing in the base
+    /// changed) reuses the base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<String>,
 }
 
 /// The service layer (`[[repositories]]`, `[packages].local`, `[[users]]`, `[[steps]]`) as it

@@ -1,9 +1,11 @@
-//! Staged bases in the shared cache: `bases/STEM.json` records `bases/STEM/SHA256.tar`.
+//! Staged bases in the shared cache: `bases/STEM.json` records `bases/objects/SHA256.tar`.
+//! A base has two names, its archive state's and its resolution's (see
+//! `crate::stage::debian`), and one object.
 //!
 //! The object is content-addressed and uploaded first; the record is written after it, only
 //! if absent. So a record always names a whole object, two runners that stage the same base
-//! at once never overwrite each other's record (the first wins, the second's object is
-//! removed), and a reader checks the bytes it downloaded against the record before using them.
+//! at once never overwrite each other's record (the first wins), and a reader checks the bytes
+//! it downloaded against the record before using them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +25,7 @@ const RECORD_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 struct Record {
     version: u32,
-    /// The object's name under the prefix (`bases/STEM/SHA256.tar`).
+    /// The object's name under the prefix (`bases/objects/SHA256.tar`).
     object: String,
     sha256: String,
     size: u64,
@@ -47,6 +49,10 @@ fn record_name(stem: &str) -> String {
     format!("bases/{stem}.json")
 }
 
+fn object_name(sha256: &str) -> String {
+    format!("bases/objects/{sha256}.tar")
+}
+
 impl SharedBases for SharedCache {
     fn location(&self) -> String {
         self.store.store().url().to_string()
@@ -65,7 +71,7 @@ impl SharedBases for SharedCache {
             self.corrupt.lock().unwrap_or_else(|p| p.into_inner()).insert(stem.to_string(), got.etag.clone());
             Ok(Fetched::Corrupt(why))
         };
-        if !record.object.starts_with(&format!("bases/{stem}/")) || record.info.cache_key.is_empty() {
+        if record.object != object_name(&record.sha256) || record.info.cache_key.is_empty() {
             return corrupt(format!("its record names {}", record.object));
         }
         match self.store.block_on(s.download(&record.object, dest, progress)).map_err(|e| e.to_string())? {
@@ -93,31 +99,29 @@ impl SharedBases for SharedCache {
         // far faster than the upload); the upload hashes what it sends again, which catches a
         // file that changed in between.
         let digest = crate::share::file_sha256(tar).map_err(|e| format!("reading {}: {e}", tar.display()))?;
-        let object = format!("bases/{stem}/{digest}.tar");
-        let sent = self.store.block_on(s.upload(&object, tar, progress)).map_err(|e| e.to_string())?;
-        if sent.sha256 != digest {
-            return Err(format!("{} changed while it was uploaded", tar.display()));
-        }
-        let record = Record {
-            version: RECORD_VERSION,
-            object: object.clone(),
-            sha256: digest,
-            size: sent.size,
-            info: info.clone(),
-        };
-        let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+        let object = object_name(&digest);
         let replace = self.corrupt.lock().unwrap_or_else(|p| p.into_inner()).remove(stem);
+        // A base shared under its other name already has its object, unless that object is
+        // the one found corrupt.
+        let size = match self.store.block_on(s.size_of(&object)).map_err(|e| e.to_string())? {
+            Some(size) if replace.is_none() => size,
+            _ => {
+                let sent = self.store.block_on(s.upload(&object, tar, progress)).map_err(|e| e.to_string())?;
+                if sent.sha256 != digest {
+                    return Err(format!("{} changed while it was uploaded", tar.display()));
+                }
+                sent.size
+            }
+        };
+        let record =
+            Record { version: RECORD_VERSION, object: object.clone(), sha256: digest, size, info: info.clone() };
+        let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
         let cond = replace.map_or(Condition::Absent, Condition::Matches);
         match self.store.block_on(s.put(&record_name(stem), body, cond)).map_err(|e| e.to_string())? {
             Some(_) => Ok(()),
             None => {
-                // Another runner shared this base first: its record stands, and this copy of
-                // the bytes (if it differs) is nobody's.
-                let theirs = self.store.block_on(s.get(&record_name(stem))).ok().flatten();
-                let named = theirs.and_then(|g| serde_json::from_slice::<Record>(&g.bytes).ok()).map(|r| r.object);
-                if named.as_deref() != Some(object.as_str()) {
-                    let _ = self.store.block_on(s.delete(&object, None));
-                }
+                // Another runner shared this base first: its record stands. This object stays:
+                // the base's other name may record it.
                 progress.note(&format!("another runner shared this base to {} first; kept theirs", self.location()));
                 Ok(())
             }

@@ -7,7 +7,7 @@
 //! - `bases/STEM.json`, the record of a staged base (its SHA-256, size and object), written
 //!   after the object and only if absent (`If-None-Match: *`): first runner wins, and a record
 //!   never names an object that is not whole;
-//! - `bases/STEM/SHA256.tar`, the base, content-addressed and uploaded in parts (a multipart
+//! - `bases/objects/SHA256.tar`, the base, content-addressed and uploaded in parts (a multipart
 //!   upload is invisible until it completes, so a runner killed mid-upload leaves nothing under
 //!   the key);
 //! - `published/ENDPOINT/REGION/NAME.json`, what the last publish of an image name left (the
@@ -184,6 +184,19 @@ impl Store {
         let etag = resp.e_tag().unwrap_or_default().to_string();
         let bytes = resp.body.collect().await.map_err(|e| self.body_error(&key, e))?.into_bytes().to_vec();
         Ok(Some(Versioned { bytes, etag }))
+    }
+
+    /// The size of the object `name`; None when there is none.
+    pub async fn size_of(&self, name: &str) -> Result<Option<u64>, ShareError> {
+        let key = self.url.key(name);
+        let head = with_retry(&self.policy, &format!("HeadObject {}", self.url.show(name)), || {
+            self.s3.head_object().bucket(&self.url.bucket).key(&key).send()
+        })
+        .await;
+        match head {
+            Err(e) if e.code() == Some("NotFound") || e.last.status == Some(404) => Ok(None),
+            r => Ok(Some(r?.content_length().and_then(|n| u64::try_from(n).ok()).unwrap_or(0))),
+        }
     }
 
     /// Writes `name` if `cond` holds; the new ETag, or None when the condition failed (HTTP

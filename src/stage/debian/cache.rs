@@ -48,6 +48,23 @@ fn cached_stems(base: &DebianBase, dir: &Path) -> Vec<String> {
     v
 }
 
+/// The cached base for these inputs that resolved to `resolved`, by its stem.
+pub(super) fn find_resolved(base: &DebianBase, dir: &Path, resolved: &str) -> Option<String> {
+    cached_stems(base, dir)
+        .into_iter()
+        .find(|stem| load_cached(dir, stem).is_some_and(|b| b.info.resolved.as_deref() == Some(resolved)))
+}
+
+/// The cached base `from` under the name `to` as well (a hard link and a copy of its record),
+/// so a build at the archive state `to` stands for finds it without asking apt again.
+pub(super) fn alias_cached(dir: &Path, from: &str, to: &str) -> std::io::Result<StagedBase> {
+    let (tar, record) = (dir.join(format!("{to}.tar")), dir.join(format!("{to}.json")));
+    let _ = std::fs::remove_file(&tar);
+    std::fs::hard_link(dir.join(format!("{from}.tar")), &tar)?;
+    crate::formats::atomic::write(&record, &std::fs::read(dir.join(format!("{from}.json")))?)?;
+    load_cached(dir, to).ok_or_else(|| std::io::Error::other(format!("{} is unreadable", record.display())))
+}
+
 pub(super) fn newest_cached(base: &DebianBase, dir: &Path) -> Option<StagedBase> {
     cached_stems(base, dir).into_iter().filter_map(|stem| load_cached(dir, &stem)).min_by_key(|b| b.age_secs)
 }

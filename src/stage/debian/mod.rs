@@ -14,6 +14,7 @@ mod cache;
 mod dpkg;
 mod host;
 mod mmdebstrap;
+mod resolve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,10 +27,11 @@ use crate::progress::{Progress, Unit};
 
 pub use archive::{probe_archive, suite_state};
 pub(crate) use cache::lock_exclusive;
-use cache::{load_cached, newest_cached, remove_older};
+use cache::{alias_cached, find_resolved, load_cached, newest_cached, remove_older};
 pub use dpkg::{installed_packages, parse_dpkg_status, sbom_packages};
 pub use host::{check_can_execute, host_mirror, host_mirror_in, host_security_mirror};
 pub(crate) use mmdebstrap::{run_mmdebstrap, tail};
+pub use resolve::{parse_simulation, Resolution};
 
 /// Everything that determines a staged Debian base, but for the state of the archive.
 #[derive(Debug, Clone)]
@@ -79,6 +81,10 @@ pub enum StageError {
     NothingCached { dir: PathBuf, suite: String, arch: Arch },
     #[error("{cmd} failed with {status}; the last lines of its output:\n{tail}\n(full log: {log})")]
     Failed { cmd: String, status: String, tail: String, log: PathBuf },
+    #[error(
+        "asking apt what the base resolves to ({cmd}) failed with {status}; the last lines of its output:\n{tail}"
+    )]
+    Resolve { cmd: String, status: String, tail: String },
     #[error("{what} {path}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
@@ -231,14 +237,17 @@ pub fn stage(
     let stem = format!("{}{}", base.file_prefix(), &key[..12]);
     let share_local = |found: StagedBase| {
         if let Some(s) = shared {
-            match s.has(&stem) {
-                Ok(true) => {}
-                Ok(false) => {
-                    if let Err(e) = s.share(&stem, &found.tar, &found.info, progress) {
-                        progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+            let by_resolution = found.info.resolved.as_deref().map(|r| resolved_stem(base, r));
+            for name in std::iter::once(stem.clone()).chain(by_resolution) {
+                match s.has(&name) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if let Err(e) = s.share(&name, &found.tar, &found.info, progress) {
+                            progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+                        }
                     }
+                    Err(e) => progress.note(&format!("the shared cache {} cannot be read: {e}", s.location())),
                 }
-                Err(e) => progress.note(&format!("the shared cache {} cannot be read: {e}", s.location())),
             }
         }
         found
@@ -272,13 +281,55 @@ pub fn stage(
             }
         }
     }
-    let staged = run_staging(base, &archive, key, &dir, &stem, why, progress)?;
+    check_can_execute(base.arch)?;
+    let mmdebstrap = crate::host::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
+    // The archive's signature changed; did anything the base holds?
+    progress.begin(&format!("resolving {} {} with apt", base.suite, base.arch), None, Unit::Items);
+    let resolution = resolve::resolve(&mmdebstrap, base, &archive)?;
+    progress.end(&resolution.as_ref().map_or("not understood".into(), |r| format!("{} packages", r.len())));
+    let resolved = resolution.as_ref().map(|r| r.key(&base.inputs_key()));
+    if let (Some(r), Some(n)) = (&resolved, resolution.as_ref().map(Resolution::len)) {
+        let same = format!(
+            "the archive changed since the base was staged (a suite re-signed), but the {n} packages the base holds resolve to the same versions (resolution {})",
+            &r[..12]
+        );
+        if let Some(old) = find_resolved(base, &dir, r) {
+            let found = alias_cached(&dir, &old, &stem).map_err(|source| StageError::Io {
+                what: "keeping the base under its new key in",
+                path: dir.clone(),
+                source,
+            })?;
+            remove_older(base, &dir, &stem);
+            return Ok(StagedBase { origin: Origin::Cache(format!("{same}: reused")), ..found });
+        }
+        if let Some(s) = shared {
+            if let Ok(Ok(found)) = fetch_shared(s, &dir, &resolved_stem(base, r), progress) {
+                let found = alias_cached(&dir, &resolved_stem(base, r), &stem).unwrap_or(found);
+                remove_older(base, &dir, &stem);
+                return Ok(StagedBase {
+                    origin: Origin::Shared(format!("{same}: downloaded from {}", s.location())),
+                    ..found
+                });
+            }
+        }
+        why = format!("{why}; the packages it resolves to changed (resolution {})", &r[..12]);
+    }
+    let staged = run_staging(&mmdebstrap, base, &archive, (key, resolved.clone()), &dir, &stem, why, progress)?;
     if let Some(s) = shared {
-        if let Err(e) = s.share(&stem, &staged.tar, &staged.info, progress) {
-            progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+        let names = std::iter::once(stem.clone()).chain(resolved.as_deref().map(|r| resolved_stem(base, r)));
+        for name in names {
+            if let Err(e) = s.share(&name, &staged.tar, &staged.info, progress) {
+                progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+            }
         }
     }
     Ok(staged)
+}
+
+/// The name a base is shared under by its resolution, beside its archive-state name: a runner
+/// at a re-signed state of the archive finds it by what it holds.
+fn resolved_stem(base: &DebianBase, resolved: &str) -> String {
+    format!("{}r{}", base.file_prefix(), &resolved[..12])
 }
 
 /// The shared base `stem`, moved into the local cache once verified. Ok(Err("")) when none
@@ -320,25 +371,25 @@ fn fetch_shared(
     Ok(Ok(StagedBase { tar, cached: true, info: found, age_secs: 0, origin: Origin::Shared(why) }))
 }
 
-/// Runs mmdebstrap for `base` into the cache entry `stem`, holding its lock.
+/// Runs mmdebstrap for `base` into the cache entry `stem`, holding its lock; `keys` are the
+/// archive-state key and the resolution key.
+#[allow(clippy::too_many_arguments)]
 fn run_staging(
+    mmdebstrap: &Path,
     base: &DebianBase,
     archive: &[SuiteState],
-    key: String,
+    (key, resolved): (String, Option<String>),
     dir: &Path,
     stem: &str,
     why: String,
     progress: &dyn Progress,
 ) -> Result<StagedBase, StageError> {
     let (tar, record) = (dir.join(format!("{stem}.tar")), dir.join(format!("{stem}.json")));
-    check_can_execute(base.arch)?;
-    let mmdebstrap = crate::host::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
-
     // mmdebstrap writes next to the final name and the rename publishes it: an interrupted run
     // leaves no tarball that a later build would trust.
     let partial = tar.with_extension("tar.partial");
     let log = tar.with_extension("log");
-    let mut cmd = mmdebstrap_command(&mmdebstrap, base, archive, &partial);
+    let mut cmd = mmdebstrap_command(mmdebstrap, base, archive, Some(&partial));
     if let Some(e) = base.source_date_epoch.or_else(|| staging_epoch(archive)) {
         cmd.env("SOURCE_DATE_EPOCH", e.to_string());
     }
@@ -368,7 +419,7 @@ fn run_staging(
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
-    let info = BaseInfo { cache_key: key, staged_at, archive: archive.to_vec() };
+    let info = BaseInfo { cache_key: key, staged_at, archive: archive.to_vec(), resolved };
     // The record first: a tarball without one is not trusted (see load_cached).
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
     crate::formats::atomic::write(&record, &json).map_err(io("writing", &record))?;
@@ -381,9 +432,12 @@ fn run_staging(
 }
 
 /// mmdebstrap's command line for `base` from the archive's suites as they are now, writing the
-/// tarball to `partial`.
-fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteState], partial: &Path) -> Command {
+/// tarball to `partial`, or with None simulating the installation (apt's resolution, printed).
+fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteState], partial: Option<&Path>) -> Command {
     let mut cmd = Command::new(mmdebstrap);
+    if partial.is_none() {
+        cmd.args(["--simulate", "--verbose"]);
+    }
     cmd.arg("--variant=minbase")
         .arg(format!("--arch={}", base.arch.debian()))
         .arg(format!("--components={}", base.components.join(",")))
@@ -398,7 +452,7 @@ fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteStat
         // The image gets a fresh identity on first boot.
         .arg("--customize-hook=rm -f \"$1/etc/machine-id\" \"$1/var/lib/dbus/machine-id\"; : > \"$1/etc/machine-id\"")
         .arg(&base.suite)
-        .arg(partial)
+        .arg(partial.unwrap_or(Path::new("/dev/null")))
         .args(archive.iter().map(|s| format!("deb {} {} {}", s.uri, s.suite, base.components.join(" "))))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
