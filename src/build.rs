@@ -103,7 +103,7 @@ pub enum BuildError {
     #[error("staging the Debian base")]
     Stage(#[source] debian::StageError),
     #[error("the shared cache")]
-    Share(#[source] crate::share::ShareError),
+    Share(#[source] Box<crate::share::ShareError>),
     #[error("reading the recipe's [[repositories]]")]
     Repositories(#[source] LayerError),
     #[error("--offline: the recipe repositories' state")]
@@ -215,23 +215,30 @@ struct StagedRoot {
     layer_plan: Option<LayerPlan>,
 }
 
-/// Step 1: the OS base, as a tarball (cached when kiln staged it), and the plan of the service
-/// layer staged on top of it.
-fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> Result<StagedRoot, BuildError> {
+/// What step 1 stages, decided before anything is: the base and the service layer on it.
+// Made once per build and moved whole into staging: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum BasePlan {
+    /// The recipe's own root tarball.
+    Tarball(PathBuf),
+    Debian {
+        base: DebianBase,
+        /// The image's own apt sources.
+        apt: system::AptSources,
+        /// The service layer to stage on the base, read before it.
+        layer: Option<LayerPlan>,
+    },
+}
+
+/// Decides what the recipe's base is (mirrors, package list, service layer), reading the
+/// recipe's repositories but staging nothing: what `kiln build` stages and `kiln plan` looks up.
+pub fn plan_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> Result<BasePlan, BuildError> {
     let (suite, mirror, snapshot, components, apt_mirror, apt_security_mirror) = match &recipe.base {
         Base::Tarball(path) => {
             if !path.is_file() {
                 return Err(BuildError::NoTarball(path.clone()));
             }
-            return Ok(StagedRoot {
-                tar: path.clone(),
-                cached: true,
-                info: None,
-                age_secs: 0,
-                origin: None,
-                apt: None,
-                layer_plan: None,
-            });
+            return Ok(BasePlan::Tarball(path.clone()));
         }
         Base::Debian { suite, mirror, snapshot, components, apt_mirror, apt_security_mirror } => {
             (suite, mirror, snapshot, components, apt_mirror, apt_security_mirror)
@@ -245,7 +252,7 @@ fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> 
     // The service layer is read first (cheap): a repository that does not verify stops the
     // build before anything is staged, and what the repositories offer is kept out of
     // Debian's base.
-    let (include, layer_plan) = plan_layer(recipe, opts, progress)?;
+    let (include, layer) = plan_layer(recipe, opts, progress)?;
     let host_security = debian::host_security_mirror();
     let apt = system::AptSources {
         suite: suite.clone(),
@@ -264,13 +271,38 @@ fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> 
         source_date_epoch: opts.source_date_epoch.or(recipe.source_date_epoch),
         snapshot: snapshot.is_some(),
     };
-    let freshness = if opts.offline { debian::Freshness::Offline } else { debian::Freshness::Online };
-    let shared = match &opts.cache_url {
-        Some(url) if !opts.offline => {
-            Some(crate::share::bases::SharedCache::connect(url.clone()).map_err(BuildError::Share)?)
+    Ok(BasePlan::Debian { base, apt, layer })
+}
+
+/// The shared cache of staged bases `--cache-url` names, when there is one to use.
+pub fn shared_bases(opts: &BuildOptions) -> Result<Option<crate::share::bases::SharedCache>, BuildError> {
+    match &opts.cache_url {
+        Some(url) if !opts.offline => Ok(Some(
+            crate::share::bases::SharedCache::connect(url.clone()).map_err(|e| BuildError::Share(Box::new(e)))?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// Step 1: the OS base, as a tarball (cached when kiln staged it), and the plan of the service
+/// layer staged on top of it.
+fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> Result<StagedRoot, BuildError> {
+    let (base, apt, layer_plan) = match plan_base(recipe, opts, progress)? {
+        BasePlan::Tarball(tar) => {
+            return Ok(StagedRoot {
+                tar,
+                cached: true,
+                info: None,
+                age_secs: 0,
+                origin: None,
+                apt: None,
+                layer_plan: None,
+            })
         }
-        _ => None,
+        BasePlan::Debian { base, apt, layer } => (base, apt, layer),
     };
+    let freshness = if opts.offline { debian::Freshness::Offline } else { debian::Freshness::Online };
+    let shared = shared_bases(opts)?;
     let shared = shared.as_ref().map(|s| s as &dyn debian::SharedBases);
     let staged = debian::stage(&base, freshness, &opts.cache_dir, shared, progress).map_err(BuildError::Stage)?;
     if opts.offline {

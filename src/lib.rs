@@ -22,6 +22,7 @@ pub mod launch;
 pub use kiln_model::manifest;
 pub mod message;
 pub mod pipeline;
+pub mod plan;
 pub use kiln_formats::progress;
 pub use kiln_model::outputs;
 pub use kiln_model::platform;

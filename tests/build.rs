@@ -956,70 +956,101 @@ fn two_cold_builds_on_two_runners_give_the_same_bytes() {
     assert_eq!(a, b, "two runners built different bytes from the same packages");
 }
 
+/// A local Debian archive on 127.0.0.1 whose state a test sets (its InRelease's Date) and an
+/// mmdebstrap stand-in on PATH that stages the synthetic base and answers `--simulate` with the
+/// version the test sets for every requested package ("garbled": an answer kiln cannot read).
+/// What it judges is kiln's use of them; apt's real answer is read in
+/// `a_stale_base_is_restaged_and_an_unchanged_one_kept`.
+pub(crate) struct FakeArchive {
+    pub port: u16,
+    pub bin: PathBuf,
+    release: PathBuf,
+    version: PathBuf,
+    stagings: PathBuf,
+}
+
+impl FakeArchive {
+    pub fn start(dir: &Path) -> FakeArchive {
+        let synthetic = synthetic_base(dir);
+        let archive = dir.join("archive");
+        let release = archive.join("20261201T000000Z/dists/bookworm");
+        std::fs::create_dir_all(&release).unwrap();
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let port = server.server_addr().to_ip().unwrap().port();
+        std::thread::spawn(move || {
+            for req in server.incoming_requests() {
+                let path = archive.join(req.url().trim_start_matches('/'));
+                let _ = match std::fs::read(&path) {
+                    Ok(b) => req.respond(tiny_http::Response::from_data(b)),
+                    Err(_) => req.respond(tiny_http::Response::empty(404)),
+                };
+            }
+        });
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let (version, stagings) = (dir.join("version"), dir.join("stagings"));
+        std::fs::write(
+            bin.join("mmdebstrap"),
+            format!(
+                "#!/bin/sh\n\
+                 for a in \"$@\"; do case \"$a\" in --include=*) inc=\"${{a#--include=}}\";; esac; done\n\
+                 for a in \"$@\"; do case \"$a\" in --simulate)\n\
+                   v=$(cat {version}); [ \"$v\" = garbled ] && {{ echo 'apt said something else' >&2; exit 0; }}\n\
+                   for p in $(echo \"$inc\" | tr , ' '); do echo \"Inst $p ($v Debian:12.15/oldstable [amd64])\" >&2; done\n\
+                   exit 0;; esac; done\n\
+                 echo staged >> {stagings}\n\
+                 for a in \"$@\"; do case \"$a\" in *.tar.partial) cp {synthetic} \"$a\";; esac; done\n",
+                version = version.display(),
+                stagings = stagings.display(),
+                synthetic = synthetic.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(bin.join("mmdebstrap"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let a = FakeArchive { port, bin, release, version, stagings };
+        a.set("Tue, 01 Dec 2026 08:00:00 UTC", "1.0-1");
+        a
+    }
+
+    /// The archive as signed on `date`, with every package at `version`.
+    pub fn set(&self, date: &str, version: &str) {
+        let text = format!("Origin: Debian\nSuite: bookworm\nCodename: bookworm\nDate: {date}\nValid-Until: {date}\n");
+        std::fs::write(self.release.join("InRelease"), text).unwrap();
+        std::fs::write(&self.version, version).unwrap();
+    }
+
+    /// The `[image]` lines of a recipe built from this archive.
+    pub fn image_section(&self, name: &str) -> String {
+        format!(
+            "[image]\nname = \"{name}\"\nos = \"debian-12\"\narch = \"x86_64\"\n\
+             snapshot = \"20261201T000000Z\"\nmirror = \"http://127.0.0.1:{}/{{snapshot}}\"\n",
+            self.port
+        )
+    }
+
+    /// PATH with the stand-in first.
+    pub fn path(&self) -> String {
+        format!("{}:{}", self.bin.display(), std::env::var("PATH").unwrap_or_default())
+    }
+
+    /// How many times the stand-in staged.
+    pub fn stagings(&self) -> usize {
+        std::fs::read_to_string(&self.stagings).unwrap_or_default().lines().count()
+    }
+}
+
 /// The base's cache key follows what is installed, not the archive's signature. A local
-/// archive (served on 127.0.0.1) is re-signed with a new Date and nothing else changes: the
-/// base is reused, and --json says why. A package version changes: re-staged. apt's answer is
-/// not understood: re-staged, never taken for "nothing changed". mmdebstrap here is a stand-in
-/// that stages the synthetic base and answers `--simulate` with the versions the test sets, so
-/// what is judged is kiln's rule (apt's real answer is read in `a_real_simulation_resolves_…`).
+/// archive is re-signed with a new Date and nothing else changes: the base is reused, and
+/// --json says why. A package version changes: re-staged. apt's answer is not understood:
+/// re-staged, never taken for "nothing changed".
 #[test]
 fn a_re_signed_archive_reuses_the_base_and_a_changed_version_restages() {
     let t = tempdir();
-    let synthetic = synthetic_base(t.path());
-    let archive = t.path().join("archive");
-    let release = archive.join("20261201T000000Z/dists/bookworm");
-    std::fs::create_dir_all(&release).unwrap();
-    let sign = |date: &str| {
-        let text = format!("Origin: Debian\nSuite: bookworm\nCodename: bookworm\nDate: {date}\nValid-Until: {date}\n");
-        std::fs::write(release.join("InRelease"), text).unwrap();
-    };
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let port = server.server_addr().to_ip().unwrap().port();
-    let root = archive.clone();
-    std::thread::spawn(move || {
-        for req in server.incoming_requests() {
-            let path = root.join(req.url().trim_start_matches('/'));
-            let _ = match std::fs::read(&path) {
-                Ok(b) => req.respond(tiny_http::Response::from_data(b)),
-                Err(_) => req.respond(tiny_http::Response::empty(404)),
-            };
-        }
-    });
-    let bin = t.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let (version, staged) = (t.path().join("version"), t.path().join("stagings"));
-    std::fs::write(
-        bin.join("mmdebstrap"),
-        format!(
-            "#!/bin/sh\n\
-             for a in \"$@\"; do case \"$a\" in --include=*) inc=\"${{a#--include=}}\";; esac; done\n\
-             for a in \"$@\"; do case \"$a\" in --simulate)\n\
-               v=$(cat {version}); [ \"$v\" = garbled ] && {{ echo 'apt said something else' >&2; exit 0; }}\n\
-               for p in $(echo \"$inc\" | tr , ' '); do echo \"Inst $p ($v Debian:12.15/oldstable [amd64])\" >&2; done\n\
-               exit 0;; esac; done\n\
-             echo staged >> {staged}\n\
-             for a in \"$@\"; do case \"$a\" in *.tar.partial) cp {synthetic} \"$a\";; esac; done\n",
-            version = version.display(),
-            staged = staged.display(),
-            synthetic = synthetic.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(bin.join("mmdebstrap"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fake = FakeArchive::start(t.path());
     let recipe = t.path().join("resign.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "[image]\nname = \"resign\"\nos = \"debian-12\"\narch = \"x86_64\"\n\
-             snapshot = \"20261201T000000Z\"\nmirror = \"http://127.0.0.1:{port}/{{snapshot}}\"\n\n\
-             [system]\nnetwork = \"none\"\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&recipe, format!("{}\n[system]\nnetwork = \"none\"\n", fake.image_section("resign"))).unwrap();
     let build = |date: &str, v: &str| -> Value {
-        sign(date);
-        std::fs::write(&version, v).unwrap();
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        fake.set(date, v);
         let o = run_ok(
             kiln()
                 .arg("build")
@@ -1027,13 +1058,13 @@ fn a_re_signed_archive_reuses_the_base_and_a_changed_version_restages() {
                 .arg("--out")
                 .arg(t.path().join("out"))
                 .arg("--json")
-                .env("PATH", path)
+                .env("PATH", fake.path())
                 .env("KILN_CACHE_DIR", t.path().join("cache"))
                 .env("SOURCE_DATE_EPOCH", EPOCH),
         );
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let stagings = || std::fs::read_to_string(&staged).unwrap_or_default().lines().count();
+    let stagings = || fake.stagings();
 
     let first = build("Tue, 01 Dec 2026 08:00:00 UTC", "1.0-1");
     assert_eq!((first["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 1), "{first:#}");

@@ -163,3 +163,94 @@ fn a_runner_killed_mid_upload_leaves_nothing_visible() {
     assert!(uploading, "the runner finished before its upload was seen ({status})");
     assert_eq!(keys(&rt, &s3, "killed/"), Vec::<String>::new(), "a killed upload left objects");
 }
+
+/// `kiln plan` judged on two recipes built from a local archive: both jobs to do at first;
+/// the README's plain-shell fan-out (run as written) builds and publishes them (moto); then
+/// both are current and `--pending` lists nothing; a changed recipe is the one job to do
+/// again, under a new key; a re-signed archive with the same packages leaves both current.
+#[test]
+fn kiln_plan_fans_out_and_skips_what_is_current() {
+    let Some(moto) = Moto::start() else { return };
+    let t = tempdir();
+    let fake = crate::build::FakeArchive::start(t.path());
+    let ci = t.path().join("ci");
+    std::fs::create_dir_all(ci.join("recipes")).unwrap();
+    let write_recipe = |name: &str, extra: &str| {
+        let text = format!(
+            "{}\n[system]\nnetwork = \"none\"\n\n[ami]\nname = \"{name}-{{arch}}-{{sha}}\"\nregions = [\"us-east-1\"]\n\
+             root_volume = {{ size = \"2GiB\", type = \"gp3\" }}\nlaunch_permissions = {{ accounts = [], public = false }}\n{extra}",
+            fake.image_section(name)
+        );
+        std::fs::write(ci.join(format!("recipes/{name}.toml")), text).unwrap();
+    };
+    write_recipe("web", "");
+    write_recipe("worker", "");
+    let kiln_dir = Path::new(env!("CARGO_BIN_EXE_kiln")).parent().unwrap().to_path_buf();
+    let path = format!("{}:{}:{}", fake.bin.display(), kiln_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let env = |c: &mut Command| {
+        fake_aws_env(c)
+            .current_dir(&ci)
+            .env("PATH", &path)
+            .env("AWS_ENDPOINT_URL", moto.url())
+            .env("KILN_CACHE_DIR", t.path().join("cache"))
+            .env("KILN_STATE_DIR", t.path().join("state"))
+            .env("SOURCE_DATE_EPOCH", EPOCH)
+            .env_remove("KILN_CACHE_URL")
+            .env_remove("KILN_STATE_URL");
+    };
+    let plan = |extra: &[&str]| -> Output {
+        let mut c = kiln();
+        c.args(["plan", "recipes/web.toml", "recipes/worker.toml"]).args(extra);
+        env(&mut c);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "kiln plan failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let jobs = || -> Vec<Value> {
+        let v: Value = serde_json::from_slice(&plan(&["--json"]).stdout).unwrap();
+        v["jobs"].as_array().unwrap().clone()
+    };
+    let field = |jobs: &[Value], f: &str| -> Vec<Value> { jobs.iter().map(|j| j[f].clone()).collect() };
+
+    let first = jobs();
+    assert_eq!(field(&first, "name"), [Value::from("web-x86_64"), Value::from("worker-x86_64")]);
+    assert_eq!(field(&first, "skip"), [Value::from(false), Value::from(false)]);
+    assert_eq!(field(&first, "built"), [Value::from(false), Value::from(false)]);
+    assert_eq!(field(&first, "published"), [Value::from(false), Value::from(false)]);
+    assert_eq!(first[0]["base"]["status"], "stage");
+    assert_eq!(first[0]["manifest"], "out/web-x86_64.manifest.json");
+    let key = |j: &Value| j["key"].as_str().unwrap().to_string();
+    assert!(first.iter().all(|j| key(j).len() == 64) && key(&first[0]) != key(&first[1]), "{first:#?}");
+    let pending = String::from_utf8(plan(&["--pending"]).stdout).unwrap();
+    assert_eq!(pending, "recipes/web.toml x86_64\nrecipes/worker.toml x86_64\n");
+
+    // The README's fan-out, as written there.
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let line =
+        readme.lines().find(|l| l.starts_with("kiln plan ") && l.contains("| xargs")).expect("README's xargs line");
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(line);
+    env(&mut sh);
+    let o = sh.output().unwrap();
+    assert!(o.status.success(), "{line}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fake.stagings(), 1, "the two recipes share one base, staged once");
+
+    let done = jobs();
+    assert_eq!(field(&done, "skip"), [Value::from(true), Value::from(true)], "{done:#?}");
+    assert_eq!(field(&done, "published"), [Value::from(true), Value::from(true)]);
+    assert_eq!(done[0]["base"]["status"], "cached");
+    assert_eq!(field(&done, "key"), field(&first, "key"), "a job's key changed by running it");
+    assert_eq!(plan(&["--pending"]).stdout, b"");
+
+    write_recipe("worker", "\n[[files]]\npath = \"/etc/motd\"\ncontent = \"tonight\\n\"\n");
+    let changed = jobs();
+    assert_eq!(field(&changed, "skip"), [Value::from(true), Value::from(false)], "{changed:#?}");
+    assert_eq!(changed[1]["built"], false);
+    assert_ne!(key(&changed[1]), key(&done[1]));
+    assert_eq!(key(&changed[0]), key(&done[0]));
+
+    fake.set("Tue, 08 Dec 2026 08:00:00 UTC", "1.0-1");
+    let resigned = jobs();
+    assert_eq!(resigned[0]["skip"], true, "{resigned:#?}");
+    assert!(resigned[0]["base"]["why"].as_str().unwrap().contains("same versions"), "{resigned:#?}");
+}

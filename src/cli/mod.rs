@@ -8,6 +8,7 @@ mod bundle;
 mod check;
 mod inspect;
 mod mkfs;
+mod plan;
 pub mod progress;
 mod prune;
 mod publish;
@@ -36,6 +37,7 @@ enum Command {
     Boot(boot::Args),
     Test(test::Args),
     Mkfs(mkfs::Args),
+    Plan(plan::Args),
     Publish(publish::Args),
     Prune(prune::Args),
     Bundle(bundle::Args),
@@ -87,6 +89,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Boot(a) => boot::run(a),
         Command::Test(a) => test::run(a),
         Command::Mkfs(a) => mkfs::run(a),
+        Command::Plan(a) => plan::run(a),
         Command::Publish(a) => publish::run(a),
         Command::Prune(a) => prune::run(a),
         Command::Bundle(a) => bundle::run(a),

@@ -147,9 +147,9 @@ pub enum PublishError {
     #[error("writing {path}")]
     WriteFile { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
-    Lease(#[from] crate::share::state::LeaseError),
+    Lease(Box<crate::share::state::LeaseError>),
     #[error("the shared state: {0}")]
-    Share(#[from] crate::share::ShareError),
+    Share(Box<crate::share::ShareError>),
     #[error("the shared history {record} changed while this publish ran (another runner took over its lease after it ran out): snapshot {snapshot_id} and its AMIs are published, but not remembered there; the next publish of this name builds on the history as it is")]
     HistoryConflict { record: String, snapshot_id: String },
     #[error("unexpected answer from AWS: {0}")]
@@ -322,6 +322,18 @@ async fn clients(opts: &PublishOptions, region: &str) -> Clients {
         ebs: aws_sdk_ebs::Client::from_conf(ebs),
         ec2: aws_sdk_ec2::Client::from_conf(ec2),
         ssm: aws_sdk_ssm::Client::from_conf(ssm),
+    }
+}
+
+impl From<crate::share::ShareError> for PublishError {
+    fn from(e: crate::share::ShareError) -> Self {
+        PublishError::Share(Box::new(e))
+    }
+}
+
+impl From<crate::share::state::LeaseError> for PublishError {
+    fn from(e: crate::share::state::LeaseError) -> Self {
+        PublishError::Lease(Box::new(e))
     }
 }
 

@@ -88,9 +88,10 @@ impl SharedBases for SharedCache {
         }
     }
 
-    fn has(&self, stem: &str) -> Result<bool, String> {
+    fn record(&self, stem: &str) -> Result<Option<BaseInfo>, String> {
         let got = self.store.block_on(self.store.store().get(&record_name(stem))).map_err(|e| e.to_string())?;
-        Ok(got.is_some_and(|g| serde_json::from_slice::<Record>(&g.bytes).is_ok_and(|r| r.version == RECORD_VERSION)))
+        let record = got.and_then(|g| serde_json::from_slice::<Record>(&g.bytes).ok());
+        Ok(record.filter(|r| r.version == RECORD_VERSION).map(|r| r.info))
     }
 
     fn share(&self, stem: &str, tar: &Path, info: &BaseInfo, progress: &dyn Progress) -> Result<(), String> {

@@ -410,10 +410,10 @@ impl Store {
     }
 }
 
-fn joined(
-    r: Option<Result<Result<(aws_sdk_s3::types::CompletedPart, u64), AwsError>, tokio::task::JoinError>>,
-    progress: &dyn Progress,
-) -> Result<aws_sdk_s3::types::CompletedPart, ShareError> {
+/// A part's upload as its task ends: the part and its length, or why it failed.
+type PartTask = Result<Result<(aws_sdk_s3::types::CompletedPart, u64), AwsError>, tokio::task::JoinError>;
+
+fn joined(r: Option<PartTask>, progress: &dyn Progress) -> Result<aws_sdk_s3::types::CompletedPart, ShareError> {
     match r {
         Some(Ok(Ok((part, len)))) => {
             progress.advance(len);

@@ -192,8 +192,8 @@ pub trait SharedBases {
     fn location(&self) -> String;
     /// Downloads the base shared as `stem` to `dest`, verified against its record.
     fn fetch(&self, stem: &str, dest: &Path, progress: &dyn Progress) -> Result<Fetched, String>;
-    /// Whether a base is shared as `stem` (its record is there).
-    fn has(&self, stem: &str) -> Result<bool, String>;
+    /// What the record of the base shared as `stem` says of it; None when none is shared.
+    fn record(&self, stem: &str) -> Result<Option<BaseInfo>, String>;
     /// Shares the base at `tar` as `stem`, unless another runner shared one first; replaces a
     /// record `fetch` found corrupt.
     fn share(&self, stem: &str, tar: &Path, info: &BaseInfo, progress: &dyn Progress) -> Result<(), String>;
@@ -239,9 +239,9 @@ pub fn stage(
         if let Some(s) = shared {
             let by_resolution = found.info.resolved.as_deref().map(|r| resolved_stem(base, r));
             for name in std::iter::once(stem.clone()).chain(by_resolution) {
-                match s.has(&name) {
-                    Ok(true) => {}
-                    Ok(false) => {
+                match s.record(&name) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
                         if let Err(e) = s.share(&name, &found.tar, &found.info, progress) {
                             progress.note(&format!("the base was not shared to {}: {e}", s.location()));
                         }
@@ -312,7 +312,7 @@ pub fn stage(
                 });
             }
         }
-        why = format!("{why}; the packages it resolves to changed (resolution {})", &r[..12]);
+        why = resolution_miss(base, &dir, r);
     }
     let staged = run_staging(&mmdebstrap, base, &archive, (key, resolved.clone()), &dir, &stem, why, progress)?;
     if let Some(s) = shared {
@@ -326,10 +326,71 @@ pub fn stage(
     Ok(staged)
 }
 
+/// Why no base fits when none staged from these inputs resolves to `resolved`: one that did
+/// resolves to other versions now, or there is none at all.
+fn resolution_miss(base: &DebianBase, dir: &Path, resolved: &str) -> String {
+    match newest_cached(base, dir) {
+        Some(b) if b.info.resolved.is_some() => format!(
+            "the archive changed since the cached base was staged ({}), and so did the packages it resolves to (resolution {})",
+            b.info.staged_at,
+            &resolved[..12]
+        ),
+        Some(b) => format!(
+            "the archive changed since the cached base was staged ({}), which recorded no resolution to compare",
+            b.info.staged_at
+        ),
+        None => "no base for these inputs is cached".to_string(),
+    }
+}
+
 /// The name a base is shared under by its resolution, beside its archive-state name: a runner
 /// at a re-signed state of the archive finds it by what it holds.
 fn resolved_stem(base: &DebianBase, resolved: &str) -> String {
     format!("{}r{}", base.file_prefix(), &resolved[..12])
+}
+
+/// Where a build would find the base for these inputs and the archive as it is now, found
+/// the way [`stage`] finds it (apt's resolution included) but with nothing staged or
+/// downloaded: for `kiln plan`.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The archive-state cache key.
+    pub key: String,
+    /// The base's record and where it is; None when a build would stage it, with the reason.
+    pub found: Result<(BaseInfo, Origin), String>,
+}
+
+pub fn lookup(base: &DebianBase, cache_dir: &Path, shared: Option<&dyn SharedBases>) -> Result<Lookup, StageError> {
+    let dir = cache_dir.join("bases");
+    let archive = probe_archive(base)?;
+    let key = base.cache_key(&archive);
+    let stem = format!("{}{}", base.file_prefix(), &key[..12]);
+    let in_shared = |name: &str, why: &str| -> Option<(BaseInfo, Origin)> {
+        let s = shared?;
+        let info = s.record(name).ok()??;
+        Some((info, Origin::Shared(format!("{why}; in {}", s.location()))))
+    };
+    if let Some(b) = load_cached(&dir, &stem) {
+        return Ok(Lookup { key, found: Ok((b.info, b.origin)) });
+    }
+    if let Some(found) = in_shared(&stem, "staged by another runner from this state of the archive") {
+        return Ok(Lookup { key, found: Ok(found) });
+    }
+    let Some(mmdebstrap) = crate::host::find_program("mmdebstrap") else {
+        return Ok(Lookup { key, found: Err("no base for this state of the archive is cached".into()) });
+    };
+    let found = match resolve::resolve(&mmdebstrap, base, &archive)? {
+        None => Err("no base for this state of the archive is cached, and apt's resolution was not understood".into()),
+        Some(r) => {
+            let rkey = r.key(&base.inputs_key());
+            let same = "the archive changed, but the packages the base holds resolve to the same versions";
+            match find_resolved(base, &dir, &rkey).and_then(|old| load_cached(&dir, &old)) {
+                Some(b) => Ok((b.info, Origin::Cache(same.into()))),
+                None => in_shared(&resolved_stem(base, &rkey), same).ok_or_else(|| resolution_miss(base, &dir, &rkey)),
+            }
+        }
+    };
+    Ok(Lookup { key, found })
 }
 
 /// The shared base `stem`, moved into the local cache once verified. Ok(Err("")) when none
