@@ -15,8 +15,11 @@ use super::progress::TermProgress;
 ///
 /// Stages the OS with mmdebstrap from the suite, its -updates and its security suite. The staged
 /// base is cached by its inputs and by the state of the archive (each suite's InRelease): a
-/// rebuild that changes only files or system settings reuses it, and a new upload to the
-/// archive (a security fix) stages afresh. --offline uses the cache as it is. Then kiln lays
+/// rebuild that changes only files or system settings reuses it. When the archive changed,
+/// apt's resolution decides: a re-signed suite with the same package versions reuses the base,
+/// a new version of any package in it (a security fix) stages afresh; --json says which
+/// (base_origin). --offline uses the cache as it is. --cache-url shares staged bases with other
+/// runners through S3 (see README.md, "CI fleets"). Then kiln lays
 /// the recipe's files and generated system files over the base, and writes a GPT disk with a
 /// FAT32 ESP (systemd-boot) and an ext4 root in one ordered pass.
 ///
@@ -35,6 +38,7 @@ use super::progress::TermProgress;
 ///   kiln build recipes/web-server.toml --arch arm64 --out /srv/images
 ///   recipes/hello-service/build-deb.sh && kiln build recipes/hello-service.toml
 ///   SOURCE_DATE_EPOCH=1700000000 kiln build recipe.toml --json
+///   KILN_CACHE_URL=s3://ci-kiln/fleet kiln build recipes/debian-12-ec2.toml --arch arm64
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {

@@ -89,6 +89,9 @@ pub enum StageError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
 }
 
+/// mmdebstrap's own hook that stages with dpkg under eatmydata and removes it afterwards.
+const EATMYDATA_HOOK: &str = "/usr/share/mmdebstrap/hooks/eatmydata";
+
 /// apt's own downloader: the host's apt proxies, https and file: URIs, as mmdebstrap gets them.
 pub const APT_HELPER: &str = "/usr/lib/apt/apt-helper";
 
@@ -98,7 +101,7 @@ impl DebianBase {
     pub fn inputs_key(&self) -> String {
         let mut h = Sha256::new();
         // Bump the version when staging itself changes what a given input produces.
-        h.update(b"kiln-debian-base-v3\0");
+        h.update(b"kiln-debian-base-v4\0");
         for part in [&self.suite, self.arch.debian(), &self.mirror, self.security_mirror.as_deref().unwrap_or("")] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -288,31 +291,11 @@ pub fn stage(
     let resolution = resolve::resolve(&mmdebstrap, base, &archive)?;
     progress.end(&resolution.as_ref().map_or("not understood".into(), |r| format!("{} packages", r.len())));
     let resolved = resolution.as_ref().map(|r| r.key(&base.inputs_key()));
-    if let (Some(r), Some(n)) = (&resolved, resolution.as_ref().map(Resolution::len)) {
-        let same = format!(
-            "the archive changed since the base was staged (a suite re-signed), but the {n} packages the base holds resolve to the same versions (resolution {})",
-            &r[..12]
-        );
-        if let Some(old) = find_resolved(base, &dir, r) {
-            let found = alias_cached(&dir, &old, &stem).map_err(|source| StageError::Io {
-                what: "keeping the base under its new key in",
-                path: dir.clone(),
-                source,
-            })?;
-            remove_older(base, &dir, &stem);
-            return Ok(StagedBase { origin: Origin::Cache(format!("{same}: reused")), ..found });
+    if let Some(r) = &resolution {
+        if let Some(found) = reuse_resolved(base, r, &dir, &stem, shared, progress)? {
+            return Ok(found);
         }
-        if let Some(s) = shared {
-            if let Ok(Ok(found)) = fetch_shared(s, &dir, &resolved_stem(base, r), progress) {
-                let found = alias_cached(&dir, &resolved_stem(base, r), &stem).unwrap_or(found);
-                remove_older(base, &dir, &stem);
-                return Ok(StagedBase {
-                    origin: Origin::Shared(format!("{same}: downloaded from {}", s.location())),
-                    ..found
-                });
-            }
-        }
-        why = resolution_miss(base, &dir, r);
+        why = format!("{why}; {}", resolution_miss(base, &dir, &r.key(&base.inputs_key())));
     }
     let staged = run_staging(&mmdebstrap, base, &archive, (key, resolved.clone()), &dir, &stem, why, progress)?;
     if let Some(s) = shared {
@@ -324,6 +307,44 @@ pub fn stage(
         }
     }
     Ok(staged)
+}
+
+/// A base staged from these inputs at another state of the archive that resolves to the same
+/// package versions as `resolution` (here, else shared), kept under the archive state's `stem`.
+fn reuse_resolved(
+    base: &DebianBase,
+    resolution: &Resolution,
+    dir: &Path,
+    stem: &str,
+    shared: Option<&dyn SharedBases>,
+    progress: &dyn Progress,
+) -> Result<Option<StagedBase>, StageError> {
+    let r = resolution.key(&base.inputs_key());
+    let same = format!(
+        "the archive changed since the base was staged (a suite re-signed), but the {} packages the base holds resolve to the same versions (resolution {})",
+        resolution.len(),
+        &r[..12]
+    );
+    let keep = |from: &str| {
+        alias_cached(dir, from, stem).map_err(|source| StageError::Io {
+            what: "keeping the base under its new key in",
+            path: dir.to_path_buf(),
+            source,
+        })
+    };
+    if let Some(old) = find_resolved(base, dir, &r) {
+        let found = keep(&old)?;
+        remove_older(base, dir, stem);
+        return Ok(Some(StagedBase { origin: Origin::Cache(format!("{same}: reused")), ..found }));
+    }
+    let Some(s) = shared else { return Ok(None) };
+    if let Ok(Ok(_)) = fetch_shared(s, dir, &resolved_stem(base, &r), progress) {
+        let found = keep(&resolved_stem(base, &r))?;
+        remove_older(base, dir, stem);
+        let why = format!("{same}: downloaded from {}", s.location());
+        return Ok(Some(StagedBase { origin: Origin::Shared(why), ..found }));
+    }
+    Ok(None)
 }
 
 /// Why no base fits when none staged from these inputs resolves to `resolved`: one that did
@@ -498,6 +519,11 @@ fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteStat
     let mut cmd = Command::new(mmdebstrap);
     if partial.is_none() {
         cmd.args(["--simulate", "--verbose"]);
+    } else if Path::new(EATMYDATA_HOOK).is_dir() {
+        // dpkg and the maintainer scripts without fsync: a staging that fails is thrown away
+        // whole, so durability on the way buys nothing, and each fsync is a host syscall that
+        // qemu-user waits for (benches/fleet.sh measures it).
+        cmd.arg(format!("--hook-dir={EATMYDATA_HOOK}"));
     }
     cmd.arg("--variant=minbase")
         .arg(format!("--arch={}", base.arch.debian()))
