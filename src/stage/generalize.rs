@@ -8,14 +8,18 @@
 
 use crate::formats::tree::{Kind, Tree};
 
-/// Files removed outright.
-const FILES: [&str; 6] = [
+/// Files removed outright. dpkg's `*-old` files are its backups of the database's previous
+/// state: a moment halfway through staging (with staging's own tools diverted), not the image.
+const FILES: [&str; 9] = [
     "/etc/resolv.conf",
     "/etc/hostname",
     "/var/lib/systemd/random-seed",
     "/var/lib/systemd/credential.secret",
     "/var/lib/dbus/machine-id",
     "/var/cache/debconf/passwords.dat-old",
+    "/var/lib/dpkg/status-old",
+    "/var/lib/dpkg/diversions-old",
+    "/var/lib/dpkg/statoverride-old",
 ];
 
 /// Directories emptied of their entries (the directories stay: packages expect them).
