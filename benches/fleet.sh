@@ -6,9 +6,10 @@
 #           first runner filled: the base is downloaded and verified, mmdebstrap does not run.
 # and, for the staging alone (the slowest part of any cold build, above all for arm64 under
 # qemu-user), mmdebstrap with kiln's exact arguments (captured from the cold build) with and
-# without the eatmydata hook kiln passes:
-#   staging before: without the hook (kiln's staging until 2026-12-07);
-#   staging after:  as kiln stages now.
+# without the hooks kiln adds for speed:
+#   staging before: without them (kiln's staging until 2026-12-07: dpkg with fsync, and the
+#                   initramfs built twice, by the kernel's postinst and again by its trigger);
+#   staging after:  as kiln stages now (eatmydata, one initramfs at the end).
 # Medians of wall, user and system time over ROUNDS; `sync` before each side. Needs the
 # network the recipe's mirror needs, .ci/setup-moto, and qemu-user-static for arm64.
 #
@@ -54,10 +55,18 @@ build() { # CACHE ARCH [URL]
 }
 from() { "$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["base_origin"]["from"])' "$work/out.json"; }
 sha() { "$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$work/out.json"; }
-stage() { # with|without the eatmydata hook
+stage() { # with|without kiln's speed hooks
   mapfile -t args < "$work/staging-args"
   if [ "$1" = without ]; then
-    local kept=(); for a in "${args[@]}"; do [[ $a == --hook-dir=*eatmydata ]] || kept+=("$a"); done; args=("${kept[@]}")
+    local kept=()
+    for a in "${args[@]}"; do
+      case "$a" in
+        --hook-dir=*eatmydata | --essential-hook=*update-initramfs* | --customize-hook=*update-initramfs*) ;;
+        --customize-hook=*ldconfig) ;;
+        *) kept+=("$a") ;;
+      esac
+    done
+    args=("${kept[@]}")
   fi
   # The target (the .tar.partial kiln names) goes to the work directory instead.
   for i in "${!args[@]}"; do [[ ${args[$i]} == *.tar.partial ]] && args[$i]="$work/staged.tar"; done
@@ -74,6 +83,7 @@ for arch in $archs; do
     [ "$(from)" = staged ] || { echo "the cold build did not stage" >&2; exit 1; }
     cold_sha=$(sha)
     grep -q -- '--hook-dir=.*eatmydata' "$work/staging-args" || echo "note: kiln staged without the eatmydata hook" >&2
+    grep -q -- '--essential-hook=.*update-initramfs' "$work/staging-args" || { echo "kiln's staging has no initramfs hook" >&2; exit 1; }
     # Runner A shares its base (not timed: it is the cold runner's last step on a fleet).
     build "$work/a" "$arch" "$prefix" >/dev/null
     rm -rf "$work/out"; sync
@@ -82,9 +92,9 @@ for arch in $archs; do
     [ "$(sha)" = "$cold_sha" ] || { echo "the second runner built other bytes" >&2; exit 1; }
     sync; read -r bw bu bs < <(stage without)
     sync; read -r aw au as < <(stage with)
-    echo "$arch round $i: cold ${cw}s (user ${cu}s, sys ${cs}s)  shared ${sw}s (user ${su}s, sys ${ss}s)  staging without eatmydata ${bw}s (user ${bu}s, sys ${bs}s)  with ${aw}s (user ${au}s, sys ${as}s)"
+    echo "$arch round $i: cold ${cw}s (user ${cu}s, sys ${cs}s)  shared ${sw}s (user ${su}s, sys ${ss}s)  staging as before ${bw}s (user ${bu}s, sys ${bs}s)  as now ${aw}s (user ${au}s, sys ${as}s)"
     for f in cw cu cs sw su ss bw bu bs aw au as; do echo "${!f}" >> "$work/$arch.$f"; done
   done
   m() { median < "$work/$arch.$1"; }
-  echo "$arch median: cold $(m cw)s (user $(m cu)s, sys $(m cs)s), second runner from the shared cache $(m sw)s (user $(m su)s, sys $(m ss)s): $(awk -v c="$(m cw)" -v s="$(m sw)" 'BEGIN{printf "%.1f", c/s}')x; staging without eatmydata $(m bw)s (user $(m bu)s, sys $(m bs)s), with $(m aw)s (user $(m au)s, sys $(m as)s): $(awk -v b="$(m bw)" -v a="$(m aw)" 'BEGIN{printf "%.2f", b/a}')x"
+  echo "$arch median: cold $(m cw)s (user $(m cu)s, sys $(m cs)s), second runner from the shared cache $(m sw)s (user $(m su)s, sys $(m ss)s): $(awk -v c="$(m cw)" -v s="$(m sw)" 'BEGIN{printf "%.1f", c/s}')x; staging as before $(m bw)s (user $(m bu)s, sys $(m bs)s), as now $(m aw)s (user $(m au)s, sys $(m as)s): $(awk -v b="$(m bw)" -v a="$(m aw)" 'BEGIN{printf "%.2f", b/a}')x"
 done
