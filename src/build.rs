@@ -304,7 +304,14 @@ fn stage_base(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> 
     let freshness = if opts.offline { debian::Freshness::Offline } else { debian::Freshness::Online };
     let shared = shared_bases(opts)?;
     let shared = shared.as_ref().map(|s| s as &dyn debian::SharedBases);
-    let staged = debian::stage(&base, freshness, &opts.cache_dir, shared, progress).map_err(BuildError::Stage)?;
+    let stage_opts = debian::StageOptions {
+        freshness,
+        cache_dir: &opts.cache_dir,
+        shared,
+        // A layer's packages resolve against the base's package lists (see StageOptions).
+        reuse_resolved: layer_plan.is_none(),
+    };
+    let staged = debian::stage(&base, stage_opts, progress).map_err(BuildError::Stage)?;
     if opts.offline {
         progress.note(&format!(
             "offline: the base was staged {} ({} ago) from the archive as of {}; newer packages may exist",

@@ -98,7 +98,13 @@ fn job(
             (BaseState { status: "tarball", key: None, why: "the recipe's own root tarball".into() }, None, Vec::new())
         }
         BasePlan::Debian { base, layer, .. } => {
-            let found = debian::lookup(base, &opts.cache_dir, shared)
+            let lookup_opts = debian::StageOptions {
+                freshness: debian::Freshness::Online,
+                cache_dir: &opts.cache_dir,
+                shared,
+                reuse_resolved: layer.is_none(),
+            };
+            let found = debian::lookup(base, lookup_opts)
                 .map_err(|e| PlanError::Stage { recipe: recipe.path.clone(), source: Box::new(e) })?;
             let repos = layer.as_ref().map(|l| l.repository_states()).unwrap_or_default();
             match found.found {

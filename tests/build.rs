@@ -958,7 +958,9 @@ fn two_cold_builds_on_two_runners_give_the_same_bytes() {
 
 /// A local Debian archive on 127.0.0.1 whose state a test sets (its InRelease's Date) and an
 /// mmdebstrap stand-in on PATH that stages the synthetic base and answers `--simulate` with the
-/// version the test sets for every requested package ("garbled": an answer kiln cannot read).
+/// version the test sets for every requested package, and the synthetic base's own packages as
+/// they are installed ("garbled": an answer kiln cannot read; "drift": the simulation names
+/// another version of a package than the staging installs, as a mirror behind a CDN may do).
 /// What it judges is kiln's use of them; apt's real answer is read in
 /// `a_stale_base_is_restaged_and_an_unchanged_one_kept`.
 pub(crate) struct FakeArchive {
@@ -997,6 +999,9 @@ impl FakeArchive {
                  for a in \"$@\"; do case \"$a\" in --simulate)\n\
                    v=$(cat {version}); [ \"$v\" = garbled ] && {{ echo 'apt said something else' >&2; exit 0; }}\n\
                    for p in $(echo \"$inc\" | tr , ' '); do echo \"Inst $p ($v Debian:12.15/oldstable [amd64])\" >&2; done\n\
+                   echo 'Inst base-files (12.4 Debian:12.15/oldstable [amd64])' >&2\n\
+                   h=2.10-3; [ \"$v\" = drift ] && h=2.10-4\n\
+                   echo \"Inst hello ($h Debian:12.15/oldstable [amd64])\" >&2\n\
                    exit 0;; esac; done\n\
                  echo staged >> {stagings}\n\
                  for a in \"$@\"; do case \"$a\" in *.tar.partial) cp {synthetic} \"$a\";; esac; done\n",
@@ -1090,4 +1095,12 @@ fn a_re_signed_archive_reuses_the_base_and_a_changed_version_restages() {
     let garbled = build("Thu, 10 Dec 2026 08:00:00 UTC", "garbled");
     assert_eq!((garbled["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 3), "{garbled:#}");
     assert_eq!(garbled["base"].get("resolved"), None, "{garbled:#}");
+
+    // The staging installed another version than the simulation named: the base does not
+    // carry that resolution, so no later state that resolves so can reuse it.
+    let drifted = build("Fri, 11 Dec 2026 08:00:00 UTC", "drift");
+    assert_eq!((drifted["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 4), "{drifted:#}");
+    assert_eq!(drifted["base"].get("resolved"), None, "{drifted:#}");
+    let again = build("Sat, 12 Dec 2026 08:00:00 UTC", "drift");
+    assert_eq!((again["base_origin"]["from"].as_str(), stagings()), (Some("staged"), 5), "{again:#}");
 }

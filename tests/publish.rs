@@ -749,15 +749,7 @@ fn the_next_publish_of_an_image_name_sends_only_what_changed() {
 
     // Tomorrow's build, in a fresh output directory: block 9 changed, block 17 became zeros,
     // block 12 is new.
-    let next_build = |salt: u8| {
-        let dir = common::tempdir();
-        let mut next = data.clone();
-        next.insert(9, block_bytes(9, salt));
-        next.remove(&17);
-        next.insert(12, block_bytes(12, salt));
-        let m = write_image(dir.path(), "img", 24, &next, settings(&["us-east-1"]));
-        (dir, m, next)
-    };
+    let next_build = |salt: u8| next_image(&data, salt);
     let (_d2, m2, next) = next_build(1);
     proxy.clear();
     let (second, _) = publish(&m2, &[]);

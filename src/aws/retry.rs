@@ -58,6 +58,8 @@ const RETRYABLE_CODES: &[&str] = &[
     "InternalServerException",
     "ServiceUnavailable",
     "Unavailable",
+    // S3: two conditional writes of one key at once; the retry meets the winner's condition.
+    "ConditionalRequestConflict",
 ];
 
 /// One failed AWS call, as the service (or the connection) reported it. Callers decide by

@@ -106,12 +106,17 @@ impl Place {
     /// Remembers `published` locally and in the shared state; Ok(false) when the shared record
     /// changed since `recalled` read it (another runner published in between).
     pub async fn remember(&self, published: &Published, recalled: &Recalled) -> Result<bool, std::io::Error> {
-        if let Some(p) = &self.local {
-            save(p, published)?;
-        }
+        // The shared record first: the local copy follows it, never leads it.
         if let Some((store, name)) = &self.shared {
             let bytes = serde_json::to_vec_pretty(published).map_err(std::io::Error::other)?;
-            return crate::share::state::write(store, name, bytes, &recalled.read).await.map_err(std::io::Error::other);
+            let won =
+                crate::share::state::write(store, name, bytes, &recalled.read).await.map_err(std::io::Error::other)?;
+            if !won {
+                return Ok(false);
+            }
+        }
+        if let Some(p) = &self.local {
+            save(p, published)?;
         }
         Ok(true)
     }

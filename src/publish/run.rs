@@ -32,14 +32,14 @@ pub(super) async fn publish_async(
     opts: &PublishOptions,
     progress: &dyn Progress,
 ) -> Result<PublishRecord, PublishError> {
-    let Some(url) = &opts.state_url else { return publish_held(manifest_path, opts, progress).await };
+    let Some(url) = &opts.state_url else { return publish_held(manifest_path, opts, None, progress).await };
     // In a shared state, one publish of an image name at a time: what it reads of the
     // history is still true when it writes it.
     let store = crate::share::Store::connect(url.clone()).await;
     let name = crate::manifest::Manifest::load(manifest_path)?.name;
     let lease_name = history::lease(opts.endpoint_url.as_deref(), &name);
     let lease = crate::share::state::Lease::acquire(&store, &lease_name, opts.lease_wait, progress).await?;
-    let published = publish_held(manifest_path, opts, progress).await;
+    let published = publish_held(manifest_path, opts, Some(&lease), progress).await;
     if let Err(e) = lease.release().await {
         progress.note(&format!(
             "the lease {} was not released ({e}); it runs out by itself",
@@ -52,6 +52,7 @@ pub(super) async fn publish_async(
 async fn publish_held(
     manifest_path: &Path,
     opts: &PublishOptions,
+    lease: Option<&crate::share::state::Lease>,
     progress: &dyn Progress,
 ) -> Result<PublishRecord, PublishError> {
     let ctx = Ctx::load(manifest_path, opts).await?;
@@ -81,7 +82,7 @@ async fn publish_held(
     record::write_json_atomic(&path, &rec).map_err(|source| PublishError::WriteFile { path, source })?;
     // Remembered last: the next publish of this name may take a snapshot as its parent only
     // once everything above succeeded in its region.
-    remember(&outcome.remember).await?;
+    remember(&outcome.remember, lease.is_none_or(|l| !l.lost())).await?;
     if !problems.is_empty() {
         return Err(PublishError::Incomplete { problems, record: record::record_path(manifest_path) });
     }
@@ -299,20 +300,26 @@ async fn retention(
 }
 
 /// Each region's new snapshot, in [`history`], for the next publish of the same image name.
-async fn remember(snapshots: &[(&Ctx, String)]) -> Result<(), PublishError> {
+/// `held`: the lease on the image name is still this publish's (always so without a shared
+/// state); when it is not, nothing is written, for a newer publish may have read the history.
+/// Every region is tried; the first that could not be remembered is the error.
+async fn remember(snapshots: &[(&Ctx, String)], held: bool) -> Result<(), PublishError> {
+    let mut first_conflict = None;
     for (c, snapshot_id) in snapshots {
         if let (Some((place, recalled)), false) = (&c.history, snapshot_id.is_empty()) {
             let entry = history::Published::new(snapshot_id.clone(), &c.settings, c.manifest.clone());
-            let won = place
-                .remember(&entry, recalled)
-                .await
-                .map_err(|source| PublishError::WriteFile { path: place.show().into(), source })?;
-            if !won {
-                return Err(PublishError::HistoryConflict { record: place.show(), snapshot_id: snapshot_id.clone() });
+            let won = held
+                && place
+                    .remember(&entry, recalled)
+                    .await
+                    .map_err(|source| PublishError::WriteFile { path: place.show().into(), source })?;
+            if !won && first_conflict.is_none() {
+                first_conflict =
+                    Some(PublishError::HistoryConflict { record: place.show(), snapshot_id: snapshot_id.clone() });
             }
         }
     }
-    Ok(())
+    first_conflict.map_or(Ok(()), Err)
 }
 
 /// The snapshot (reused or uploaded), the AMI registered from it (or the existing one), its

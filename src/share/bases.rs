@@ -37,11 +37,44 @@ pub struct SharedCache {
     store: BlockingStore,
     /// ETags of records whose objects did not verify: the next share replaces exactly them.
     corrupt: Mutex<HashMap<String, String>>,
+    /// Why the store failed, once it has: the rest of the build does without it rather than
+    /// waiting out every request's retries again.
+    down: Mutex<Option<String>>,
 }
 
 impl SharedCache {
     pub fn connect(url: ShareUrl) -> Result<SharedCache, ShareError> {
-        Ok(SharedCache { store: BlockingStore::connect(url)?, corrupt: Mutex::new(HashMap::new()) })
+        Ok(SharedCache {
+            store: BlockingStore::connect(url)?,
+            corrupt: Mutex::new(HashMap::new()),
+            down: Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` on the store unless it failed before; a failure marks it down.
+    fn call<T>(&self, f: impl std::future::Future<Output = Result<T, ShareError>>) -> Result<T, String> {
+        if let Some(why) = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(format!("not used after an earlier failure: {why}"));
+        }
+        self.store.block_on(f).map_err(|e| {
+            let why = e.to_string();
+            if !matches!(e, ShareError::Io { .. }) {
+                *self.down.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+            }
+            why
+        })
+    }
+
+    /// The record `stem`, when there is one of this version that kiln can trust to name things
+    /// (64-digit keys: they become file names and are cut short in messages).
+    fn read_record(&self, stem: &str) -> Result<Option<(Record, String)>, String> {
+        let Some(got) = self.call(self.store.store().get(&record_name(stem)))? else { return Ok(None) };
+        let hex64 = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+        Ok(serde_json::from_slice::<Record>(&got.bytes)
+            .ok()
+            .filter(|r| r.version == RECORD_VERSION && hex64(&r.sha256) && hex64(&r.info.cache_key))
+            .filter(|r| r.info.resolved.as_deref().is_none_or(hex64))
+            .map(|r| (r, got.etag)))
     }
 }
 
@@ -60,21 +93,15 @@ impl SharedBases for SharedCache {
 
     fn fetch(&self, stem: &str, dest: &Path, progress: &dyn Progress) -> Result<Fetched, String> {
         let s = self.store.store();
-        let Some(got) = self.store.block_on(s.get(&record_name(stem))).map_err(|e| e.to_string())? else {
-            return Ok(Fetched::Absent);
-        };
-        let record = match serde_json::from_slice::<Record>(&got.bytes) {
-            Ok(r) if r.version == RECORD_VERSION => r,
-            _ => return Ok(Fetched::Absent),
-        };
+        let Some((record, etag)) = self.read_record(stem)? else { return Ok(Fetched::Absent) };
         let corrupt = |why: String| {
-            self.corrupt.lock().unwrap_or_else(|p| p.into_inner()).insert(stem.to_string(), got.etag.clone());
+            self.corrupt.lock().unwrap_or_else(|p| p.into_inner()).insert(stem.to_string(), etag.clone());
             Ok(Fetched::Corrupt(why))
         };
-        if record.object != object_name(&record.sha256) || record.info.cache_key.is_empty() {
+        if record.object != object_name(&record.sha256) {
             return corrupt(format!("its record names {}", record.object));
         }
-        match self.store.block_on(s.download(&record.object, dest, progress)).map_err(|e| e.to_string())? {
+        match self.call(s.download(&record.object, dest, progress))? {
             None => corrupt(format!("{} is missing", s.url().show(&record.object))),
             Some(d) if d.sha256 != record.sha256 || d.size != record.size => corrupt(format!(
                 "{} has SHA-256 {} and {} bytes, its record says {} and {}",
@@ -89,9 +116,7 @@ impl SharedBases for SharedCache {
     }
 
     fn record(&self, stem: &str) -> Result<Option<BaseInfo>, String> {
-        let got = self.store.block_on(self.store.store().get(&record_name(stem))).map_err(|e| e.to_string())?;
-        let record = got.and_then(|g| serde_json::from_slice::<Record>(&g.bytes).ok());
-        Ok(record.filter(|r| r.version == RECORD_VERSION).map(|r| r.info))
+        Ok(self.read_record(stem)?.map(|(r, _)| r.info))
     }
 
     fn share(&self, stem: &str, tar: &Path, info: &BaseInfo, progress: &dyn Progress) -> Result<(), String> {
@@ -104,21 +129,15 @@ impl SharedBases for SharedCache {
         let replace = self.corrupt.lock().unwrap_or_else(|p| p.into_inner()).remove(stem);
         // A base shared under its other name already has its object, unless that object is
         // the one found corrupt.
-        let size = match self.store.block_on(s.size_of(&object)).map_err(|e| e.to_string())? {
+        let size = match self.call(s.size_of(&object))? {
             Some(size) if replace.is_none() => size,
-            _ => {
-                let sent = self.store.block_on(s.upload(&object, tar, progress)).map_err(|e| e.to_string())?;
-                if sent.sha256 != digest {
-                    return Err(format!("{} changed while it was uploaded", tar.display()));
-                }
-                sent.size
-            }
+            _ => self.call(s.upload(&object, tar, Some(&digest), progress))?.size,
         };
         let record =
             Record { version: RECORD_VERSION, object: object.clone(), sha256: digest, size, info: info.clone() };
         let body = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
         let cond = replace.map_or(Condition::Absent, Condition::Matches);
-        match self.store.block_on(s.put(&record_name(stem), body, cond)).map_err(|e| e.to_string())? {
+        match self.call(s.put(&record_name(stem), body, cond))? {
             Some(_) => Ok(()),
             None => {
                 // Another runner shared this base first: its record stands. This object stays:

@@ -128,9 +128,10 @@ pub struct FileDigest {
     pub size: u64,
 }
 
-/// Part size of a base's multipart upload: 64 MiB parts address 640 GB (S3 allows 10,000
-/// parts), and four in flight keep a link busy with 256 MiB of memory at most.
-const PART_SIZE: usize = 64 << 20;
+/// Part size of a base's multipart upload: 16 MiB parts address 160 GB (S3 allows 10,000
+/// parts), each fits the 60 s a request may take down to ~2.5 Mbit/s per part in flight, and
+/// four in flight hold 64 MiB of memory at most.
+const PART_SIZE: usize = 16 << 20;
 const PARTS_IN_FLIGHT: usize = 4;
 
 /// The shared location and an S3 client for it.
@@ -173,17 +174,23 @@ impl Store {
     /// The object `name` with its ETag; None when there is none.
     pub async fn get(&self, name: &str) -> Result<Option<Versioned>, ShareError> {
         let key = self.url.key(name);
+        let Some(resp) = self.open(name).await? else { return Ok(None) };
+        let etag = resp.e_tag().unwrap_or_default().to_string();
+        let bytes = resp.body.collect().await.map_err(|e| self.body_error(&key, e))?.into_bytes().to_vec();
+        Ok(Some(Versioned { bytes, etag }))
+    }
+
+    /// GetObject of `name`, its body unread; None when there is no such object.
+    async fn open(&self, name: &str) -> Result<Option<aws_sdk_s3::operation::get_object::GetObjectOutput>, ShareError> {
+        let key = self.url.key(name);
         let got = with_retry(&self.policy, &format!("GetObject {}", self.url.show(name)), || {
             self.s3.get_object().bucket(&self.url.bucket).key(&key).send()
         })
         .await;
-        let resp = match got {
-            Err(e) if e.code() == Some("NoSuchKey") || e.last.status == Some(404) => return Ok(None),
-            r => r?,
-        };
-        let etag = resp.e_tag().unwrap_or_default().to_string();
-        let bytes = resp.body.collect().await.map_err(|e| self.body_error(&key, e))?.into_bytes().to_vec();
-        Ok(Some(Versioned { bytes, etag }))
+        match got {
+            Err(e) if e.code() == Some("NoSuchKey") || e.last.status == Some(404) => Ok(None),
+            r => Ok(Some(r?)),
+        }
     }
 
     /// The size of the object `name`; None when there is none.
@@ -222,9 +229,20 @@ impl Store {
         })
         .await;
         match put {
-            Err(e) if is_precondition_failed(&e) => Ok(None),
+            // A retried write whose first attempt landed (its answer lost) fails its own
+            // condition: the object holding exactly these bytes is this write's.
+            Err(e) if is_precondition_failed(&e) => match self.get(name).await? {
+                Some(now) if now.bytes == body.as_ref() => Ok(Some(now.etag)),
+                _ => Ok(None),
+            },
             r => Ok(Some(r?.e_tag().unwrap_or_default().to_string())),
         }
+    }
+
+    /// The same store, its requests tried by `policy` (a lease's renewals must give up well
+    /// within the lease's lifetime).
+    pub fn with_policy(&self, policy: RetryPolicy) -> Store {
+        Store { policy, ..self.clone() }
     }
 
     /// Deletes `name`, only as the version `etag` when given; true when it was deleted (or
@@ -254,14 +272,7 @@ impl Store {
         let mut tries = 0;
         loop {
             tries += 1;
-            let got = with_retry(&self.policy, &format!("GetObject {}", self.url.show(name)), || {
-                self.s3.get_object().bucket(&self.url.bucket).key(&key).send()
-            })
-            .await;
-            let resp = match got {
-                Err(e) if e.code() == Some("NoSuchKey") || e.last.status == Some(404) => return Ok(None),
-                r => r?,
-            };
+            let Some(resp) = self.open(name).await? else { return Ok(None) };
             let total = resp.content_length().and_then(|n| u64::try_from(n).ok());
             progress.begin(&format!("downloading {}", self.url.show(name)), total, Unit::Bytes);
             match self.stream_to(resp.body, &key, dest, progress).await {
@@ -299,7 +310,15 @@ impl Store {
     /// Uploads the file at `src` to `name` in parts, each with its Content-MD5 (S3 checks it);
     /// the object appears whole when the upload completes, or not at all. Returns the file's
     /// digest, taken from the bytes as they were sent.
-    pub async fn upload(&self, name: &str, src: &Path, progress: &dyn Progress) -> Result<FileDigest, ShareError> {
+    /// With `expected`, the upload is abandoned (never completed, so never visible) when the
+    /// bytes sent have another SHA-256: the file changed after it was hashed.
+    pub async fn upload(
+        &self,
+        name: &str,
+        src: &Path,
+        expected: Option<&str>,
+        progress: &dyn Progress,
+    ) -> Result<FileDigest, ShareError> {
         let key = self.url.key(name);
         let what = self.url.show(name);
         let created = with_retry(&self.policy, &format!("CreateMultipartUpload {what}"), || {
@@ -308,6 +327,18 @@ impl Store {
         .await?;
         let upload_id = created.upload_id().unwrap_or_default().to_string();
         let sent = self.send_parts(&key, &upload_id, src, progress).await;
+        let sent = match sent {
+            Ok((_, digest)) if expected.is_some_and(|e| e != digest.sha256) => Err(ShareError::Io {
+                what: "uploading (it changed while it was read)",
+                path: src.to_path_buf(),
+                source: std::io::Error::other(format!(
+                    "SHA-256 {} instead of {}",
+                    digest.sha256,
+                    expected.unwrap_or("")
+                )),
+            }),
+            other => other,
+        };
         let completed = match sent {
             Ok((parts, digest)) => {
                 let done = aws_sdk_s3::types::CompletedMultipartUpload::builder().set_parts(Some(parts)).build();

@@ -23,6 +23,13 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10 * 60);
 const RENEW_EVERY: Duration = Duration::from_secs(60);
 /// How often a waiting runner looks at the lease again.
 const POLL_EVERY: Duration = Duration::from_secs(2);
+/// A lease's requests give up well within its lifetime: 3 attempts of 20 s at the most.
+const LEASE_POLICY: crate::aws::RetryPolicy = crate::aws::RetryPolicy {
+    max_attempts: 3,
+    base_delay: Duration::from_millis(200),
+    max_delay: Duration::from_secs(2),
+    attempt_timeout: Duration::from_secs(20),
+};
 
 /// What the lease object says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,8 +53,12 @@ pub enum LeaseError {
 pub struct Lease {
     store: Store,
     name: String,
+    holder: String,
+    taken_at: i64,
     etag: Arc<Mutex<String>>,
     lost: Arc<AtomicBool>,
+    /// When the lease was last taken or renewed.
+    renewed: Arc<Mutex<std::time::Instant>>,
     renewer: tokio::task::JoinHandle<()>,
 }
 
@@ -81,6 +92,7 @@ impl Lease {
         wait: Duration,
         progress: &dyn Progress,
     ) -> Result<Lease, LeaseError> {
+        let store = &store.with_policy(LEASE_POLICY);
         let me = holder();
         let started = std::time::Instant::now();
         let mut said = false;
@@ -127,37 +139,58 @@ impl Lease {
     fn held(store: &Store, name: &str, etag: String, me: String, taken_at: i64) -> Lease {
         let etag = Arc::new(Mutex::new(etag));
         let lost = Arc::new(AtomicBool::new(false));
-        let (s, n, e, l) = (store.clone(), name.to_string(), etag.clone(), lost.clone());
+        let renewed = Arc::new(Mutex::new(std::time::Instant::now()));
+        let (s, n, e, l, r, who) =
+            (store.clone(), name.to_string(), etag.clone(), lost.clone(), renewed.clone(), me.clone());
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
                 let current = e.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                match s.put(&n, body(&me, taken_at), Condition::Matches(current)).await {
-                    Ok(Some(new)) => *e.lock().unwrap_or_else(|p| p.into_inner()) = new,
+                match s.put(&n, body(&who, taken_at), Condition::Matches(current)).await {
+                    Ok(Some(new)) => {
+                        *e.lock().unwrap_or_else(|p| p.into_inner()) = new;
+                        *r.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+                    }
                     // Taken over: this publish stalled past the lease's lifetime.
                     Ok(None) => {
                         l.store(true, Ordering::SeqCst);
                         return;
                     }
-                    // A failed renewal is tried again; the lease lasts ten renewals.
+                    // Tried again a minute on; `lost` counts the time since the last renewal.
                     Err(_) => {}
                 }
             }
         });
-        Lease { store: store.clone(), name: name.to_string(), etag, lost, renewer }
+        Lease { store: store.clone(), name: name.to_string(), holder: me, taken_at, etag, lost, renewed, renewer }
     }
 
-    /// Whether another publish took the lease over (this one outlived it).
+    /// Whether this publish may no longer count on the lease: another took it over, or it
+    /// has gone unrenewed so long that another may have.
     pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        let since = self.renewed.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        self.lost.load(Ordering::SeqCst) || since + 2 * RENEW_EVERY > LEASE_TTL
     }
 
-    /// Gives the lease up (only the version this publish holds).
+    /// Gives the lease up (only while it is still this publish's).
     pub async fn release(self) -> Result<(), ShareError> {
-        self.renewer.abort();
-        let etag = self.etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if !self.lost() {
-            self.store.delete(&self.name, Some(&etag)).await?;
+        let Lease { store, name, holder, taken_at, etag, lost, renewer, .. } = self;
+        renewer.abort();
+        let _ = renewer.await;
+        if lost.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let etag = etag.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if store.delete(&name, Some(&etag)).await? {
+            return Ok(());
+        }
+        // A renewal cut short by the abort may have landed with an ETag never seen here: the
+        // lease is still ours if it names this holder and this taking.
+        if let Some(now) = store.get(&name).await? {
+            let ours = serde_json::from_slice::<LeaseBody>(&now.bytes)
+                .is_ok_and(|l| l.holder == holder && l.taken_at == taken_at);
+            if ours {
+                store.delete(&name, Some(&now.etag)).await?;
+            }
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ pub(super) fn load_cached(dir: &Path, stem: &str) -> Option<StagedBase> {
     let why = format!(
         "staged {} from this state of the archive (key {}); in the local cache",
         info.staged_at,
-        &info.cache_key[..12.min(info.cache_key.len())]
+        info.cache_key.get(..12).unwrap_or(&info.cache_key)
     );
     Some(StagedBase { tar, cached: true, info, age_secs, origin: Origin::Cache(why) })
 }

@@ -97,6 +97,11 @@ const INITRAMFS_ONCE: &str = "rm \"$1/usr/sbin/update-initramfs\" \
      && chroot \"$1\" dpkg-divert --quiet --local --rename --remove /usr/sbin/update-initramfs \
      && chroot \"$1\" update-initramfs -c -k all";
 
+/// The first 12 characters of a key, for names and messages (a whole short one).
+fn short(key: &str) -> &str {
+    key.get(..12).unwrap_or(key)
+}
+
 /// mmdebstrap's own hook that stages with dpkg under eatmydata and removes it afterwards.
 const EATMYDATA_HOOK: &str = "/usr/share/mmdebstrap/hooks/eatmydata";
 
@@ -222,19 +227,28 @@ pub enum Fetched {
     Corrupt(String),
 }
 
+/// How [`stage`] may find a base.
+#[derive(Clone, Copy)]
+pub struct StageOptions<'a> {
+    pub freshness: Freshness,
+    pub cache_dir: &'a Path,
+    /// Bases staged by other runners (`--cache-url`).
+    pub shared: Option<&'a dyn SharedBases>,
+    /// Whether a base staged at another state of the archive may be reused when apt resolves
+    /// its packages to the same versions. Not when a service layer will resolve its own
+    /// packages' Debian dependencies against the base's package lists: those are the older
+    /// state's.
+    pub reuse_resolved: bool,
+}
+
 /// Returns the base for these inputs and the archive as it is now, running mmdebstrap only when
 /// no base was staged from this state of the archive, here or (with `shared`) by another
-/// runner. A new base replaces the older ones staged from the same inputs and is shared.
-/// Offline, the newest cached base for these inputs is used.
-pub fn stage(
-    base: &DebianBase,
-    freshness: Freshness,
-    cache_dir: &Path,
-    shared: Option<&dyn SharedBases>,
-    progress: &dyn Progress,
-) -> Result<StagedBase, StageError> {
-    let dir = cache_dir.join("bases");
-    if freshness == Freshness::Offline {
+/// runner, and (with `reuse_resolved`) none staged at another state resolves to the same
+/// package versions. A new base replaces the older ones staged from the same inputs and is
+/// shared. Offline, the newest cached base for these inputs is used.
+pub fn stage(base: &DebianBase, opts: StageOptions, progress: &dyn Progress) -> Result<StagedBase, StageError> {
+    let dir = opts.cache_dir.join("bases");
+    if opts.freshness == Freshness::Offline {
         let mut found = newest_cached(base, &dir).ok_or_else(|| StageError::NothingCached {
             dir: dir.clone(),
             suite: base.suite.clone(),
@@ -245,26 +259,27 @@ pub fn stage(
     }
     let archive = probe_archive(base)?;
     let key = base.cache_key(&archive);
-    let stem = format!("{}{}", base.file_prefix(), &key[..12]);
-    let share_local = |found: StagedBase| {
-        if let Some(s) = shared {
+    let stem = format!("{}{}", base.file_prefix(), short(&key));
+    // Whatever this runner has, the fleet gets: under the archive state's name and the
+    // resolution's, where missing (a base found corrupt there is replaced by `share` itself).
+    let share = |found: StagedBase| {
+        if let Some(s) = opts.shared {
             let by_resolution = found.info.resolved.as_deref().map(|r| resolved_stem(base, r));
             for name in std::iter::once(stem.clone()).chain(by_resolution) {
-                match s.record(&name) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        if let Err(e) = s.share(&name, &found.tar, &found.info, progress) {
-                            progress.note(&format!("the base was not shared to {}: {e}", s.location()));
-                        }
-                    }
-                    Err(e) => progress.note(&format!("the shared cache {} cannot be read: {e}", s.location())),
+                let staged_here = matches!(found.origin, Origin::Staged(_));
+                let shared = s.record(&name).and_then(|r| match r {
+                    Some(_) if !staged_here => Ok(()),
+                    _ => s.share(&name, &found.tar, &found.info, progress),
+                });
+                if let Err(e) = shared {
+                    progress.note(&format!("the base was not shared to {}: {e}", s.location()));
                 }
             }
         }
-        found
+        Ok(found)
     };
     if let Some(found) = load_cached(&dir, &stem) {
-        return Ok(share_local(found));
+        return share(found);
     }
     std::fs::create_dir_all(&dir).map_err(|source| StageError::Io {
         what: "creating cache dir",
@@ -275,14 +290,14 @@ pub fn stage(
     let lock_path = dir.join(format!("{stem}.lock"));
     let _lock = lock_exclusive(&lock_path, progress)?;
     if let Some(found) = load_cached(&dir, &stem) {
-        return Ok(share_local(found));
+        return share(found);
     }
-    let mut why = format!("no base staged from this state of the archive (key {}) is cached", &key[..12]);
-    if let Some(s) = shared {
+    let mut why = format!("no base staged from this state of the archive (key {}) is cached", short(&key));
+    if let Some(s) = opts.shared {
         match fetch_shared(s, &dir, &stem, progress) {
             Ok(Ok(found)) => {
                 remove_older(base, &dir, &stem);
-                return Ok(found);
+                return share(found);
             }
             Ok(Err(reason)) | Err(reason) => {
                 if !reason.is_empty() {
@@ -296,25 +311,26 @@ pub fn stage(
     let mmdebstrap = crate::host::find_program("mmdebstrap").ok_or(StageError::NoMmdebstrap)?;
     // The archive's signature changed; did anything the base holds?
     progress.begin(&format!("resolving {} {} with apt", base.suite, base.arch), None, Unit::Items);
-    let resolution = resolve::resolve(&mmdebstrap, base, &archive)?;
-    progress.end(&resolution.as_ref().map_or("not understood".into(), |r| format!("{} packages", r.len())));
-    let resolved = resolution.as_ref().map(|r| r.key(&base.inputs_key()));
-    if let Some(r) = &resolution {
-        if let Some(found) = reuse_resolved(base, r, &dir, &stem, shared, progress)? {
-            return Ok(found);
+    let resolution = match resolve::resolve(&mmdebstrap, base, &archive) {
+        Ok(r) => r,
+        Err(e) => {
+            // Only a shortcut is lost: staging itself says what is wrong, if anything is.
+            progress.note(&format!("apt's resolution of the base failed; staging it afresh: {e}"));
+            None
         }
-        why = format!("{why}; {}", resolution_miss(base, &dir, &r.key(&base.inputs_key())));
-    }
-    let staged = run_staging(&mmdebstrap, base, &archive, (key, resolved.clone()), &dir, &stem, why, progress)?;
-    if let Some(s) = shared {
-        let names = std::iter::once(stem.clone()).chain(resolved.as_deref().map(|r| resolved_stem(base, r)));
-        for name in names {
-            if let Err(e) = s.share(&name, &staged.tar, &staged.info, progress) {
-                progress.note(&format!("the base was not shared to {}: {e}", s.location()));
+    };
+    progress.end(&resolution.as_ref().map_or("not understood".into(), |r| format!("{} packages", r.len())));
+    if let Some(r) = &resolution {
+        let rkey = r.key(&base.inputs_key());
+        if opts.reuse_resolved {
+            if let Some(found) = reuse_resolved(base, r, &dir, &stem, opts.shared, progress)? {
+                return share(found);
             }
         }
+        why = format!("{why}; {}", resolution_miss(base, &dir, &rkey, opts.reuse_resolved));
     }
-    Ok(staged)
+    let staged = run_staging(&mmdebstrap, base, &archive, (key, resolution.as_ref()), &dir, &stem, why, progress)?;
+    share(staged)
 }
 
 /// A base staged from these inputs at another state of the archive that resolves to the same
@@ -331,7 +347,7 @@ fn reuse_resolved(
     let same = format!(
         "the archive changed since the base was staged (a suite re-signed), but the {} packages the base holds resolve to the same versions (resolution {})",
         resolution.len(),
-        &r[..12]
+        short(&r)
     );
     let keep = |from: &str| {
         alias_cached(dir, from, stem).map_err(|source| StageError::Io {
@@ -357,12 +373,16 @@ fn reuse_resolved(
 
 /// Why no base fits when none staged from these inputs resolves to `resolved`: one that did
 /// resolves to other versions now, or there is none at all.
-fn resolution_miss(base: &DebianBase, dir: &Path, resolved: &str) -> String {
+fn resolution_miss(base: &DebianBase, dir: &Path, resolved: &str, reuse: bool) -> String {
     match newest_cached(base, dir) {
+        Some(b) if !reuse => format!(
+            "the archive changed since the cached base was staged ({}); a service layer resolves against the base's package lists, so they must be this state's",
+            b.info.staged_at
+        ),
         Some(b) if b.info.resolved.is_some() => format!(
             "the archive changed since the cached base was staged ({}), and so did the packages it resolves to (resolution {})",
             b.info.staged_at,
-            &resolved[..12]
+            short(resolved)
         ),
         Some(b) => format!(
             "the archive changed since the cached base was staged ({}), which recorded no resolution to compare",
@@ -375,7 +395,7 @@ fn resolution_miss(base: &DebianBase, dir: &Path, resolved: &str) -> String {
 /// The name a base is shared under by its resolution, beside its archive-state name: a runner
 /// at a re-signed state of the archive finds it by what it holds.
 fn resolved_stem(base: &DebianBase, resolved: &str) -> String {
-    format!("{}r{}", base.file_prefix(), &resolved[..12])
+    format!("{}r{}", base.file_prefix(), short(resolved))
 }
 
 /// Where a build would find the base for these inputs and the archive as it is now, found
@@ -389,11 +409,11 @@ pub struct Lookup {
     pub found: Result<(BaseInfo, Origin), String>,
 }
 
-pub fn lookup(base: &DebianBase, cache_dir: &Path, shared: Option<&dyn SharedBases>) -> Result<Lookup, StageError> {
-    let dir = cache_dir.join("bases");
+pub fn lookup(base: &DebianBase, opts: StageOptions) -> Result<Lookup, StageError> {
+    let (dir, shared) = (opts.cache_dir.join("bases"), opts.shared);
     let archive = probe_archive(base)?;
     let key = base.cache_key(&archive);
-    let stem = format!("{}{}", base.file_prefix(), &key[..12]);
+    let stem = format!("{}{}", base.file_prefix(), short(&key));
     let in_shared = |name: &str, why: &str| -> Option<(BaseInfo, Origin)> {
         let s = shared?;
         let info = s.record(name).ok()??;
@@ -408,6 +428,10 @@ pub fn lookup(base: &DebianBase, cache_dir: &Path, shared: Option<&dyn SharedBas
     let Some(mmdebstrap) = crate::host::find_program("mmdebstrap") else {
         return Ok(Lookup { key, found: Err("no base for this state of the archive is cached".into()) });
     };
+    if !opts.reuse_resolved {
+        let why = resolution_miss(base, &dir, "", false);
+        return Ok(Lookup { key, found: Err(why) });
+    }
     let found = match resolve::resolve(&mmdebstrap, base, &archive)? {
         None => Err("no base for this state of the archive is cached, and apt's resolution was not understood".into()),
         Some(r) => {
@@ -415,7 +439,9 @@ pub fn lookup(base: &DebianBase, cache_dir: &Path, shared: Option<&dyn SharedBas
             let same = "the archive changed, but the packages the base holds resolve to the same versions";
             match find_resolved(base, &dir, &rkey).and_then(|old| load_cached(&dir, &old)) {
                 Some(b) => Ok((b.info, Origin::Cache(same.into()))),
-                None => in_shared(&resolved_stem(base, &rkey), same).ok_or_else(|| resolution_miss(base, &dir, &rkey)),
+                None => {
+                    in_shared(&resolved_stem(base, &rkey), same).ok_or_else(|| resolution_miss(base, &dir, &rkey, true))
+                }
             }
         }
     };
@@ -455,7 +481,7 @@ fn fetch_shared(
     crate::formats::atomic::sync_dir(dir).map_err(io)?;
     let why = format!(
         "staged by another runner from this state of the archive (key {}); downloaded from {} and its SHA-256 verified",
-        &found.cache_key[..12.min(found.cache_key.len())],
+        short(&found.cache_key),
         s.location()
     );
     Ok(Ok(StagedBase { tar, cached: true, info: found, age_secs: 0, origin: Origin::Shared(why) }))
@@ -468,7 +494,7 @@ fn run_staging(
     mmdebstrap: &Path,
     base: &DebianBase,
     archive: &[SuiteState],
-    (key, resolved): (String, Option<String>),
+    (key, resolution): (String, Option<&Resolution>),
     dir: &Path,
     stem: &str,
     why: String,
@@ -509,6 +535,22 @@ fn run_staging(
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default();
+    // The resolution names this base only if the base holds what it named: a mirror behind a
+    // CDN may have served the staging another state than the simulation.
+    let resolved = match resolution.map(|r| (r, r.holds_all_installed(&partial))) {
+        Some((r, Ok(true))) => Some(r.key(&base.inputs_key())),
+        Some((_, Ok(false))) => {
+            progress.note(
+                "the staged packages are not those apt's simulation named; this base is not reused by its resolution",
+            );
+            None
+        }
+        Some((_, Err(e))) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(io("reading the dpkg status of", &partial)(e));
+        }
+        None => None,
+    };
     let info = BaseInfo { cache_key: key, staged_at, archive: archive.to_vec(), resolved };
     // The record first: a tarball without one is not trusted (see load_cached).
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
@@ -534,7 +576,8 @@ fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteStat
         // update-initramfs does nothing while packages are installed, and runs once at the
         // end, with every package configured: the state the trigger's run saw.
         cmd.arg(format!("--essential-hook={INITRAMFS_DEFER}")).arg(format!("--customize-hook={INITRAMFS_ONCE}"));
-        if Path::new(EATMYDATA_HOOK).is_dir() {
+        // The hook asks dpkg-architecture (dpkg-dev) where the chroot's libraries live.
+        if Path::new(EATMYDATA_HOOK).is_dir() && crate::host::find_program("dpkg-architecture").is_some() {
             // dpkg and the maintainer scripts without fsync: a staging that fails is thrown
             // away whole, so durability on the way buys nothing, and each fsync is a host
             // syscall that qemu-user waits for (benches/fleet.sh measures it).

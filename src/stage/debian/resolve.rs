@@ -41,6 +41,28 @@ impl Resolution {
         self.packages.is_empty()
     }
 
+    /// Whether every package installed in the staged tarball at `tar` is one this resolution
+    /// names, at its version and architecture.
+    pub fn holds_all_installed(&self, tar: &Path) -> std::io::Result<bool> {
+        use std::io::Read;
+        let mut archive = tar::Archive::new(std::fs::File::open(tar)?);
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let path = entry.path()?.into_owned();
+            if path.strip_prefix(".").unwrap_or(&path) != Path::new("var/lib/dpkg/status") {
+                continue;
+            }
+            let mut text = String::new();
+            entry.read_to_string(&mut text)?;
+            let installed = super::parse_dpkg_status(&text);
+            return Ok(!installed.is_empty()
+                && installed
+                    .iter()
+                    .all(|p| self.packages.binary_search(&format!("{} {} {}", p.name, p.version, p.arch)).is_ok()));
+        }
+        Ok(false)
+    }
+
     /// Whether every requested package is among the resolved ones: a simulation whose output
     /// kiln did not understand must never pass for "nothing changed".
     fn covers(&self, requested: &[String]) -> bool {
