@@ -38,9 +38,40 @@ pub fn kiln() -> Command {
 }
 
 pub fn tempdir() -> tempfile::TempDir {
-    let base = std::env::var_os("KILN_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new().prefix("kiln-test-").tempdir_in(base).unwrap()
+    tempfile::Builder::new().prefix("kiln-test-").tempdir_in(run_dir()).unwrap()
+}
+
+/// This run's directory, `kiln-test-run-PID` in the temporary directory: every test directory
+/// lives in it, and it goes when the test binary exits. Statics that hold a directory (an image
+/// built once for many tests) are never dropped, so without it each run would leave gigabytes
+/// behind. A run that was killed leaves its directory; the next run removes it.
+static RUN_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+fn run_dir() -> &'static Path {
+    RUN_DIR.get_or_init(|| {
+        let base = std::env::var_os("KILN_TEST_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&base).unwrap();
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let dead = name
+                .strip_prefix("kiln-test-run-")
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+            if dead {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = base.join(format!("kiln-test-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        extern "C" fn remove_run_dir() {
+            if let Some(d) = RUN_DIR.get() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+        // SAFETY: registers a plain function with no captured state; it runs once at exit.
+        unsafe { libc::atexit(remove_run_dir) };
+        dir
+    })
 }
 
 /// Finds `name` on PATH or in the sbin directories (e2fsck, debugfs live there). Returns None
