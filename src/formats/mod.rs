@@ -7,11 +7,13 @@
 
 pub mod atomic;
 pub mod bundle;
+pub mod elf;
 pub mod ext4;
 pub mod fat;
 pub mod gpt;
 pub mod grub_pc;
 pub mod image;
+pub mod initramfs;
 pub mod inspect;
 pub mod progress;
 pub mod spdx;

@@ -14,6 +14,7 @@ mod cache;
 mod dpkg;
 mod host;
 mod mmdebstrap;
+mod native;
 mod resolve;
 
 use std::path::{Path, PathBuf};
@@ -505,30 +506,53 @@ fn run_staging(
     // leaves no tarball that a later build would trust.
     let partial = tar.with_extension("tar.partial");
     let log = tar.with_extension("log");
-    let mut cmd = mmdebstrap_command(mmdebstrap, base, archive, Some(&partial));
-    if let Some(e) = base.source_date_epoch.or_else(|| staging_epoch(archive)) {
-        cmd.env("SOURCE_DATE_EPOCH", e.to_string());
-    }
-    let cmdline = format!("{cmd:?}");
-    progress.begin(&format!("staging {} {} with mmdebstrap", base.suite, base.arch), None, Unit::Items);
     fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StageError + 'a {
         move |source| StageError::Io { what, path: path.to_path_buf(), source }
     }
-    let (status, log_text) = run_mmdebstrap(&mut cmd, |line| {
-        if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
-            progress.advance(1);
+    progress.begin(&format!("staging {} {} with mmdebstrap", base.suite, base.arch), None, Unit::Items);
+    let eatmydata = eatmydata_usable();
+    let native = native::plan(base.arch, eatmydata).and_then(|n| match n.prepare(dir) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            progress.note(&format!("the host's tools were not prepared for the chroot ({e}); staging fully emulated"));
+            None
         }
-    })
-    .map_err(io("running mmdebstrap for", &partial))?;
-    if let Err(stop) = crate::interrupt::check() {
-        let _ = std::fs::remove_file(&partial);
-        return Err(stop.into());
-    }
-    crate::formats::atomic::write(&log, log_text.as_bytes()).map_err(io("writing log", &log))?;
-    if !status.success() {
-        let _ = std::fs::remove_file(&partial);
-        let tail = tail(log_text.lines(), 25);
-        return Err(StageError::Failed { cmd: cmdline, status: status.to_string(), tail, log });
+    });
+    let run = |native: Option<&native::Prepared>| -> Result<(), StageError> {
+        let mut cmd = mmdebstrap_command(mmdebstrap, base, archive, Some(&partial), Speed { eatmydata, native });
+        if let Some(e) = base.source_date_epoch.or_else(|| staging_epoch(archive)) {
+            cmd.env("SOURCE_DATE_EPOCH", e.to_string());
+        }
+        let cmdline = format!("{cmd:?}");
+        let (status, log_text) = run_mmdebstrap(&mut cmd, |line| {
+            if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+                progress.advance(1);
+            }
+        })
+        .map_err(io("running mmdebstrap for", &partial))?;
+        if let Err(stop) = crate::interrupt::check() {
+            let _ = std::fs::remove_file(&partial);
+            return Err(stop.into());
+        }
+        crate::formats::atomic::write(&log, log_text.as_bytes()).map_err(io("writing log", &log))?;
+        if !status.success() {
+            let _ = std::fs::remove_file(&partial);
+            let tail = tail(log_text.lines(), 25);
+            return Err(StageError::Failed { cmd: cmdline, status: status.to_string(), tail, log: log.clone() });
+        }
+        Ok(())
+    };
+    run(native.as_ref())?;
+    if let Some(n) = &native {
+        // A host binary in the base would not run on the image's machine.
+        if let Some(leak) = n.find_leak(&partial).map_err(io("checking the staged base", &partial))? {
+            progress.note(&format!(
+                "{leak}: a package copied one of the host's tools while they stood in for the chroot's; staging again, fully emulated (set {}=0 to always)",
+                native::SWITCH
+            ));
+            let _ = std::fs::remove_file(&partial);
+            run(None)?;
+        }
     }
     let staged_at = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
@@ -563,9 +587,30 @@ fn run_staging(
     Ok(StagedBase { tar, cached: false, info, age_secs: 0, origin: Origin::Staged(why) })
 }
 
+/// The hooks that make a staging faster without changing what it stages.
+#[derive(Clone, Copy, Default)]
+struct Speed<'a> {
+    /// dpkg under eatmydata (mmdebstrap's hook directory).
+    eatmydata: bool,
+    /// The host's tools stand in for the chroot's (a foreign architecture).
+    native: Option<&'a native::Prepared>,
+}
+
+/// Whether mmdebstrap's eatmydata hook can run here: it asks dpkg-architecture (dpkg-dev)
+/// where the chroot's libraries live.
+fn eatmydata_usable() -> bool {
+    Path::new(EATMYDATA_HOOK).is_dir() && crate::host::find_program("dpkg-architecture").is_some()
+}
+
 /// mmdebstrap's command line for `base` from the archive's suites as they are now, writing the
 /// tarball to `partial`, or with None simulating the installation (apt's resolution, printed).
-fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteState], partial: Option<&Path>) -> Command {
+fn mmdebstrap_command(
+    mmdebstrap: &Path,
+    base: &DebianBase,
+    archive: &[SuiteState],
+    partial: Option<&Path>,
+    speed: Speed,
+) -> Command {
     let mut cmd = Command::new(mmdebstrap);
     if partial.is_none() {
         cmd.args(["--simulate", "--verbose"]);
@@ -575,14 +620,24 @@ fn mmdebstrap_command(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteStat
         // took ~170 s of an arm64 staging's 711 s under qemu-user (2026-12-07). So
         // update-initramfs does nothing while packages are installed, and runs once at the
         // end, with every package configured: the state the trigger's run saw.
-        cmd.arg(format!("--essential-hook={INITRAMFS_DEFER}")).arg(format!("--customize-hook={INITRAMFS_ONCE}"));
-        // The hook asks dpkg-architecture (dpkg-dev) where the chroot's libraries live.
-        if Path::new(EATMYDATA_HOOK).is_dir() && crate::host::find_program("dpkg-architecture").is_some() {
+        cmd.arg(format!("--essential-hook={INITRAMFS_DEFER}"));
+        if let Some(n) = speed.native {
+            // In after the essential packages (the shell, coreutils), again for those the
+            // remaining ones brought (cpio), out once the initramfs is built.
+            cmd.arg(format!("--essential-hook={}", n.swap_in())).arg(format!("--customize-hook={}", n.swap_in()));
+        }
+        cmd.arg(format!("--customize-hook={INITRAMFS_ONCE}"));
+        if let Some(n) = speed.native {
+            cmd.arg(format!("--customize-hook={}", n.swap_out()));
+        }
+        if speed.eatmydata {
             // dpkg and the maintainer scripts without fsync: a staging that fails is thrown
             // away whole, so durability on the way buys nothing, and each fsync is a host
             // syscall that qemu-user waits for (benches/fleet.sh measures it).
             cmd.arg(format!("--hook-dir={EATMYDATA_HOOK}"));
-            // Its library is gone again; the linker's cache must not name it.
+        }
+        if speed.eatmydata || speed.native.is_some() {
+            // Their libraries are gone again; the linker's cache must not name them.
             cmd.arg("--customize-hook=chroot \"$1\" ldconfig");
         }
     }

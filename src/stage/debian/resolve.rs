@@ -98,7 +98,7 @@ pub fn parse_simulation(log: &str) -> Resolution {
 /// `archive`. Downloads the suites' package lists, installs nothing. None when the simulation's
 /// output does not account for every requested package (then nothing may be concluded).
 pub fn resolve(mmdebstrap: &Path, base: &DebianBase, archive: &[SuiteState]) -> Result<Option<Resolution>, StageError> {
-    let mut cmd = mmdebstrap_command(mmdebstrap, base, archive, None);
+    let mut cmd = mmdebstrap_command(mmdebstrap, base, archive, None, Default::default());
     let cmdline = format!("{cmd:?}");
     let (status, log) = run_mmdebstrap(&mut cmd, |_| {}).map_err(|source| StageError::Io {
         what: "running mmdebstrap --simulate for",
