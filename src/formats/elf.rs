@@ -104,7 +104,7 @@ mod tests {
         let mut nowhere = std::fs::read("/bin/true").unwrap();
         set_interpreter(&mut nowhere, "/nonexistent/ld.so").unwrap();
         assert!(run(&nowhere).is_err(), "the kernel found a loader at a path that has none");
-        let long = "/".repeat(loader.len());
+        let long = "/".repeat(loader.len() + 1);
         assert_eq!(set_interpreter(&mut exe, &long), Err(ElfError::TooLong(long.clone(), loader.len())));
         assert_eq!(set_interpreter(&mut b"#!/bin/sh".to_vec(), "/x"), Err(ElfError::Format));
     }
