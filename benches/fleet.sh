@@ -9,7 +9,8 @@
 # without the hooks kiln adds for speed:
 #   staging before: without them (kiln's staging until 2026-12-07: dpkg with fsync, and the
 #                   initramfs built twice, by the kernel's postinst and again by its trigger);
-#   staging after:  as kiln stages now (eatmydata, one initramfs at the end).
+#   staging after:  with them (eatmydata, one initramfs at the end). Neither side uses the
+#                   host's tools in a foreign chroot: benches/cold.sh --arm64 measures those.
 # Medians of wall, user and system time over ROUNDS; `sync` before each side. Needs the
 # network the recipe's mirror needs, .ci/setup-moto, and qemu-user-static for arm64.
 #
@@ -57,6 +58,11 @@ from() { "$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1
 sha() { "$venv/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$work/out.json"; }
 stage() { # with|without kiln's speed hooks
   mapfile -t args < "$work/staging-args"
+  # The host's tools in a foreign chroot (stage/debian/native.rs) are prepared by kiln for one
+  # staging and cannot be replayed: both sides stage without them.
+  local own=()
+  for a in "${args[@]}"; do case "$a" in *native-tools.*) ;; *) own+=("$a") ;; esac; done
+  args=("${own[@]}")
   if [ "$1" = without ]; then
     local kept=()
     for a in "${args[@]}"; do
