@@ -11,8 +11,9 @@
 #                 apt-get install -t bookworm-backports mkosi systemd-boot cpio kmod
 #               It reads the main suite only (LocalMirror=), and builds its own default initrd.
 # for recipes/debian-12-minimal.toml and recipes/debian-12-ec2.toml on amd64; with --arm64,
-# also kiln's cold arm64 build of the EC2 recipe (mmdebstrap under qemu-user: many minutes),
-# compared by staging time (mmdebstrap's own "success in" figure) with the amd64 one.
+# also kiln's cold arm64 build of the EC2 recipe (mmdebstrap under qemu-user: minutes),
+# compared by staging time (mmdebstrap's own "success in" figure) with the amd64 one, and the
+# same build with every program in the chroot emulated (KILN_NATIVE_TOOLS=0, ten minutes).
 # Medians of wall, user and system time (children included) over ROUNDS.
 #
 # Usage: benches/cold.sh [--arm64] [ROUNDS]   (ROUNDS defaults to 3; arm64 runs once)
@@ -43,10 +44,11 @@ median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 t() { /usr/bin/time -f "%e %U %S" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { tail -30 "$work/err" >&2; exit 1; }; cat "$work/time"; }
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/out" "$1"; }
 
-kiln_side() { # RECIPE ARCH
+kiln_side() { # RECIPE ARCH [NAME=VALUE]
   rm -rf "$work/cache" "$work/out-img"; sync
-  t env PATH="$work/bin:$PATH" KILN_CACHE_DIR="$work/cache" "$kiln" build "$1" --arch "$2" --out "$work/out-img" --json
+  t env PATH="$work/bin:$PATH" KILN_CACHE_DIR="$work/cache" ${3:-} "$kiln" build "$1" --arch "$2" --out "$work/out-img" --json
   [ "$(json 'd["base_origin"]["from"]')" = staged ] || { echo "kiln did not stage $1 afresh" >&2; exit 1; }
+  json 'd["sha256"]' > "$work/sha256"
   # mmdebstrap's own figure for the staging alone.
   grep -ho 'success in [0-9.]* seconds' "$work"/cache/bases/*.log | awk '{print $3}' > "$work/staging-secs"
 }
@@ -106,22 +108,24 @@ command -v mkosi >/dev/null && have_mkosi=yes
 record() { for f in "$@"; do echo "${!f}" >> "$work/$f"; done; }
 m() { median < "$work/$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
+# Runs a side to the end (its failure stops the script), leaving its figures in $work/res.
+side() { "$@" > "$work/res"; }
 
 for i in $(seq "$rounds"); do
-  read -r kmw kmu kms < <(kiln_side recipes/debian-12-minimal.toml x86_64)
+  side kiln_side recipes/debian-12-minimal.toml x86_64; read -r kmw kmu kms < "$work/res"
   kmst=$(cat "$work/staging-secs")
-  read -r pmw pmu pms < <(mmdebstrap_side)
+  side mmdebstrap_side; read -r pmw pmu pms < "$work/res"
   line="round $i minimal: kiln ${kmw}s (user ${kmu}s, sys ${kms}s; staging ${kmst}s)  mmdebstrap ${pmw}s (user ${pmu}s, sys ${pms}s)"
   record kmw kmu kms kmst pmw pmu pms
   if [ $have_mkosi = yes ]; then
-    read -r xmw xmu xms < <(mkosi_side)
+    side mkosi_side; read -r xmw xmu xms < "$work/res"
     line="$line  mkosi ${xmw}s (user ${xmu}s, sys ${xms}s)"
     record xmw xmu xms
   fi
   echo "$line"
-  read -r kew keu kes < <(kiln_side recipes/debian-12-ec2.toml x86_64)
+  side kiln_side recipes/debian-12-ec2.toml x86_64; read -r kew keu kes < "$work/res"
   kest=$(cat "$work/staging-secs")
-  read -r pew peu pes < <(mmdebstrap_side)
+  side mmdebstrap_side; read -r pew peu pes < "$work/res"
   echo "round $i ec2 amd64: kiln ${kew}s (user ${keu}s, sys ${kes}s; staging ${kest}s)  mmdebstrap ${pew}s (user ${peu}s, sys ${pes}s)"
   record kew keu kes kest pew peu pes
 done
@@ -133,7 +137,16 @@ fi
 echo "median ec2 amd64: kiln $(m kew)s (user $(m keu)s, sys $(m kes)s; staging $(m kest)s), plain mmdebstrap $(m pew)s (user $(m peu)s, sys $(m pes)s): kiln takes $(ratio "$(m kew)" "$(m pew)")x mmdebstrap's time"
 
 if [ $arm64 = yes ]; then
-  read -r kaw kau kas < <(kiln_side recipes/debian-12-ec2.toml arm64)
-  kast=$(cat "$work/staging-secs")
+  side kiln_side recipes/debian-12-ec2.toml arm64; read -r kaw kau kas < "$work/res"
+  kast=$(cat "$work/staging-secs") native_sha=$(cat "$work/sha256")
   echo "ec2 arm64: kiln ${kaw}s (user ${kau}s, sys ${kas}s; staging ${kast}s): its staging takes $(ratio "$kast" "$(m kest)")x the amd64 staging's time"
+  # The same, every program in the chroot emulated (KILN_NATIVE_TOOLS=0).
+  side kiln_side recipes/debian-12-ec2.toml arm64 KILN_NATIVE_TOOLS=0; read -r eaw eau eas < "$work/res"
+  east=$(cat "$work/staging-secs") emulated_sha=$(cat "$work/sha256")
+  echo "ec2 arm64, fully emulated: kiln ${eaw}s (user ${eau}s, sys ${eas}s; staging ${east}s): the host's tools make the staging $(ratio "$east" "$kast")x faster"
+  if [ "$native_sha" = "$emulated_sha" ]; then
+    echo "ec2 arm64: the same image both ways, sha256 $native_sha"
+  else
+    echo "ec2 arm64: OTHER BYTES: $native_sha with the host's tools, $emulated_sha emulated (did the archive change between them?)"
+  fi
 fi

@@ -637,9 +637,12 @@ fn mmdebstrap_command(
         // end, with every package configured: the state the trigger's run saw.
         cmd.arg(format!("--essential-hook={INITRAMFS_DEFER}"));
         if let Some(n) = speed.native {
-            // In after the essential packages (the shell, coreutils), again for those the
-            // remaining ones brought (cpio), out once the initramfs is built.
-            cmd.arg(format!("--essential-hook={}", n.swap_in())).arg(format!("--customize-hook={}", n.swap_in()));
+            // In once the essential packages are extracted (the shell, coreutils), again after
+            // dpkg installed them over it and for what the remaining packages brought (cpio),
+            // out once the initramfs is built.
+            cmd.arg(format!("--extract-hook={}", n.swap_in()))
+                .arg(format!("--essential-hook={}", n.swap_in()))
+                .arg(format!("--customize-hook={}", n.swap_in()));
         }
         cmd.arg(format!("--customize-hook={INITRAMFS_ONCE}"));
         if let Some(n) = speed.native {

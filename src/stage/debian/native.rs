@@ -146,8 +146,10 @@ impl NativeTools {
         let src = shell_quote(dir.path());
         let tools: Vec<&str> = self.tools.iter().map(|(n, _)| n.as_str()).collect();
         let (libdir, tools) = (&self.lib_dir, tools.join(" "));
-        // Idempotent, so it runs twice: after the essential packages (the shell, coreutils)
-        // and again before the initramfs (cpio came with the remaining packages).
+        // It runs three times: once the essential packages are extracted (the shell,
+        // coreutils), again once dpkg has installed them over what it put in, and before the
+        // initramfs (cpio came with the remaining packages). A tool that is not the host's
+        // build (yet, or again) is put aside and replaced; one that is stays.
         let swap_in = format!(
             "set -eu\nroot=$1\nsrc={src}\n\
              if [ ! -e \"$src/active\" ]; then\n\
@@ -159,8 +161,8 @@ impl NativeTools {
              fi\n\
              for t in {tools}; do\n\
              \x20 p=\"$root/usr/bin/$t\"\n\
-             \x20 if [ -f \"$p\" ] && [ ! -L \"$p\" ] && [ ! -e \"$p.kiln-emulated\" ]; then\n\
-             \x20   mv \"$p\" \"$p.kiln-emulated\" && cp \"$src/bin/$t\" \"$p\" && chmod 755 \"$p\" && echo \"$t\" >> \"$src/swapped\"\n\
+             \x20 if [ -f \"$p\" ] && [ ! -L \"$p\" ] && ! cmp -s \"$p\" \"$src/bin/$t\"; then\n\
+             \x20   mv -f \"$p\" \"$p.kiln-emulated\" && cp \"$src/bin/$t\" \"$p\" && chmod 755 \"$p\" && echo \"$t\" >> \"$src/swapped\"\n\
              \x20 fi\n\
              done\n"
         );
@@ -168,7 +170,7 @@ impl NativeTools {
             "set -eu\nroot=$1\nsrc={src}\n\
              [ -e \"$src/active\" ] || exit 0\n\
              if [ -e \"$src/swapped\" ]; then\n\
-             \x20 while read -r t; do mv -f \"$root/usr/bin/$t.kiln-emulated\" \"$root/usr/bin/$t\"; done < \"$src/swapped\"\n\
+             \x20 sort -u \"$src/swapped\" | while read -r t; do mv -f \"$root/usr/bin/$t.kiln-emulated\" \"$root/usr/bin/$t\"; done\n\
              fi\n\
              rm -r \"$root{libdir}\" \"$root{LOADER}\"\n\
              rm -f \"$src/active\" \"$src/swapped\"\n"
@@ -304,7 +306,13 @@ mod tests {
         let before = snapshot(&root);
         let prepared = tools.prepare(t.path()).unwrap();
         run_hook(&prepared.swap_in(), &root);
+        // dpkg installs a package over the tool that stands in for its own: the next run puts
+        // the host's back, and what dpkg installed is what comes back at the end.
+        std::fs::remove_file(root.join("usr/bin/cp")).unwrap();
+        std::fs::write(root.join("usr/bin/cp"), "the chroot's own cp\n").unwrap();
         run_hook(&prepared.swap_in(), &root);
+        run_hook(&prepared.swap_in(), &root);
+        assert_eq!(std::fs::read(root.join("usr/bin/cp")).unwrap(), std::fs::read(t.path().join(prepared.dir.path().join("bin/cp"))).unwrap());
         assert!(!root.join("lib64").exists(), "mkinitramfs would copy a /lib64 into the initramfs");
         let realpath = std::fs::read(root.join("usr/bin/realpath")).unwrap();
         assert_eq!(
