@@ -312,7 +312,10 @@ mod tests {
         std::fs::write(root.join("usr/bin/cp"), "the chroot's own cp\n").unwrap();
         run_hook(&prepared.swap_in(), &root);
         run_hook(&prepared.swap_in(), &root);
-        assert_eq!(std::fs::read(root.join("usr/bin/cp")).unwrap(), std::fs::read(t.path().join(prepared.dir.path().join("bin/cp"))).unwrap());
+        assert_eq!(
+            std::fs::read(root.join("usr/bin/cp")).unwrap(),
+            std::fs::read(t.path().join(prepared.dir.path().join("bin/cp"))).unwrap()
+        );
         assert!(!root.join("lib64").exists(), "mkinitramfs would copy a /lib64 into the initramfs");
         let realpath = std::fs::read(root.join("usr/bin/realpath")).unwrap();
         assert_eq!(
