@@ -19,7 +19,10 @@ use super::progress::TermProgress;
 /// apt's resolution decides: a re-signed suite with the same package versions reuses the base,
 /// a new version of any package in it (a security fix) stages afresh; --json says which
 /// (base_origin). --offline uses the cache as it is. --cache-url shares staged bases with other
-/// runners through S3 (see README.md, "CI fleets"). Then kiln lays
+/// runners through S3 (see README.md, "CI fleets"). A foreign architecture (arm64 on an
+/// x86_64 host) is staged under qemu-user with the host's shell and file tools standing in
+/// for the chroot's while packages are configured: the same bytes, several times faster
+/// (KILN_NATIVE_TOOLS=0 stages fully emulated). Then kiln lays
 /// the recipe's files and generated system files over the base, and writes a GPT disk with a
 /// FAT32 ESP (systemd-boot) and an ext4 root in one ordered pass.
 ///
