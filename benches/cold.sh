@@ -30,16 +30,9 @@ work=$(mktemp -d /var/tmp/kiln-bench-cold.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 unset SOURCE_DATE_EPOCH KILN_CACHE_URL KILN_STATE_URL
 
-# kiln's mmdebstrap, wrapped to keep the arguments of the staging (not of --simulate).
-mkdir -p "$work/bin"
-cat > "$work/bin/mmdebstrap" <<EOF
-#!/bin/sh
-case " \$* " in *" --simulate "*) ;; *) printf '%s\n' "\$@" > "$work/staging-args" ;; esac
-exec /usr/bin/mmdebstrap "\$@"
-EOF
-chmod +x "$work/bin/mmdebstrap"
-
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+. benches/lib.sh
+# kiln's mmdebstrap, wrapped to keep the arguments of the staging.
+wrap_mmdebstrap "$work"
 # wall seconds, user seconds, system seconds (children included)
 t() { /usr/bin/time -f "%e %U %S" -o "$work/time" "$@" >"$work/out" 2>"$work/err" || { tail -30 "$work/err" >&2; exit 1; }; cat "$work/time"; }
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$work/out" "$1"; }

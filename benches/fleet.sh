@@ -38,16 +38,9 @@ export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 unset SOURCE_DATE_EPOCH KILN_STATE_URL
 "$venv/bin/python" -c "import boto3; boto3.client('s3', endpoint_url='$AWS_ENDPOINT_URL').create_bucket(Bucket='kiln-bench')"
 
-# kiln's mmdebstrap, wrapped to keep the arguments of the staging (not of --simulate).
-mkdir -p "$work/bin"
-cat > "$work/bin/mmdebstrap" <<EOF
-#!/bin/sh
-case " \$* " in *" --simulate "*) ;; *) printf '%s\n' "\$@" > "$work/staging-args" ;; esac
-exec /usr/bin/mmdebstrap "\$@"
-EOF
-chmod +x "$work/bin/mmdebstrap"
-
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+. benches/lib.sh
+# kiln's mmdebstrap, wrapped to keep the arguments of the staging.
+wrap_mmdebstrap "$work"
 # wall seconds, user seconds, system seconds (children included)
 t() { /usr/bin/time -f "%e %U %S" -o "$work/time" "$@" >"$work/out.json" 2>"$work/err" || { cat "$work/err" >&2; exit 1; }; cat "$work/time"; }
 build() { # CACHE ARCH [URL]
