@@ -558,10 +558,7 @@ fn run_staging(
     if let Some(n) = &native {
         // A host binary in the base would not run on the image's machine.
         if let Some(leak) = n.find_leak(&partial).map_err(io("checking the staged base", &partial))? {
-            progress.note(&format!(
-                "{leak}: a package copied one of the host's tools while they stood in for the chroot's; staging again, fully emulated (set {}=0 to always)",
-                native::SWITCH
-            ));
+            progress.note(&format!("{leak}; staging again, fully emulated (set {}=0 to always)", native::SWITCH));
             let _ = std::fs::remove_file(&partial);
             run(None)?;
         }

@@ -76,15 +76,15 @@ fn host_tools(eatmydata: bool) -> Option<NativeTools> {
         tools.push((name.to_string(), path));
     }
     let loader = loader?;
-    let lib_dir = libs.iter().find(|p| p.file_name().is_some_and(|n| n == "libc.so.6"))?.parent()?.file_name()?;
-    let lib_dir = format!("/usr/lib/{}", lib_dir.to_str()?);
+    // The host's multiarch directory, where its libc is (`/lib/x86_64-linux-gnu`).
+    let host_dir = libs.iter().find(|p| p.file_name().is_some_and(|n| n == "libc.so.6"))?.parent()?.to_path_buf();
+    let lib_dir = format!("/usr/lib/{}", host_dir.file_name()?.to_str()?);
     if LOADER.len() >= loader.as_os_str().len() || !tools.iter().any(|(n, _)| n == "dash") {
         return None;
     }
     if eatmydata {
         // eatmydata preloads its library into dpkg and every process under it: the host's
         // build of it must be there for the host's tools, or each would print a loader error.
-        let host_dir = libs.iter().find(|p| p.file_name().is_some_and(|n| n == "libc.so.6"))?.parent()?;
         let preload =
             ["", "/usr"].iter().map(|u| Path::new(&format!("{u}{}", host_dir.display())).join("libeatmydata.so"));
         libs.insert(preload.into_iter().find(|p| p.exists())?);
@@ -192,8 +192,14 @@ impl Prepared {
         format!("sh {} \"$1\"", shell_quote(&self.dir.path().join("out.sh")))
     }
 
+    /// Which host file put in `bytes` are, if any.
+    fn host_file(&self, bytes: &[u8]) -> Option<&String> {
+        self.put_in.get(&<[u8; 32]>::from(Sha256::digest(bytes)))
+    }
+
     /// The first file of the staged base `tar`, or of an initramfs in it, that holds the
-    /// bytes of a host file put in: Ok(None) when there is none.
+    /// bytes of a host file put in, or the first initramfs kiln cannot read: Ok(None) when
+    /// there is neither.
     pub fn find_leak(&self, tar: &Path) -> std::io::Result<Option<Leak>> {
         let mut archive = tar::Archive::new(std::fs::File::open(tar)?);
         for entry in archive.entries()? {
@@ -203,30 +209,29 @@ impl Prepared {
             }
             let path = format!("/{}", entry.path()?.to_string_lossy().trim_start_matches("./").trim_start_matches('/'));
             let initrd = path.starts_with("/boot/initrd.img-");
-            let mut bytes = Vec::new();
             // The host's files are ELF; reading only those keeps the scan to the binaries.
-            let mut head = [0u8; 4];
-            let n = entry.read(&mut head)?;
-            if !initrd && &head[..n] != b"\x7fELF" {
+            let mut bytes = Vec::new();
+            (&mut entry).take(4).read_to_end(&mut bytes)?;
+            if !initrd && bytes != b"\x7fELF" {
                 continue;
             }
-            bytes.extend_from_slice(&head[..n]);
             entry.read_to_end(&mut bytes)?;
-            if let Some(name) = self.put_in.get(&<[u8; 32]>::from(Sha256::digest(&bytes))) {
-                return Ok(Some(Leak { path, host_file: name.clone() }));
+            if let Some(name) = self.host_file(&bytes) {
+                return Ok(Some(Leak::HostFile { path, host_file: name.clone() }));
             }
             if initrd {
                 let mut found = None;
                 let read = kiln_formats::initramfs::for_each_entry(&bytes, |e| {
                     if found.is_none() {
-                        if let Some(name) = self.put_in.get(&<[u8; 32]>::from(Sha256::digest(e.data))) {
-                            found = Some(Leak { path: format!("{path}:/{}", e.name), host_file: name.clone() });
+                        if let Some(name) = self.host_file(e.data) {
+                            found =
+                                Some(Leak::HostFile { path: format!("{path}:/{}", e.name), host_file: name.clone() });
                         }
                     }
                 });
                 if let Err(e) = read {
-                    // Unread is unproven: treated as a leak, so the base is staged again.
-                    return Ok(Some(Leak { path, host_file: format!("(cannot be checked: {e})") }));
+                    // Unread is unproven: the base is staged again, as for a host file.
+                    return Ok(Some(Leak::Unreadable { path, why: e.to_string() }));
                 }
                 if found.is_some() {
                     return Ok(found);
@@ -237,18 +242,25 @@ impl Prepared {
     }
 }
 
-/// A host file found in a staged base.
+/// Why a staged base made with the host's tools is not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Leak {
-    /// Where: a path in the base, or `INITRD:/path` inside an initramfs.
-    pub path: String,
-    /// Which host file it is (as put in), or why the place could not be checked.
-    pub host_file: String,
+pub enum Leak {
+    /// A file holds a host file's bytes: `path` in the base, or `INITRD:/path` inside an
+    /// initramfs; `host_file` is where that file was put in.
+    HostFile { path: String, host_file: String },
+    /// An initramfs kiln cannot read, so cannot check.
+    Unreadable { path: String, why: String },
 }
 
 impl std::fmt::Display for Leak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} holds the host's {}", self.path, self.host_file)
+        match self {
+            Leak::HostFile { path, host_file } => write!(
+                f,
+                "{path} holds the host's {host_file}: a package copied one of the host's tools while they stood in for the chroot's"
+            ),
+            Leak::Unreadable { path, why } => write!(f, "{path} cannot be checked for the host's tools: {why}"),
+        }
     }
 }
 
@@ -351,7 +363,7 @@ mod tests {
         assert_eq!(prepared.find_leak(&clean).unwrap(), None);
         let leaked = base(&[("./usr/local/bin/rp", &realpath)]);
         let found = prepared.find_leak(&leaked).unwrap().expect("a host binary in the base went unseen");
-        assert_eq!((found.path.as_str(), found.host_file.as_str()), ("/usr/local/bin/rp", "/usr/bin/realpath"));
+        assert_eq!(found, Leak::HostFile { path: "/usr/local/bin/rp".into(), host_file: "/usr/bin/realpath".into() });
         let mut cpio = Vec::new();
         let header = format!(
             "070701{:08x}{:08x}{}{:08x}{}{:08x}{:08x}",
@@ -374,9 +386,15 @@ mod tests {
         gz.write_all(&cpio).unwrap();
         let in_initrd = base(&[("./boot/initrd.img-6.1.0-57-cloud-arm64", &gz.finish().unwrap())]);
         let found = prepared.find_leak(&in_initrd).unwrap().expect("a host binary in the initramfs went unseen");
-        assert_eq!(found.path, "/boot/initrd.img-6.1.0-57-cloud-arm64:/usr/bin/cat");
+        assert!(
+            matches!(&found, Leak::HostFile { path, .. } if path == "/boot/initrd.img-6.1.0-57-cloud-arm64:/usr/bin/cat"),
+            "{found:?}"
+        );
         let unreadable = base(&[("./boot/initrd.img-6.1.0-57-cloud-arm64", b"\xfd7zXZ\0 xz")]);
-        assert!(prepared.find_leak(&unreadable).unwrap().is_some(), "an initramfs kiln cannot read counts as checked");
+        assert!(
+            matches!(prepared.find_leak(&unreadable).unwrap(), Some(Leak::Unreadable { .. })),
+            "an initramfs kiln cannot read counts as checked"
+        );
         // Out again: the chroot is as it was.
         run_hook(&prepared.swap_out(), &root);
         assert_eq!(snapshot(&root), before);
