@@ -31,33 +31,33 @@ const TRAILER: &str = "TRAILER!!!";
 
 /// Calls `visit` with every entry of every archive in `image`, in order.
 pub fn for_each_entry(image: &[u8], mut visit: impl FnMut(&Entry)) -> Result<(), InitramfsError> {
-    let mut pos = 0;
-    while pos < image.len() {
-        let rest = &image[pos..];
-        if rest[0] == 0 {
-            pos += 1;
-            continue;
+    let stored = read_archives(image, &mut visit)?;
+    if stored < image.len() {
+        // A compressed archive runs to the end: the kernel reads it as one stream too, and
+        // what it holds is archives again, to its end.
+        let inner = decompress(&image[stored..])?;
+        let end = read_archives(&inner, &mut visit)?;
+        if end < inner.len() {
+            return Err(InitramfsError::Header(stored + end));
         }
-        if rest.starts_with(NEWC) {
-            pos += read_archive(image, pos, &mut visit)?;
-            continue;
-        }
-        // A compressed archive runs to the end: the kernel reads it as one stream too.
-        let inner = decompress(rest)?;
-        let mut p = 0;
-        while p < inner.len() {
-            if inner[p] == 0 {
-                p += 1;
-                continue;
-            }
-            if !inner[p..].starts_with(NEWC) {
-                return Err(InitramfsError::Header(pos + p));
-            }
-            p += read_archive(&inner, p, &mut visit)?;
-        }
-        break;
     }
     Ok(())
+}
+
+/// Reads the stored archives at the start of `buf`, with the zero padding between them; returns
+/// where something else (a compressed stream) starts, or `buf.len()`.
+fn read_archives(buf: &[u8], visit: &mut impl FnMut(&Entry)) -> Result<usize, InitramfsError> {
+    let mut pos = 0;
+    while pos < buf.len() {
+        if buf[pos] == 0 {
+            pos += 1;
+        } else if buf[pos..].starts_with(NEWC) {
+            pos += read_archive(buf, pos, visit)?;
+        } else {
+            break;
+        }
+    }
+    Ok(pos)
 }
 
 fn decompress(bytes: &[u8]) -> Result<Vec<u8>, InitramfsError> {
