@@ -12,6 +12,7 @@ mod messages;
 mod moto;
 mod publish;
 mod recipe;
+mod secure_boot;
 mod service;
 mod structure;
 mod tar;
