@@ -16,6 +16,7 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::disk::{self, BootSetup, DiskIds, DiskSpec};
+use crate::formats::authenticode;
 use crate::formats::ext4::{self, Ext4Options, SizeSpec};
 use crate::formats::image::{BlockDigests, Offload, Sha256Sink, Sink, SparseFile, Tee};
 use crate::formats::spdx::SbomPackage;
@@ -127,6 +128,8 @@ pub enum BuildError {
         .0.iter().map(|f| format!("  {}: {}", f.path, f.what)).collect::<Vec<_>>().join("\n")
     )]
     Audit(Vec<Finding>),
+    #[error("the Secure Boot key {}", path.display())]
+    SigningKey { path: PathBuf, source: crate::formats::authenticode::SignerError },
     #[error("collecting the boot files for the ESP")]
     Esp(#[source] disk::DiskError),
     #[error("building GRUB's BIOS boot code")]
@@ -161,7 +164,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     assemble_root(recipe, &base, &ids, epoch, &mut tree, progress)?;
     audit_root(recipe, &tree)?;
     let (packages, sbom_packages) = packages_of(&tree, base.layer_plan.as_ref());
-    let plan = plan_disk(recipe, &ids, epoch, &tree)?;
+    let (plan, secure_boot) = plan_disk(recipe, &ids, epoch, &tree)?;
     let outputs = crate::outputs::Outputs::new(&opts.out_dir, &recipe.output_name());
     let image = write_image(&plan, &tree, &outputs, progress)?;
     let manifest = Manifest {
@@ -187,6 +190,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         bundle: recipe.bundle.clone(),
         test: Some(test_settings(recipe, &tree)),
         test_result: None,
+        secure_boot,
     };
     write_records(&outputs, &manifest, &sbom_packages)?;
     Ok(BuildOutput {
@@ -486,11 +490,23 @@ fn packages_of(tree: &Tree, layer: Option<&LayerPlan>) -> (Vec<manifest::Package
     (packages, sbom_packages)
 }
 
-/// Step 6: the ESP's contents and the whole disk's layout; nothing is written before the
-/// layout is known.
-fn plan_disk(recipe: &Recipe, ids: &DiskIds, epoch: Timestamp, tree: &Tree) -> Result<disk::DiskPlan, BuildError> {
+/// Step 6: the ESP's contents (signed, with `[secure_boot]`) and the whole disk's layout;
+/// nothing is written before the layout is known.
+fn plan_disk(
+    recipe: &Recipe,
+    ids: &DiskIds,
+    epoch: Timestamp,
+    tree: &Tree,
+) -> Result<(disk::DiskPlan, Option<manifest::SecureBootInfo>), BuildError> {
     let boot = BootSetup { arch: recipe.arch, mode: recipe.boot, cmdline: recipe.system.kernel_cmdline.clone() };
-    let esp = disk::esp_files(tree, ids, &boot).map_err(BuildError::Esp)?;
+    let (esp, secure_boot) = match &recipe.secure_boot {
+        None => (disk::esp_files(tree, ids, &boot).map_err(BuildError::Esp)?, None),
+        Some(sb) => {
+            let signer = signer(sb)?;
+            let (files, signed) = disk::signed_esp_files(tree, ids, &boot, &signer).map_err(BuildError::Esp)?;
+            (files, Some(secure_boot_info(sb, signed)))
+        }
+    };
     let mut root_opts = root_fs_options(ids, epoch);
     root_opts.size = match recipe.size {
         DiskSize::Bytes(_) => SizeSpec::Auto { headroom_percent: 0, min_free_bytes: 0 },
@@ -512,7 +528,34 @@ fn plan_disk(recipe: &Recipe, ids: &DiskIds, epoch: Timestamp, tree: &Tree) -> R
         bios_boot,
         boot,
     };
-    disk::plan(&spec, ids, &esp, tree, root_opts).map_err(BuildError::Plan)
+    let plan = disk::plan(&spec, ids, &esp, tree, root_opts).map_err(BuildError::Plan)?;
+    Ok((plan, secure_boot))
+}
+
+/// The db key and its certificate. The key is read here, when it signs, and is kept nowhere.
+fn signer(sb: &crate::recipe::SecureBoot) -> Result<authenticode::Signer, BuildError> {
+    let key = std::fs::read_to_string(&sb.key).map_err(io_error("reading the Secure Boot key", &sb.key))?;
+    authenticode::Signer::new(&key, &sb.keys.db[sb.signer])
+        .map_err(|source| BuildError::SigningKey { path: sb.key.clone(), source })
+}
+
+/// What the manifest records of a Secure Boot image: the AMI's variable store, the keys by
+/// digest, and the signed boot chain.
+fn secure_boot_info(sb: &crate::recipe::SecureBoot, signed: disk::SignedBoot) -> manifest::SecureBootInfo {
+    let digest = |der: &[u8]| hex::encode(Sha256::digest(der));
+    let k = &sb.keys;
+    manifest::SecureBootInfo {
+        uefi_data: crate::formats::efi_vars::encode_aws(&k.variables()),
+        pk: digest(&k.pk),
+        kek: k.kek.iter().map(|c| digest(c)).collect(),
+        db: k.db.iter().map(|c| digest(c)).collect(),
+        dbx: k.dbx.as_deref().map(digest),
+        signed_by: digest(&k.db[sb.signer]),
+        loader: manifest::SignedFile { path: signed.loader_path, authenticode_sha256: signed.loader_digest },
+        uki: manifest::SignedFile { path: signed.uki_path, authenticode_sha256: signed.uki_digest },
+        cmdline: signed.cmdline,
+        pcrs: Default::default(),
+    }
 }
 
 /// What the one ordered write learnt of the image.

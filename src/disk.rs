@@ -6,19 +6,22 @@
 //! LBA 0        protective MBR (GRUB's boot code in BIOS and hybrid modes)
 //! LBA 1..33    primary GPT
 //! 1 MiB        BIOS boot partition, 1 MiB (BIOS and hybrid modes only): GRUB's core.img
-//! next MiB     ESP, FAT32: systemd-boot, kernel, initrd, loader entries, grub.cfg
+//! next MiB     ESP, FAT32: systemd-boot, kernel, initrd, loader entries, grub.cfg (with Secure
+//!              Boot: signed systemd-boot and one signed unified kernel image)
 //! next MiB     root, ext4 (discoverable root type for the architecture)
 //! last MiB     free, with the backup GPT in its last 33 sectors
 //! ```
 
 use sha2::{Digest, Sha256};
 
+use crate::formats::authenticode;
 use crate::formats::ext4::{self, Ext4Options, Ext4Plan, SizeSpec};
 use crate::formats::fat::{self, FatFile};
 use crate::formats::gpt::{self, GptPartition, SECTOR};
 use crate::formats::grub_pc;
 use crate::formats::image::{Sink, SparseMem, Window};
 use crate::formats::tree::{Kind, Tree};
+use crate::formats::uki;
 use crate::manifest::{DiskInfo, PartitionInfo};
 use crate::platform::{Arch, BootMode};
 use crate::stage::grub::{self, BiosBoot};
@@ -39,6 +42,16 @@ pub enum DiskError {
     NoInitrd { version: String },
     #[error("no systemd-boot EFI binary at /{path}; add systemd-boot-efi to [packages].include")]
     NoBootloader { path: &'static str },
+    #[error("no systemd EFI stub at /{path}, which a Secure Boot image's unified kernel image is made from; add systemd-boot-efi to [packages].include")]
+    NoStub { path: &'static str },
+    #[error(
+        "kernel {version} is not an EFI image (nor a gzip-compressed one), so it cannot go into a unified kernel image"
+    )]
+    KernelNotEfi { version: String },
+    #[error("{what}")]
+    Pe { what: &'static str, source: crate::formats::pe::PeError },
+    #[error("Secure Boot images boot UEFI only (boot = \"uefi\")")]
+    SecureBootNeedsUefi,
     #[error("reading {path} from the root tree")]
     Read { path: String, source: std::io::Error },
     #[error("the disk is {have_bytes} bytes, but ESP and partition table alone need {need_bytes}; give a larger size")]
@@ -144,13 +157,10 @@ pub fn kernel_cmdline(ids: &DiskIds, boot: &BootSetup) -> String {
     args.join(" ")
 }
 
-/// What the ESP holds, taken from the staged root tree.
-pub fn esp_files(tree: &Tree, ids: &DiskIds, boot: &BootSetup) -> Result<Vec<EspFile>, DiskError> {
-    if boot.arch != Arch::X86_64 && boot.mode.has_bios() {
-        return Err(DiskError::BiosOnArm);
-    }
-    let boot_id =
-        tree.resolve(b"/boot").map_err(|_| DiskError::NoKernel { package: boot.arch.cloud_kernel_package() })?;
+/// The newest kernel in the tree's /boot: its version, image and initrd.
+fn newest_kernel(tree: &Tree, arch: Arch) -> Result<(String, Vec<u8>, Vec<u8>), DiskError> {
+    let no_kernel = || DiskError::NoKernel { package: arch.cloud_kernel_package() };
+    let boot_id = tree.resolve(b"/boot").map_err(|_| no_kernel())?;
     let mut versions: Vec<String> = match &tree.inode(boot_id).kind {
         Kind::Dir(d) => d
             .entries
@@ -160,12 +170,19 @@ pub fn esp_files(tree: &Tree, ids: &DiskIds, boot: &BootSetup) -> Result<Vec<Esp
         _ => vec![],
     };
     versions.sort_by_key(|v| version_key(v));
-    let version = versions.pop().ok_or(DiskError::NoKernel { package: boot.arch.cloud_kernel_package() })?;
-    let kernel = read_file(tree, &format!("/boot/vmlinuz-{version}"))?
-        .ok_or(DiskError::NoKernel { package: boot.arch.cloud_kernel_package() })?;
+    let version = versions.pop().ok_or_else(no_kernel)?;
+    let kernel = read_file(tree, &format!("/boot/vmlinuz-{version}"))?.ok_or_else(no_kernel)?;
     let initrd = read_file(tree, &format!("/boot/initrd.img-{version}"))?
         .ok_or(DiskError::NoInitrd { version: version.clone() })?;
+    Ok((version, kernel, initrd))
+}
 
+/// What the ESP holds, taken from the staged root tree.
+pub fn esp_files(tree: &Tree, ids: &DiskIds, boot: &BootSetup) -> Result<Vec<EspFile>, DiskError> {
+    if boot.arch != Arch::X86_64 && boot.mode.has_bios() {
+        return Err(DiskError::BiosOnArm);
+    }
+    let (version, kernel, initrd) = newest_kernel(tree, boot.arch)?;
     let options = kernel_cmdline(ids, boot);
     let entry = format!("title Debian GNU/Linux ({version})\nlinux /vmlinuz\ninitrd /initrd.img\noptions {options}\n");
     let mut files = vec![
@@ -184,6 +201,88 @@ pub fn esp_files(tree: &Tree, ids: &DiskIds, boot: &BootSetup) -> Result<Vec<Esp
         files.push(FatFile { path: "grub/grub.cfg".into(), bytes: grub::grub_cfg_from_entry(&entry).into_bytes() });
     }
     Ok(files)
+}
+
+/// The boot chain of a Secure Boot image, as signed: what firmware loads and measures.
+#[derive(Debug, Clone)]
+pub struct SignedBoot {
+    /// systemd-boot's path on the ESP (the removable-media path).
+    pub loader_path: String,
+    /// The unified kernel image's path on the ESP (`EFI/Linux/…`).
+    pub uki_path: String,
+    /// The kernel command line inside it.
+    pub cmdline: String,
+    pub kernel_version: String,
+    /// Authenticode SHA-256 digests (hex) of systemd-boot and of the UKI: what the firmware
+    /// verifies against db and measures into PCR 4.
+    pub loader_digest: String,
+    pub uki_digest: String,
+}
+
+/// What a Secure Boot image's ESP holds: systemd-boot at the removable-media path and one
+/// unified kernel image (systemd's stub with the kernel, initrd, command line and os-release),
+/// both signed by `signer`; no loader entry, kernel or initrd outside the signed image, so
+/// nothing the firmware or systemd-boot reads is unsigned but loader.conf.
+pub fn signed_esp_files(
+    tree: &Tree,
+    ids: &DiskIds,
+    boot: &BootSetup,
+    signer: &authenticode::Signer,
+) -> Result<(Vec<EspFile>, SignedBoot), DiskError> {
+    if boot.mode != BootMode::Uefi {
+        return Err(DiskError::SecureBootNeedsUefi);
+    }
+    let (version, kernel, initrd) = newest_kernel(tree, boot.arch)?;
+    let cmdline = kernel_cmdline(ids, boot);
+    let stub_path = boot.arch.systemd_stub();
+    let stub = read_file(tree, &format!("/{stub_path}"))?.ok_or(DiskError::NoStub { path: stub_path })?;
+    let os_release = match read_file(tree, "/usr/lib/os-release")? {
+        Some(b) => b,
+        None => read_file(tree, "/etc/os-release")?.unwrap_or_default(),
+    };
+    let kernel = efi_kernel(kernel, &version)?;
+    let parts =
+        uki::UkiParts { os_release: &os_release, cmdline: &cmdline, uname: &version, initrd: &initrd, kernel: &kernel };
+    let pe_err = |what: &'static str| move |source| DiskError::Pe { what, source };
+    let uki = uki::build(&stub, &parts).map_err(pe_err("the unified kernel image"))?;
+    let uki = authenticode::sign(&uki, signer).map_err(pe_err("signing the unified kernel image"))?;
+    let sd = boot.arch.systemd_boot_efi();
+    let loader = read_file(tree, &format!("/{sd}"))?.ok_or(DiskError::NoBootloader { path: sd })?;
+    let loader = authenticode::sign(&loader, signer).map_err(pe_err("signing systemd-boot"))?;
+
+    let uki_name = format!("kiln-{version}.efi");
+    let signed = SignedBoot {
+        loader_path: boot.arch.efi_boot_path().into(),
+        uki_path: format!("EFI/Linux/{uki_name}"),
+        cmdline,
+        kernel_version: version,
+        loader_digest: hex::encode(authenticode::image_digest(&loader).map_err(pe_err("systemd-boot"))?),
+        uki_digest: hex::encode(authenticode::image_digest(&uki).map_err(pe_err("the unified kernel image"))?),
+    };
+    let files = vec![
+        FatFile { path: boot.arch.efi_boot_path().into(), bytes: loader },
+        FatFile { path: signed.uki_path.clone(), bytes: uki },
+        // No menu: boot the image at once; a key press still shows the menu.
+        FatFile { path: "loader/loader.conf".into(), bytes: format!("timeout 0\ndefault {uki_name}\n").into_bytes() },
+    ];
+    Ok((files, signed))
+}
+
+/// The kernel as an EFI image: Debian's arm64 `vmlinuz` is a gzip-compressed `Image`, which the
+/// stub cannot start; its decompressed form is a PE image.
+fn efi_kernel(kernel: Vec<u8>, version: &str) -> Result<Vec<u8>, DiskError> {
+    let kernel = if kernel.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&kernel[..]), &mut out)
+            .map_err(|source| DiskError::Read { path: format!("/boot/vmlinuz-{version} (gzip)"), source })?;
+        out
+    } else {
+        kernel
+    };
+    if !kernel.starts_with(b"MZ") {
+        return Err(DiskError::KernelNotEfi { version: version.to_string() });
+    }
+    Ok(kernel)
 }
 
 #[derive(Debug, Clone)]

@@ -119,6 +119,7 @@ fn write_image(dir: &Path, name: &str, total: u64, data: &BTreeMap<u64, Vec<u8>>
         bundle: None,
         test: None,
         test_result: None,
+        secure_boot: None,
     };
     let path = dir.join(format!("{name}.manifest.json"));
     std::fs::write(&path, m.to_json()).unwrap();
@@ -271,6 +272,30 @@ fn round_trip_two_regions_with_every_register_field() {
     let Some(moto) = Moto::start() else { return };
     let proxy = Proxy::start(moto.port, Mode::Pass);
     let (img, data) = test_image(&["us-east-1", "eu-west-1"]);
+    // A Secure Boot image: its UEFI variable store goes to RegisterImage as UefiData.
+    let mut signed = Manifest::load(&img.manifest).unwrap();
+    let keys = kiln::formats::efi_vars::SecureBootKeys {
+        owner: kiln::formats::efi_vars::KILN_OWNER,
+        pk: vec![0x30; 700],
+        kek: vec![vec![0x31; 700]],
+        db: vec![vec![0x32; 700]],
+        dbx: None,
+    };
+    let uefi_data = kiln::formats::efi_vars::encode_aws(&keys.variables());
+    let file = |path: &str| kiln::manifest::SignedFile { path: path.into(), authenticode_sha256: "00".repeat(32) };
+    signed.secure_boot = Some(kiln::manifest::SecureBootInfo {
+        uefi_data: uefi_data.clone(),
+        pk: "11".repeat(32),
+        kek: vec!["22".repeat(32)],
+        db: vec!["33".repeat(32)],
+        dbx: None,
+        signed_by: "33".repeat(32),
+        loader: file("EFI/BOOT/BOOTX64.EFI"),
+        uki: file("EFI/Linux/kiln-6.1.0-28-cloud-amd64.efi"),
+        cmdline: "root=PARTUUID=x".into(),
+        pcrs: Default::default(),
+    });
+    std::fs::write(&img.manifest, signed.to_json()).unwrap();
     let rec = run_json(publish_cmd(&proxy, &img.manifest));
     let snap = rec["snapshot_id"].as_str().unwrap().to_string();
     assert_eq!(rec["blocks_sent"], data.len() as u64);
@@ -310,6 +335,7 @@ fn round_trip_two_regions_with_every_register_field() {
         ("EnaSupport", "true".into()),
         ("SriovNetSupport", "simple".into()),
         ("TpmSupport", "v2.0".into()),
+        ("UefiData", uefi_data.clone()),
         ("ImdsSupport", "v2.0".into()),
         ("BlockDeviceMapping.1.DeviceName", "/dev/xvda".into()),
         ("BlockDeviceMapping.1.Ebs.SnapshotId", snap.clone()),

@@ -9,7 +9,9 @@ use std::process::{Command, Stdio};
 use kiln::formats::authenticode::{self, Signer};
 use kiln::formats::efi_vars::{self, SecureBootKeys};
 
-use crate::common::{cache_dir, in_ci, run_ok, tempdir, tool};
+use serde_json::Value;
+
+use crate::common::{cache_dir, in_ci, kiln, run_ok, tempdir, tool};
 
 /// A self-signed RSA-2048 certificate and its key, made by openssl: (key.pem, cert.pem, cert.der).
 fn openssl_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
@@ -159,4 +161,204 @@ fn sbverify_accepts_what_kiln_signs_and_nothing_else() {
     let listed = String::from_utf8_lossy(&list.stdout);
     assert_eq!(listed.lines().filter(|l| l.starts_with("signature ")).count(), 1, "{listed}");
     assert!(listed.contains("/CN=kiln test other") && !listed.contains("/CN=kiln test db"), "{listed}");
+}
+
+/// A root tarball with the host's real systemd-boot and systemd stub (systemd-boot-efi), a
+/// stand-in kernel that is a PE image, and an initrd of random bytes.
+fn secure_boot_base(dir: &Path) -> Option<PathBuf> {
+    let efi = Path::new("/usr/lib/systemd/boot/efi");
+    if !efi.join("linuxx64.efi.stub").is_file() {
+        assert!(!in_ci(), "systemd-boot-efi is not installed; .ci/setup-host should have installed it");
+        eprintln!("SKIP: systemd-boot-efi is not installed");
+        return None;
+    }
+    let path = dir.join("base.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut add = |path: &str, bytes: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(if path.ends_with('/') { 0o755 } else { 0o644 });
+        h.set_mtime(1_690_000_000);
+        h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        b.append_data(&mut h, path, bytes).unwrap();
+    };
+    for d in ["./", "./boot/", "./etc/", "./usr/", "./usr/lib/", "./usr/lib/systemd/", "./usr/lib/systemd/boot/"] {
+        add(d, b"");
+    }
+    for d in ["./usr/lib/systemd/boot/efi/", "./var/", "./var/lib/", "./var/lib/dpkg/", "./root/", "./tmp/"] {
+        add(d, b"");
+    }
+    let mut rng = crate::common::XorShift(0x5ec0_b007);
+    let loader = std::fs::read(efi.join("systemd-bootx64.efi")).unwrap();
+    add("./boot/vmlinuz-6.1.0-28-cloud-amd64", &loader);
+    add("./boot/initrd.img-6.1.0-28-cloud-amd64", &rng.bytes(1_000_000));
+    add("./usr/lib/systemd/boot/efi/systemd-bootx64.efi", &loader);
+    add("./usr/lib/systemd/boot/efi/linuxx64.efi.stub", &std::fs::read(efi.join("linuxx64.efi.stub")).unwrap());
+    add("./etc/passwd", b"root:x:0:0:root:/root:/bin/bash\n");
+    add("./etc/group", b"root:x:0:\n");
+    add("./usr/lib/os-release", b"PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\n");
+    add(
+        "./var/lib/dpkg/status",
+        b"Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\n\n",
+    );
+    b.into_inner().unwrap();
+    Some(path)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// `kiln build` of a `[secure_boot]` recipe: the ESP holds systemd-boot and one unified kernel
+/// image, both verified by sbverify against the db certificate, the UKI's sections (read by
+/// objdump) holding the kernel, initrd and command line; the manifest names the keys by the
+/// digests of openssl's DER and the signed files by the Authenticode digests pesign computes;
+/// its UefiData holds efitools' signature lists as uefivars reads it; two builds give the same
+/// bytes, and no private key is in the image or the manifest.
+#[test]
+fn a_secure_boot_build_signs_its_boot_chain_and_records_its_keys() {
+    let tools = ["openssl", "sbverify", "pesign", "objcopy", "mcopy", "cert-to-efi-sig-list"];
+    if tools.iter().any(|t| tool(t).is_none()) {
+        return;
+    }
+    let Some(uefivars) = uefivars() else { return };
+    let t = tempdir();
+    let d = t.path();
+    let Some(_) = secure_boot_base(d) else { return };
+    let (_, pk, pk_der) = openssl_cert(d, "PK");
+    let (_, _, kek_der) = openssl_cert(d, "KEK");
+    let (db_key, db, db_der) = openssl_cert(d, "db");
+    let recipe = d.join("signed.toml");
+    let text = "[image]\nname = \"signed\"\narch = \"x86_64\"\nboot = \"uefi\"\nbase = { tarball = \"base.tar\" }\n\n\
+                [system]\nnetwork = \"none\"\nkernel_cmdline = [\"quiet\"]\n\n\
+                [ami]\nregions = [\"us-east-1\"]\ntpm = true\n\n\
+                [secure_boot]\npk = \"PK.crt\"\nkek = [\"KEK.crt\"]\ndb = [\"db.crt\"]\nkey = \"db.key\"\n";
+    std::fs::write(&recipe, text).unwrap();
+    let build = |out: &str| -> Value {
+        let o = run_ok(
+            kiln()
+                .arg("build")
+                .arg(&recipe)
+                .arg("--out")
+                .arg(d.join(out))
+                .arg("--json")
+                .env("KILN_CACHE_DIR", d.join("cache"))
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
+        );
+        let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(!log.contains("PRIVATE KEY"), "the key reached the build's output");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let summary = build("a");
+    assert_eq!(build("b")["sha256"], summary["sha256"], "two builds of one signed recipe differ");
+    let image = PathBuf::from(summary["image"].as_str().unwrap());
+    let manifest_text = std::fs::read_to_string(summary["manifest"].as_str().unwrap()).unwrap();
+    assert!(!manifest_text.contains("PRIVATE"));
+    let manifest: Value = serde_json::from_str(&manifest_text).unwrap();
+    let sb = &manifest["secure_boot"];
+    let der = |p: &Path| sha256_hex(&std::fs::read(p).unwrap());
+    assert_eq!(sb["pk"], der(&pk_der));
+    assert_eq!(sb["kek"], serde_json::json!([der(&kek_der)]));
+    assert_eq!(sb["db"], serde_json::json!([der(&db_der)]));
+    assert_eq!(sb["signed_by"], der(&db_der));
+    assert_eq!(manifest["ami"]["tpm"], true);
+
+    // The ESP, copied out by mtools at the offset the manifest gives.
+    let esp = manifest["disk"]["partitions"].as_array().unwrap().iter().find(|p| p["filesystem"] == "vfat").unwrap();
+    let at = format!("{}@@{}", image.display(), esp["offset_bytes"]);
+    let copy = |from: &str, to: &str| {
+        run_ok(Command::new("mcopy").args(["-n", "-i", &at]).arg(format!("::{from}")).arg(d.join(to)));
+        d.join(to)
+    };
+    let listing = stdout_of_ok(Command::new("mdir").args(["-b", "-/", "-i", &at, "::"]));
+    assert!(
+        !listing.to_lowercase().contains("vmlinuz") && !listing.contains("entries"),
+        "unsigned boot files on the ESP:\n{listing}"
+    );
+    let loader = copy(sb["loader"]["path"].as_str().unwrap(), "loader.efi");
+    let uki = copy(sb["uki"]["path"].as_str().unwrap(), "uki.efi");
+    for (f, digest) in [(&loader, &sb["loader"]), (&uki, &sb["uki"])] {
+        let o = Command::new("sbverify").arg("--cert").arg(&db).arg(f).output().unwrap();
+        assert!(o.status.success(), "sbverify refuses {}: {}", f.display(), String::from_utf8_lossy(&o.stderr));
+        let hash = stdout_of_ok(Command::new("pesign").arg("-h").arg("-i").arg(f));
+        assert_eq!(hash.trim().strip_prefix("hash: "), digest["authenticode_sha256"].as_str(), "{}", f.display());
+    }
+    let section = |name: &str| {
+        let out = d.join(format!("section{name}"));
+        run_ok(
+            Command::new("objcopy")
+                .arg(format!("--dump-section={name}={}", out.display()))
+                .arg(&uki)
+                .arg(d.join("scratch")),
+        );
+        std::fs::read(out).unwrap()
+    };
+    let cmdline = String::from_utf8(section(".cmdline")).unwrap();
+    assert_eq!(sb["cmdline"], cmdline);
+    assert!(cmdline.starts_with("root=PARTUUID=") && cmdline.ends_with(" quiet"), "{cmdline}");
+    assert_eq!(section(".linux"), std::fs::read("/usr/lib/systemd/boot/efi/systemd-bootx64.efi").unwrap());
+    assert_eq!(section(".uname"), b"6.1.0-28-cloud-amd64");
+    assert_eq!(section(".initrd").len(), 1_000_000);
+
+    // The AMI's variable store: PK as efitools writes its signature list, as uefivars reads it.
+    let store = d.join("store.aws");
+    std::fs::write(&store, sb["uefi_data"].as_str().unwrap()).unwrap();
+    let json: Value = serde_json::from_slice(
+        &run_ok(Command::new(&uefivars).args(["-i", "aws", "-o", "json", "-I"]).arg(&store)).stdout,
+    )
+    .unwrap();
+    run_ok(Command::new("cert-to-efi-sig-list").args(["-g", OWNER]).arg(&pk).arg(d.join("PK.esl")));
+    let vars = json["variables"].as_array().unwrap();
+    assert_eq!(vars.iter().map(|v| v["name"].as_str().unwrap()).collect::<Vec<_>>(), ["PK", "KEK", "db"]);
+    assert_eq!(vars[0]["data"], hex::encode(std::fs::read(d.join("PK.esl")).unwrap()));
+
+    // No private key anywhere in the image's bytes.
+    let key_body: String = std::fs::read_to_string(&db_key).unwrap().lines().nth(1).unwrap().to_string();
+    let bytes = std::fs::read(&image).unwrap();
+    assert!(!bytes.windows(key_body.len()).any(|w| w == key_body.as_bytes()), "the db key is in the image");
+}
+
+fn stdout_of_ok(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
+}
+
+/// A recipe whose key is not db's, or whose image can boot BIOS, is refused by `kiln check`,
+/// at the line, with what to do.
+#[test]
+fn secure_boot_recipes_that_cannot_work_are_refused_at_the_line() {
+    if tool("openssl").is_none() {
+        return;
+    }
+    let t = tempdir();
+    let d = t.path();
+    for n in ["PK", "KEK", "db", "other"] {
+        openssl_cert(d, n);
+    }
+    std::fs::write(d.join("base.tar"), b"").unwrap();
+    let check = |boot: &str, key: &str| -> String {
+        let recipe = d.join("r.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "[image]\nname = \"r\"\narch = \"x86_64\"\nboot = \"{boot}\"\nbase = {{ tarball = \"base.tar\" }}\n\n\
+                 [secure_boot]\npk = \"PK.crt\"\nkek = [\"KEK.crt\"]\ndb = [\"db.crt\"]\nkey = \"{key}\"\n"
+            ),
+        )
+        .unwrap();
+        let o = kiln().arg("check").arg(&recipe).output().unwrap();
+        let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        if o.status.success() {
+            String::new()
+        } else {
+            out
+        }
+    };
+    assert_eq!(check("uefi", "db.key"), "", "a sound recipe is refused");
+    let wrong = check("uefi", "other.key");
+    assert!(wrong.contains("r.toml:11") && wrong.contains("not the key of any certificate in db"), "{wrong}");
+    let hybrid = check("hybrid", "db.key");
+    assert!(hybrid.contains("Secure Boot needs a UEFI-only image") && hybrid.contains("boot = \"uefi\""), "{hybrid}");
+    let swapped = check("uefi", "db.crt");
+    assert!(swapped.contains("r.toml:11") && swapped.contains("is a certificate, not a private key"), "{swapped}");
 }

@@ -11,7 +11,7 @@ use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use rsa::signature::{SignatureEncoding, Signer as _};
 use rsa::traits::PublicKeyParts;
 use sha2::{Digest, Sha256};
-use x509_cert::der::{DecodePem, Encode};
+use x509_cert::der::{Decode, DecodePem, Encode};
 
 use super::pe::Headers;
 pub use super::pe::PeError;
@@ -53,13 +53,18 @@ impl Signer {
     /// From PEM text: an RSA private key (PKCS#8 or PKCS#1) and the X.509 certificate of its
     /// public key.
     pub fn from_pem(key: &str, certificate: &str) -> Result<Signer, SignerError> {
+        Signer::new(key, &certificate_der(certificate)?)
+    }
+
+    /// From an RSA private key in PEM and the DER of its certificate.
+    pub fn new(key: &str, certificate_der: &[u8]) -> Result<Signer, SignerError> {
         let key = if key.contains("-----BEGIN RSA PRIVATE KEY-----") {
             rsa::PrivateKey::from_pkcs1_pem(key).map_err(|e| SignerError::Key(e.to_string()))?
         } else {
             rsa::PrivateKey::from_pkcs8_pem(key).map_err(|e| SignerError::Key(e.to_string()))?
         };
-        let certificate = x509_cert::Certificate::from_pem(certificate.as_bytes())
-            .map_err(|e| SignerError::Certificate(e.to_string()))?;
+        let certificate =
+            x509_cert::Certificate::from_der(certificate_der).map_err(|e| SignerError::Certificate(e.to_string()))?;
         let spki = certificate
             .tbs_certificate()
             .subject_public_key_info()

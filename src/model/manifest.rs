@@ -62,6 +62,9 @@ pub struct Manifest {
     /// What `kiln build --test` found; publishing pipelines can require `passed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_result: Option<TestResult>,
+    /// The Secure Boot keys and the signed boot chain, when the recipe has `[secure_boot]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<SecureBootInfo>,
 }
 
 /// The manifest file's form: what serde reads and writes. Values that are text in the file
@@ -94,6 +97,8 @@ struct RawManifest {
     test: Option<TestSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     test_result: Option<TestResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secure_boot: Option<SecureBootInfo>,
 }
 
 /// What `os` says of an image built on a tarball base, which has no [`Os`].
@@ -144,6 +149,7 @@ impl TryFrom<RawManifest> for Manifest {
             bundle: r.bundle,
             test: r.test,
             test_result: r.test_result,
+            secure_boot: r.secure_boot.map(SecureBootInfo::checked).transpose()?,
         })
     }
 }
@@ -170,6 +176,7 @@ impl From<Manifest> for RawManifest {
             bundle: m.bundle,
             test: m.test,
             test_result: m.test_result,
+            secure_boot: m.secure_boot,
         }
     }
 }
@@ -264,6 +271,54 @@ pub struct TestSettings {
     pub esp_mount: Option<String>,
     /// cloud-init is installed (it installs the launch key and runs user data).
     pub cloud_init: bool,
+}
+
+/// A Secure Boot image: the keys its AMI's firmware trusts, and the boot chain they verify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureBootInfo {
+    /// EC2's `UefiData` for RegisterImage: PK, KEK, db (and dbx) as python-uefivars' `aws`
+    /// format, base64. `kiln test` boots with the same store, converted for OVMF.
+    pub uefi_data: String,
+    /// SHA-256 (hex) of each certificate's DER: what `openssl x509 -outform der | sha256sum`
+    /// prints for it.
+    pub pk: String,
+    pub kek: Vec<String>,
+    pub db: Vec<String>,
+    /// SHA-256 of dbx's signature lists, when the recipe gives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dbx: Option<String>,
+    /// The db certificate whose key signed the boot chain (its SHA-256, one of `db`).
+    pub signed_by: String,
+    /// systemd-boot, at the ESP's removable-media path.
+    pub loader: SignedFile,
+    /// The unified kernel image: kernel, initrd, command line and os-release under one signature.
+    pub uki: SignedFile,
+    /// The kernel command line inside the UKI.
+    pub cmdline: String,
+    /// Predicted values of TPM PCRs (SHA-256 bank, hex) at login, by PCR index.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pcrs: BTreeMap<u32, String>,
+}
+
+/// A signed EFI binary on the ESP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedFile {
+    /// Its path on the ESP (`EFI/BOOT/BOOTX64.EFI`).
+    pub path: String,
+    /// Its Authenticode SHA-256 (hex): what the firmware checks the signature against and
+    /// measures into PCR 4.
+    pub authenticode_sha256: String,
+}
+
+impl SecureBootInfo {
+    /// The store must be one kiln can read: RegisterImage would carry it as it is.
+    fn checked(self) -> Result<SecureBootInfo, FieldError> {
+        kiln_formats::efi_vars::decode_aws(&self.uefi_data)
+            .map_err(|e| FieldError::new("secure_boot.uefi_data", e.to_string()))?;
+        Ok(self)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,6 +50,14 @@ impl Arch {
             Arch::Arm64 => "usr/lib/systemd/boot/efi/systemd-bootaa64.efi",
         }
     }
+    /// systemd's EFI stub inside the target root (`systemd-boot-efi`): the front of a unified
+    /// kernel image.
+    pub fn systemd_stub(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+            Arch::Arm64 => "usr/lib/systemd/boot/efi/linuxaa64.efi.stub",
+        }
+    }
     /// Discoverable Partitions Specification root type for this architecture.
     pub fn root_partition_type(self) -> &'static str {
         match self {

@@ -219,6 +219,10 @@ pub async fn register(
         if s.tpm {
             req = req.tpm_support(TpmSupportValues::V20);
         }
+        if let Some(sb) = &m.secure_boot {
+            // The firmware's Secure Boot keys; validation made sure the AMI boots UEFI only.
+            req = req.uefi_data(&sb.uefi_data);
+        }
         if s.imds == Some(crate::ec2::ImdsSupport::V2) {
             req = req.imds_support(ImdsSupportValues::V20);
         }

@@ -224,6 +224,19 @@ pub struct System {
     pub mount_esp: Option<String>,
 }
 
+/// `[secure_boot]`, checked: every certificate read and parsed, the signing key the key of one
+/// of db's certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecureBoot {
+    /// PK, KEK, db (DER) and dbx (signature lists): the AMI's UEFI variable store.
+    pub keys: kiln_formats::efi_vars::SecureBootKeys,
+    /// The db private key (PEM) that signs the boot loader and the unified kernel image; read
+    /// only when they are signed, never copied anywhere.
+    pub key: PathBuf,
+    /// Which of `keys.db` is that key's certificate.
+    pub signer: usize,
+}
+
 /// `[test]`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct TestSpec {
@@ -268,6 +281,8 @@ pub struct Recipe {
     /// volume size: [`with_root_size`] fills it in once the image's size is known.
     pub ami: Option<AmiSettings>,
     pub bundle: Option<BundleSettings>,
+    /// `[secure_boot]`: the image is signed and its AMI carries these keys.
+    pub secure_boot: Option<SecureBoot>,
     /// `[test]`: how `kiln test` logs in and what else it runs.
     pub test: TestSpec,
     /// `[audit].allow`: absolute paths the image ships on purpose although the audit would

@@ -59,6 +59,19 @@ pub struct RawRecipe {
     pub repositories: Option<Vec<Loc<RawRepository>>>,
     pub users: Option<Vec<Loc<RawUser>>>,
     pub steps: Option<Vec<Loc<RawStep>>>,
+    pub secure_boot: Option<Loc<RawSecureBoot>>,
+}
+
+/// `[secure_boot]`: the key hierarchy (PEM certificates) and the db key that signs the boot
+/// chain.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecureBoot {
+    pub pk: Option<Loc<String>>,
+    pub kek: Option<LocList<String>>,
+    pub db: Option<LocList<String>>,
+    pub dbx: Option<Loc<String>>,
+    pub key: Option<Loc<String>>,
 }
 
 /// One `[[repositories]]` entry: an apt repository beside Debian's, with its signing key.
@@ -336,6 +349,15 @@ impl RawRecipe {
             test: deep(self.test, child.test, |p, c| RawTest {
                 user: pick(p.user, c.user),
                 commands: append(p.commands, c.commands),
+            }),
+            // Each key is one value: a child's db replaces the parent's, as a key hierarchy is
+            // chosen whole.
+            secure_boot: deep(self.secure_boot, child.secure_boot, |p, c| RawSecureBoot {
+                pk: pick(p.pk, c.pk),
+                kek: pick(p.kek, c.kek),
+                db: pick(p.db, c.db),
+                dbx: pick(p.dbx, c.dbx),
+                key: pick(p.key, c.key),
             }),
         }
     }

@@ -174,6 +174,7 @@ fn home_of(field: &str, current: &str) -> Option<&'static str> {
         "path" | "content" | "source" | "symlink" | "dir" | "mode" | "owner" => "a [[files]] entry",
         "hostname" | "services" | "kernel_cmdline" | "timezone" | "locale" | "network" | "mount_esp" => "[system]",
         "regions" | "root_volume" | "ena" | "tpm" | "imds" | "boot_mode" | "launch_permissions" | "tags" => "[ami]",
+        "pk" | "kek" | "db" | "dbx" => "[secure_boot]",
         _ => return None,
     };
     (!home.contains(current)).then_some(home)
@@ -186,7 +187,7 @@ fn type_hint(key: &str) -> Option<&'static str> {
         "mode" => "write the mode as an octal string, like \"0644\" (a TOML integer cannot tell 644 from 0o644)",
         "owner" => "write the owner as \"user:group\", like \"root:root\" or \"0:0\"",
         "include" | "exclude" | "enable" | "disable" | "kernel_cmdline" | "regions" | "accounts" | "commands"
-        | "allow" | "local" | "suites" | "groups" | "authorized_keys" => {
+        | "allow" | "local" | "suites" | "groups" | "authorized_keys" | "kek" | "db" => {
             "this is a list of strings, like [\"a\", \"b\"]"
         }
         "repositories" => "repositories are an array of tables: write each as a [[repositories]] section",
@@ -198,7 +199,7 @@ fn type_hint(key: &str) -> Option<&'static str> {
         "account" => "write the account id as a string of 12 digits, like \"123456789012\" (ids may start with 0)",
         "source_date_epoch" => "seconds since 1970-01-01 UTC, as an integer",
         "extends" => "the path of one recipe, relative to this one, like \"base.toml\"",
-        "image" | "packages" | "system" | "ami" | "bundle" | "test" | "audit" => {
+        "image" | "packages" | "system" | "ami" | "bundle" | "test" | "audit" | "secure_boot" => {
             "this is a table: write it as a [section] header (not [[section]]) with keys under it"
         }
         "services" => "`services` is a table: write `services.enable = [\"ssh\"]` (and `services.disable`)",

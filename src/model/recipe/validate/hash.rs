@@ -14,7 +14,10 @@ use crate::recipe::service::{Service, StepAction};
 /// 4. a tarball base: `tarball\0`, its length (u64 LE) and SHA-256;
 /// 5. the service layer's files, each only when the recipe has it: every repository key
 ///    (`key\0`, the repository's name, `\0`), every local package (`local\0`) and every step
-///    script (`script\0`), in recipe order, each by length (u64 LE) and SHA-256.
+///    script (`script\0`), in recipe order, each by length (u64 LE) and SHA-256;
+/// 6. with `[secure_boot]`: `secure_boot\0`, then every certificate (PK, KEK, db, in recipe
+///    order) and dbx by length (u64 LE) and the SHA-256 of its DER or bytes. The private key
+///    is not hashed: its certificate in db stands for it.
 ///
 /// Lengths frame every part, so no two different inputs hash the same bytes. Files enter by
 /// their own digest so an unchanged one need not be read again ([`FileDigests`]).
@@ -25,6 +28,7 @@ pub(super) fn recipe_hash(
     files: &[FileEntry],
     base: &Base,
     service: &Service,
+    secure_boot: Option<&crate::recipe::SecureBoot>,
 ) -> String {
     let raw_files = &raw.files;
     let raw_base: Option<&Loc<RawBase>> = raw.image.as_ref().and_then(|i| i.value.base.as_ref());
@@ -70,6 +74,14 @@ pub(super) fn recipe_hash(
         if let StepAction::Script(p) = &s.action {
             h.update(b"script\0");
             hash_file(v, digests, &mut h, p, None, "steps.script");
+        }
+    }
+    if let Some(sb) = secure_boot {
+        h.update(b"secure_boot\0");
+        let k = &sb.keys;
+        for part in std::iter::once(&k.pk).chain(&k.kek).chain(&k.db).chain(k.dbx.as_ref()) {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(Sha256::digest(part));
         }
     }
     hex::encode(h.finalize())

@@ -5,7 +5,7 @@
 //! This module holds the whole-recipe pass and `[image]`'s own keys; each section's rules are
 //! a module of their own: [`base`] (the root's source and `[packages]`), [`service`]
 //! (`[[repositories]]`, `[packages].local`, `[[users]]`, `[[steps]]`), [`files`], [`system`],
-//! [`aws`] (`[ami]` and `[bundle]`, with EC2's rules from `crate::ec2`). [`hash`] is the recipe
+//! [`aws`] (`[ami]` and `[bundle]`, with EC2's rules from `crate::ec2`), [`secure_boot`]. [`hash`] is the recipe
 //! hash, whose file reading lives in `recipe::digest`; [`diagnose`] turns the TOML parser's
 //! errors into the same kind of diagnostic.
 //!
@@ -16,6 +16,7 @@ mod base;
 mod diagnose;
 mod files;
 mod hash;
+mod secure_boot;
 mod service;
 mod system;
 
@@ -24,6 +25,7 @@ use base::{check_base, check_packages};
 pub(super) use diagnose::{entry_lines, toml_diagnostic};
 use files::{check_file, check_generated_conflicts, check_source_file};
 use hash::recipe_hash;
+use secure_boot::check_secure_boot;
 use service::check_service;
 use system::check_system;
 
@@ -180,13 +182,18 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
     };
     let ami = raw.ami.as_ref().map(|a| check_ami(&mut v, a, arch, boot, image_bytes, arch_override.is_some()));
     let bundle = raw.bundle.as_ref().map(|b| check_bundle(&mut v, b, arch, boot));
+    let ami_boot_mode = raw.ami.as_ref().and_then(|a| a.value.boot_mode.as_ref()).map(|b| b.span);
+    let secure_boot = raw
+        .secure_boot
+        .as_ref()
+        .and_then(|s| check_secure_boot(&mut v, s, boot, ami.as_ref().and_then(|a| a.as_ref()), ami_boot_mode));
     let test = raw.test.as_ref().map(|t| check_test(&mut v, &t.value)).unwrap_or_default();
     let audit_allow = check_audit_allow(&mut v, raw);
 
     if !v.diags.is_empty() {
         return Err(v.into_error());
     }
-    let sha256 = recipe_hash(&mut v, &loaded.digests, raw, &files, &base, &service);
+    let sha256 = recipe_hash(&mut v, &loaded.digests, raw, &files, &base, &service, secure_boot.as_ref());
     if !v.diags.is_empty() {
         return Err(v.into_error());
     }
@@ -208,6 +215,7 @@ pub(super) fn validate(path: &Path, loaded: Arc<Loaded>, arch_override: Option<A
         source_date_epoch,
         ami: ami.flatten(),
         bundle: bundle.flatten(),
+        secure_boot,
         test,
         audit_allow,
         warnings,
