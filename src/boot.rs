@@ -38,6 +38,20 @@ pub struct BootOptions {
     pub memory_mib: u32,
     /// Copy the console to stderr as it arrives.
     pub echo: bool,
+    /// Secure Boot keys and a TPM, as the AMI would have them.
+    pub trust: Trust,
+}
+
+/// What the platform brings besides the firmware: the AMI's Secure Boot keys, enforced, and a
+/// TPM 2.0 as NitroTPM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// EC2's `UefiData`: PK, KEK, db (and dbx). The firmware's variable store gets exactly these,
+    /// converted by virt-fw-vars, and x86_64 boots OVMF's Secure Boot build; with a PK in place
+    /// the firmware enforces signatures, as EC2's does.
+    pub uefi_data: Option<String>,
+    /// A software TPM 2.0 (swtpm), attached as a CRB device on x86_64 and a TIS one on arm64.
+    pub tpm: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +64,10 @@ pub enum BootError {
     BiosOnArm,
     #[error("{what}")]
     Io { what: String, source: std::io::Error },
+    #[error("{tool} is not installed; {why} (apt-get install {package}, or run .ci/setup-host)")]
+    NoTool { tool: &'static str, package: &'static str, why: &'static str },
+    #[error("{tool} failed with {status}: {tail}")]
+    ToolFailed { tool: String, status: String, tail: String },
     #[error("no {expect:?} on the console after {secs} s; the last lines were:\n{tail}")]
     Timeout { expect: String, secs: u64, tail: String },
     #[error("QEMU exited ({status}) before {expect:?} appeared; the last lines were:\n{tail}")]
@@ -110,8 +128,17 @@ fn drive_arg(id: &str, d: &Drive) -> String {
     format!("file={path},if=none,id={id},format={}{snap},readonly=off", d.format)
 }
 
-/// The QEMU command line for `machine`; `vars` is a writable copy of the UEFI variable store.
-pub fn qemu_command(machine: &Machine, opts: &BootOptions, vars: Option<&Path>) -> Result<Command, BootError> {
+/// OVMF built with Secure Boot and SMM (Debian's `ovmf`).
+const OVMF_SECURE_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+
+/// The QEMU command line for `machine`; `vars` is a writable copy of the UEFI variable store,
+/// `tpm_socket` swtpm's control socket.
+pub fn qemu_command(
+    machine: &Machine,
+    opts: &BootOptions,
+    vars: Option<&Path>,
+    tpm_socket: Option<&Path>,
+) -> Result<Command, BootError> {
     let (binary, package) = match opts.arch {
         Arch::X86_64 => ("qemu-system-x86_64", "qemu-system-x86"),
         Arch::Arm64 => ("qemu-system-aarch64", "qemu-system-arm"),
@@ -137,10 +164,25 @@ pub fn qemu_command(machine: &Machine, opts: &BootOptions, vars: Option<&Path>) 
         for (i, d) in std::iter::once(&machine.root).chain(&machine.extra).enumerate() {
             let id = format!("d{i}");
             cmd.arg("-drive").arg(drive_arg(&id, d));
-            cmd.arg("-device").arg(format!("nvme,drive={id},serial={}", d.serial));
+            // The root volume is the first boot option, as on EC2: the firmware tries no network
+            // boot first (which would also add a failed boot attempt to PCR 4).
+            let first = if i == 0 { ",bootindex=0" } else { "" };
+            cmd.arg("-device").arg(format!("nvme,drive={id},serial={}{first}", d.serial));
         }
     };
     match (opts.arch, opts.firmware) {
+        (Arch::X86_64, Firmware::Uefi) if opts.trust.uefi_data.is_some() => {
+            // OVMF's Secure Boot build keeps its variables behind SMM, so nothing the guest runs
+            // can change the keys.
+            let code = first_existing(&[OVMF_SECURE_CODE]).ok_or(BootError::NoFirmware {
+                what: "OVMF Secure Boot",
+                path: OVMF_SECURE_CODE.into(),
+                package: "ovmf",
+            })?;
+            cmd.args(["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            pflash(&mut cmd, &code);
+            nvme(&mut cmd);
+        }
         (Arch::X86_64, Firmware::Uefi) => {
             let code = first_existing(&["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd"])
                 .ok_or(BootError::NoFirmware { what: "OVMF", path: "/usr/share/OVMF".into(), package: "ovmf" })?;
@@ -169,6 +211,14 @@ pub fn qemu_command(machine: &Machine, opts: &BootOptions, vars: Option<&Path>) 
         }
         (Arch::Arm64, Firmware::Bios) => return Err(BootError::BiosOnArm),
     }
+    if let Some(socket) = tpm_socket {
+        let device = match opts.arch {
+            Arch::X86_64 => "tpm-crb,tpmdev=tpm0",
+            Arch::Arm64 => "tpm-tis-device,tpmdev=tpm0",
+        };
+        cmd.arg("-chardev").arg(format!("socket,id=chrtpm,path={}", socket.display()));
+        cmd.args(["-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", device]);
+    }
     if crate::host::find_program(binary).is_none() {
         return Err(BootError::NoQemu { binary, package });
     }
@@ -194,14 +244,96 @@ fn uefi_vars(opts: &BootOptions, dir: &Path) -> Result<Option<PathBuf>, BootErro
         })?,
     };
     let dst = dir.join("vars.fd");
-    std::fs::copy(&src, &dst)
-        .map_err(|source| BootError::Io { what: "copying the UEFI variable store".into(), source })?;
+    match &opts.trust.uefi_data {
+        None => {
+            std::fs::copy(&src, &dst)
+                .map_err(|source| BootError::Io { what: "copying the UEFI variable store".into(), source })?;
+        }
+        Some(uefi_data) => enrol(uefi_data, &src, &dst, dir)?,
+    }
     Ok(Some(dst))
+}
+
+/// `template` (the firmware's empty variable store) with the variables of EC2's `uefi_data`
+/// set, as `dst`: virt-fw-vars reads the AWS store and writes the edk2 one.
+fn enrol(uefi_data: &str, template: &Path, dst: &Path, dir: &Path) -> Result<(), BootError> {
+    const TOOL: &str = "virt-fw-vars";
+    if crate::host::find_program(TOOL).is_none() {
+        return Err(BootError::NoTool {
+            tool: TOOL,
+            package: "-t bookworm-backports python3-virt-firmware",
+            why: "it puts the AMI's Secure Boot keys into the firmware's variable store",
+        });
+    }
+    let (aws, json) = (dir.join("uefi-data.aws"), dir.join("uefi-data.json"));
+    std::fs::write(&aws, uefi_data)
+        .map_err(|source| BootError::Io { what: "writing the AMI's UEFI variable store".into(), source })?;
+    let run = |args: &[&std::ffi::OsStr]| -> Result<(), BootError> {
+        let out = Command::new(TOOL)
+            .args(args)
+            .output()
+            .map_err(|source| BootError::Io { what: format!("running {TOOL}"), source })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(BootError::ToolFailed {
+            tool: TOOL.into(),
+            status: out.status.to_string(),
+            tail: tail(&String::from_utf8_lossy(&out.stderr), 5),
+        })
+    };
+    run(&["-i".as_ref(), aws.as_os_str(), "--output-json".as_ref(), json.as_os_str()])?;
+    run(&["-i".as_ref(), template.as_os_str(), "--set-json".as_ref(), json.as_os_str(), "-o".as_ref(), dst.as_os_str()])
+}
+
+/// swtpm serving a fresh TPM 2.0 on a socket in `dir`; it ends when QEMU closes the socket.
+fn start_swtpm(dir: &Path) -> Result<(Child, PathBuf), BootError> {
+    const TOOL: &str = "swtpm";
+    if crate::host::find_program(TOOL).is_none() {
+        return Err(BootError::NoTool { tool: TOOL, package: "swtpm", why: "it is the instance's TPM, as NitroTPM" });
+    }
+    let state = dir.join("tpm");
+    std::fs::create_dir_all(&state)
+        .map_err(|source| BootError::Io { what: "creating the TPM's state".into(), source })?;
+    let socket = dir.join("tpm.sock");
+    let mut child = Command::new(TOOL)
+        .args(["socket", "--tpm2", "--terminate", "--tpmstate"])
+        .arg(format!("dir={}", state.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| BootError::Io { what: "starting swtpm".into(), source })?;
+    // QEMU must find the socket when it starts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            return Err(BootError::ToolFailed { tool: TOOL.into(), status: status.to_string(), tail: tail(&err, 5) });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(BootError::ToolFailed {
+                tool: TOOL.into(),
+                status: "no socket after 10 s".into(),
+                tail: String::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, socket))
 }
 
 /// A running guest. QEMU is killed when this is dropped, however the caller ends.
 pub struct Vm {
     child: Child,
+    /// swtpm, when the machine has a TPM.
+    tpm: Option<Child>,
     console: Arc<Mutex<String>>,
     started: Instant,
     _vars_dir: tempfile::TempDir,
@@ -217,7 +349,11 @@ impl Vm {
         };
         let vars_dir = tempfile::tempdir().map_err(io("creating a temp dir"))?;
         let vars = uefi_vars(opts, vars_dir.path())?;
-        let mut cmd = qemu_command(machine, opts, vars.as_deref())?;
+        let (tpm, socket) = match opts.trust.tpm {
+            true => start_swtpm(vars_dir.path()).map(|(c, s)| (Some(c), Some(s)))?,
+            false => (None, None),
+        };
+        let mut cmd = qemu_command(machine, opts, vars.as_deref(), socket.as_deref())?;
         let mut log = match console_log {
             Some(p) => Some(std::fs::File::create(p).map_err(io("creating the console log"))?),
             None => None,
@@ -243,7 +379,7 @@ impl Vm {
                 sink.lock().expect("console lock").push_str(&text);
             }
         });
-        Ok(Vm { child, console, started, _vars_dir: vars_dir })
+        Ok(Vm { child, tpm, console, started, _vars_dir: vars_dir })
     }
 
     /// Seconds since power-on.
@@ -299,6 +435,10 @@ impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(t) = self.tpm.as_mut() {
+            let _ = t.kill();
+            let _ = t.wait();
+        }
     }
 }
 
@@ -339,14 +479,18 @@ mod tests {
             expect: "login:".into(),
             memory_mib: 512,
             echo: false,
+            trust: Trust::default(),
         };
-        if let Ok(cmd) = qemu_command(&Machine::plain(Path::new("/x.raw")), &opts, None) {
+        if let Ok(cmd) = qemu_command(&Machine::plain(Path::new("/x.raw")), &opts, None, None) {
             let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
             assert!(args.iter().any(|a| a.contains("ide-hd")), "{args:?}");
             assert!(args.iter().any(|a| a.contains("snapshot=on")), "{args:?}");
             assert!(args.contains(&"tcg".to_string()));
         }
         let arm = BootOptions { arch: Arch::Arm64, ..opts };
-        assert!(matches!(qemu_command(&Machine::plain(Path::new("/x.raw")), &arm, None), Err(BootError::BiosOnArm)));
+        assert!(matches!(
+            qemu_command(&Machine::plain(Path::new("/x.raw")), &arm, None, None),
+            Err(BootError::BiosOnArm)
+        ));
     }
 }

@@ -16,12 +16,12 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use crate::disk::{self, BootSetup, DiskIds, DiskSpec};
-use crate::formats::authenticode;
 use crate::formats::ext4::{self, Ext4Options, SizeSpec};
 use crate::formats::image::{BlockDigests, Offload, Sha256Sink, Sink, SparseFile, Tee};
 use crate::formats::spdx::SbomPackage;
 use crate::formats::tar::{read_tar, TarOptions};
 use crate::formats::tree::{Content, Dir, Kind, Meta, OnExisting, Timestamp, Tree, TreeError};
+use crate::formats::{authenticode, tpm};
 use crate::manifest::{self, Manifest, EBS_BLOCK_SIZE, MANIFEST_VERSION};
 use crate::progress::{Progress, Unit};
 use crate::recipe::{Base, DiskSize, FileContent, FileEntry, FileKind, Network, Recipe};
@@ -350,6 +350,11 @@ fn base_packages(recipe: &Recipe, include: Vec<String>) -> Vec<String> {
         // GRUB's BIOS modules, from which kiln builds core.img (no grub-install runs).
         packages.push("grub-pc-bin".into());
     }
+    if let (Some(_), Some(os)) = (&recipe.secure_boot, recipe.os) {
+        // The unified kernel image measures itself into the TPM (NitroTPM), and systemd then
+        // measures the boot phases too, through these libraries.
+        packages.extend(os.tpm2_libraries().iter().map(|p| p.to_string()));
+    }
     packages.sort();
     packages.dedup();
     packages
@@ -551,10 +556,18 @@ fn secure_boot_info(sb: &crate::recipe::SecureBoot, signed: disk::SignedBoot) ->
         db: k.db.iter().map(|c| digest(c)).collect(),
         dbx: k.dbx.as_deref().map(digest),
         signed_by: digest(&k.db[sb.signer]),
-        loader: manifest::SignedFile { path: signed.loader_path, authenticode_sha256: signed.loader_digest },
-        uki: manifest::SignedFile { path: signed.uki_path, authenticode_sha256: signed.uki_digest },
+        // What EDK2 firmware (EC2's, OVMF) measures booting this chain from the root volume.
+        pcrs: [
+            (4, hex::encode(tpm::pcr4(&[signed.loader_digest, signed.uki_digest]))),
+            (7, hex::encode(tpm::pcr7(k, &k.db[sb.signer]))),
+        ]
+        .into(),
+        loader: manifest::SignedFile {
+            path: signed.loader_path,
+            authenticode_sha256: hex::encode(signed.loader_digest),
+        },
+        uki: manifest::SignedFile { path: signed.uki_path, authenticode_sha256: hex::encode(signed.uki_digest) },
         cmdline: signed.cmdline,
-        pcrs: Default::default(),
     }
 }
 

@@ -213,10 +213,10 @@ pub struct SignedBoot {
     /// The kernel command line inside it.
     pub cmdline: String,
     pub kernel_version: String,
-    /// Authenticode SHA-256 digests (hex) of systemd-boot and of the UKI: what the firmware
+    /// Authenticode SHA-256 digests of systemd-boot and of the UKI: what the firmware
     /// verifies against db and measures into PCR 4.
-    pub loader_digest: String,
-    pub uki_digest: String,
+    pub loader_digest: [u8; 32],
+    pub uki_digest: [u8; 32],
 }
 
 /// What a Secure Boot image's ESP holds: systemd-boot at the removable-media path and one
@@ -256,8 +256,8 @@ pub fn signed_esp_files(
         uki_path: format!("EFI/Linux/{uki_name}"),
         cmdline,
         kernel_version: version,
-        loader_digest: hex::encode(authenticode::image_digest(&loader).map_err(pe_err("systemd-boot"))?),
-        uki_digest: hex::encode(authenticode::image_digest(&uki).map_err(pe_err("the unified kernel image"))?),
+        loader_digest: authenticode::image_digest(&loader).map_err(pe_err("systemd-boot"))?,
+        uki_digest: authenticode::image_digest(&uki).map_err(pe_err("the unified kernel image"))?,
     };
     let files = vec![
         FatFile { path: boot.arch.efi_boot_path().into(), bytes: loader },

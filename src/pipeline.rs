@@ -96,6 +96,7 @@ fn boot(built: &BuildOutput, progress: &dyn Progress) -> Result<BootReport, Pipe
         expect: crate::boot::LOGIN_PROMPT.into(),
         memory_mib: request::DEFAULT_MEMORY_MIB,
         echo: false,
+        trust: request::trust(Some(&built.manifest)),
     };
     crate::boot::boot_with_progress(&built.image_path, &opts, progress)
         .map_err(|source| PipelineError::Boot { image: built.image_path.clone(), source })

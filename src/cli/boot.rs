@@ -14,6 +14,10 @@ use kiln::platform::Arch;
 /// emulation (TCG), no KVM. The image is opened copy-on-write and never changes. Succeeds when
 /// the serial console shows the expected text and reports how long it took.
 ///
+/// With its manifest beside it, the image boots as its AMI would: a [secure_boot] image with
+/// the AMI's Secure Boot keys in the firmware (OVMF's Secure Boot build, enforcing; needs
+/// virt-fw-vars from python3-virt-firmware), and with [ami].tpm a software TPM (swtpm).
+///
 /// Examples:
 ///   kiln boot out/debian-12-minimal-x86_64.raw
 ///   kiln boot out/web-arm64.raw --timeout 1200 --console
@@ -51,6 +55,9 @@ pub fn run(args: Args) -> Result<()> {
         })?,
     };
     let firmware = if args.firmware == "bios" { Firmware::Bios } else { Firmware::Uefi };
+    // The manifest beside the image, if any, says what the AMI's firmware holds.
+    let target = kiln::launch::request::TestTarget::locate(&args.image).ok();
+    let trust = kiln::launch::request::trust(target.as_ref().and_then(|t| t.manifest.as_ref()).map(|(_, m)| m));
     let opts = BootOptions {
         arch,
         firmware,
@@ -58,6 +65,7 @@ pub fn run(args: Args) -> Result<()> {
         expect: args.expect.clone(),
         memory_mib: args.memory,
         echo: args.console,
+        trust,
     };
     if !args.image.is_file() {
         anyhow::bail!("{} does not exist", args.image.display());

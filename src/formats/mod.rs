@@ -22,5 +22,6 @@ pub mod pe;
 pub mod progress;
 pub mod spdx;
 pub mod tar;
+pub mod tpm;
 pub mod tree;
 pub mod uki;

@@ -38,6 +38,9 @@ sec root_fs_bytes; df -B1 --output=size / | tail -n 1 | tr -d ' '
 sec mounts; findmnt -rno TARGET,FSTYPE
 sec user_data_marker; cat /var/tmp/kiln-user-data
 sec user_data_seen; sha256sum /var/lib/cloud/instance/user-data.txt | cut -d' ' -f1
+sec secure_boot; od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c | awk '{print $NF}'
+sec tpm_pcrs; for p in 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do f=/sys/class/tpm/tpm0/pcr-sha256/$p; [ -r $f ] && echo "$p $(cat $f)"; done
+sec tpm_event_log; base64 -w0 /sys/kernel/security/tpm0/binary_bios_measurements; echo
 sec end
 "#;
 
@@ -129,6 +132,10 @@ pub struct Expect {
     pub user_data_sha256: Option<String>,
     /// Nameservers in the build host's resolv.conf: none may appear in the instance's.
     pub host_nameservers: Vec<String>,
+    /// The image is signed and the firmware holds its keys: Secure Boot must be on.
+    pub secure_boot: bool,
+    /// PCR values (SHA-256 bank, hex) the build predicts; the instance has a TPM to read.
+    pub pcrs: BTreeMap<u32, String>,
 }
 
 /// Kernel arguments EC2 needs: the serial console (EC2's console is ttyS0) and an NVMe I/O
@@ -141,7 +148,52 @@ pub fn evaluate(f: &Facts, e: &Expect) -> Vec<Check> {
         vec![systemd(f), cloud_init(f), user_data(f, e), growth(f, e), machine_id(f), host_keys(f), dns(f, e)];
     out.push(kernel_cmdline(f));
     out.extend(e.esp_mount.as_deref().map(|mnt| esp_mount(f, mnt)));
+    if e.secure_boot {
+        out.push(secure_boot(f));
+    }
+    if !e.pcrs.is_empty() {
+        out.push(pcrs(f, &e.pcrs));
+    }
     out
+}
+
+/// The firmware booted with Secure Boot on: the SecureBoot variable (its attributes, then
+/// one byte) says 1.
+fn secure_boot(f: &Facts) -> Check {
+    let v = f.get("secure_boot");
+    Check::new(
+        "secure-boot",
+        v == "1",
+        match v {
+            "1" => "SecureBoot = 1: the firmware verified the boot chain against db".to_string(),
+            "" => "no SecureBoot variable: the firmware does not do Secure Boot".to_string(),
+            other => format!("SecureBoot = {other}: the firmware did not enforce signatures"),
+        },
+    )
+}
+
+/// The TPM's PCRs hold what the build predicted.
+fn pcrs(f: &Facts, predicted: &BTreeMap<u32, String>) -> Check {
+    let measured: BTreeMap<u32, String> = f
+        .get("tpm_pcrs")
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(p, v)| Some((p.parse().ok()?, v.trim().to_ascii_lowercase())))
+        .collect();
+    if measured.is_empty() {
+        return Check::new("pcrs", false, "no TPM PCRs to read in /sys/class/tpm/tpm0/pcr-sha256");
+    }
+    let wrong: Vec<String> = predicted
+        .iter()
+        .filter(|(p, v)| measured.get(p) != Some(&v.to_ascii_lowercase()))
+        .map(|(p, v)| format!("PCR {p} is {}, predicted {v}", measured.get(p).map_or("unreadable", String::as_str)))
+        .collect();
+    let names: Vec<String> = predicted.keys().map(u32::to_string).collect();
+    Check::new(
+        "pcrs",
+        wrong.is_empty(),
+        if wrong.is_empty() { format!("PCR {} as the build predicted", names.join(", ")) } else { wrong.join("; ") },
+    )
 }
 
 fn has_cloud_init(f: &Facts) -> bool {
@@ -422,7 +474,11 @@ mod tests {
              ==> hostname\nip-169-254-0-15\n==> hostname_lookup\n169.254.0.15 STREAM ip-169-254-0-15\n\
              ==> root_source\n/dev/nvme0n1p2\n==> root_partition\nnvme0n1p2 {start} {len}\n==> disk\nnvme0n1 {disk}\n\
              ==> gpt_backup_lba\n{backup}\n==> root_fs_bytes\n{fs}\n==> mounts\n/ ext4\n/boot/efi vfat\n\
-             ==> user_data_marker\nkiln-123\n==> user_data_seen\nabc\n==> end\n",
+             ==> user_data_marker\nkiln-123\n==> user_data_seen\nabc\n==> secure_boot\n1\n\
+             ==> tpm_pcrs\n0 {zero}\n4 {pcr4}\n7 {pcr7}\n==> tpm_event_log\nAAAA\n==> end\n",
+            zero = "0".repeat(64),
+            pcr4 = "AB".repeat(32),
+            pcr7 = "CD".repeat(32),
             t = BTIME + 5,
             backup = disk - 1,
             fs = len * 512 - (len * 512 / 100),
@@ -436,6 +492,8 @@ mod tests {
             user_data_marker: Some("kiln-123".into()),
             user_data_sha256: None,
             host_nameservers: vec!["10.0.0.2".into()],
+            secure_boot: true,
+            pcrs: [(4, "ab".repeat(32)), (7, "cd".repeat(32))].into(),
         }
     }
 
@@ -453,7 +511,11 @@ mod tests {
         assert!(f.complete());
         let checks = evaluate(&f, &expect());
         assert!(checks.iter().all(|c| c.status == Status::Pass), "{checks:#?}");
-        assert_eq!(checks.len(), 9);
+        assert_eq!(checks.len(), 11);
+        // An image that is not signed is not asked about Secure Boot or PCRs.
+        let plain = Expect { secure_boot: false, pcrs: BTreeMap::new(), ..expect() };
+        let ids: Vec<String> = evaluate(&f, &plain).into_iter().map(|c| c.id).collect();
+        assert!(!ids.iter().any(|i| i == "secure-boot" || i == "pcrs"), "{ids:?}");
     }
 
     /// Each planted fault fails exactly the check that should catch it.
@@ -489,6 +551,16 @@ mod tests {
             ("dns", g.replace("169.254.0.15 STREAM ip-169-254-0-15", "")),
             ("kernel-cmdline", g.replace(" nvme_core.io_timeout=4294967295", "")),
             ("esp-mount", g.replace("/boot/efi vfat", "/boot vfat")),
+            ("secure-boot", g.replace("==> secure_boot\n1", "==> secure_boot\n0")),
+            ("secure-boot", g.replace("==> secure_boot\n1", "==> secure_boot")),
+            ("pcrs", g.replace(&format!("7 {}", "CD".repeat(32)), &format!("7 {}", "CE".repeat(32)))),
+            ("pcrs", g.replace(&format!("\n4 {}", "AB".repeat(32)), "")),
+            (
+                "pcrs",
+                g.replace(&format!("0 {}\n", "0".repeat(64)), "")
+                    .replace(&format!("4 {}\n", "AB".repeat(32)), "")
+                    .replace(&format!("7 {}\n", "CD".repeat(32)), ""),
+            ),
         ];
         for (want, facts) in cases {
             assert_ne!(facts, g, "the fault for {want} was not planted");

@@ -73,6 +73,10 @@ pub struct TestOptions {
     pub region: String,
     /// This program, which QEMU runs per metadata connection as `kiln imds-relay ADDR`.
     pub relay_exe: PathBuf,
+    /// Secure Boot keys (enforced) and a TPM, as the AMI gives them.
+    pub trust: crate::boot::Trust,
+    /// The PCR values the build predicts (SHA-256 bank), checked when the instance has a TPM.
+    pub pcrs: std::collections::BTreeMap<u32, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -348,6 +352,7 @@ fn launch_once(
         expect: crate::boot::LOGIN_PROMPT.into(),
         memory_mib: opts.memory_mib,
         echo: opts.echo_console,
+        trust: opts.trust.clone(),
     };
     let Instance { instance_id, marker, user_data, .. } = instance;
     let console_log = dir.join("console.log");
@@ -537,6 +542,8 @@ fn run_checks(
         user_data_marker: opts.user_data.is_none().then(|| marker.to_string()),
         user_data_sha256: Some(hex::encode(Sha256::digest(user_data))),
         host_nameservers: host_nameservers(),
+        secure_boot: opts.trust.uefi_data.is_some(),
+        pcrs: if opts.trust.tpm { opts.pcrs.clone() } else { Default::default() },
     };
     checks.extend(checks::evaluate(&facts, &expect));
 

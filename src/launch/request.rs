@@ -146,6 +146,15 @@ impl TestTarget {
     }
 }
 
+/// The Secure Boot keys and TPM an instance of this image gets on EC2: the manifest's
+/// UefiData and `[ami].tpm`.
+pub fn trust(manifest: Option<&Manifest>) -> crate::boot::Trust {
+    crate::boot::Trust {
+        uefi_data: manifest.and_then(|m| m.secure_boot.as_ref()).map(|s| s.uefi_data.clone()),
+        tpm: manifest.and_then(|m| m.ami.as_ref()).is_some_and(|a| a.tpm),
+    }
+}
+
 /// The launch options for `target`: the request where it says, else the manifest (the AMI's
 /// root volume, volumes, IMDS setting, first region; the login user and checks the build
 /// recorded), else the defaults.
@@ -202,6 +211,8 @@ pub fn options(target: &TestTarget, req: &TestRequest) -> Result<TestOptions, Te
         ami_id: stand_in_ami_id(manifest),
         region: ami.and_then(|a| a.regions.first().cloned()).unwrap_or_else(|| DEFAULT_REGION.into()),
         relay_exe: std::env::current_exe().map_err(TestError::OwnPath)?,
+        trust: trust(manifest),
+        pcrs: manifest.and_then(|m| m.secure_boot.as_ref()).map(|s| s.pcrs.clone()).unwrap_or_default(),
     })
 }
 
@@ -244,7 +255,8 @@ pub fn run(
     Ok(TestOutcome { report, json, report_path, logs })
 }
 
-/// Copies each launch's console log and metadata request log to NAME.test/ beside the image.
+/// Copies each launch's console log, metadata request log and the facts the instance reported
+/// (the TPM's event log among them) to NAME.test/ beside the image.
 fn keep_launch_logs(outputs: &Outputs, work: &Path, report: &TestReport) -> Result<PathBuf, TestError> {
     let dir = outputs.test_logs();
     std::fs::create_dir_all(&dir).map_err(io_error("creating", &dir))?;
@@ -258,6 +270,9 @@ fn keep_launch_logs(outputs: &Outputs, work: &Path, report: &TestReport) -> Resu
         let imds = serde_json::to_string_pretty(&l.imds_requests).expect("log serializes");
         std::fs::write(dir.join(format!("launch-{n}.imds.json")), imds)
             .map_err(io_error("keeping the metadata log in", &dir))?;
+        let facts = serde_json::to_string_pretty(&l.facts).expect("facts serialize");
+        std::fs::write(dir.join(format!("launch-{n}.facts.json")), facts)
+            .map_err(io_error("keeping the instance's facts in", &dir))?;
     }
     Ok(dir)
 }

@@ -66,6 +66,14 @@ impl Os {
             Os::Debian13 => "debian-13",
         }
     }
+    /// The TPM2 software stack systemd loads to extend PCRs (`systemd-pcrphase` fails at boot
+    /// without it once a unified kernel image has measured itself into a TPM).
+    pub fn tpm2_libraries(self) -> &'static [&'static str] {
+        match self {
+            Os::Debian12 => &["libtss2-esys-3.0.2-0", "libtss2-rc0"],
+            Os::Debian13 => &["libtss2-esys-3.0.2-0t64", "libtss2-rc0t64"],
+        }
+    }
     /// Debian's suite codename, as mmdebstrap and apt want it.
     pub fn suite(self) -> &'static str {
         match self {
