@@ -44,7 +44,7 @@ fn build(recipe: &str) -> Option<PathBuf> {
     build_for(recipe, None)
 }
 
-fn ec2_image() -> Option<&'static PathBuf> {
+pub(crate) fn ec2_image() -> Option<&'static PathBuf> {
     static I: OnceLock<Option<PathBuf>> = OnceLock::new();
     I.get_or_init(|| build("recipes/debian-12-ec2.toml")).as_ref()
 }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use kiln::formats::authenticode::{self, Signer};
 use kiln::formats::efi_vars::{self, SecureBootKeys};
@@ -179,6 +180,8 @@ fn secure_boot_base(dir: &Path) -> Option<PathBuf> {
         h.set_size(bytes.len() as u64);
         h.set_mode(if path.ends_with('/') { 0o755 } else { 0o644 });
         h.set_mtime(1_690_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
         b.append_data(&mut h, path, bytes).unwrap();
     };
@@ -361,4 +364,141 @@ fn secure_boot_recipes_that_cannot_work_are_refused_at_the_line() {
     assert!(hybrid.contains("Secure Boot needs a UEFI-only image") && hybrid.contains("boot = \"uefi\""), "{hybrid}");
     let swapped = check("uefi", "db.crt");
     assert!(swapped.contains("r.toml:11") && swapped.contains("is a certificate, not a private key"), "{swapped}");
+}
+
+/// The EC2 recipe with `[secure_boot]` (keys made by openssl) and a TPM, built once for the
+/// tests that launch it: the image and its manifest.
+fn signed_ec2() -> Option<&'static (PathBuf, PathBuf)> {
+    static I: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    I.get_or_init(|| {
+        for t in ["mmdebstrap", "qemu-system-x86_64", "qemu-img", "ssh", "openssl", "swtpm", "virt-fw-vars"] {
+            tool(t)?;
+        }
+        let dir = Box::leak(Box::new(tempdir()));
+        let d = dir.path();
+        for n in ["PK", "KEK", "db"] {
+            openssl_cert(d, n);
+        }
+        let recipe = d.join("signed-ec2.toml");
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/debian-12-ec2.toml");
+        std::fs::write(
+            &recipe,
+            format!(
+                "extends = \"{}\"\n\n[image]\nname = \"signed-ec2\"\n\n[ami]\ntpm = true\n\n\
+                 [secure_boot]\npk = \"PK.crt\"\nkek = [\"KEK.crt\"]\ndb = [\"db.crt\"]\nkey = \"db.key\"\n",
+                base.display()
+            ),
+        )
+        .unwrap();
+        let o = run_ok(
+            kiln()
+                .arg("build")
+                .arg(&recipe)
+                .arg("--out")
+                .arg(d.join("out"))
+                .arg("--json")
+                .env("KILN_CACHE_DIR", cache_dir())
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
+        );
+        let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+        Some((PathBuf::from(summary["image"].as_str().unwrap()), PathBuf::from(summary["manifest"].as_str().unwrap())))
+    })
+    .as_ref()
+}
+
+/// `kiln test` of the signed EC2 image: it launches clean with the AMI's own variable store
+/// in OVMF's Secure Boot build, the guest says Secure Boot is on, and the PCRs swtpm measured
+/// equal the manifest's predictions for PCR 4 and 7.
+#[test]
+fn a_signed_ec2_image_launches_clean_with_secure_boot_enforcing_and_the_predicted_pcrs() {
+    let Some((image, manifest)) = signed_ec2() else { return };
+    let m = kiln::manifest::Manifest::load(manifest).unwrap();
+    let sb = m.secure_boot.as_ref().expect("a [secure_boot] build records it");
+    assert_eq!(sb.pcrs.keys().copied().collect::<Vec<_>>(), [4, 7]);
+    let o = kiln().arg("test").arg(image).args(["--json", "--timeout", "1500"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("no report ({e}):\n{err}"));
+    let checks: Vec<(String, String, String)> = report["launches"][0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().into(),
+                c["status"].as_str().unwrap().into(),
+                c["evidence"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(o.status.success(), "kiln test failed:\n{checks:#?}\n{err}");
+    for id in ["secure-boot", "pcrs", "systemd"] {
+        assert!(checks.iter().any(|(i, s, _)| i == id && s == "pass"), "{id} did not pass: {checks:#?}");
+    }
+}
+
+/// The firmware that boots the signed image refuses the same image with one byte of its
+/// kernel changed, and an unsigned image: no kernel starts, the firmware says Access Denied
+/// and gives up.
+#[test]
+fn the_same_firmware_refuses_a_changed_kernel_and_an_unsigned_image() {
+    let Some((image, manifest)) = signed_ec2() else { return };
+    let Some(unsigned) = crate::launch::ec2_image() else { return };
+    if tool("mcopy").is_none() {
+        return;
+    }
+    let m: Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let esp = m["disk"]["partitions"].as_array().unwrap().iter().find(|p| p["filesystem"] == "vfat").unwrap();
+    let (esp_at, esp_len) = (esp["offset_bytes"].as_u64().unwrap(), esp["size_bytes"].as_u64().unwrap());
+    let dir = tempdir();
+    let d = dir.path();
+    let name = image.file_name().unwrap();
+    let refused = |raw: &Path, what: &str| {
+        let o = kiln()
+            .arg("boot")
+            .arg(raw)
+            .args(["--console", "--timeout", "900", "--expect", "No bootable option or device was found"])
+            .output()
+            .unwrap();
+        let console = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{what}: the firmware did not give up:\n{console}");
+        assert!(console.contains("Access Denied"), "{what}: no Access Denied:\n{console}");
+        assert!(!console.contains("Linux version"), "{what}: a kernel started:\n{console}");
+    };
+
+    // One byte of the kernel inside the UKI, changed on the ESP.
+    let changed = d.join("changed");
+    std::fs::create_dir(&changed).unwrap();
+    std::fs::copy(manifest, changed.join(manifest.file_name().unwrap())).unwrap();
+    let raw = changed.join(name);
+    run_ok(Command::new("cp").arg("--sparse=always").arg(image).arg(&raw));
+    let uki_path = m["secure_boot"]["uki"]["path"].as_str().unwrap();
+    run_ok(
+        Command::new("mcopy")
+            .args(["-n", "-i"])
+            .arg(format!("{}@@{esp_at}", raw.display()))
+            .arg(format!("::{uki_path}"))
+            .arg(d.join("uki.efi")),
+    );
+    let uki = std::fs::read(d.join("uki.efi")).unwrap();
+    let h = kiln::formats::pe::Headers::read(&uki).unwrap();
+    let linux = h.sections.iter().find(|s| s.name == ".linux").unwrap();
+    let at_in_uki = linux.raw_offset + linux.raw_size / 2;
+    let window = &uki[at_in_uki..at_in_uki + 4096];
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&raw).unwrap();
+    let mut esp_bytes = vec![0; esp_len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut esp_bytes, esp_at).unwrap();
+    let found = esp_bytes.windows(4096).position(|w| w == window).expect("the UKI's bytes on the ESP");
+    let at = esp_at + found as u64;
+    let mut byte = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&mut f, &[byte[0] ^ 1], at).unwrap();
+    drop(f);
+    refused(&raw, "a changed kernel");
+
+    // The unsigned EC2 image, under the signed image's name beside its manifest: the same keys.
+    let plain = d.join("plain");
+    std::fs::create_dir(&plain).unwrap();
+    std::fs::copy(manifest, plain.join(manifest.file_name().unwrap())).unwrap();
+    run_ok(Command::new("cp").arg("--sparse=always").arg(unsigned).arg(plain.join(name)));
+    refused(&plain.join(name), "an unsigned image");
 }

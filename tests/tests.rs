@@ -1,5 +1,5 @@
 //! kiln's integration tests: one binary, a module per area. Independent tools are the judges
-//! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU), never kiln's own reader alone.
+//! (e2fsck, debugfs, fsck.fat, sgdisk, sfdisk, openssl, QEMU, sbverify, pesign, uefivars, swtpm), never kiln's own reader alone.
 
 mod build;
 mod bundle;
