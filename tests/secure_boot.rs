@@ -484,14 +484,14 @@ fn the_same_firmware_refuses_a_changed_kernel_and_an_unsigned_image() {
     let linux = h.sections.iter().find(|s| s.name == ".linux").unwrap();
     let at_in_uki = linux.raw_offset + linux.raw_size / 2;
     let window = &uki[at_in_uki..at_in_uki + 4096];
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&raw).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&raw).unwrap();
     let mut esp_bytes = vec![0; esp_len as usize];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut esp_bytes, esp_at).unwrap();
     let found = esp_bytes.windows(4096).position(|w| w == window).expect("the UKI's bytes on the ESP");
     let at = esp_at + found as u64;
     let mut byte = [0u8];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut byte, at).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &[byte[0] ^ 1], at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[byte[0] ^ 1], at).unwrap();
     drop(f);
     refused(&raw, "a changed kernel");
 
