@@ -846,16 +846,7 @@ pub(crate) fn synthetic_base(dir: &Path) -> PathBuf {
     let path = dir.join("base.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
     let mut rng = crate::common::XorShift(0x9e37_79b9_7f4a_7c15);
-    let add = |b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32, bytes: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(mode);
-        h.set_mtime(1_690_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
-        b.append_data(&mut h, path, bytes).unwrap();
-    };
+    let add = crate::common::tar_entry;
     for d in ["./", "./boot/", "./etc/", "./usr/", "./usr/lib/", "./usr/lib/systemd/", "./usr/lib/systemd/boot/"] {
         add(&mut b, d, 0o755, b"");
     }

@@ -123,6 +123,18 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Appends a root-owned entry to a test tarball: a directory when `path` ends with `/`.
+pub fn tar_entry(b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32, bytes: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(mode);
+    h.set_mtime(1_690_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
+    b.append_data(&mut h, path, bytes).unwrap();
+}
+
 pub fn stdout_of(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
 }

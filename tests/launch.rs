@@ -50,7 +50,7 @@ pub(crate) fn ec2_image() -> Option<&'static PathBuf> {
 }
 
 /// Runs `kiln test --json` and returns its exit status and report.
-fn kiln_test(image: &Path, extra: &[&str]) -> (bool, Value, String) {
+pub(crate) fn kiln_test(image: &Path, extra: &[&str]) -> (bool, Value, String) {
     // Under CI contention an x86_64 launch can take several minutes; an explicit --timeout wins.
     let timeout: &[&str] = if extra.contains(&"--timeout") { &[] } else { &["--timeout", "1500"] };
     let o = kiln().arg("test").arg(image).arg("--json").args(timeout).args(extra).output().unwrap();
@@ -60,7 +60,7 @@ fn kiln_test(image: &Path, extra: &[&str]) -> (bool, Value, String) {
     (o.status.success(), report, err)
 }
 
-fn checks(report: &Value, launch: usize) -> Vec<(String, String, String)> {
+pub(crate) fn checks(report: &Value, launch: usize) -> Vec<(String, String, String)> {
     report["launches"][launch]["checks"]
         .as_array()
         .unwrap()

@@ -12,7 +12,7 @@ use kiln::formats::efi_vars::{self, SecureBootKeys};
 
 use serde_json::Value;
 
-use crate::common::{cache_dir, in_ci, kiln, run_ok, tempdir, tool};
+use crate::common::{cache_dir, in_ci, kiln, run_ok, stdout_of, tempdir, tool};
 
 /// A self-signed RSA-2048 certificate and its key, made by openssl: (key.pem, cert.pem, cert.der).
 fn openssl_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
@@ -176,14 +176,7 @@ fn secure_boot_base(dir: &Path) -> Option<PathBuf> {
     let path = dir.join("base.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
     let mut add = |path: &str, bytes: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(if path.ends_with('/') { 0o755 } else { 0o644 });
-        h.set_mtime(1_690_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_entry_type(if path.ends_with('/') { tar::EntryType::Directory } else { tar::EntryType::Regular });
-        b.append_data(&mut h, path, bytes).unwrap();
+        crate::common::tar_entry(&mut b, path, if path.ends_with('/') { 0o755 } else { 0o644 }, bytes)
     };
     for d in ["./", "./boot/", "./etc/", "./usr/", "./usr/lib/", "./usr/lib/systemd/", "./usr/lib/systemd/boot/"] {
         add(d, b"");
@@ -274,7 +267,7 @@ fn a_secure_boot_build_signs_its_boot_chain_and_records_its_keys() {
         run_ok(Command::new("mcopy").args(["-n", "-i", &at]).arg(format!("::{from}")).arg(d.join(to)));
         d.join(to)
     };
-    let listing = stdout_of_ok(Command::new("mdir").args(["-b", "-/", "-i", &at, "::"]));
+    let listing = stdout_of(Command::new("mdir").args(["-b", "-/", "-i", &at, "::"]));
     assert!(
         !listing.to_lowercase().contains("vmlinuz") && !listing.contains("entries"),
         "unsigned boot files on the ESP:\n{listing}"
@@ -284,7 +277,7 @@ fn a_secure_boot_build_signs_its_boot_chain_and_records_its_keys() {
     for (f, digest) in [(&loader, &sb["loader"]), (&uki, &sb["uki"])] {
         let o = Command::new("sbverify").arg("--cert").arg(&db).arg(f).output().unwrap();
         assert!(o.status.success(), "sbverify refuses {}: {}", f.display(), String::from_utf8_lossy(&o.stderr));
-        let hash = stdout_of_ok(Command::new("pesign").arg("-h").arg("-i").arg(f));
+        let hash = stdout_of(Command::new("pesign").arg("-h").arg("-i").arg(f));
         assert_eq!(hash.trim().strip_prefix("hash: "), digest["authenticode_sha256"].as_str(), "{}", f.display());
     }
     let section = |name: &str| {
@@ -320,10 +313,6 @@ fn a_secure_boot_build_signs_its_boot_chain_and_records_its_keys() {
     let key_body: String = std::fs::read_to_string(&db_key).unwrap().lines().nth(1).unwrap().to_string();
     let bytes = std::fs::read(&image).unwrap();
     assert!(!bytes.windows(key_body.len()).any(|w| w == key_body.as_bytes()), "the db key is in the image");
-}
-
-fn stdout_of_ok(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()
 }
 
 /// A recipe whose key is not db's, or whose image can boot BIOS, is refused by `kiln check`,
@@ -415,22 +404,9 @@ fn a_signed_ec2_image_launches_clean_with_secure_boot_enforcing_and_the_predicte
     let m = kiln::manifest::Manifest::load(manifest).unwrap();
     let sb = m.secure_boot.as_ref().expect("a [secure_boot] build records it");
     assert_eq!(sb.pcrs.keys().copied().collect::<Vec<_>>(), [4, 7]);
-    let o = kiln().arg("test").arg(image).args(["--json", "--timeout", "1500"]).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    let report: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("no report ({e}):\n{err}"));
-    let checks: Vec<(String, String, String)> = report["launches"][0]["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().into(),
-                c["status"].as_str().unwrap().into(),
-                c["evidence"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    assert!(o.status.success(), "kiln test failed:\n{checks:#?}\n{err}");
+    let (passed, report, err) = crate::launch::kiln_test(image, &[]);
+    let checks = crate::launch::checks(&report, 0);
+    assert!(passed, "kiln test failed:\n{checks:#?}\n{err}");
     for id in ["secure-boot", "pcrs", "systemd"] {
         assert!(checks.iter().any(|(i, s, _)| i == id && s == "pass"), "{id} did not pass: {checks:#?}");
     }
