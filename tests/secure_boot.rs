@@ -347,6 +347,8 @@ fn secure_boot_recipes_that_cannot_work_are_refused_at_the_line() {
         }
     };
     assert_eq!(check("uefi", "db.key"), "", "a sound recipe is refused");
+    let summary = stdout_of(kiln().arg("check").arg(d.join("r.toml")));
+    assert!(summary.contains("PK, 1 KEK, 1 db; the boot chain signed by db[0]"), "{summary}");
     let wrong = check("uefi", "other.key");
     assert!(wrong.contains("r.toml:11") && wrong.contains("not the key of any certificate in db"), "{wrong}");
     let hybrid = check("hybrid", "db.key");

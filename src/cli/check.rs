@@ -124,6 +124,20 @@ fn summary_text(r: &Recipe) -> String {
         },
     );
     row("bundle", if r.bundle.is_some() { "yes".into() } else { "no [bundle] section".into() });
+    row(
+        "secure boot",
+        match &r.secure_boot {
+            Some(sb) => format!(
+                "PK, {} KEK, {} db{}; the boot chain signed by db[{}] ({})",
+                sb.keys.kek.len(),
+                sb.keys.db.len(),
+                if sb.keys.dbx.is_some() { ", dbx" } else { "" },
+                sb.signer,
+                sb.key.display()
+            ),
+            None => "no [secure_boot] section".into(),
+        },
+    );
     if r.recipe_files().len() > 1 {
         let chain: Vec<String> = r.recipe_files().iter().map(|p| p.display().to_string()).collect();
         row("extends", chain[1..].join(" → "));
@@ -154,6 +168,13 @@ fn summary_json(r: &Recipe) -> serde_json::Value {
         "source_date_epoch": r.source_date_epoch,
         "ami": r.ami,
         "bundle": r.bundle,
+        "secure_boot": r.secure_boot.as_ref().map(|sb| serde_json::json!({
+            "kek": sb.keys.kek.len(),
+            "db": sb.keys.db.len(),
+            "dbx": sb.keys.dbx.is_some(),
+            "signer": sb.signer,
+            "key": sb.key,
+        })),
         "warnings": r.warnings,
     })
 }
