@@ -249,13 +249,28 @@ fn uefi_vars(opts: &BootOptions, dir: &Path) -> Result<Option<PathBuf>, BootErro
             std::fs::copy(&src, &dst)
                 .map_err(|source| BootError::Io { what: "copying the UEFI variable store".into(), source })?;
         }
-        Some(uefi_data) => enrol(uefi_data, &src, &dst, dir)?,
+        Some(uefi_data) => {
+            // Debian's AAVMF_VARS.fd is blank flash the firmware formats on first boot, which
+            // virt-fw-vars cannot edit; its .ms variant is a formatted store, emptied first.
+            let template = match opts.arch {
+                Arch::X86_64 => src,
+                Arch::Arm64 => first_existing(&[AAVMF_FORMATTED_VARS]).ok_or(BootError::NoFirmware {
+                    what: "AAVMF formatted variable",
+                    path: AAVMF_FORMATTED_VARS.into(),
+                    package: "qemu-efi-aarch64",
+                })?,
+            };
+            enrol(uefi_data, &template, &dst, dir)?
+        }
     }
     Ok(Some(dst))
 }
 
-/// `template` (the firmware's empty variable store) with the variables of EC2's `uefi_data`
-/// set, as `dst`: virt-fw-vars reads the AWS store and writes the edk2 one.
+const AAVMF_FORMATTED_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.ms.fd";
+
+/// `template` (a formatted edk2 variable store) with every variable it holds deleted and the
+/// variables of EC2's `uefi_data` set, as `dst`: the firmware starts with the AMI's store and
+/// nothing else. virt-fw-vars reads the AWS store and writes the edk2 one.
 fn enrol(uefi_data: &str, template: &Path, dst: &Path, dir: &Path) -> Result<(), BootError> {
     const TOOL: &str = "virt-fw-vars";
     if crate::host::find_program(TOOL).is_none() {
@@ -283,7 +298,21 @@ fn enrol(uefi_data: &str, template: &Path, dst: &Path, dir: &Path) -> Result<(),
         })
     };
     run(&["-i".as_ref(), aws.as_os_str(), "--output-json".as_ref(), json.as_os_str()])?;
-    run(&["-i".as_ref(), template.as_os_str(), "--set-json".as_ref(), json.as_os_str(), "-o".as_ref(), dst.as_os_str()])
+    let held = dir.join("template.json");
+    run(&["-i".as_ref(), template.as_os_str(), "--output-json".as_ref(), held.as_os_str()])?;
+    let held: serde_json::Value =
+        std::fs::read(&held).ok().and_then(|b| serde_json::from_slice(&b).ok()).ok_or_else(|| {
+            BootError::ToolFailed { tool: TOOL.into(), status: "unreadable JSON".into(), tail: String::new() }
+        })?;
+    let names: Vec<&str> =
+        held["variables"].as_array().into_iter().flatten().filter_map(|v| v["name"].as_str()).collect();
+    let mut args: Vec<&std::ffi::OsStr> = vec!["-i".as_ref(), template.as_os_str()];
+    for n in &names {
+        args.push("-d".as_ref());
+        args.push(std::ffi::OsStr::new(n));
+    }
+    args.extend_from_slice(&["--set-json".as_ref(), json.as_os_str(), "-o".as_ref(), dst.as_os_str()]);
+    run(&args)
 }
 
 /// swtpm serving a fresh TPM 2.0 on a socket in `dir`; it ends when QEMU closes the socket.

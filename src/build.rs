@@ -20,8 +20,8 @@ use crate::formats::ext4::{self, Ext4Options, SizeSpec};
 use crate::formats::image::{BlockDigests, Offload, Sha256Sink, Sink, SparseFile, Tee};
 use crate::formats::spdx::SbomPackage;
 use crate::formats::tar::{read_tar, TarOptions};
+use crate::formats::tpm;
 use crate::formats::tree::{Content, Dir, Kind, Meta, OnExisting, Timestamp, Tree, TreeError};
-use crate::formats::{authenticode, tpm};
 use crate::manifest::{self, Manifest, EBS_BLOCK_SIZE, MANIFEST_VERSION};
 use crate::progress::{Progress, Unit};
 use crate::recipe::{Base, DiskSize, FileContent, FileEntry, FileKind, Network, Recipe};
@@ -128,8 +128,8 @@ pub enum BuildError {
         .0.iter().map(|f| format!("  {}: {}", f.path, f.what)).collect::<Vec<_>>().join("\n")
     )]
     Audit(Vec<Finding>),
-    #[error("the Secure Boot key {}", path.display())]
-    SigningKey { path: PathBuf, source: crate::formats::authenticode::SignerError },
+    #[error("the Secure Boot keys")]
+    Keys(#[source] crate::secure_boot::KeysError),
     #[error("collecting the boot files for the ESP")]
     Esp(#[source] disk::DiskError),
     #[error("building GRUB's BIOS boot code")]
@@ -164,8 +164,20 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
     assemble_root(recipe, &base, &ids, epoch, &mut tree, progress)?;
     audit_root(recipe, &tree)?;
     let (packages, sbom_packages) = packages_of(&tree, base.layer_plan.as_ref());
-    let (plan, secure_boot) = plan_disk(recipe, &ids, epoch, &tree)?;
     let outputs = crate::outputs::Outputs::new(&opts.out_dir, &recipe.output_name());
+    let keys = match &recipe.secure_boot {
+        Some(sb) => {
+            let keys = crate::secure_boot::resolve(sb, &outputs.secure_boot_keys(), &recipe.output_name(), epoch.secs)
+                .map_err(BuildError::Keys)?;
+            if let Some(dir) = &keys.generated_in {
+                progress
+                    .note(&format!("Secure Boot keys (generated; keep them, the AMI trusts them): {}", dir.display()));
+            }
+            Some(keys)
+        }
+        None => None,
+    };
+    let (plan, secure_boot) = plan_disk(recipe, &ids, epoch, &tree, keys.as_ref())?;
     let image = write_image(&plan, &tree, &outputs, progress)?;
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
@@ -502,14 +514,14 @@ fn plan_disk(
     ids: &DiskIds,
     epoch: Timestamp,
     tree: &Tree,
+    keys: Option<&crate::secure_boot::Keys>,
 ) -> Result<(disk::DiskPlan, Option<manifest::SecureBootInfo>), BuildError> {
     let boot = BootSetup { arch: recipe.arch, mode: recipe.boot, cmdline: recipe.system.kernel_cmdline.clone() };
-    let (esp, secure_boot) = match &recipe.secure_boot {
+    let (esp, secure_boot) = match keys {
         None => (disk::esp_files(tree, ids, &boot).map_err(BuildError::Esp)?, None),
-        Some(sb) => {
-            let signer = signer(sb)?;
-            let (files, signed) = disk::signed_esp_files(tree, ids, &boot, &signer).map_err(BuildError::Esp)?;
-            (files, Some(secure_boot_info(sb, signed)))
+        Some(k) => {
+            let (files, signed) = disk::signed_esp_files(tree, ids, &boot, &k.signer).map_err(BuildError::Esp)?;
+            (files, Some(secure_boot_info(k, signed)))
         }
     };
     let mut root_opts = root_fs_options(ids, epoch);
@@ -537,29 +549,22 @@ fn plan_disk(
     Ok((plan, secure_boot))
 }
 
-/// The db key and its certificate. The key is read here, when it signs, and is kept nowhere.
-fn signer(sb: &crate::recipe::SecureBoot) -> Result<authenticode::Signer, BuildError> {
-    let key = std::fs::read_to_string(&sb.key).map_err(io_error("reading the Secure Boot key", &sb.key))?;
-    authenticode::Signer::new(&key, &sb.keys.db[sb.signer])
-        .map_err(|source| BuildError::SigningKey { path: sb.key.clone(), source })
-}
-
 /// What the manifest records of a Secure Boot image: the AMI's variable store, the keys by
 /// digest, and the signed boot chain.
-fn secure_boot_info(sb: &crate::recipe::SecureBoot, signed: disk::SignedBoot) -> manifest::SecureBootInfo {
+fn secure_boot_info(keys: &crate::secure_boot::Keys, signed: disk::SignedBoot) -> manifest::SecureBootInfo {
     let digest = |der: &[u8]| hex::encode(Sha256::digest(der));
-    let k = &sb.keys;
+    let k = &keys.keys;
     manifest::SecureBootInfo {
         uefi_data: crate::formats::efi_vars::encode_aws(&k.variables()),
         pk: digest(&k.pk),
         kek: k.kek.iter().map(|c| digest(c)).collect(),
         db: k.db.iter().map(|c| digest(c)).collect(),
         dbx: k.dbx.as_deref().map(digest),
-        signed_by: digest(&k.db[sb.signer]),
+        signed_by: digest(&k.db[keys.signer_index]),
         // What EDK2 firmware (EC2's, OVMF) measures booting this chain from the root volume.
         pcrs: [
             (4, hex::encode(tpm::pcr4(&[signed.loader_digest, signed.uki_digest]))),
-            (7, hex::encode(tpm::pcr7(k, &k.db[sb.signer]))),
+            (7, hex::encode(tpm::pcr7(k, &k.db[keys.signer_index]))),
         ]
         .into(),
         loader: manifest::SignedFile {

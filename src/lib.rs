@@ -28,5 +28,6 @@ pub use kiln_model::outputs;
 pub use kiln_model::platform;
 pub mod publish;
 pub use kiln_model::recipe;
+pub mod secure_boot;
 pub mod share;
 pub mod stage;

@@ -353,6 +353,15 @@ fn secure_boot_recipes_that_cannot_work_are_refused_at_the_line() {
     assert!(wrong.contains("r.toml:11") && wrong.contains("not the key of any certificate in db"), "{wrong}");
     let hybrid = check("hybrid", "db.key");
     assert!(hybrid.contains("Secure Boot needs a UEFI-only image") && hybrid.contains("boot = \"uefi\""), "{hybrid}");
+    let recipe = d.join("g.toml");
+    std::fs::write(
+        &recipe,
+        "[image]\nname = \"g\"\narch = \"x86_64\"\nboot = \"uefi\"\nbase = { tarball = \"base.tar\" }\n\n\
+         [secure_boot]\ngenerate = true\npk = \"PK.crt\"\n",
+    )
+    .unwrap();
+    let both = String::from_utf8_lossy(&kiln().arg("check").arg(&recipe).output().unwrap().stderr).into_owned();
+    assert!(both.contains("g.toml:9") && both.contains("`pk` cannot be combined with `generate = true`"), "{both}");
     let swapped = check("uefi", "db.crt");
     assert!(swapped.contains("r.toml:11") && swapped.contains("is a certificate, not a private key"), "{swapped}");
 }
@@ -479,4 +488,91 @@ fn the_same_firmware_refuses_a_changed_kernel_and_an_unsigned_image() {
     std::fs::copy(manifest, plain.join(manifest.file_name().unwrap())).unwrap();
     run_ok(Command::new("cp").arg("--sparse=always").arg(unsigned).arg(plain.join(name)));
     refused(&plain.join(name), "an unsigned image");
+}
+
+/// `generate = true`: the first build makes PK, KEK and db keys beside the image (keys 0600,
+/// certificates openssl accepts as self-signed and whose keys match), signs with them (sbverify
+/// checks against the generated db certificate), and a rebuild into the same directory uses
+/// them again and gives the same bytes; the keys appear in no output but their own files.
+#[test]
+fn generated_keys_are_made_once_kept_private_and_used_again() {
+    let tools = ["openssl", "sbverify", "mcopy"];
+    if tools.iter().any(|t| tool(t).is_none()) {
+        return;
+    }
+    let t = tempdir();
+    let d = t.path();
+    let Some(_) = secure_boot_base(d) else { return };
+    let recipe = d.join("gen.toml");
+    std::fs::write(
+        &recipe,
+        "[image]\nname = \"gen\"\narch = \"x86_64\"\nboot = \"uefi\"\nbase = { tarball = \"base.tar\" }\n\n\
+         [system]\nnetwork = \"none\"\n\n[secure_boot]\ngenerate = true\n",
+    )
+    .unwrap();
+    let build = || -> (Value, String) {
+        let o = run_ok(
+            kiln()
+                .arg("build")
+                .arg(&recipe)
+                .arg("--out")
+                .arg(d.join("out"))
+                .arg("--json")
+                .env("KILN_CACHE_DIR", d.join("cache"))
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
+        );
+        let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        (serde_json::from_slice(&o.stdout).unwrap(), log)
+    };
+    let (first, log) = build();
+    let keys = d.join("out/gen-x86_64.keys");
+    assert!(log.contains("gen-x86_64.keys"), "the build says where the keys are:\n{log}");
+    for n in ["PK", "KEK", "db"] {
+        let key = keys.join(format!("{n}.key"));
+        let crt = keys.join(format!("{n}.crt"));
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{n}.key is readable by others");
+        let subject = stdout_of(Command::new("openssl").args(["x509", "-noout", "-subject", "-in"]).arg(&crt));
+        assert!(subject.contains(&format!("gen-x86_64 {n}")), "{subject}");
+        let verify = stdout_of(Command::new("openssl").arg("verify").arg("-CAfile").arg(&crt).arg(&crt));
+        assert!(verify.contains(": OK"), "{verify}");
+        let from_key = stdout_of(Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(&key));
+        let from_crt = stdout_of(Command::new("openssl").args(["x509", "-noout", "-pubkey", "-in"]).arg(&crt));
+        assert_eq!(from_key, from_crt, "{n}.key is not the key of {n}.crt");
+        let key_body = std::fs::read_to_string(&key).unwrap().lines().nth(1).unwrap().to_string();
+        assert!(!log.contains(&key_body), "a key reached the build's output");
+    }
+    let before: Vec<Vec<u8>> = ["PK.key", "db.key"].iter().map(|f| std::fs::read(keys.join(f)).unwrap()).collect();
+
+    let manifest: Value = serde_json::from_slice(&std::fs::read(first["manifest"].as_str().unwrap()).unwrap()).unwrap();
+    let image = PathBuf::from(first["image"].as_str().unwrap());
+    let esp = manifest["disk"]["partitions"].as_array().unwrap().iter().find(|p| p["filesystem"] == "vfat").unwrap();
+    let uki = d.join("uki.efi");
+    run_ok(
+        Command::new("mcopy")
+            .args(["-n", "-i"])
+            .arg(format!("{}@@{}", image.display(), esp["offset_bytes"]))
+            .arg(format!("::{}", manifest["secure_boot"]["uki"]["path"].as_str().unwrap()))
+            .arg(&uki),
+    );
+    let o = Command::new("sbverify").arg("--cert").arg(keys.join("db.crt")).arg(&uki).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let (second, _) = build();
+    assert_eq!(second["sha256"], first["sha256"], "a rebuild with the kept keys differs");
+    let after: Vec<Vec<u8>> = ["PK.key", "db.key"].iter().map(|f| std::fs::read(keys.join(f)).unwrap()).collect();
+    assert_eq!(before, after, "the keys were made again");
+
+    // Half a hierarchy is not silently replaced.
+    std::fs::remove_file(keys.join("KEK.crt")).unwrap();
+    let o = kiln()
+        .arg("build")
+        .arg(&recipe)
+        .arg("--out")
+        .arg(d.join("out"))
+        .env("KILN_CACHE_DIR", d.join("cache"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("KEK.key or KEK.crt is missing"), "{err}");
 }

@@ -18,10 +18,14 @@ use tempfile::NamedTempFile;
 /// It is flock'ed while open, so [`remove_stale`] can tell a live writer's file from one a
 /// killed process left behind.
 pub fn temp_beside(dest: &Path) -> io::Result<NamedTempFile> {
+    temp_with_mode(dest, 0o666)
+}
+
+fn temp_with_mode(dest: &Path, mode: u32) -> io::Result<NamedTempFile> {
     let tmp = tempfile::Builder::new()
         .prefix(&temp_prefix(dest))
         .suffix(TEMP_SUFFIX)
-        .permissions(std::fs::Permissions::from_mode(0o666))
+        .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(dir_of(dest))?;
     lock(tmp.as_file(), libc::LOCK_EX)?;
     Ok(tmp)
@@ -88,6 +92,13 @@ pub fn persist(tmp: NamedTempFile, dest: &Path) -> io::Result<()> {
 /// Writes `bytes` to `dest` atomically and durably.
 pub fn write(dest: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut tmp = temp_beside(dest)?;
+    tmp.write_all(bytes)?;
+    persist(tmp, dest)
+}
+
+/// [`write`] for a secret (a private key): the file is 0600 from the moment it exists.
+pub fn write_private(dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = temp_with_mode(dest, 0o600)?;
     tmp.write_all(bytes)?;
     persist(tmp, dest)
 }

@@ -132,35 +132,7 @@ pub fn sign(pe: &[u8], signer: &Signer) -> Result<Vec<u8>, PeError> {
     Ok(out)
 }
 
-// DER, written directly: the structures are fixed and small, and only kiln writes them here.
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let n = content.len();
-    if n < 0x80 {
-        out.push(n as u8);
-    } else {
-        let bytes = n.to_be_bytes();
-        let skip = bytes.iter().take_while(|&&b| b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
-    out
-}
-
-fn seq(parts: &[&[u8]]) -> Vec<u8> {
-    tlv(0x30, &parts.concat())
-}
-
-/// A DER SET OF: its elements sorted by their encodings.
-fn set_of(mut parts: Vec<Vec<u8>>) -> Vec<u8> {
-    parts.sort();
-    tlv(0x31, &parts.concat())
-}
-
-fn oid(der_body: &[u8]) -> Vec<u8> {
-    tlv(0x06, der_body)
-}
+use super::der::{oid, seq, set_of, tlv, NULL};
 
 // Object identifiers' contents octets.
 /// 1.2.840.113549.1.7.2 signedData
@@ -180,8 +152,6 @@ const OID_CONTENT_TYPE: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09
 /// 1.2.840.113549.1.9.4 messageDigest
 const OID_MESSAGE_DIGEST: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x04];
 
-const NULL: &[u8] = &[0x05, 0x00];
-
 /// The PKCS#7 SignedData (DER) of an Authenticode signature over `digest`.
 fn signed_data(digest: &[u8; 32], signer: &Signer) -> Result<Vec<u8>, PeError> {
     let sha256 = seq(&[&oid(OID_SHA256), NULL]);
@@ -191,7 +161,7 @@ fn signed_data(digest: &[u8; 32], signer: &Signer) -> Result<Vec<u8>, PeError> {
     let pe_image_data = seq(&[&tlv(0x03, &[0]), &tlv(0xa0, &tlv(0xa2, &tlv(0x80, &obsolete)))]);
     let indirect = seq(&[&seq(&[&oid(OID_SPC_PE_IMAGE_DATA), &pe_image_data]), &seq(&[&sha256, &tlv(0x04, digest)])]);
     // The signed attributes' messageDigest is over the content without its own tag and length.
-    let header = indirect.len() - seq_content_len(&indirect);
+    let header = indirect.len() - super::der::content_len(&indirect);
     let content_digest: [u8; 32] = Sha256::digest(&indirect[header..]).into();
 
     let attributes = vec![
@@ -233,14 +203,6 @@ fn signed_data(digest: &[u8; 32], signer: &Signer) -> Result<Vec<u8>, PeError> {
 
 fn der(value: &impl Encode) -> Result<Vec<u8>, PeError> {
     value.to_der().map_err(|e| PeError::Sign(e.to_string()))
-}
-
-/// The length of a DER value's contents, read from its header.
-fn seq_content_len(der: &[u8]) -> usize {
-    match der[1] {
-        n if n < 0x80 => n as usize,
-        n => der[2..2 + (n & 0x7f) as usize].iter().fold(0, |acc, &b| acc << 8 | b as usize),
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 pub mod atomic;
 pub mod authenticode;
 pub mod bundle;
+mod der;
 pub mod efi_vars;
 pub mod elf;
 pub mod ext4;
@@ -25,3 +26,4 @@ pub mod tar;
 pub mod tpm;
 pub mod tree;
 pub mod uki;
+pub mod x509;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 /// What kiln writes beside an image, longest first so a name is matched by its whole suffix.
-const SUFFIXES: [&str; 9] = [
+const SUFFIXES: [&str; 10] = [
     ".publish-state.json",
     ".manifest.json",
     ".publish.json",
@@ -13,6 +13,7 @@ const SUFFIXES: [&str; 9] = [
     ".raw.sha256",
     ".spdx.json",
     ".test.json",
+    ".keys",
     ".raw",
     ".test",
 ];
@@ -54,6 +55,12 @@ impl Outputs {
 
     fn file(&self, suffix: &str) -> PathBuf {
         self.dir.join(format!("{}{suffix}", self.name))
+    }
+
+    /// The Secure Boot key hierarchy a build made for the image (`[secure_boot] generate`):
+    /// `NAME.keys/`, with each key's `KEY.key` (mode 0600) and `KEY.crt`.
+    pub fn secure_boot_keys(&self) -> PathBuf {
+        self.file(".keys")
     }
 
     /// The sparse raw disk's file name, as the manifest records it (relative to the manifest).

@@ -236,13 +236,21 @@ pub struct System {
 /// of db's certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecureBoot {
-    /// PK, KEK, db (DER) and dbx (signature lists): the AMI's UEFI variable store.
-    pub keys: kiln_formats::efi_vars::SecureBootKeys,
-    /// The db private key (PEM) that signs the boot loader and the unified kernel image; read
-    /// only when they are signed, never copied anywhere.
-    pub key: PathBuf,
-    /// Which of `keys.db` is that key's certificate.
-    pub signer: usize,
+    pub keys: KeySource,
+    /// dbx's signature lists as given, when the recipe has them.
+    pub dbx: Option<Vec<u8>>,
+}
+
+/// Where the key hierarchy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The recipe's certificates (DER); `key` (PEM, read only when signing, never copied) is
+    /// the private key of `db[signer]`.
+    Files { pk: Vec<u8>, kek: Vec<Vec<u8>>, db: Vec<Vec<u8>>, key: PathBuf, signer: usize },
+    /// `generate = true`: PK, KEK and a db key made by the first build, kept beside the image
+    /// (`Outputs::secure_boot_keys`) and used again by every later build there; `db` holds
+    /// the recipe's further db certificates, trusted after the generated one.
+    Generate { db: Vec<Vec<u8>> },
 }
 
 /// `[test]`.

@@ -72,6 +72,7 @@ pub struct RawSecureBoot {
     pub db: Option<LocList<String>>,
     pub dbx: Option<Loc<String>>,
     pub key: Option<Loc<String>>,
+    pub generate: Option<Loc<bool>>,
 }
 
 /// One `[[repositories]]` entry: an apt repository beside Debian's, with its signing key.
@@ -358,6 +359,7 @@ impl RawRecipe {
                 db: pick(p.db, c.db),
                 dbx: pick(p.dbx, c.dbx),
                 key: pick(p.key, c.key),
+                generate: pick(p.generate, c.generate),
             }),
         }
     }

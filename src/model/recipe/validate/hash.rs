@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::recipe::raw::RawBase;
 use crate::recipe::service::{Service, StepAction};
+use crate::recipe::KeySource;
 
 /// The recipe hash, over, in this order:
 /// 1. `kiln-recipe-v2\0`;
@@ -15,9 +16,10 @@ use crate::recipe::service::{Service, StepAction};
 /// 5. the service layer's files, each only when the recipe has it: every repository key
 ///    (`key\0`, the repository's name, `\0`), every local package (`local\0`) and every step
 ///    script (`script\0`), in recipe order, each by length (u64 LE) and SHA-256;
-/// 6. with `[secure_boot]`: `secure_boot\0`, then every certificate (PK, KEK, db, in recipe
-///    order) and dbx by length (u64 LE) and the SHA-256 of its DER or bytes. The private key
-///    is not hashed: its certificate in db stands for it.
+/// 6. with `[secure_boot]`: `secure_boot\0`, then every certificate the recipe names (PK, KEK,
+///    db, in recipe order) and dbx by length (u64 LE) and the SHA-256 of its DER or bytes.
+///    The private key is not hashed (its certificate in db stands for it), nor are generated
+///    keys (the manifest records them).
 ///
 /// Lengths frame every part, so no two different inputs hash the same bytes. Files enter by
 /// their own digest so an unchanged one need not be read again ([`FileDigests`]).
@@ -78,8 +80,12 @@ pub(super) fn recipe_hash(
     }
     if let Some(sb) = secure_boot {
         h.update(b"secure_boot\0");
-        let k = &sb.keys;
-        for part in std::iter::once(&k.pk).chain(&k.kek).chain(&k.db).chain(k.dbx.as_ref()) {
+        let certs: Vec<&Vec<u8>> = match &sb.keys {
+            KeySource::Files { pk, kek, db, .. } => std::iter::once(pk).chain(kek).chain(db).collect(),
+            // The generated keys are made by the build; the recipe brings only these.
+            KeySource::Generate { db } => db.iter().collect(),
+        };
+        for part in certs.into_iter().chain(sb.dbx.as_ref()) {
             h.update((part.len() as u64).to_le_bytes());
             h.update(Sha256::digest(part));
         }

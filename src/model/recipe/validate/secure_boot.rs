@@ -3,13 +3,13 @@
 //! key of one of db's certificates.
 
 use kiln_formats::authenticode::{self, Signer};
-use kiln_formats::efi_vars::{SecureBootKeys, SignatureList, KILN_OWNER};
+use kiln_formats::efi_vars::SignatureList;
 
 use super::*;
 use crate::ec2::Ec2BootMode;
 use crate::manifest::AmiSettings;
 use crate::recipe::raw::{LocList, RawSecureBoot};
-use crate::recipe::SecureBoot;
+use crate::recipe::{KeySource, SecureBoot};
 
 pub(super) fn check_secure_boot(
     v: &mut V,
@@ -39,13 +39,33 @@ pub(super) fn check_secure_boot(
             );
         }
     }
+    let dbx = r.dbx.as_ref().and_then(|d| check_dbx(v, d));
+    if r.generate.as_ref().is_some_and(|g| g.value) {
+        for (key, given) in [
+            ("pk", r.pk.as_ref().map(|p| p.span)),
+            ("kek", r.kek.as_ref().map(|k| k.span)),
+            ("key", r.key.as_ref().map(|k| k.span)),
+        ] {
+            if let Some(span) = given {
+                v.err(
+                    span,
+                    format!("secure_boot.{key}"),
+                    format!("`{key}` cannot be combined with `generate = true`"),
+                    Some("generate makes PK, KEK and the db key for the build; remove one of the two (db may still list further certificates to trust)".into()),
+                );
+            }
+        }
+        let db: Vec<Vec<u8>> =
+            r.db.iter().flat_map(|l| l.value.iter()).filter_map(|p| certificate(v, p, "secure_boot.db")).collect();
+        return (v.diags.len() == before).then_some(SecureBoot { keys: KeySource::Generate { db }, dbx });
+    }
     let missing = |v: &mut V, key: &str, what: &str| {
         v.err(top, format!("secure_boot.{key}"), format!("missing `{key}` in [secure_boot]"), Some(what.into()))
     };
     let pk = match &r.pk {
         Some(p) => certificate(v, p, "secure_boot.pk"),
         None => {
-            missing(v, "pk", "the platform key's certificate, like pk = \"keys/PK.crt\" (PEM)");
+            missing(v, "pk", "the platform key's certificate, like pk = \"keys/PK.crt\" (PEM), or generate = true to have kiln make the key hierarchy");
             None
         }
     };
@@ -72,26 +92,9 @@ pub(super) fn check_secure_boot(
         "secure_boot.db",
         "the certificates the firmware trusts to sign boot loaders, like db = [\"keys/db.crt\"] (PEM); the first whose key is `key` signs",
     );
-    let dbx = r.dbx.as_ref().and_then(|d| {
-        let path = v.resolve(d);
-        check_source_file(v, d, "secure_boot.dbx", &path)?;
-        let bytes = std::fs::read(&path).ok()?;
-        match SignatureList::decode_all(&bytes) {
-            Ok(_) => Some(bytes),
-            Err(e) => {
-                v.err(
-                    d.span,
-                    "secure_boot.dbx",
-                    format!("`{}` is not a file of EFI signature lists: {e}", d.value),
-                    Some("dbx takes the revocation list as firmware updates ship it (an .esl file, as efitools' cert-to-efi-sig-list or sbsiglist write)".into()),
-                );
-                None
-            }
-        }
-    });
     let signer = match &r.key {
         None => {
-            missing(v, "key", "the db private key that signs the boot loader and kernel, like key = \"keys/db.key\" (PEM; it stays out of the image)");
+            missing(v, "key", "the db private key that signs the boot loader and kernel, like key = \"keys/db.key\" (PEM; it stays out of the image), or generate = true to have kiln make the keys");
             None
         }
         Some(k) => signing_key(v, k, &db),
@@ -100,16 +103,34 @@ pub(super) fn check_secure_boot(
         return None;
     }
     Some(SecureBoot {
-        keys: SecureBootKeys {
-            owner: KILN_OWNER,
+        keys: KeySource::Files {
             pk: pk?,
             kek: kek.into_iter().map(|(_, d)| d).collect(),
             db: db.into_iter().map(|(_, d)| d).collect(),
-            dbx,
+            key: v.resolve(r.key.as_ref()?),
+            signer: signer?,
         },
-        key: v.resolve(r.key.as_ref()?),
-        signer: signer?,
+        dbx,
     })
+}
+
+/// dbx's signature lists, read and parsed.
+fn check_dbx(v: &mut V, d: &Loc<String>) -> Option<Vec<u8>> {
+    let path = v.resolve(d);
+    check_source_file(v, d, "secure_boot.dbx", &path)?;
+    let bytes = std::fs::read(&path).ok()?;
+    match SignatureList::decode_all(&bytes) {
+        Ok(_) => Some(bytes),
+        Err(e) => {
+            v.err(
+                d.span,
+                "secure_boot.dbx",
+                format!("`{}` is not a file of EFI signature lists: {e}", d.value),
+                Some("dbx takes the revocation list as firmware updates ship it (an .esl file, as efitools' cert-to-efi-sig-list or sbsiglist write)".into()),
+            );
+            None
+        }
+    }
 }
 
 /// The DER of the PEM certificate `at` names, or a diagnostic.
