@@ -62,14 +62,7 @@ pub fn resolve(sb: &SecureBoot, keys_dir: &Path, name: &str, epoch: i64) -> Resu
         KeySource::Generate { db: extra } => {
             let files = |n: &str| (keys_dir.join(format!("{n}.key")), keys_dir.join(format!("{n}.crt")));
             let present: Vec<bool> = GENERATED.iter().map(|n| files(n).0.is_file() && files(n).1.is_file()).collect();
-            if present.iter().any(|p| !p) {
-                if let Some(i) = present.iter().position(|p| *p) {
-                    let missing = GENERATED[present.iter().position(|p| !p).unwrap_or(i)];
-                    return Err(KeysError::Incomplete {
-                        dir: keys_dir.to_path_buf(),
-                        missing: format!("{missing}.key or {missing}.crt"),
-                    });
-                }
+            if present.iter().all(|p| !p) {
                 std::fs::create_dir_all(keys_dir).map_err(io("creating", keys_dir))?;
                 let mut rng = rand::rng();
                 for n in GENERATED {
@@ -78,6 +71,12 @@ pub fn resolve(sb: &SecureBoot, keys_dir: &Path, name: &str, epoch: i64) -> Resu
                     crate::formats::atomic::write_private(&key, g.key_pem.as_bytes()).map_err(io("writing", &key))?;
                     crate::formats::atomic::write(&crt, g.certificate_pem.as_bytes()).map_err(io("writing", &crt))?;
                 }
+            } else if let Some(i) = present.iter().position(|p| !p) {
+                let missing = GENERATED[i];
+                return Err(KeysError::Incomplete {
+                    dir: keys_dir.to_path_buf(),
+                    missing: format!("{missing}.key or {missing}.crt"),
+                });
             }
             let mut certs = Vec::new();
             for n in GENERATED {
