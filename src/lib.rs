@@ -10,6 +10,7 @@ pub mod aws;
 pub mod boot;
 pub mod build;
 pub mod bundle;
+pub mod diff;
 pub mod digest_cache;
 pub mod dirs;
 pub mod disk;

@@ -20,6 +20,9 @@ fn main() -> ExitCode {
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<cli::ExitWith>().is_some() => {
+            ExitCode::from(err.downcast_ref::<cli::ExitWith>().map_or(1, |e| e.0))
+        }
         Err(err) => {
             eprintln!("kiln: error: {}", kiln::message::render(err.chain()));
             ExitCode::from(1)

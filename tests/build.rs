@@ -843,6 +843,11 @@ fn a_build_killed_while_staging_takes_mmdebstrap_with_it() {
 /// pipeline (generalize, [[files]], generated system files, audit, ESP, disk, records) on
 /// inputs that never change.
 pub(crate) fn synthetic_base(dir: &Path) -> PathBuf {
+    synthetic_base_with(dir, "2.10-3")
+}
+
+/// [`synthetic_base`] with package `hello` at `hello_version` in dpkg's status.
+pub(crate) fn synthetic_base_with(dir: &Path, hello_version: &str) -> PathBuf {
     let path = dir.join("base.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
     let mut rng = crate::common::XorShift(0x9e37_79b9_7f4a_7c15);
@@ -873,7 +878,10 @@ pub(crate) fn synthetic_base(dir: &Path) -> PathBuf {
         &mut b,
         "./var/lib/dpkg/status",
         0o644,
-        b"Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\n\nPackage: hello\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2.10-3\n\n",
+        format!(
+            "Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12.4\n\nPackage: hello\nStatus: install ok installed\nArchitecture: amd64\nVersion: {hello_version}\n\n"
+        )
+        .as_bytes(),
     );
     b.into_inner().unwrap();
     path

@@ -4,6 +4,7 @@
 mod build;
 mod bundle;
 mod common;
+mod diff;
 mod disk;
 mod ext4;
 mod fleet;

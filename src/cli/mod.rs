@@ -6,6 +6,7 @@ mod boot;
 mod build;
 mod bundle;
 mod check;
+mod diff;
 mod inspect;
 mod mkfs;
 mod plan;
@@ -34,6 +35,7 @@ enum Command {
     Build(build::Args),
     Check(check::Args),
     Inspect(inspect::Args),
+    Diff(diff::Args),
     Boot(boot::Args),
     Test(test::Args),
     Mkfs(mkfs::Args),
@@ -46,6 +48,19 @@ enum Command {
     #[command(hide = true)]
     ImdsRelay(test::RelayArgs),
 }
+
+/// A command's verdict as its exit status, with nothing more to print (`kiln diff`: 1 when
+/// the images differ, 2 when they cannot be compared, its message already printed).
+#[derive(Debug)]
+pub struct ExitWith(pub u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 /// A table as lines, header first: each column as wide as its widest cell (counted in
 /// characters), the columns in `right` right-aligned (numbers), two spaces between columns.
@@ -86,6 +101,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Build(a) => build::run(a),
         Command::Check(a) => check::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Diff(a) => diff::run(a),
         Command::Boot(a) => boot::run(a),
         Command::Test(a) => test::run(a),
         Command::Mkfs(a) => mkfs::run(a),

@@ -1,0 +1,214 @@
+//! `kiln diff`: what changed between two builds, the release note of a nightly image. Packages
+//! from the manifests (added, removed, changed version), files from the two ext4 root trees
+//! read back from the images (added, removed, changed by kind, mode, owner, content digest,
+//! link target or extended attributes), and the EBS blocks an incremental publish of the
+//! second on the first would send (the publisher's own plan, `publish::blocks`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::formats::ext4;
+use crate::formats::inspect::{self, FileSystem};
+use crate::formats::tree::{Kind, Tree};
+use crate::launch::request::TestTarget;
+use crate::manifest::Manifest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error("{}: {source}", path.display())]
+    Locate { path: PathBuf, source: Box<crate::launch::request::TestError> },
+    #[error("{}: no build manifest beside it; kiln diff compares kiln's images (NAME.raw with NAME.manifest.json)", path.display())]
+    NoManifest { path: PathBuf },
+    #[error("{}: {what}", path.display())]
+    Read { path: PathBuf, what: String },
+    #[error("planning the incremental upload: {0}")]
+    Blocks(String),
+}
+
+/// One package whose presence or version differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PackageChange {
+    pub name: String,
+    /// `NAME:ARCH` version in A; None when only B has it.
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// One path whose entry differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileChange {
+    pub path: String,
+    /// `added`, `removed` or `changed`.
+    pub change: &'static str,
+    /// For `changed`: which of kind, mode, owner, content, target, xattrs differ.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub what: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Diff {
+    pub a: String,
+    pub b: String,
+    pub a_sha256: String,
+    pub b_sha256: String,
+    pub packages: Vec<PackageChange>,
+    pub files: Vec<FileChange>,
+    /// EBS blocks (512 KiB) an incremental publish of B on A sends.
+    pub blocks_changed: u64,
+    pub block_size: u64,
+}
+
+impl Diff {
+    pub fn differs(&self) -> bool {
+        self.a_sha256 != self.b_sha256 || !self.packages.is_empty() || !self.files.is_empty()
+    }
+}
+
+/// Compares the images at `a` and `b` (each an image or its manifest).
+pub fn diff(a: &Path, b: &Path) -> Result<Diff, DiffError> {
+    let (ia, ma) = locate(a)?;
+    let (ib, mb) = locate(b)?;
+    let files = compare_trees(&root_tree(&ia)?, &root_tree(&ib)?, &ia, &ib)?;
+    let jobs = crate::publish::blocks::blocks_to_send(
+        &mb.blocks,
+        mb.image.size_bytes,
+        crate::publish::blocks::Target::Child { parent: &ma.blocks },
+    )
+    .map_err(|e| DiffError::Blocks(e.to_string()))?;
+    Ok(Diff {
+        a: ia.display().to_string(),
+        b: ib.display().to_string(),
+        a_sha256: ma.image.sha256.clone(),
+        b_sha256: mb.image.sha256.clone(),
+        packages: compare_packages(&ma, &mb),
+        files,
+        blocks_changed: jobs.len() as u64,
+        block_size: crate::manifest::EBS_BLOCK_SIZE,
+    })
+}
+
+fn locate(p: &Path) -> Result<(PathBuf, Manifest), DiffError> {
+    let t = TestTarget::locate(p).map_err(|e| DiffError::Locate { path: p.to_path_buf(), source: Box::new(e) })?;
+    match t.manifest {
+        Some((_, m)) => Ok((t.image, m)),
+        None => Err(DiffError::NoManifest { path: p.to_path_buf() }),
+    }
+}
+
+/// The root file system's tree: the first ext4 partition of the disk.
+fn root_tree(image: &Path) -> Result<Tree, DiffError> {
+    let read = |what: String| DiffError::Read { path: image.to_path_buf(), what };
+    let disk = inspect::read(image).map_err(|e| read(format!("reading its partition table: {e}")))?;
+    let offset = disk
+        .partitions
+        .iter()
+        .find(|p| matches!(p.filesystem, Some(FileSystem::Ext4(_))))
+        .and_then(|p| p.offset_bytes)
+        .ok_or_else(|| read("no ext4 root file system".into()))?;
+    ext4::read_tree(image, offset).map_err(|e| read(format!("reading the root file system: {e}")))
+}
+
+fn compare_packages(a: &Manifest, b: &Manifest) -> Vec<PackageChange> {
+    let index = |m: &Manifest| -> BTreeMap<String, String> {
+        m.packages.iter().map(|p| (format!("{}:{}", p.name, p.arch), p.version.clone())).collect()
+    };
+    let (pa, pb) = (index(a), index(b));
+    let mut names: Vec<&String> = pa.keys().chain(pb.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .filter(|n| pa.get(*n) != pb.get(*n))
+        .map(|n| PackageChange { name: n.clone(), from: pa.get(n).cloned(), to: pb.get(n).cloned() })
+        .collect()
+}
+
+/// What a path holds, as compared: kind, mode, owner, content digest or link target, xattrs.
+#[derive(PartialEq, Eq)]
+struct Entry {
+    kind: &'static str,
+    perm: u16,
+    owner: (u32, u32),
+    content: Option<[u8; 32]>,
+    target: Option<Vec<u8>>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+fn entries(tree: &Tree, image: &Path) -> Result<BTreeMap<Vec<u8>, Entry>, DiffError> {
+    let mut out = BTreeMap::new();
+    let mut failed = None;
+    tree.walk(|path, id, _| {
+        let inode = tree.inode(id);
+        let (kind, content, target) = match &inode.kind {
+            Kind::Dir(_) => ("directory", None, None),
+            Kind::File(c) => {
+                let digest = content_digest(tree, c);
+                if let Err(e) = &digest {
+                    failed.get_or_insert_with(|| format!("reading {}: {e}", String::from_utf8_lossy(path)));
+                }
+                ("file", digest.ok(), None)
+            }
+            Kind::Symlink(t) => ("symlink", None, Some(t.clone())),
+            Kind::CharDev { major, minor } => ("char device", None, Some(format!("{major}:{minor}").into_bytes())),
+            Kind::BlockDev { major, minor } => ("block device", None, Some(format!("{major}:{minor}").into_bytes())),
+            Kind::Fifo => ("fifo", None, None),
+            Kind::Socket => ("socket", None, None),
+        };
+        let m = &inode.meta;
+        out.insert(
+            path.to_vec(),
+            Entry { kind, perm: m.perm, owner: (m.uid, m.gid), content, target, xattrs: m.xattrs.clone() },
+        );
+    });
+    match failed {
+        Some(what) => Err(DiffError::Read { path: image.to_path_buf(), what }),
+        None => Ok(out),
+    }
+}
+
+fn content_digest(tree: &Tree, c: &crate::formats::tree::Content) -> std::io::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < c.size {
+        let n = (c.size - at).min(buf.len() as u64) as usize;
+        tree.read_content(c, at, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize().into())
+}
+
+fn compare_trees(a: &Tree, b: &Tree, ia: &Path, ib: &Path) -> Result<Vec<FileChange>, DiffError> {
+    let (ea, eb) = (entries(a, ia)?, entries(b, ib)?);
+    let mut paths: Vec<&Vec<u8>> = ea.keys().chain(eb.keys()).collect();
+    paths.sort();
+    paths.dedup();
+    let mut out = Vec::new();
+    for p in paths {
+        let path = String::from_utf8_lossy(p).into_owned();
+        match (ea.get(p), eb.get(p)) {
+            (None, Some(_)) => out.push(FileChange { path, change: "added", what: vec![] }),
+            (Some(_), None) => out.push(FileChange { path, change: "removed", what: vec![] }),
+            (Some(x), Some(y)) if x != y => {
+                let what = [
+                    ("kind", x.kind != y.kind),
+                    ("mode", x.perm != y.perm),
+                    ("owner", x.owner != y.owner),
+                    ("content", x.content != y.content),
+                    ("target", x.target != y.target),
+                    ("xattrs", x.xattrs != y.xattrs),
+                ]
+                .into_iter()
+                .filter_map(|(w, differs)| differs.then_some(w))
+                .collect();
+                out.push(FileChange { path, change: "changed", what });
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
