@@ -48,6 +48,8 @@ pub struct BuildOptions {
     pub offline: bool,
     /// `--cache-url`: staged bases shared with other runners, behind the local cache.
     pub cache_url: Option<crate::share::ShareUrl>,
+    /// `--sign-key`: signs the provenance statement (PKCS#8 PEM, Ed25519 or ECDSA P-256).
+    pub sign_key: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -130,6 +132,8 @@ pub enum BuildError {
     Audit(Vec<Finding>),
     #[error("the Secure Boot keys")]
     Keys(#[source] crate::secure_boot::KeysError),
+    #[error("the provenance signing key")]
+    Provenance(#[source] crate::provenance::ProvenanceError),
     #[error("collecting the boot files for the ESP")]
     Esp(#[source] disk::DiskError),
     #[error("building GRUB's BIOS boot code")]
@@ -156,6 +160,13 @@ fn io_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Erro
 /// files, audit, plan the disk, write it in one ordered pass, then the records beside it.
 pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> Result<BuildOutput, BuildError> {
     let started = Instant::now();
+    // A key that cannot sign stops the build before any work, not after it.
+    let sign_key = opts
+        .sign_key
+        .as_deref()
+        .map(crate::provenance::SigningKey::load)
+        .transpose()
+        .map_err(BuildError::Provenance)?;
     let base = stage_base(recipe, opts, progress)?;
     let mut tree = read_root(&base.tar, opts, progress)?;
     let epoch = build_epoch(recipe, opts, &tree);
@@ -204,7 +215,7 @@ pub fn build(recipe: &Recipe, opts: &BuildOptions, progress: &dyn Progress) -> R
         test_result: None,
         secure_boot,
     };
-    write_records(&outputs, &manifest, &sbom_packages)?;
+    write_records(&outputs, &manifest, &sbom_packages, sign_key.as_ref())?;
     Ok(BuildOutput {
         manifest_path: outputs.manifest(),
         image_path: outputs.image(),
@@ -621,7 +632,7 @@ fn write_image(
     // A manifest or checksum must never describe another image: the old ones go before the
     // new image takes the name, and the new manifest comes last. A reader that finds a
     // manifest finds its image; a crash in between leaves an image without a manifest.
-    for old in [outputs.manifest(), outputs.checksum()] {
+    for old in [outputs.manifest(), outputs.checksum(), outputs.provenance()] {
         match std::fs::remove_file(&old) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error("replacing", &old)(e)),
             _ => {}
@@ -632,12 +643,14 @@ fn write_image(
     Ok(WrittenImage { sha256, blocks })
 }
 
-/// Step 8: the checksum file, the SBOM and the manifest, each written whole then renamed into
-/// place; the manifest last, so a reader that finds it finds everything it names.
+/// Step 8: the checksum file, the SBOM, the provenance statement and the manifest, each written
+/// whole then renamed into place; the manifest last, so a reader that finds it finds everything
+/// it names.
 fn write_records(
     outputs: &crate::outputs::Outputs,
     manifest: &Manifest,
     sbom_packages: &[SbomPackage],
+    sign_key: Option<&crate::provenance::SigningKey>,
 ) -> Result<(), BuildError> {
     let sha256 = &manifest.image.sha256;
     write_output(&outputs.checksum(), format!("{sha256}  {}\n", outputs.image_file_name()).as_bytes())?;
@@ -653,6 +666,8 @@ fn write_records(
         sbom_packages,
     );
     write_output(&outputs.sbom(), sbom.as_bytes())?;
+    // Who built the image from what: an in-toto statement, signed when there is a key.
+    write_output(&outputs.provenance(), crate::provenance::envelope_line(manifest, sign_key).as_bytes())?;
     write_output(&outputs.manifest(), manifest.to_json().as_bytes())
 }
 

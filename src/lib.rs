@@ -27,6 +27,7 @@ pub mod plan;
 pub use kiln_formats::progress;
 pub use kiln_model::outputs;
 pub use kiln_model::platform;
+pub mod provenance;
 pub mod publish;
 pub use kiln_model::recipe;
 pub mod secure_boot;

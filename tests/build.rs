@@ -131,7 +131,7 @@ fn outputs_follow_the_umask_and_leave_no_temporaries() {
         names.push(name);
     }
     names.sort();
-    for suffix in [".raw", ".raw.sha256", ".manifest.json", ".spdx.json"] {
+    for suffix in [".raw", ".raw.sha256", ".manifest.json", ".spdx.json", ".intoto.jsonl"] {
         assert!(names.iter().any(|n| n.ends_with(suffix)), "no *{suffix} among {names:?}");
     }
 }

@@ -102,6 +102,7 @@ fn an_images_files_are_named_in_one_place() {
         ".manifest.json",
         ".raw.sha256",
         ".spdx.json",
+        ".intoto.jsonl",
         ".test.json",
         ".publish.json",
         ".publish-state.json",

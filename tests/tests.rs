@@ -11,6 +11,7 @@ mod fleet;
 mod launch;
 mod messages;
 mod moto;
+mod provenance;
 mod publish;
 mod recipe;
 mod secure_boot;

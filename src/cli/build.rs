@@ -73,6 +73,11 @@ pub struct Args {
     /// store through AWS_ENDPOINT_URL; the bucket's region from AWS_REGION.
     #[arg(long, env = "KILN_CACHE_URL", value_name = "s3://BUCKET/PREFIX")]
     pub cache_url: Option<kiln::share::ShareUrl>,
+    /// Sign the image's provenance statement (NAME.intoto.jsonl, an in-toto Statement in a
+    /// DSSE envelope) with this key: PKCS#8 PEM, Ed25519 or ECDSA P-256 (`openssl genpkey
+    /// -algorithm ed25519 -out sign.pem`). Without it the statement is written unsigned.
+    #[arg(long, env = "KILN_SIGN_KEY", value_name = "PEM")]
+    pub sign_key: Option<PathBuf>,
     /// Print a JSON summary (manifest path, image, SHA-256, timings) on stdout; logs go to stderr.
     #[arg(long)]
     pub json: bool,
@@ -126,6 +131,7 @@ pub fn run(args: Args) -> Result<()> {
             source_date_epoch: source_date_epoch_from_env()?,
             offline: args.offline,
             cache_url: args.cache_url.clone(),
+            sign_key: args.sign_key.clone(),
         },
         boot: args.boot,
         test: args.test.then(TestRequest::default),

@@ -83,6 +83,7 @@ pub fn run(a: Args) -> Result<()> {
         source_date_epoch: super::build::source_date_epoch_from_env()?,
         offline: false,
         cache_url: a.cache_url.clone(),
+        sign_key: None,
     };
     let state = PublishState {
         state_dir: Some(a.state_dir.clone().unwrap_or_else(kiln::publish::history::default_state_dir)),

@@ -19,6 +19,7 @@ pub mod grub_pc;
 pub mod image;
 pub mod initramfs;
 pub mod inspect;
+pub mod intoto;
 pub mod pe;
 pub mod progress;
 pub mod spdx;

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 
 /// What kiln writes beside an image, longest first so a name is matched by its whole suffix.
-const SUFFIXES: [&str; 10] = [
+const SUFFIXES: [&str; 11] = [
     ".publish-state.json",
+    ".intoto.jsonl",
     ".manifest.json",
     ".publish.json",
     ".bundle.json",
@@ -55,6 +56,11 @@ impl Outputs {
 
     fn file(&self, suffix: &str) -> PathBuf {
         self.dir.join(format!("{}{suffix}", self.name))
+    }
+
+    /// The build's provenance: an in-toto Statement in a DSSE envelope, one JSON line.
+    pub fn provenance(&self) -> PathBuf {
+        self.file(".intoto.jsonl")
     }
 
     /// The Secure Boot key hierarchy a build made for the image (`[secure_boot] generate`):
@@ -109,8 +115,8 @@ impl Outputs {
     }
     /// The files a build writes, each replaced whole: what a killed build may have left a
     /// temporary of.
-    pub fn build_files(&self) -> [PathBuf; 4] {
-        [self.image(), self.checksum(), self.sbom(), self.manifest()]
+    pub fn build_files(&self) -> [PathBuf; 5] {
+        [self.image(), self.checksum(), self.sbom(), self.provenance(), self.manifest()]
     }
 }
 
