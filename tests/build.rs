@@ -504,12 +504,7 @@ fn sbom_is_valid_spdx_and_matches_the_manifest() {
     assert_eq!(listed, want);
     let declared = doc["packages"].as_array().unwrap().iter().filter(|p| p["licenseDeclared"] != "NOASSERTION").count();
     assert!(declared > want.len() / 2, "most Debian packages have a machine-readable copyright file");
-    let venv = crate::common::cache_dir().join("spdx-venv/bin/pyspdxtools");
-    if !venv.is_file() {
-        assert!(!in_ci(), "pyspdxtools missing: .ci/setup-spdx should have installed it");
-        eprintln!("SKIP: pyspdxtools not installed (run .ci/setup-spdx)");
-        return;
-    }
+    let Some(venv) = crate::common::venv_program("spdx-venv", "pyspdxtools", "setup-spdx") else { return };
     let o = Command::new(&venv).arg("-i").arg(&sbom_path).output().unwrap();
     let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success() && !out.to_lowercase().contains("invalid"), "pyspdxtools rejects the SBOM:\n{out}");

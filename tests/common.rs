@@ -123,6 +123,18 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// `program` from a Python venv in the cache that `.ci/SETUP` makes (an independent oracle from
+/// PyPI), or None locally when it is missing; in CI a missing one fails.
+pub fn venv_program(venv: &str, program: &str, setup: &str) -> Option<PathBuf> {
+    let p = cache_dir().join(venv).join("bin").join(program);
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(!in_ci(), "{program} missing: .ci/{setup} should have installed it");
+    eprintln!("SKIP: {program} not installed (run .ci/{setup})");
+    None
+}
+
 /// Appends a root-owned entry to a test tarball: a directory when `path` ends with `/`.
 pub fn tar_entry(b: &mut tar::Builder<std::fs::File>, path: &str, mode: u32, bytes: &[u8]) {
     let mut h = tar::Header::new_gnu();

@@ -21,28 +21,7 @@ fn a_nightly_diff_lists_the_package_the_files_and_the_blocks_publish_sends() {
         let src = t.path().join(format!("{night}-src"));
         std::fs::create_dir_all(&src).unwrap();
         crate::build::synthetic_base_with(&src, hello);
-        let recipe = src.join("nightly.toml");
-        std::fs::write(
-            &recipe,
-            format!(
-                "[image]\nname = \"nightly\"\narch = \"x86_64\"\nbase = {{ tarball = \"base.tar\" }}\n\n\
-                 [system]\nnetwork = \"none\"\n\n[[files]]\npath = \"/etc/motd\"\ncontent = \"{night}\\n\"\n\n\
-                 [ami]\nname = \"nightly-{{arch}}-{night}\"\nregions = [\"us-east-1\"]\n"
-            ),
-        )
-        .unwrap();
-        let mut c = kiln();
-        crate::moto::fake_aws_env(&mut c)
-            .args(["build", "--quiet", "--publish", "--endpoint-url", &proxy.url()])
-            .arg(&recipe)
-            .arg("--out")
-            .arg(t.path().join(night))
-            .env("KILN_CACHE_DIR", t.path().join("cache"))
-            .env("KILN_STATE_DIR", &state)
-            .env("SOURCE_DATE_EPOCH", "1700000000");
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        t.path().join(night).join("nightly-x86_64.raw")
+        crate::publish::nightly_publish(&proxy, &src, &t.path().join(night), &t.path().join("cache"), &state, night)
     };
     let monday = build("monday", "2.10-3");
     proxy.clear();

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use serde_json::Value;
 use sha2::Digest;
 
-use crate::common::{cache_dir, in_ci, kiln, run_ok, stdout_of, tempdir, tool};
+use crate::common::{kiln, run_ok, stdout_of, tempdir, tool};
 
 const VERIFY: &str = r#"
 import json, sys
@@ -21,14 +21,9 @@ env.verify([SSlibKey.from_crypto(public, keyid=sys.argv[3])], 1)
 print(json.loads(env.payload)["subject"][0]["digest"]["sha256"])
 "#;
 
+/// The Python of the venv with securesystemslib (.ci/setup-intoto).
 fn python() -> Option<PathBuf> {
-    let p = cache_dir().join("intoto-venv/bin/python");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(!in_ci(), "securesystemslib missing: .ci/setup-intoto should have installed it");
-    eprintln!("SKIP: securesystemslib not installed (run .ci/setup-intoto)");
-    None
+    crate::common::venv_program("intoto-venv", "python", "setup-intoto")
 }
 
 /// Builds the synthetic tarball recipe into `dir/out`, signing with `key` if given.

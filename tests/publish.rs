@@ -1519,27 +1519,7 @@ fn build_and_publish_remembers_like_publish() {
     crate::build::synthetic_base(t.path());
     let state = t.path().join("state");
     let build = |night: &str| {
-        let recipe = t.path().join("nightly.toml");
-        std::fs::write(
-            &recipe,
-            format!(
-                "[image]\nname = \"nightly\"\narch = \"x86_64\"\nbase = {{ tarball = \"base.tar\" }}\n\n\
-                 [system]\nnetwork = \"none\"\n\n[[files]]\npath = \"/etc/motd\"\ncontent = \"{night}\\n\"\n\n\
-                 [ami]\nname = \"nightly-{{arch}}-{night}\"\nregions = [\"us-east-1\"]\n"
-            ),
-        )
-        .unwrap();
-        let mut c = common::kiln();
-        crate::moto::fake_aws_env(&mut c)
-            .args(["build", "--quiet", "--publish", "--endpoint-url", &proxy.url()])
-            .arg(&recipe)
-            .arg("--out")
-            .arg(t.path().join(night))
-            .env("KILN_CACHE_DIR", t.path().join("cache"))
-            .env("KILN_STATE_DIR", &state)
-            .env("SOURCE_DATE_EPOCH", "1700000000");
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        nightly_publish(&proxy, t.path(), &t.path().join(night), &t.path().join("cache"), &state, night);
         let record = t.path().join(night).join("nightly-x86_64.publish.json");
         serde_json::from_slice::<serde_json::Value>(&std::fs::read(&record).unwrap()).unwrap()
     };
@@ -1553,6 +1533,40 @@ fn build_and_publish_remembers_like_publish() {
     assert_eq!(second["parent_snapshot_id"], first_snap.as_str());
     let sent = second["blocks_sent"].as_u64().unwrap();
     assert!(sent > 0 && sent < first["blocks_sent"].as_u64().unwrap(), "{second}");
+}
+
+/// `kiln build --publish` of the recipe `nightly` on the tarball base in `src` (its /etc/motd
+/// says `night`), into `out`, remembering what it publishes in `state`; returns the image.
+pub(crate) fn nightly_publish(
+    proxy: &Proxy,
+    src: &Path,
+    out: &Path,
+    cache: &Path,
+    state: &Path,
+    night: &str,
+) -> PathBuf {
+    let recipe = src.join("nightly.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "[image]\nname = \"nightly\"\narch = \"x86_64\"\nbase = {{ tarball = \"base.tar\" }}\n\n\
+             [system]\nnetwork = \"none\"\n\n[[files]]\npath = \"/etc/motd\"\ncontent = \"{night}\\n\"\n\n\
+             [ami]\nname = \"nightly-{{arch}}-{night}\"\nregions = [\"us-east-1\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut c = common::kiln();
+    crate::moto::fake_aws_env(&mut c)
+        .args(["build", "--quiet", "--publish", "--endpoint-url", &proxy.url()])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(out)
+        .env("KILN_CACHE_DIR", cache)
+        .env("KILN_STATE_DIR", state)
+        .env("SOURCE_DATE_EPOCH", "1700000000");
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.join("nightly-x86_64.raw")
 }
 
 /// `kiln publish` on a runner of its own (its own state directory) that shares the history

@@ -33,15 +33,9 @@ fn openssl_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (key, pem, der)
 }
 
-/// python-uefivars from its venv (.ci/setup-uefi), or None locally when it is missing.
+/// python-uefivars from its venv (.ci/setup-uefi).
 fn uefivars() -> Option<PathBuf> {
-    let p = cache_dir().join("uefi-venv/bin/uefivars");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(!in_ci(), "uefivars missing: .ci/setup-uefi should have installed it");
-    eprintln!("SKIP: uefivars not installed (run .ci/setup-uefi)");
-    None
+    crate::common::venv_program("uefi-venv", "uefivars", "setup-uefi")
 }
 
 const OWNER: &str = "6b696c6e-2d73-6563-7572-652d626f6f74";
