@@ -2,7 +2,8 @@
 //! whose subject is the image by its SHA-256 and whose resolved dependencies are the recipe
 //! (by its hash, which covers every file it pulls in), each Debian suite the base was staged
 //! from (by its InRelease digest) and each local package; signed as a DSSE envelope with the
-//! user's Ed25519 or ECDSA P-256 key, unsigned without one. The key signs and goes nowhere
+//! user's Ed25519 or ECDSA P-256 key, unsigned without one. `kiln publish` adds a second
+//! statement: the snapshot and the AMIs the image became. The key signs and goes nowhere
 //! else; the key id is the SHA-256 of its public key's SubjectPublicKeyInfo.
 
 use std::path::{Path, PathBuf};
@@ -137,11 +138,55 @@ pub fn statement(manifest: &Manifest) -> Statement {
     }
 }
 
-/// The statement in a DSSE envelope, signed by `key` when there is one; one JSON line.
+/// The build's statement in a DSSE envelope, signed by `key` when there is one; one JSON line.
 pub fn envelope_line(manifest: &Manifest, key: Option<&SigningKey>) -> String {
+    line_of(&statement(manifest), key)
+}
+
+fn line_of(statement: &Statement, key: Option<&SigningKey>) -> String {
     let sign = key.map(|k| move |pae: &[u8]| (k.keyid.clone(), k.sign(pae)));
-    let env = Envelope::of(&statement(manifest), sign.as_ref().map(|f| f as crate::formats::intoto::Sign));
+    let env = Envelope::of(statement, sign.as_ref().map(|f| f as crate::formats::intoto::Sign));
     let mut line = serde_json::to_string(&env).expect("an envelope serializes");
     line.push('\n');
     line
+}
+
+/// The predicate type of the statement `kiln publish` adds: where the image went.
+pub const PUBLISH_PREDICATE: &str = "urn:kiln:publish:v1";
+
+/// What `kiln publish` made of the image: its snapshot and its AMI in every region.
+pub fn publish_statement(manifest: &Manifest, rec: &crate::publish::record::PublishRecord) -> Statement {
+    Statement {
+        kind: STATEMENT_TYPE.into(),
+        subject: vec![Subject {
+            name: manifest.image.file.clone(),
+            digest: [("sha256".to_string(), manifest.image.sha256.clone())].into(),
+        }],
+        predicate_type: PUBLISH_PREDICATE.into(),
+        predicate: serde_json::json!({
+            "ami_name": rec.ami_name,
+            "source_region": rec.source_region,
+            "snapshot_id": rec.snapshot_id,
+            "amis": rec.amis.iter().map(|a| serde_json::json!({
+                "region": a.region, "image_id": a.image_id, "snapshot_id": a.snapshot_id,
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+/// `NAME.intoto.jsonl` after a publish: the build's statement as the build wrote it (made
+/// again, signed by `key`, if it is missing) and one publish statement, this publish's.
+pub fn record_publish(
+    manifest_path: &Path,
+    manifest: &Manifest,
+    rec: &crate::publish::record::PublishRecord,
+    key: Option<&SigningKey>,
+) -> std::io::Result<()> {
+    let path = crate::outputs::Outputs::of(manifest_path).provenance();
+    let build = match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => format!("{}\n", text.lines().next().unwrap_or_default()),
+        _ => envelope_line(manifest, key),
+    };
+    let publish = line_of(&publish_statement(manifest, rec), key);
+    crate::formats::atomic::write(&path, format!("{build}{publish}").as_bytes())
 }

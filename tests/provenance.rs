@@ -30,8 +30,12 @@ fn python() -> Option<PathBuf> {
 fn build(dir: &Path, key: Option<&Path>) -> std::process::Output {
     crate::build::synthetic_base(dir);
     let recipe = dir.join("p.toml");
-    std::fs::write(&recipe, "[image]\nname = \"prov\"\narch = \"x86_64\"\nbase = { tarball = \"base.tar\" }\n\n[system]\nnetwork = \"none\"\n")
-        .unwrap();
+    std::fs::write(
+        &recipe,
+        "[image]\nname = \"prov\"\narch = \"x86_64\"\nbase = { tarball = \"base.tar\" }\n\n[system]\nnetwork = \"none\"\n\n\
+         [ami]\nregions = [\"us-east-1\"]\n",
+    )
+    .unwrap();
     let mut c = kiln();
     c.arg("build").arg(&recipe).arg("--out").arg(dir.join("out")).arg("--json");
     if let Some(k) = key {
@@ -121,4 +125,50 @@ fn unsigned_without_a_key_and_a_clear_error_for_a_key_it_cannot_use() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("openssl pkcs8 -topk8"), "{err}");
     assert!(!u.path().join("out").exists(), "a build that cannot sign wrote outputs");
+}
+
+/// `kiln publish --sign-key` keeps the build's statement and adds a second one, signed, whose
+/// predicate names the snapshot and the AMI the publish record names; securesystemslib
+/// verifies both.
+#[test]
+fn publish_adds_a_signed_statement_of_the_snapshot_and_the_amis() {
+    let (Some(py), Some(_)) = (python(), tool("openssl")) else { return };
+    let Some(moto) = crate::moto::Moto::start() else { return };
+    let proxy = crate::moto::Proxy::start(moto.port, crate::moto::Mode::Pass);
+    let t = tempdir();
+    let d = t.path();
+    let (key, public) = (d.join("sign.pem"), d.join("sign.pub.pem"));
+    run_ok(Command::new("openssl").args(["genpkey", "-algorithm", "ed25519", "-out"]).arg(&key));
+    run_ok(Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(&key).arg("-out").arg(&public));
+    let o = build(d, Some(&key));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let prov = d.join("out/prov-x86_64.intoto.jsonl");
+    let built = std::fs::read_to_string(&prov).unwrap();
+
+    let o = crate::publish::publish_cmd(&proxy, &d.join("out/prov-x86_64.manifest.json"))
+        .arg("--sign-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rec: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = std::fs::read_to_string(&prov).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert_eq!(lines[0], built.trim_end(), "the build's statement was changed");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for (i, line) in lines.iter().enumerate() {
+        let env: Value = serde_json::from_str(line).unwrap();
+        let f = d.join(format!("line-{i}.json"));
+        std::fs::write(&f, line).unwrap();
+        let keyid = env["signatures"][0]["keyid"].as_str().unwrap();
+        let v = Command::new(&py).arg("-c").arg(VERIFY).arg(&f).arg(&public).arg(keyid).output().unwrap();
+        assert!(v.status.success(), "statement {i}: {}", String::from_utf8_lossy(&v.stderr));
+    }
+    let env: Value = serde_json::from_str(lines[1]).unwrap();
+    let st: Value = serde_json::from_slice(&b64.decode(env["payload"].as_str().unwrap()).unwrap()).unwrap();
+    assert_eq!(st["predicateType"], "urn:kiln:publish:v1");
+    assert_eq!(st["predicate"]["snapshot_id"], rec["snapshot_id"]);
+    assert_eq!(st["predicate"]["amis"][0]["image_id"], rec["amis"][0]["image_id"]);
+    assert_eq!(st["subject"][0]["digest"]["sha256"], rec["image_sha256"]);
 }

@@ -137,7 +137,7 @@ fn test_image(regions: &[&str]) -> (TestImage, BTreeMap<u64, Vec<u8>>) {
 
 /// `kiln publish --json` of `manifest` through `proxy`, remembering what it publishes in a
 /// state directory beside the manifest (tests that publish twice pass one `--state-dir`).
-fn publish_cmd(proxy: &Proxy, manifest: &Path) -> std::process::Command {
+pub(crate) fn publish_cmd(proxy: &Proxy, manifest: &Path) -> std::process::Command {
     let mut c = common::kiln();
     crate::moto::fake_aws_env(&mut c)
         .env("KILN_STATE_DIR", manifest.parent().unwrap().join("state"))

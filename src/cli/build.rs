@@ -140,6 +140,7 @@ pub fn run(args: Args) -> Result<()> {
             // What `kiln publish` remembers, so tomorrow's build uploads only what changed.
             state_dir: Some(kiln::publish::history::default_state_dir()),
             state_url: args.state_url.clone(),
+            sign_key: args.sign_key.clone(),
             ..Default::default()
         }),
     };

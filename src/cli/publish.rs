@@ -99,6 +99,10 @@ pub struct Args {
     /// then taken as lost: retries never make a second snapshot or AMI).
     #[arg(long, value_name = "SECS", default_value_t = kiln::aws::DEFAULT_ATTEMPT_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=600))]
     pub request_timeout: u64,
+    /// Sign the publish statement added to NAME.intoto.jsonl (the snapshot and AMI ids) with
+    /// this key: PKCS#8 PEM, Ed25519 or ECDSA P-256, as `kiln build --sign-key` takes.
+    #[arg(long, env = "KILN_SIGN_KEY", value_name = "PEM")]
+    pub sign_key: Option<PathBuf>,
     /// Print the publish record (or with --dry-run, the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -119,6 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         force: a.force,
         resume: a.resume,
         keep_snapshot_on_failure: a.keep_snapshot,
+        sign_key: a.sign_key.clone(),
         snapshot_timeout_minutes: a.snapshot_timeout,
         wait_timeout: Duration::from_secs(a.wait_timeout),
         retry: RetryPolicy { attempt_timeout: Duration::from_secs(a.request_timeout), ..RetryPolicy::default() },

@@ -83,6 +83,8 @@ pub struct PublishOptions {
     pub resume: bool,
     /// Keep the uploaded snapshot when registration fails (default: delete it).
     pub keep_snapshot_on_failure: bool,
+    /// Signs the publish statement added to the image's provenance (`NAME.intoto.jsonl`).
+    pub sign_key: Option<PathBuf>,
     pub retry: RetryPolicy,
     pub snapshot_timeout_minutes: i32,
     /// How long to wait for the snapshot to complete and the AMIs to become available.
@@ -105,6 +107,7 @@ impl Default for PublishOptions {
             force: false,
             resume: false,
             keep_snapshot_on_failure: false,
+            sign_key: None,
             retry: RetryPolicy::default(),
             snapshot_timeout_minutes: DEFAULT_SNAPSHOT_TIMEOUT_MINUTES,
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
@@ -114,6 +117,8 @@ impl Default for PublishOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    #[error("the provenance signing key")]
+    SignKey(#[source] crate::provenance::ProvenanceError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
     #[error("manifest {path} has no [ami] settings; add an [ami] section to the recipe and rebuild")]
@@ -278,7 +283,15 @@ pub fn publish(
     opts: &PublishOptions,
     progress: &dyn Progress,
 ) -> Result<PublishRecord, PublishError> {
-    runtime()?.block_on(run::publish_async(manifest_path, opts, progress))
+    // A key that cannot sign stops the publish before anything is uploaded.
+    let key =
+        opts.sign_key.as_deref().map(crate::provenance::SigningKey::load).transpose().map_err(PublishError::SignKey)?;
+    let rec = runtime()?.block_on(run::publish_async(manifest_path, opts, progress))?;
+    let manifest = crate::manifest::Manifest::load(manifest_path)?;
+    crate::provenance::record_publish(manifest_path, &manifest, &rec, key.as_ref()).map_err(|source| {
+        PublishError::WriteFile { path: crate::outputs::Outputs::of(manifest_path).provenance(), source }
+    })?;
+    Ok(rec)
 }
 
 /// Computes the plan, looking up (read-only) what already exists in AWS.
