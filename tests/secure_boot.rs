@@ -195,6 +195,21 @@ fn secure_boot_base(dir: &Path) -> Option<PathBuf> {
     Some(path)
 }
 
+/// `kiln build RECIPE --out OUT --json` with its cache in `cache`, at a fixed epoch; panics
+/// when the build fails.
+fn build_json(recipe: &Path, out: &Path, cache: &Path) -> std::process::Output {
+    run_ok(
+        kiln()
+            .arg("build")
+            .arg(recipe)
+            .arg("--out")
+            .arg(out)
+            .arg("--json")
+            .env("KILN_CACHE_DIR", cache)
+            .env("SOURCE_DATE_EPOCH", "1700000000"),
+    )
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -226,16 +241,7 @@ fn a_secure_boot_build_signs_its_boot_chain_and_records_its_keys() {
                 [secure_boot]\npk = \"PK.crt\"\nkek = [\"KEK.crt\"]\ndb = [\"db.crt\"]\nkey = \"db.key\"\n";
     std::fs::write(&recipe, text).unwrap();
     let build = |out: &str| -> Value {
-        let o = run_ok(
-            kiln()
-                .arg("build")
-                .arg(&recipe)
-                .arg("--out")
-                .arg(d.join(out))
-                .arg("--json")
-                .env("KILN_CACHE_DIR", d.join("cache"))
-                .env("SOURCE_DATE_EPOCH", "1700000000"),
-        );
+        let o = build_json(&recipe, &d.join(out), &d.join("cache"));
         let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         assert!(!log.contains("PRIVATE KEY"), "the key reached the build's output");
         serde_json::from_slice(&o.stdout).unwrap()
@@ -384,16 +390,7 @@ fn signed_ec2() -> Option<&'static (PathBuf, PathBuf)> {
             ),
         )
         .unwrap();
-        let o = run_ok(
-            kiln()
-                .arg("build")
-                .arg(&recipe)
-                .arg("--out")
-                .arg(d.join("out"))
-                .arg("--json")
-                .env("KILN_CACHE_DIR", cache_dir())
-                .env("SOURCE_DATE_EPOCH", "1700000000"),
-        );
+        let o = build_json(&recipe, &d.join("out"), &cache_dir());
         let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
         Some((PathBuf::from(summary["image"].as_str().unwrap()), PathBuf::from(summary["manifest"].as_str().unwrap())))
     })
@@ -505,16 +502,7 @@ fn generated_keys_are_made_once_kept_private_and_used_again() {
     )
     .unwrap();
     let build = || -> (Value, String) {
-        let o = run_ok(
-            kiln()
-                .arg("build")
-                .arg(&recipe)
-                .arg("--out")
-                .arg(d.join("out"))
-                .arg("--json")
-                .env("KILN_CACHE_DIR", d.join("cache"))
-                .env("SOURCE_DATE_EPOCH", "1700000000"),
-        );
+        let o = build_json(&recipe, &d.join("out"), &d.join("cache"));
         let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
         (serde_json::from_slice(&o.stdout).unwrap(), log)
     };
