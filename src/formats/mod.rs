@@ -10,6 +10,7 @@ pub mod atomic;
 pub mod authenticode;
 pub mod bundle;
 mod der;
+pub mod device;
 pub mod efi_vars;
 pub mod elf;
 pub mod ext4;

@@ -10,11 +10,10 @@
 //! a 1 GiB root costs only its metadata in RAM.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
+use crate::device::{Device, FileDevice};
 
 /// Longest name a directory entry may have (ext4's `name_len` is one byte).
 pub const NAME_MAX: usize = 255;
@@ -247,26 +246,21 @@ pub enum OnExisting {
     Replace,
 }
 
-/// Source files that segments refer to, opened once and read with positioned reads.
+/// Source files and disks that segments refer to, opened once and read with positioned reads.
 #[derive(Debug, Default, Clone)]
 pub struct Sources {
-    files: Vec<(PathBuf, Arc<File>)>,
+    devices: Vec<Arc<dyn Device>>,
 }
 
 impl Sources {
-    pub fn path(&self, id: SourceId) -> &Path {
-        &self.files[id.0 as usize].0
+    /// What a source is called in messages.
+    pub fn name(&self, id: SourceId) -> String {
+        self.devices[id.0 as usize].name()
     }
 
     /// Reads exactly `buf.len()` bytes of `source` at `offset`.
     pub fn read_exact_at(&self, id: SourceId, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let (path, file) = &self.files[id.0 as usize];
-        file.read_exact_at(buf, offset).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("reading {} bytes at offset {offset} of {}: {e}", buf.len(), path.display()),
-            )
-        })
+        self.devices[id.0 as usize].read_exact_at(buf, offset)
     }
 }
 
@@ -323,11 +317,14 @@ impl Tree {
 
     /// Registers a file whose byte ranges segments may refer to.
     pub fn add_source(&mut self, path: &Path) -> io::Result<SourceId> {
-        let file =
-            File::open(path).map_err(|e| io::Error::new(e.kind(), format!("opening {}: {e}", path.display())))?;
-        let id = SourceId(self.sources.files.len() as u32);
-        self.sources.files.push((path.to_path_buf(), Arc::new(file)));
-        Ok(id)
+        Ok(self.add_device(FileDevice::open(path)?))
+    }
+
+    /// Registers a disk whose byte ranges segments may refer to.
+    pub fn add_device(&mut self, dev: Arc<dyn Device>) -> SourceId {
+        let id = SourceId(self.sources.devices.len() as u32);
+        self.sources.devices.push(dev);
+        id
     }
 
     pub fn inodes(&self) -> &[Inode] {

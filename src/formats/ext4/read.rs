@@ -8,9 +8,10 @@
 //! not understood (block-mapped or inline-data files) is reported as unreadable.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::device::{Device, FileDevice};
 
 use crate::tree::{Content, Data, Dir, Kind, Meta, OnExisting, Segment, SourceId, Timestamp, Tree};
 
@@ -101,7 +102,13 @@ impl Superblock {
     /// The superblock of the file system at byte `offset` of `image`; None when there is no
     /// ext4 magic there.
     pub fn read_at(image: &Path, offset: u64) -> Result<Option<Superblock>, ReadError> {
-        match Superblock::read_from(&File::open(image)?, offset) {
+        Superblock::find(&*FileDevice::open(image)?, offset)
+    }
+
+    /// The superblock of the file system at byte `offset` of `dev`; None when there is no
+    /// ext4 magic there.
+    pub fn find(dev: &dyn Device, offset: u64) -> Result<Option<Superblock>, ReadError> {
+        match Superblock::read_from(dev, offset) {
             Ok(sb) => Ok(Some(sb)),
             Err(ReadError::NotExt4(_)) => Ok(None),
             Err(e) => Err(e),
@@ -109,9 +116,9 @@ impl Superblock {
     }
 
     /// The superblock of the file system at byte `offset` of `file`.
-    fn read_from(file: &File, offset: u64) -> Result<Superblock, ReadError> {
+    fn read_from(dev: &dyn Device, offset: u64) -> Result<Superblock, ReadError> {
         let mut raw = [0u8; sb::SIZE];
-        file.read_exact_at(&mut raw, offset.checked_add(sb::OFFSET).ok_or_else(|| bad("offset"))?)?;
+        dev.read_exact_at(&mut raw, offset.checked_add(sb::OFFSET).ok_or_else(|| bad("offset"))?)?;
         Superblock::parse(&raw, offset)
     }
 
@@ -122,7 +129,7 @@ impl Superblock {
 }
 
 struct Reader {
-    file: File,
+    dev: Arc<dyn Device>,
     /// Byte offset of the file system in the image.
     base: u64,
     sb: Superblock,
@@ -144,9 +151,8 @@ struct RawInode {
 }
 
 impl Reader {
-    fn open(image: &Path, base: u64) -> Result<Reader, ReadError> {
-        let file = File::open(image)?;
-        let sb = Superblock::read_from(&file, base)?;
+    fn open(dev: Arc<dyn Device>, base: u64) -> Result<Reader, ReadError> {
+        let sb = Superblock::read_from(&*dev, base)?;
         let groups = u64::from(sb.inodes.div_ceil(sb.inodes_per_group));
         // A terabyte file system has 8192 groups of 64 bytes: 32 MiB of descriptors is plenty.
         if groups == 0 || sb.desc_size > 1024 || groups * sb.desc_size > 32 << 20 {
@@ -155,7 +161,7 @@ impl Reader {
         let mut table = vec![0u8; (groups * sb.desc_size) as usize];
         // The descriptors start in the block after the superblock's.
         let gdt = (sb.first_data_block + 1) * sb.block_size;
-        file.read_exact_at(&mut table, base.checked_add(gdt).ok_or_else(|| bad("descriptor table offset"))?)?;
+        dev.read_exact_at(&mut table, base.checked_add(gdt).ok_or_else(|| bad("descriptor table offset"))?)?;
         let tables = table
             .chunks_exact(sb.desc_size as usize)
             .map(|d| {
@@ -164,7 +170,7 @@ impl Reader {
                 lo | hi << 32
             })
             .collect();
-        Ok(Reader { file, base, sb, tables })
+        Ok(Reader { dev, base, sb, tables })
     }
 
     /// Byte offset in the image of block `n`, checked against the file system's
@@ -193,7 +199,7 @@ impl Reader {
         // Everything read lies in the first XATTR_AT bytes; a shorter inode reads as zeros there.
         let mut b = [0u8; inode::XATTR_AT];
         let n = (self.sb.inode_size as usize).min(b.len());
-        self.file.read_exact_at(&mut b[..n], off)?;
+        self.dev.read_exact_at(&mut b[..n], off)?;
         // The extra fields past byte 128 carry nanoseconds and two epoch bits (post-2038).
         let extra = if n > inode::GOOD_OLD_SIZE { usize::from(inode::EXTRA_ISIZE_FIELD.get(&b)) } else { 0 };
         let time = |lo: ondisk::Le32, ext: ondisk::Le32| {
@@ -221,7 +227,7 @@ impl Reader {
     fn block(&self, n: u64) -> Result<Vec<u8>, ReadError> {
         let at = self.block_offset(n)?;
         let mut b = vec![0u8; self.sb.block_size as usize];
-        self.file.read_exact_at(&mut b, at)?;
+        self.dev.read_exact_at(&mut b, at)?;
         Ok(b)
     }
 
@@ -312,7 +318,7 @@ impl Reader {
         for s in &content.segments {
             if let Data::Source { offset, .. } = s.data {
                 let to = &mut buf[s.offset as usize..(s.offset + s.len) as usize];
-                self.file.read_exact_at(to, offset)?;
+                self.dev.read_exact_at(to, offset)?;
             }
         }
         Ok(buf)
@@ -401,13 +407,19 @@ fn meta(i: &RawInode) -> Meta {
 /// Reads the ext4 file system at byte `offset` of `image` into a tree whose file contents
 /// refer to the image. Hard links come back as links; `lost+found` is kept.
 pub fn read_tree(image: &Path, offset: u64) -> Result<Tree, ReadError> {
-    let r = Reader::open(image, offset)?;
+    read_tree_from(FileDevice::open(image)?, offset)
+}
+
+/// Reads the ext4 file system at byte `offset` of `dev` into a tree whose file contents refer
+/// to `dev`.
+pub fn read_tree_from(dev: Arc<dyn Device>, offset: u64) -> Result<Tree, ReadError> {
+    let r = Reader::open(dev.clone(), offset)?;
     let root = r.inode(inum::ROOT)?;
     if root.mode & inode::S_IFMT != inode::S_IFDIR {
         return Err(bad("the root inode is not a directory"));
     }
     let mut tree = Tree::new(meta(&root));
-    let source = tree.add_source(image)?;
+    let source = tree.add_device(dev);
     // ext4 inode → its first path, for hard links; directories are walked once (a hostile
     // image can link a directory into itself).
     let mut seen: HashMap<u32, Vec<u8>> = HashMap::new();
@@ -461,7 +473,7 @@ mod tests {
     #[test]
     fn a_block_whose_byte_offset_overflows_is_malformed_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
-        let r = Reader::open(&huge_image(dir.path()), 0).unwrap();
+        let r = Reader::open(FileDevice::open(&huge_image(dir.path())).unwrap(), 0).unwrap();
         assert_eq!(r.sb.blocks, u64::MAX);
         // Inside the claimed size, but 2^60 blocks of 4 KiB lie past any u64 offset.
         match r.block(1 << 60) {
