@@ -29,6 +29,8 @@ pub use kiln_model::outputs;
 pub use kiln_model::platform;
 pub mod provenance;
 pub mod publish;
+pub mod pull;
+pub mod remote;
 pub use kiln_model::recipe;
 pub mod secure_boot;
 pub mod share;

@@ -14,6 +14,7 @@ mod moto;
 mod provenance;
 mod publish;
 mod recipe;
+mod remote;
 mod secure_boot;
 mod service;
 mod structure;

@@ -1,17 +1,26 @@
-//! `kiln inspect`: the partition table and a summary of each file system.
+//! `kiln inspect`: the partition table and a summary of each file system, of an image file or
+//! of an AMI or snapshot read where it is.
 
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use kiln::formats::device::{Device, FileDevice};
+use kiln::remote::{Remote, SnapshotId};
 use serde_json::json;
 
 /// Show an image's partition table and file systems, and audit what it carries.
 ///
-/// Reads the GPT (protective MBR, BIOS boot partition included), then summarises each file
-/// system: FAT (label, volume id, boot files) and ext4 (label, UUID, size, free space,
-/// inodes, features).
+/// The image is a raw disk file, or an AMI or EBS snapshot id (`ami-…`, `snap-…`): then its
+/// root snapshot is read where it is, through the EBS direct APIs, fetching only the 512 KiB
+/// blocks the readers touch (kept in a bounded cache, --cache-mib), never the whole volume.
+/// The blocks and bytes read are reported.
 ///
-/// With --audit, reads every ext4 file system back (no mount, nothing written) and reports
+/// Reads the partition table (GPT, else MBR, else a file system on the whole disk), then
+/// summarises each file system: FAT (label, volume id, boot files) and ext2/ext3/ext4 (label,
+/// UUID, size, free space, inodes, features). XFS, LVM, Btrfs, LUKS and swap are named, not
+/// read.
+///
+/// With --audit, reads every ext2/3/4 file system back (no mount, nothing written) and reports
 /// what a golden image must not carry, as `kiln build` does at the end of every build: private
 /// keys, SSH host keys, a non-empty machine-id, random seeds, the build host's resolv.conf or
 /// hostname, world-writable files outside temporary directories, setuid files no package
@@ -21,11 +30,21 @@ use serde_json::json;
 ///   kiln inspect out/debian-12-minimal-x86_64.raw
 ///   kiln inspect out/debian-12-minimal-x86_64.raw --json | jq '.partitions[].type'
 ///   kiln inspect --audit vendor-image.raw --allow /etc/ssl/private/shipped.key
+///   kiln inspect --audit ami-0123456789abcdef0 --region eu-west-1
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// The raw disk image.
-    pub image: PathBuf,
+    /// The raw disk image, or an AMI or snapshot id (ami-…, snap-…).
+    pub image: String,
+    /// With an AMI or snapshot id: its region [default: the AWS configuration's].
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// With an AMI or snapshot id: memory for fetched blocks, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub cache_mib: u64,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -39,11 +58,11 @@ pub struct Args {
 
 /// The audit of one ext4 partition: its findings, or why it could not be read.
 fn audit_partition(
-    image: &std::path::Path,
+    dev: &Arc<dyn Device>,
     offset: u64,
     allow: &std::collections::BTreeSet<String>,
 ) -> serde_json::Value {
-    match kiln::formats::ext4::read_tree(image, offset) {
+    match kiln::formats::ext4::read::read_tree_from(dev.clone(), offset) {
         Ok(tree) => {
             let findings = kiln::stage::audit::audit(&tree, allow);
             json!({ "files": tree.live_inodes().count(), "findings": findings })
@@ -52,9 +71,37 @@ fn audit_partition(
     }
 }
 
+/// What was read from a snapshot, for the report.
+type Stats = Box<dyn Fn() -> serde_json::Value>;
+
+/// The disk `name` names: an image file, or a snapshot read block by block.
+fn open(args: &Args) -> Result<(Arc<dyn Device>, Option<Stats>)> {
+    let Some(id) = SnapshotId::parse(&args.image) else {
+        return Ok((FileDevice::open(std::path::Path::new(&args.image))?, None));
+    };
+    let remote = Arc::new(Remote::connect(args.region.clone(), args.endpoint_url.clone())?);
+    let dev = kiln::remote::open(remote, &id, args.cache_mib << 20)
+        .with_context(|| format!("opening {} through the EBS direct APIs", args.image))?;
+    let stats_dev = dev.clone();
+    let stats: Stats = Box::new(move || {
+        let s = stats_dev.stats();
+        let snap = stats_dev.fetcher().snapshot();
+        json!({
+            "snapshot_id": snap.snapshot_id,
+            "blocks_fetched": s.blocks_fetched,
+            "bytes_fetched": s.bytes_fetched,
+            "cache_hits": s.cache_hits,
+            "data_blocks": snap.blocks.len(),
+            "volume_blocks": snap.volume_bytes / snap.block_size,
+        })
+    });
+    Ok((dev, Some(stats)))
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let disk = kiln::formats::inspect::read(&args.image)
-        .with_context(|| format!("{} has no readable GPT", args.image.display()))?;
+    let (dev, stats) = open(&args)?;
+    let disk = kiln::formats::inspect::read_device(dev.clone())
+        .with_context(|| format!("{}: no partition table or file system kiln reads", args.image))?;
     let allow: std::collections::BTreeSet<String> = args.allow.iter().cloned().collect();
     let size = disk.size_bytes;
     let boot_code = disk.mbr_boot_code;
@@ -64,9 +111,12 @@ pub fn run(args: Args) -> Result<()> {
         for (p, pv) in disk.partitions.iter().zip(v["partitions"].as_array_mut().expect("array")) {
             use kiln::formats::inspect::FileSystem::{Ext4, Ext4Unreadable};
             if let (Some(Ext4(_) | Ext4Unreadable { .. }), Some(offset)) = (&p.filesystem, p.offset_bytes) {
-                pv["filesystem"]["audit"] = audit_partition(&args.image, offset, &allow);
+                pv["filesystem"]["audit"] = audit_partition(&dev, offset, &allow);
             }
         }
+    }
+    if let Some(stats) = &stats {
+        v.as_object_mut().expect("object").insert("read".into(), stats());
     }
     // Audit verdict: findings, or a file system that could not be read, fail the command.
     let audits: Vec<(u64, &serde_json::Value)> = v["partitions"]
@@ -79,13 +129,31 @@ pub fn run(args: Args) -> Result<()> {
     let unreadable = audits.iter().filter(|(_, a)| a.get("error").is_some()).count();
     let verdict = || -> Result<()> {
         if args.audit && audits.is_empty() {
-            anyhow::bail!("--audit: {} has no ext4 file system to audit", args.image.display());
+            let unsupported: Vec<String> = disk
+                .partitions
+                .iter()
+                .filter_map(|p| match p.filesystem {
+                    Some(kiln::formats::inspect::FileSystem::Unsupported { kind }) => {
+                        Some(format!("partition {} is {kind}", p.number))
+                    }
+                    _ => None,
+                })
+                .collect();
+            anyhow::bail!(
+                "--audit: {} has no ext2/ext3/ext4 file system to audit{}",
+                args.image,
+                if unsupported.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({}, which kiln recognises but does not read)", unsupported.join(", "))
+                }
+            );
         }
         if found + unreadable > 0 {
             anyhow::bail!(
                 "audit: {found} finding(s){} in {}; a path shipped on purpose can be passed with --allow PATH",
                 if unreadable > 0 { format!(", {unreadable} file system(s) unreadable") } else { String::new() },
-                args.image.display()
+                args.image
             );
         }
         Ok(())
@@ -94,12 +162,12 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return verdict();
     }
-    println!(
-        "{}: {}, GPT disk {}",
-        args.image.display(),
-        kiln::build::human_bytes(size),
-        v["disk_guid"].as_str().unwrap_or("")
-    );
+    let table = match disk.table {
+        "gpt" => format!("GPT disk {}", disk.disk_guid),
+        "mbr" => format!("MBR disk {}", disk.disk_guid),
+        _ => "no partition table".into(),
+    };
+    println!("{}: {}, {table}", args.image, kiln::build::human_bytes(size));
     println!("MBR boot code: {}", if boot_code { "present (legacy BIOS boot)" } else { "none (UEFI only)" });
     let rows: Vec<Vec<String>> = v["partitions"]
         .as_array()
@@ -127,7 +195,8 @@ pub fn run(args: Args) -> Result<()> {
                 println!("    ext4, unreadable: {}", kiln::message::escape(fs["error"].as_str().unwrap_or("")))
             }
             Some("ext4") => println!(
-                "    ext4 {:?} UUID {}: {} blocks of {} ({} free), {} inodes ({} free), features: {}",
+                "    {} {:?} UUID {}: {} blocks of {} ({} free), {} inodes ({} free), features: {}",
+                fs["version"].as_str().unwrap_or("ext4"),
                 fs["label"].as_str().unwrap_or(""),
                 fs["uuid"].as_str().unwrap_or(""),
                 fs["blocks"],
@@ -150,6 +219,12 @@ pub fn run(args: Args) -> Result<()> {
                     println!("      {}", file.as_str().unwrap_or(""));
                 }
             }
+            Some("unsupported") => {
+                println!(
+                    "    {}: recognised, not read (kiln reads ext2/ext3/ext4 and FAT)",
+                    fs["kind"].as_str().unwrap_or("")
+                )
+            }
             _ => {}
         }
         if let Some(a) = fs.get("audit") {
@@ -163,6 +238,16 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
         }
+    }
+    if let Some(r) = v.get("read") {
+        println!(
+            "read through EBS: {} of {} data blocks ({}) of {} for a {}-block volume",
+            r["blocks_fetched"],
+            r["data_blocks"],
+            kiln::build::human_bytes(r["bytes_fetched"].as_u64().unwrap_or(0)),
+            r["snapshot_id"].as_str().unwrap_or(""),
+            r["volume_blocks"]
+        );
     }
     verdict()
 }

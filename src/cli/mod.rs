@@ -13,6 +13,7 @@ mod plan;
 pub mod progress;
 mod prune;
 mod publish;
+mod pull;
 mod test;
 mod unbundle;
 
@@ -41,6 +42,7 @@ enum Command {
     Mkfs(mkfs::Args),
     Plan(plan::Args),
     Publish(publish::Args),
+    Pull(pull::Args),
     Prune(prune::Args),
     Bundle(bundle::Args),
     Unbundle(unbundle::Args),
@@ -107,6 +109,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Mkfs(a) => mkfs::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Publish(a) => publish::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Prune(a) => prune::run(a),
         Command::Bundle(a) => bundle::run(a),
         Command::Unbundle(a) => unbundle::run(a),

@@ -247,11 +247,10 @@ pub struct FatSummary {
     pub files: Vec<String>,
 }
 
-/// The FAT file system in `len` bytes at `offset` of the image at `path`; None when there is
-/// none that fatfs can read.
-pub fn summary(path: &std::path::Path, offset: u64, len: u64) -> Option<FatSummary> {
-    let f = std::fs::File::open(path).ok()?;
-    let fs = fatfs::FileSystem::new(Window { f, start: offset, len, pos: 0 }, fatfs::FsOptions::new()).ok()?;
+/// The FAT file system in `len` bytes at `offset` of `dev`; None when there is none that fatfs
+/// can read.
+pub fn summary(dev: std::sync::Arc<dyn crate::device::Device>, offset: u64, len: u64) -> Option<FatSummary> {
+    let fs = fatfs::FileSystem::new(crate::device::Window::new(dev, offset, len), fatfs::FsOptions::new()).ok()?;
     fn walk<T: fatfs::ReadWriteSeek>(dir: fatfs::Dir<T>, prefix: &str, out: &mut Vec<String>, depth: u32) {
         for e in dir.iter().map_while(Result::ok) {
             let name = e.file_name();
@@ -274,47 +273,4 @@ pub fn summary(path: &std::path::Path, offset: u64, len: u64) -> Option<FatSumma
         volume_id: format!("{:04X}-{:04X}", id >> 16, id & 0xffff),
         files,
     })
-}
-
-/// A partition of the image file as a read-only device of its own, for fatfs.
-#[derive(Debug)]
-struct Window {
-    f: std::fs::File,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl std::io::Read for Window {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let n = (buf.len() as u64).min(self.len.saturating_sub(self.pos)) as usize;
-        let Some(at) = self.start.checked_add(self.pos) else { return Ok(0) };
-        let n = self.f.read_at(&mut buf[..n], at)?;
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
-impl Write for Window {
-    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        Err(std::io::Error::other("reading a FAT file system never writes"))
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl std::io::Seek for Window {
-    fn seek(&mut self, p: std::io::SeekFrom) -> std::io::Result<u64> {
-        let (base, delta) = match p {
-            std::io::SeekFrom::Start(n) => (n, 0),
-            std::io::SeekFrom::End(d) => (self.len, d),
-            std::io::SeekFrom::Current(d) => (self.pos, d),
-        };
-        self.pos = base
-            .checked_add_signed(delta)
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek outside the partition"))?;
-        Ok(self.pos)
-    }
 }

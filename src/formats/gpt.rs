@@ -19,6 +19,10 @@ pub mod types {
     pub const LINUX_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
     pub const LINUX_ROOT_ARM64: &str = "B921B045-1DF0-41C3-AF44-4C6F280D3FAE";
     pub const LINUX_FILESYSTEM: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+    pub const LINUX_LVM: &str = "E6D6D379-F507-44C2-A23C-238F2A3DF928";
+    pub const LINUX_SWAP: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
+    pub const XBOOTLDR: &str = "BC13C2FF-59E6-4262-A352-B275FD6F7172";
+    pub const MICROSOFT_BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
 
     /// What a partition type is, for people.
     pub fn name(guid: &str) -> &'static str {
@@ -28,6 +32,10 @@ pub mod types {
             LINUX_ROOT_X86_64 => "Linux root (x86-64)",
             LINUX_ROOT_ARM64 => "Linux root (ARM64)",
             LINUX_FILESYSTEM => "Linux filesystem",
+            LINUX_LVM => "Linux LVM",
+            LINUX_SWAP => "Linux swap",
+            XBOOTLDR => "Linux extended boot",
+            MICROSOFT_BASIC_DATA => "Microsoft basic data",
             _ => "unknown",
         }
     }
@@ -74,9 +82,14 @@ pub struct ReadTable {
 
 /// Reads the GPT of the disk image at `path`.
 pub fn read_table(path: &std::path::Path) -> std::io::Result<ReadTable> {
+    read_table_from(crate::device::FileDevice::open(path)?)
+}
+
+/// Reads the GPT of `dev`.
+pub fn read_table_from(dev: std::sync::Arc<dyn crate::device::Device>) -> std::io::Result<ReadTable> {
     let disk = gpt::GptConfig::new()
         .writable(false)
-        .open(path)
+        .open_from_device(crate::device::Window::whole(dev))
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let upper = |u: &uuid::Uuid| u.hyphenated().to_string().to_uppercase();
     Ok(ReadTable {

@@ -21,6 +21,7 @@ pub mod image;
 pub mod initramfs;
 pub mod inspect;
 pub mod intoto;
+pub mod mbr;
 pub mod pe;
 pub mod progress;
 pub mod spdx;

@@ -9,11 +9,11 @@
 //! (a tarball on disk, a recipe file), read with positioned reads when the image is written, so
 //! a 1 GiB root costs only its metadata in RAM.
 
+use crate::device::{Device, FileDevice};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use crate::device::{Device, FileDevice};
 
 /// Longest name a directory entry may have (ext4's `name_len` is one byte).
 pub const NAME_MAX: usize = 255;
