@@ -1,8 +1,10 @@
 //! `kiln diff`: what changed between two builds, the release note of a nightly image. Packages
-//! from the manifests (added, removed, changed version), files from the two ext4 root trees
-//! read back from the images (added, removed, changed by kind, mode, owner, content digest,
-//! link target or extended attributes), and the EBS blocks an incremental publish of the
-//! second on the first would send (the publisher's own plan, `publish::blocks`).
+//! from the manifests, or from dpkg's status in the image when it has none (added, removed,
+//! changed version), files from the two ext4 root trees read back from the images (added,
+//! removed, changed by kind, mode, owner, content digest, link target or extended attributes),
+//! and the EBS blocks an incremental publish of the second on the first would send (the
+//! publisher's own plan, `publish::blocks`). An image is kiln's (`NAME.raw` with its build
+//! manifest) or a pulled AMI (`NAME.raw` with `NAME.pull.json`, see [`crate::pull`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,13 +16,12 @@ use crate::formats::ext4;
 use crate::formats::inspect::{self, FileSystem};
 use crate::formats::tree::{Kind, Tree};
 use crate::launch::request::TestTarget;
-use crate::manifest::Manifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
     #[error("{}: {source}", path.display())]
     Locate { path: PathBuf, source: Box<crate::launch::request::TestError> },
-    #[error("{}: no build manifest beside it; kiln diff compares kiln's images (NAME.raw with NAME.manifest.json)", path.display())]
+    #[error("{}: no manifest beside it; kiln diff compares kiln's images (NAME.raw with NAME.manifest.json) and pulled AMIs (NAME.raw with NAME.pull.json, from `kiln pull`)", path.display())]
     NoManifest { path: PathBuf },
     #[error("{}: {what}", path.display())]
     Read { path: PathBuf, what: String },
@@ -67,35 +68,90 @@ impl Diff {
     }
 }
 
-/// Compares the images at `a` and `b` (each an image or its manifest).
+/// One side of a comparison: the image, and what its manifest (a build's or a pull's) says.
+struct Side {
+    image: PathBuf,
+    sha256: String,
+    size_bytes: u64,
+    blocks: crate::manifest::BlockMap,
+    /// `NAME:ARCH` → version; None when the manifest does not list them (a pulled AMI).
+    packages: Option<BTreeMap<String, String>>,
+}
+
+/// Compares the images at `a` and `b` (each an image, its build manifest, or a pulled AMI).
 pub fn diff(a: &Path, b: &Path) -> Result<Diff, DiffError> {
-    let (ia, ma) = locate(a)?;
-    let (ib, mb) = locate(b)?;
-    let files = compare_trees(&root_tree(&ia)?, &root_tree(&ib)?, &ia, &ib)?;
+    let (sa, sb) = (side(a)?, side(b)?);
+    let (ta, tb) = (root_tree(&sa.image)?, root_tree(&sb.image)?);
+    let files = compare_trees(&ta, &tb, &sa.image, &sb.image)?;
+    let packages = |s: &Side, t: &Tree| match &s.packages {
+        Some(p) => Ok(p.clone()),
+        None => dpkg_packages(t).map_err(|what| DiffError::Read { path: s.image.clone(), what }),
+    };
+    let (pa, pb) = (packages(&sa, &ta)?, packages(&sb, &tb)?);
     let jobs = crate::publish::blocks::blocks_to_send(
-        &mb.blocks,
-        mb.image.size_bytes,
-        crate::publish::blocks::Target::Child { parent: &ma.blocks },
+        &sb.blocks,
+        sb.size_bytes,
+        crate::publish::blocks::Target::Child { parent: &sa.blocks },
     )
     .map_err(|e| DiffError::Blocks(e.to_string()))?;
     Ok(Diff {
-        a: ia.display().to_string(),
-        b: ib.display().to_string(),
-        a_sha256: ma.image.sha256.clone(),
-        b_sha256: mb.image.sha256.clone(),
-        packages: compare_packages(&ma, &mb),
+        a: sa.image.display().to_string(),
+        b: sb.image.display().to_string(),
+        a_sha256: sa.sha256.clone(),
+        b_sha256: sb.sha256.clone(),
+        packages: compare_packages(&pa, &pb),
         files,
         blocks_changed: jobs.len() as u64,
         block_size: crate::manifest::EBS_BLOCK_SIZE,
     })
 }
 
-fn locate(p: &Path) -> Result<(PathBuf, Manifest), DiffError> {
+fn side(p: &Path) -> Result<Side, DiffError> {
+    let pulled = crate::pull::PullManifest::beside(p);
+    if let Some((image, m)) = pulled.map_err(|what| DiffError::Read { path: p.to_path_buf(), what })? {
+        let blocks = crate::manifest::BlockMap::try_from(m.blocks)
+            .map_err(|e| DiffError::Read { path: p.to_path_buf(), what: e.to_string() })?;
+        return Ok(Side { image, sha256: m.image.sha256, size_bytes: m.image.size_bytes, blocks, packages: None });
+    }
     let t = TestTarget::locate(p).map_err(|e| DiffError::Locate { path: p.to_path_buf(), source: Box::new(e) })?;
     match t.manifest {
-        Some((_, m)) => Ok((t.image, m)),
+        Some((_, m)) => Ok(Side {
+            image: t.image,
+            sha256: m.image.sha256.clone(),
+            size_bytes: m.image.size_bytes,
+            packages: Some(m.packages.iter().map(|p| (format!("{}:{}", p.name, p.arch), p.version.clone())).collect()),
+            blocks: m.blocks,
+        }),
         None => Err(DiffError::NoManifest { path: p.to_path_buf() }),
     }
+}
+
+/// `NAME:ARCH` → version of each package dpkg's status file in `tree` calls installed.
+fn dpkg_packages(tree: &Tree) -> Result<BTreeMap<String, String>, String> {
+    let Ok(id) = tree.lookup(b"/var/lib/dpkg/status") else { return Ok(BTreeMap::new()) };
+    let Kind::File(c) = &tree.inode(id).kind else { return Err("/var/lib/dpkg/status is not a file".into()) };
+    if c.size > 256 << 20 {
+        return Err(format!("/var/lib/dpkg/status is {} bytes", c.size));
+    }
+    let mut buf = vec![0u8; c.size as usize];
+    tree.read_content(c, 0, &mut buf).map_err(|e| format!("reading /var/lib/dpkg/status: {e}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let mut out = BTreeMap::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string()))
+        };
+        if let (Some(name), Some(arch), Some(version), Some(status)) =
+            (field("Package"), field("Architecture"), field("Version"), field("Status"))
+        {
+            if status.ends_with(" installed") {
+                out.insert(format!("{name}:{arch}"), version);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The root file system's tree: the first ext4 partition of the disk.
@@ -111,11 +167,7 @@ fn root_tree(image: &Path) -> Result<Tree, DiffError> {
     ext4::read_tree(image, offset).map_err(|e| read(format!("reading the root file system: {e}")))
 }
 
-fn compare_packages(a: &Manifest, b: &Manifest) -> Vec<PackageChange> {
-    let index = |m: &Manifest| -> BTreeMap<String, String> {
-        m.packages.iter().map(|p| (format!("{}:{}", p.name, p.arch), p.version.clone())).collect()
-    };
-    let (pa, pb) = (index(a), index(b));
+fn compare_packages(pa: &BTreeMap<String, String>, pb: &BTreeMap<String, String>) -> Vec<PackageChange> {
     let mut names: Vec<&String> = pa.keys().chain(pb.keys()).collect();
     names.sort();
     names.dedup();

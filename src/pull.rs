@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::formats::image::{BlockDigest, BlockMap};
@@ -20,10 +20,10 @@ use crate::formats::progress::{Progress, Unit};
 use crate::remote::{Remote, RemoteError, Snapshot, SnapshotId};
 
 /// What a pull left, as `NAME.pull.json` records it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PullManifest {
     pub snapshot_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,
     pub region: String,
     pub volume_bytes: u64,
@@ -33,14 +33,40 @@ pub struct PullManifest {
     pub blocks: BlockMap,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PulledImage {
     pub file: String,
     pub size_bytes: u64,
     pub sha256: String,
     /// The AMI's `kiln:image-sha256` tag, when it has one; a pull that does not match it fails.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tagged_sha256: Option<String>,
+}
+
+impl PullManifest {
+    /// The pull manifest `path` is, or the one beside the image `path` (`NAME.raw` →
+    /// `NAME.pull.json`), with the image it describes; None when there is none.
+    pub fn beside(path: &Path) -> Result<Option<(PathBuf, PullManifest)>, String> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let manifest = if name.ends_with(".pull.json") {
+            path.to_path_buf()
+        } else if let Some(stem) = name.strip_suffix(".raw") {
+            path.with_file_name(format!("{stem}.pull.json"))
+        } else {
+            return Ok(None);
+        };
+        let bytes = match std::fs::read(&manifest) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading {}: {e}", manifest.display())),
+        };
+        let m: PullManifest =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a pull manifest: {e}", manifest.display()))?;
+        if m.image.file.contains('/') || m.image.file.is_empty() {
+            return Err(format!("{}: image.file must be a file name beside it", manifest.display()));
+        }
+        Ok(Some((manifest.with_file_name(&m.image.file), m)))
+    }
 }
 
 /// What this run did, besides the manifest.
@@ -88,6 +114,26 @@ pub fn pull(
     let state_path = dir.join(format!("{name}.pull-state"));
     let manifest_path = dir.join(format!("{name}.pull.json"));
 
+    // Pulled before, and still what was pulled: nothing to fetch.
+    if let Ok(Some((image, m))) = PullManifest::beside(&manifest_path) {
+        let same = m.snapshot_id == snap.snapshot_id
+            && File::open(&image)
+                .and_then(|f| match f.metadata()?.len() == m.image.size_bytes {
+                    true => sha256_of(&f, m.image.size_bytes),
+                    false => Ok(String::new()),
+                })
+                .is_ok_and(|d| d == m.image.sha256);
+        if same {
+            let kept = m.blocks.data_blocks.len() as u64;
+            return Ok(Pulled {
+                manifest: m,
+                image_path: image,
+                manifest_path,
+                blocks_fetched: 0,
+                blocks_resumed: kept,
+            });
+        }
+    }
     let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&part).map_err(io(&part))?;
     let mut done = resumable(&state_path, &snap, &file)?;
     let blocks_resumed = done.len() as u64;

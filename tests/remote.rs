@@ -165,10 +165,12 @@ fn an_ami_is_inspected_audited_and_pulled_without_launching_it() {
     assert!(!part.exists() && !again.join(format!("{ami}.pull-state")).exists());
 }
 
-/// A snapshot id works like an AMI id; an id that does not exist is an error naming it, and a
-/// path that looks like neither is read as a file.
+/// A snapshot id works like an AMI id; an id that does not exist is an error naming it. `kiln
+/// diff` of the AMI against the image it was published from finds nothing (its packages read
+/// from dpkg's status in the AMI equal the build manifest's); against a build with another
+/// `hello` it lists exactly that package, the files that record it, and the blocks that differ.
 #[test]
-fn a_snapshot_id_is_read_and_a_missing_ami_is_named() {
+fn a_snapshot_id_is_read_an_ami_is_diffed_and_a_missing_ami_is_named() {
     let Some(moto) = Moto::start() else { return };
     let proxy = Proxy::start(moto.port, Mode::Pass);
     let t = common::tempdir();

@@ -6,8 +6,11 @@ use anyhow::Result;
 
 /// Show what changed between two images: packages, files, and the blocks an upload sends.
 ///
-/// A and B are images kiln built (NAME.raw, or NAME.manifest.json beside it). Packages come
-/// from the manifests: added, removed, or at another version. Files come from the two root
+/// A and B are images kiln built (NAME.raw, or NAME.manifest.json beside it), images pulled
+/// with `kiln pull` (NAME.raw beside NAME.pull.json), or AMI or snapshot ids (ami-…, snap-…),
+/// which are pulled first into the cache (KILN_CACHE_DIR/pulled; kept, so the next diff against
+/// the same AMI fetches nothing). Packages come from kiln's manifests, or from dpkg's status
+/// file in the image: added, removed, or at another version. Files come from the two root
 /// file systems, read back from the images (no mount): added, removed, or changed in kind,
 /// mode, owner, content (SHA-256), link target or extended attributes. Blocks: the 512 KiB
 /// EBS blocks an incremental `kiln publish` of B on A's snapshot would send.
@@ -18,20 +21,41 @@ use anyhow::Result;
 /// Examples:
 ///   kiln diff last-night/debian-12-ec2-x86_64.raw out/debian-12-ec2-x86_64.raw
 ///   kiln diff a.manifest.json b.manifest.json --json | jq '.packages'
+///   kiln diff ami-0123456789abcdef0 out/debian-12-ec2-x86_64.raw --region eu-west-1
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// The earlier image (or its manifest).
-    pub a: PathBuf,
-    /// The later image (or its manifest).
-    pub b: PathBuf,
+    /// The earlier image (or its manifest, or an AMI or snapshot id).
+    pub a: String,
+    /// The later image (or its manifest, or an AMI or snapshot id).
+    pub b: String,
+    /// With an AMI or snapshot id: its region [default: the AWS configuration's].
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
     /// Print JSON (the changes, both images' SHA-256 and the block count).
     #[arg(long)]
     pub json: bool,
 }
 
+/// The image `arg` names: a path, or an AMI or snapshot pulled into the cache.
+fn local(arg: &str, args: &Args) -> Result<PathBuf> {
+    let Some(id) = kiln::remote::SnapshotId::parse(arg) else { return Ok(PathBuf::from(arg)) };
+    let remote = std::sync::Arc::new(kiln::remote::Remote::connect(args.region.clone(), args.endpoint_url.clone())?);
+    let dir = kiln::build::default_cache_dir().join("pulled");
+    let progress = super::progress::TermProgress::new(args.json);
+    let pulled = kiln::pull::pull(remote, &id, &dir, 16, &progress)?;
+    Ok(pulled.image_path)
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let d = match kiln::diff::diff(&args.a, &args.b) {
+    let sides = local(&args.a, &args).and_then(|a| Ok((a, local(&args.b, &args)?)));
+    let d = match sides
+        .map_err(|e| e.context("pulling an AMI to compare"))
+        .and_then(|(a, b)| Ok(kiln::diff::diff(&a, &b)?))
+    {
         Ok(d) => d,
         Err(e) => {
             eprintln!("kiln: error: {}", kiln::message::render(anyhow::Error::from(e).chain()));
