@@ -216,3 +216,35 @@ fn file_system(dev: &Arc<dyn Device>, offset: u64, len: u64) -> Option<FileSyste
     }
     crate::fat::summary(dev.clone(), offset, len).map(FileSystem::Fat)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{BlockDevice, MemoryFetch};
+
+    /// The fuzz target's find: a GPT disk whose FAT directory names cluster 0/1, on which
+    /// fatfs 0.3.6 panics. Read as a file and through the snapshot block cache, it gives a
+    /// summary, never a panic.
+    #[test]
+    fn a_fat_directory_naming_cluster_one_is_not_a_panic() {
+        let data = include_bytes!("../../fuzz/corpus/inspect/regression-fat-cluster-below-2");
+        let dev = Arc::new(BlockDevice::new(MemoryFetch { data: data.to_vec(), block_size: 4096 }, 8192));
+        let disk = read_device(dev).expect("the GPT is readable");
+        assert_eq!(disk.table, "gpt");
+        assert!(!disk.partitions.is_empty());
+    }
+
+    /// A partition holding XFS is named, not read and not taken for FAT or nothing.
+    #[test]
+    fn xfs_lvm_and_btrfs_are_named() {
+        for (kind, at, magic) in UNSUPPORTED {
+            let mut data = vec![0u8; 0x30000];
+            data[at as usize..at as usize + magic.len()].copy_from_slice(magic);
+            let dev: Arc<dyn Device> = Arc::new(BlockDevice::new(MemoryFetch { data, block_size: 4096 }, 1 << 20));
+            match file_system(&dev, 0, 0x30000) {
+                Some(FileSystem::Unsupported { kind: k }) => assert_eq!(k, kind),
+                other => panic!("{kind}: {other:?}"),
+            }
+        }
+    }
+}
