@@ -170,6 +170,8 @@ pub mod sb {
     /// Group descriptor size, with the 64bit feature.
     pub const DESC_SIZE: Le16 = Le16(0xFE);
     pub const DEFAULT_MOUNT_OPTS: Le32 = Le32(0x100);
+    /// `s_first_meta_bg`: with meta_bg, the first descriptor block laid out per meta group.
+    pub const FIRST_META_BG: Le32 = Le32(0x104);
     pub const MKFS_TIME: Le32 = Le32(0x108);
     /// `s_jnl_blocks[0..15]`: the journal inode's `i_block`.
     pub const JNL_BLOCKS: Bytes<60> = Bytes(0x10C);
@@ -184,6 +186,8 @@ pub mod sb {
     pub const FLAGS: Le32 = Le32(0x160);
     pub const LOG_GROUPS_PER_FLEX: U8 = U8(0x174);
     pub const CHECKSUM_TYPE: U8 = U8(0x175);
+    /// `s_backup_bgs[2]`: with sparse_super2, the only groups holding superblock backups.
+    pub const BACKUP_BGS: [Le32; 2] = [Le32(0x24C), Le32(0x250)];
     /// crc32c of the superblock up to this field.
     pub const CHECKSUM: Le32 = Le32(0x3FC);
 }
@@ -243,6 +247,14 @@ pub mod inode {
     pub const S_IFSOCK: u16 = 0o140000;
     /// A symlink target shorter than `i_block` is kept in it ("fast" symlink).
     pub const FAST_SYMLINK_MAX: usize = 59;
+    /// `EXT4_HUGE_FILE_FL`: `i_blocks` counts file system blocks, not 512-byte sectors.
+    pub const HUGE_FILE_FL: u32 = 0x40000;
+    /// Block maps (files without `EXTENTS_FL`): `i_block` holds `EXT4_NDIR_BLOCKS` direct
+    /// block numbers, then the single (`EXT4_IND_BLOCK`), double and triple indirect ones.
+    pub const NDIR_BLOCKS: usize = 12;
+    pub const IND_BLOCK: usize = 12;
+    pub const DIND_BLOCK: usize = 13;
+    pub const TIND_BLOCK: usize = 14;
 
     pub const MODE: Le16 = Le16(0x00);
     pub const UID: Le16 = Le16(0x02);
@@ -283,6 +295,8 @@ pub mod dirent {
     /// Bytes before the name.
     pub const HEADER: usize = 8;
     pub const MAX_NAME_LEN: usize = 255;
+    /// `EXT4_MAX_REC_LEN`: with 64 KiB blocks, how a `rec_len` of 65536 is stored (or as 0).
+    pub const MAX_REC_LEN: u16 = 65535;
     pub const INODE: Le32 = Le32(0);
     pub const REC_LEN: Le16 = Le16(4);
     pub const NAME_LEN: U8 = U8(6);
@@ -418,32 +432,40 @@ pub mod features {
     pub const HAS_JOURNAL: u32 = 0x4;
     pub const EXT_ATTR: u32 = 0x8;
     pub const DIR_INDEX: u32 = 0x20;
+    pub const SPARSE_SUPER2: u32 = 0x200;
     pub const FILETYPE: u32 = 0x2;
+    pub const META_BG: u32 = 0x10;
     pub const EXTENTS: u32 = 0x40;
     pub const BIT64: u32 = 0x80;
     pub const FLEX_BG: u32 = 0x200;
+    pub const EA_INODE: u32 = 0x400;
     pub const INLINE_DATA: u32 = 0x8000;
     pub const SPARSE_SUPER: u32 = 0x1;
     pub const LARGE_FILE: u32 = 0x2;
     pub const HUGE_FILE: u32 = 0x8;
     pub const DIR_NLINK: u32 = 0x20;
     pub const EXTRA_ISIZE: u32 = 0x40;
+    pub const BIGALLOC: u32 = 0x200;
     pub const METADATA_CSUM: u32 = 0x400;
 
-    pub const NAMES: [(Set, u32, &str); 14] = [
+    pub const NAMES: [(Set, u32, &str); 18] = [
         (Set::Compat, HAS_JOURNAL, "has_journal"),
         (Set::Compat, EXT_ATTR, "ext_attr"),
         (Set::Compat, DIR_INDEX, "dir_index"),
+        (Set::Compat, SPARSE_SUPER2, "sparse_super2"),
         (Set::Incompat, FILETYPE, "filetype"),
+        (Set::Incompat, META_BG, "meta_bg"),
         (Set::Incompat, EXTENTS, "extent"),
         (Set::Incompat, BIT64, "64bit"),
         (Set::Incompat, FLEX_BG, "flex_bg"),
+        (Set::Incompat, EA_INODE, "ea_inode"),
         (Set::Incompat, INLINE_DATA, "inline_data"),
         (Set::RoCompat, SPARSE_SUPER, "sparse_super"),
         (Set::RoCompat, LARGE_FILE, "large_file"),
         (Set::RoCompat, HUGE_FILE, "huge_file"),
         (Set::RoCompat, DIR_NLINK, "dir_nlink"),
         (Set::RoCompat, EXTRA_ISIZE, "extra_isize"),
+        (Set::RoCompat, BIGALLOC, "bigalloc"),
         (Set::RoCompat, METADATA_CSUM, "metadata_csum"),
     ];
 
