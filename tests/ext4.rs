@@ -580,3 +580,88 @@ mod random_trees {
         }
     }
 }
+
+/// `kiln inspect --audit` on file systems as other tools make them: a piece of this Debian
+/// machine's root (its /etc, /usr/sbin and zoneinfo, with a planted private key, SSH host key,
+/// setuid file and world-writable file) made by `mke2fs -t ext2`, `-t ext3` and `-t ext4 -O
+/// ^extent` with 1 KiB and 64 KiB blocks, as a whole-disk file system. Every variant reads every
+/// file (the count equals the source's entries) and finds exactly what the default ext4 of the
+/// same tree finds; the block-mapped ones really are block-mapped (no `extent` feature).
+#[test]
+fn inspect_audits_ext2_ext3_and_block_mapped_ext4_like_default_ext4() {
+    let Some(mke2fs) = tool("mke2fs") else { return };
+    if !require_root("copying a root tree with its owners") {
+        return;
+    }
+    let t = tempdir();
+    let src = t.path().join("root");
+    std::fs::create_dir_all(src.join("usr/share")).unwrap();
+    for (from, to) in [("/etc", "etc"), ("/usr/sbin", "usr/sbin"), ("/usr/share/zoneinfo", "usr/share/zoneinfo")] {
+        run_ok(Command::new("cp").args(["-a", from]).arg(src.join(to)));
+    }
+    // What the audit must find whatever the host's /etc holds.
+    std::fs::create_dir_all(src.join("root/.ssh")).unwrap();
+    std::fs::write(src.join("root/.ssh/id_ed25519"), "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n").unwrap();
+    std::fs::write(src.join("etc/ssh_host_planted_key"), "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n").unwrap();
+    let set_mode = |p: &str, m: u32| {
+        std::fs::set_permissions(src.join(p), std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap()
+    };
+    std::fs::write(src.join("usr/sbin/planted-setuid"), b"#!/bin/sh\n").unwrap();
+    set_mode("usr/sbin/planted-setuid", 0o4755);
+    std::fs::write(src.join("etc/planted-world-writable"), b"x\n").unwrap();
+    set_mode("etc/planted-world-writable", 0o666);
+    let entries = walkdir_count(&src);
+
+    let audit = |args: &[&str], name: &str| -> serde_json::Value {
+        let img = t.path().join(format!("{name}.img"));
+        run_ok(
+            Command::new(&mke2fs)
+                .args(["-q", "-F", "-E", "root_owner=0:0"])
+                .args(args)
+                .arg("-d")
+                .arg(&src)
+                .arg(&img)
+                .arg("256M"),
+        );
+        e2fsck_clean(&img);
+        let o = crate::common::kiln().args(["inspect", "--audit", "--json"]).arg(&img).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{name}: findings exit 1\n{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["table"], "none", "{name}: a file system on the whole disk");
+        v["partitions"][0]["filesystem"].clone()
+    };
+    let reference = audit(&["-t", "ext4"], "ext4");
+    let files = reference["audit"]["files"].as_u64().unwrap();
+    // The root directory plus every entry under it (lost+found is the file system's own).
+    assert_eq!(files, entries as u64 + 1, "{reference}");
+    let findings = reference["audit"]["findings"].clone();
+    let found: Vec<&str> = findings.as_array().unwrap().iter().filter_map(|f| f["path"].as_str()).collect();
+    for planted in [
+        "/root/.ssh/id_ed25519",
+        "/etc/ssh_host_planted_key",
+        "/usr/sbin/planted-setuid",
+        "/etc/planted-world-writable",
+    ] {
+        assert!(found.contains(&planted), "{planted} not found: {findings}");
+    }
+    for (args, name, version, block_size) in [
+        (&["-t", "ext2", "-b", "1024"][..], "ext2-1k", "ext2", 1024),
+        (&["-t", "ext3", "-b", "1024"][..], "ext3-1k", "ext3", 1024),
+        (&["-t", "ext4", "-O", "^extent,^64bit", "-b", "1024"][..], "ext4-noextent-1k", "ext4", 1024),
+        (&["-t", "ext2", "-b", "65536"][..], "ext2-64k", "ext2", 65536),
+        (&["-t", "ext3", "-b", "65536"][..], "ext3-64k", "ext3", 65536),
+        (&["-t", "ext4", "-O", "^extent,^64bit", "-b", "65536"][..], "ext4-noextent-64k", "ext4", 65536),
+        (&["-t", "ext4", "-O", "64bit,meta_bg,^resize_inode", "-b", "4096"][..], "ext4-meta-bg", "ext4", 4096),
+    ] {
+        let fs = audit(args, name);
+        assert_eq!(
+            (fs["version"].as_str(), fs["block_size"].as_u64()),
+            (Some(version), Some(block_size)),
+            "{name}: {fs}"
+        );
+        let features: Vec<&str> = fs["features"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
+        assert_eq!(features.contains(&"extent"), name == "ext4-meta-bg", "{name}: {features:?}");
+        assert_eq!(fs["audit"]["files"].as_u64(), Some(files), "{name}: every file read");
+        assert_eq!(fs["audit"]["findings"], findings, "{name}: the same findings as default ext4");
+    }
+}
