@@ -206,10 +206,24 @@ pub struct Proxy {
     /// Paths of forwarded requests whose 2xx answer was handed to the client in full.
     pub answered: Arc<Mutex<Vec<String>>>,
     block_public: Arc<Mutex<BTreeMap<String, String>>>,
+    images: Arc<Mutex<BTreeMap<String, ImageExtra>>>,
+}
+
+/// What EC2 knows of an AMI that moto does not model: deregistration protection, the
+/// disabled state, what refers to it and when it was last launched.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageExtra {
+    pub protection: Option<String>,
+    pub disabled: bool,
+    /// (resource type, ARN) of what refers to the AMI.
+    pub references: Vec<(String, String)>,
+    pub last_launched: Option<String>,
 }
 
 struct Shared {
     upstream: u16,
+    /// AMI id → what the stand-ins answer for it (see [`ImageExtra`]).
+    images: Arc<Mutex<BTreeMap<String, ImageExtra>>>,
     /// AMI id → the root snapshot its RegisterImage named (see `root_snapshots`).
     roots: Mutex<BTreeMap<String, String>>,
     /// AMIs reported `failed` (see `Mode::FailCopies`).
@@ -235,12 +249,14 @@ impl Proxy {
         let answered = Arc::new(Mutex::new(Vec::new()));
         let mode = Arc::new(Mutex::new(mode));
         let block_public = Arc::new(Mutex::new(BTreeMap::new()));
+        let images = Arc::new(Mutex::new(BTreeMap::new()));
         let seed = match &*mode.lock().unwrap() {
             Mode::Faults { seed, .. } => *seed,
             _ => 0,
         };
         let shared = Arc::new(Shared {
             upstream,
+            images: images.clone(),
             roots: Mutex::new(BTreeMap::new()),
             failed_images: Mutex::new(BTreeSet::new()),
             block_public: block_public.clone(),
@@ -260,10 +276,18 @@ impl Proxy {
                 });
             }
         });
-        Proxy { port, log, all, mode, answered, block_public }
+        Proxy { port, log, all, mode, answered, block_public, images }
     }
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+    /// What the stand-ins hold for `image_id` (protection, disabled, references, last launch).
+    pub fn image(&self, image_id: &str) -> ImageExtra {
+        self.images.lock().unwrap().get(image_id).cloned().unwrap_or_default()
+    }
+    /// Changes what EC2 would say of `image_id` (a launch template that refers to it, a launch).
+    pub fn set_image(&self, image_id: &str, f: impl FnOnce(&mut ImageExtra)) {
+        f(self.images.lock().unwrap().entry(image_id.to_string()).or_default())
     }
     pub fn requests(&self) -> Vec<Recorded> {
         self.log.lock().unwrap().clone()
@@ -528,8 +552,55 @@ fn with_body(head: &str, body: &str) -> Vec<u8> {
 /// by the botocore models like every other request.
 fn stand_in(shared: &Shared, req: &Recorded) -> Option<Vec<u8>> {
     let action = req.action();
+    let form = req.form();
+    let image = form.get("ImageId").cloned().unwrap_or_default();
+    let mut images = shared.images.lock().unwrap();
     let body = match action.as_str() {
         "EnableImageDeprecation" => "<return>true</return>".to_string(),
+        "EnableImageDeregistrationProtection" => {
+            let cooldown = form.get("WithCooldown").is_some_and(|v| v == "true");
+            let state = if cooldown { "enabled-with-cooldown" } else { "enabled" };
+            images.entry(image).or_default().protection = Some(state.into());
+            format!("<return>{state}</return>")
+        }
+        "DisableImageDeregistrationProtection" => {
+            let e = images.entry(image).or_default();
+            e.protection = Some(if e.protection.as_deref() == Some("enabled-with-cooldown") {
+                "disabled-until 2099-01-01T00:00:00Z".into()
+            } else {
+                "disabled".into()
+            });
+            "<return>disabled</return>".into()
+        }
+        "DisableImage" | "EnableImage" => {
+            images.entry(image).or_default().disabled = action == "DisableImage";
+            "<return>true</return>".into()
+        }
+        "DescribeImageReferences" => {
+            let mut items = String::new();
+            for n in 1.. {
+                let Some(id) = form.get(&format!("ImageId.{n}")) else { break };
+                for (kind, arn) in images.get(id).map(|e| e.references.clone()).unwrap_or_default() {
+                    items.push_str(&format!(
+                        "<item><imageId>{id}</imageId><resourceType>{kind}</resourceType><arn>{arn}</arn></item>"
+                    ));
+                }
+            }
+            format!("<imageReferenceSet>{items}</imageReferenceSet>")
+        }
+        // EC2 refuses to deregister a protected AMI; kiln must never ask.
+        "DeregisterImage"
+            if images.get(&image).and_then(|e| e.protection.as_deref()).is_some_and(|p| p != "disabled") =>
+        {
+            let xml = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Errors><Error><Code>OperationNotPermitted</Code><Message>{image} has deregistration protection</Message></Error></Errors><RequestID>kiln-test</RequestID></Response>");
+            return Some(
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/xml\r\ncontent-length: {}\r\n\r\n{xml}",
+                    xml.len()
+                )
+                .into_bytes(),
+            );
+        }
         "GetImageBlockPublicAccessState" => {
             let state = shared.block_public.lock().unwrap().get(&req.region()).cloned();
             format!(
@@ -637,6 +708,31 @@ fn root_snapshots(shared: &Shared, req: &Recorded, resp: Vec<u8>) -> Vec<u8> {
                 if let Some(t) = image.children().find(|c| c.has_tag_name("imageState")).and_then(|n| n.first_child()) {
                     if t.text() != Some("deregistered") {
                         edits.push((t.range(), "failed".into()));
+                    }
+                }
+            }
+            // What moto does not model, as EC2 reports it on each image.
+            let extras = shared.images.lock().unwrap().clone();
+            for image in doc.descendants().filter(|n| n.has_tag_name("item")) {
+                if !image.parent().is_some_and(|p| p.has_tag_name("imagesSet")) {
+                    continue;
+                }
+                let id = image.children().find(|c| c.has_tag_name("imageId")).and_then(|n| n.text());
+                let Some(extra) = id.and_then(|id| extras.get(id)) else { continue };
+                let mut add = String::new();
+                if let Some(p) = &extra.protection {
+                    add.push_str(&format!("<deregistrationProtection>{p}</deregistrationProtection>"));
+                }
+                if let Some(t) = &extra.last_launched {
+                    add.push_str(&format!("<lastLaunchedTime>{t}</lastLaunchedTime>"));
+                }
+                let end = image.range().end - "</item>".len();
+                edits.push((end..end, add));
+                if extra.disabled {
+                    if let Some(t) =
+                        image.children().find(|c| c.has_tag_name("imageState")).and_then(|n| n.first_child())
+                    {
+                        edits.push((t.range(), "disabled".into()));
                     }
                 }
             }

@@ -28,7 +28,7 @@ struct TestImage {
     raw: PathBuf,
 }
 
-fn block_bytes(index: u64, salt: u8) -> Vec<u8> {
+pub(crate) fn block_bytes(index: u64, salt: u8) -> Vec<u8> {
     let mut v = vec![0u8; BS];
     let mut rng = crate::common::XorShift(index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(salt));
     for (i, b) in v.iter_mut().enumerate() {
@@ -43,7 +43,7 @@ fn block_bytes(index: u64, salt: u8) -> Vec<u8> {
 /// AMI settings for the test images. kiln-model keeps AMI settings from being built field by
 /// field outside it (they come from a validated recipe or a loaded manifest), so these are
 /// read from their manifest form, as another tool's manifest would be.
-fn settings(regions: &[&str]) -> AmiSettings {
+pub(crate) fn settings(regions: &[&str]) -> AmiSettings {
     serde_json::from_value(serde_json::json!({
         "name": "kiln-test-{name}-{date}-{sha}",
         "description": "kiln publish test",
@@ -74,7 +74,13 @@ fn settings(regions: &[&str]) -> AmiSettings {
 }
 
 /// Writes `raw` (block contents by index, `total` blocks) and its manifest into `dir`.
-fn write_image(dir: &Path, name: &str, total: u64, data: &BTreeMap<u64, Vec<u8>>, ami: AmiSettings) -> PathBuf {
+pub(crate) fn write_image(
+    dir: &Path,
+    name: &str,
+    total: u64,
+    data: &BTreeMap<u64, Vec<u8>>,
+    ami: AmiSettings,
+) -> PathBuf {
     let raw = dir.join(format!("{name}.raw"));
     let f = std::fs::File::create(&raw).unwrap();
     f.set_len(total * BS as u64).unwrap();
@@ -148,7 +154,12 @@ pub(crate) fn publish_cmd(proxy: &Proxy, manifest: &Path) -> std::process::Comma
 
 /// A publish that remembers what it published in `state` (shared by a test's publishes of one
 /// image name): the record, and what kiln said on stderr.
-fn publish_remembering(proxy: &Proxy, manifest: &Path, state: &Path, extra: &[&str]) -> (serde_json::Value, String) {
+pub(crate) fn publish_remembering(
+    proxy: &Proxy,
+    manifest: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> (serde_json::Value, String) {
     let mut c = publish_cmd(proxy, manifest);
     c.arg("--state-dir").arg(state).args(extra);
     let out = c.output().unwrap();
@@ -157,7 +168,7 @@ fn publish_remembering(proxy: &Proxy, manifest: &Path, state: &Path, extra: &[&s
     (serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), err)
 }
 
-fn run_json(mut c: std::process::Command) -> serde_json::Value {
+pub(crate) fn run_json(mut c: std::process::Command) -> serde_json::Value {
     let out = c.output().unwrap();
     assert!(
         out.status.success(),
@@ -169,11 +180,11 @@ fn run_json(mut c: std::process::Command) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-fn sdk_conf(url: &str, region: &str) -> aws_config::SdkConfig {
+pub(crate) fn sdk_conf(url: &str, region: &str) -> aws_config::SdkConfig {
     rt().block_on(
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))

@@ -14,6 +14,7 @@ mod moto;
 mod provenance;
 mod publish;
 mod recipe;
+mod release;
 mod remote;
 mod secure_boot;
 mod service;

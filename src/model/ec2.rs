@@ -619,3 +619,67 @@ mod deprecation_tests {
         }
     }
 }
+
+/// `[ami] protect`: EC2's deregistration protection, set on the AMI and every copy. With the
+/// cooldown (`protect = "24h"`), protection stays 24 hours after it is removed, so a
+/// compromised or mistaken caller cannot remove it and deregister at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protection {
+    Enabled,
+    EnabledWithCooldown,
+}
+
+impl Protection {
+    /// EnableImageDeregistrationProtection's `WithCooldown`.
+    pub fn with_cooldown(self) -> bool {
+        self == Protection::EnabledWithCooldown
+    }
+}
+
+/// A whole number of days written `"30d"`, from `min` to 3650 (what a retention window or a
+/// grace period is measured in).
+pub fn parse_days(s: &str, min: u32) -> Result<u32, String> {
+    match s.strip_suffix('d').map(str::parse::<u32>) {
+        Some(Ok(n)) if (min..=3650).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a number of days from {min} to 3650 (like \"30d\")")),
+    }
+}
+
+/// CopyImage's `SnapshotCopyCompletionDurationMinutes`, written `"30m"` or `"2h"`: 15 minutes
+/// to 48 hours in steps of 15 minutes (time-based copies).
+pub fn parse_copy_within(s: &str) -> Result<u32, String> {
+    let minutes = if let Some(m) = s.strip_suffix('m') {
+        m.parse::<u32>().ok()
+    } else {
+        s.strip_suffix('h').and_then(|h| h.parse::<u32>().ok()).and_then(|h| h.checked_mul(60))
+    };
+    match minutes {
+        Some(m) if (15..=2880).contains(&m) && m % 15 == 0 => Ok(m),
+        _ => Err(format!(
+            "`{s}` is not a copy duration EC2 accepts: 15 minutes to 48 hours in steps of 15 (\"30m\", \"2h\")"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn days_and_copy_durations_are_what_ec2_takes() {
+        assert_eq!(parse_days("30d", 1), Ok(30));
+        assert_eq!(parse_days("0d", 0), Ok(0));
+        for bad in ["0d", "30", "d", "-1d", "3651d", "1w"] {
+            assert!(parse_days(bad, 1).is_err(), "{bad}");
+        }
+        assert_eq!(parse_copy_within("30m"), Ok(30));
+        assert_eq!(parse_copy_within("2h"), Ok(120));
+        assert_eq!(parse_copy_within("48h"), Ok(2880));
+        for bad in ["10m", "20m", "49h", "0m", "30", "1d"] {
+            assert!(parse_copy_within(bad).is_err(), "{bad}");
+        }
+        let p: Protection = serde_json::from_str("\"enabled-with-cooldown\"").unwrap();
+        assert!(p.with_cooldown() && !Protection::Enabled.with_cooldown());
+    }
+}

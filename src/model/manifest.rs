@@ -487,6 +487,15 @@ pub struct AmiSettings {
     /// `180d` (days after publishing) or an RFC 3339 time: EnableImageDeprecation on the AMI
     /// and every copy ([`crate::ec2::Deprecation`]).
     pub deprecate_after: Option<DeprecateAfter>,
+    /// Deregistration protection on the AMI and every copy; `kiln prune` never deregisters a
+    /// protected AMI.
+    pub protect: Option<crate::ec2::Protection>,
+    /// `kiln prune` keeps an AMI launched within this many days.
+    pub keep_if_launched_within_days: Option<u32>,
+    /// `kiln prune` disables an AMI first and deregisters it only this many days later.
+    pub disable_before_delete_days: Option<u32>,
+    /// CopyImage's time-based copy: the snapshot copy completes within this many minutes.
+    pub copy_within_minutes: Option<u32>,
 }
 
 /// [`AmiSettings`] in the file's form: the deprecation as written.
@@ -518,6 +527,14 @@ struct RawAmiSettings {
     ssm_parameters: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deprecate_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    protect: Option<crate::ec2::Protection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keep_if_launched_within_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disable_before_delete_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    copy_within_minutes: Option<u32>,
 }
 
 impl TryFrom<RawAmiSettings> for AmiSettings {
@@ -546,6 +563,10 @@ impl TryFrom<RawAmiSettings> for AmiSettings {
             keep: r.keep,
             ssm_parameters: r.ssm_parameters,
             deprecate_after,
+            protect: r.protect,
+            keep_if_launched_within_days: r.keep_if_launched_within_days,
+            disable_before_delete_days: r.disable_before_delete_days,
+            copy_within_minutes: r.copy_within_minutes,
         })
     }
 }
@@ -571,6 +592,10 @@ impl From<AmiSettings> for RawAmiSettings {
             keep: a.keep,
             ssm_parameters: a.ssm_parameters,
             deprecate_after: a.deprecate_after.map(|d| d.to_string()),
+            protect: a.protect,
+            keep_if_launched_within_days: a.keep_if_launched_within_days,
+            disable_before_delete_days: a.disable_before_delete_days,
+            copy_within_minutes: a.copy_within_minutes,
         }
     }
 }

@@ -20,6 +20,13 @@ pub const TAG_RECIPE_SHA: &str = "kiln:recipe-sha256";
 pub const TAG_NAME: &str = "kiln:name";
 /// The build's SOURCE_DATE_EPOCH: which of two builds of an image is the newer one.
 pub const TAG_SOURCE_DATE_EPOCH: &str = "kiln:source-date-epoch";
+/// Lineage RegisterImage cannot record (it leaves `SourceImageId` empty): the kiln that built
+/// the image, and the snapshot an incremental upload was made on.
+pub const TAG_VERSION: &str = "kiln:version";
+pub const TAG_PARENT_SNAPSHOT: &str = "kiln:parent-snapshot";
+/// When `kiln prune` disabled an AMI on its way out (RFC 3339): it is deregistered once
+/// `[ami] disable_before_delete` has passed since.
+pub const TAG_DISABLED_AT: &str = "kiln:disabled-at";
 
 /// Expands `{date}`, `{arch}`, `{name}` and `{sha}` in the AMI name. The date is
 /// SOURCE_DATE_EPOCH's UTC day, never the wall clock, so a rebuild names the AMI the same.
@@ -36,12 +43,16 @@ pub fn expand_name(template: &str, m: &Manifest) -> String {
 }
 
 /// Every tag kiln puts on the image and the snapshot: the recipe's, then kiln's own.
-pub fn all_tags(s: &AmiSettings, m: &Manifest) -> Vec<(String, String)> {
+pub fn all_tags(s: &AmiSettings, m: &Manifest, parent_snapshot: Option<&str>) -> Vec<(String, String)> {
     let mut t: Vec<(String, String)> = s.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     t.push((TAG_IMAGE_SHA.into(), m.image.sha256.clone()));
     t.push((TAG_RECIPE_SHA.into(), m.recipe.sha256.clone()));
     t.push((TAG_NAME.into(), m.name.clone()));
     t.push((TAG_SOURCE_DATE_EPOCH.into(), m.source_date_epoch.to_string()));
+    t.push((TAG_VERSION.into(), m.kiln_version.clone()));
+    if let Some(p) = parent_snapshot {
+        t.push((TAG_PARENT_SNAPSHOT.into(), p.to_string()));
+    }
     t
 }
 
@@ -316,6 +327,8 @@ pub struct CopyRequest<'a> {
     /// On the new AMI and its snapshots from the start: a re-run finds a copy that is still
     /// pending by its image SHA-256 tag instead of starting another.
     pub tags: &'a [(String, String)],
+    /// A time-based copy: EC2 completes the snapshot copy within this many minutes.
+    pub completion_minutes: Option<u32>,
 }
 
 /// EC2's error when the destination region already runs as many AMI copies as it allows.
@@ -342,7 +355,8 @@ pub async fn copy(
             .source_image_id(c.source_image)
             .name(c.name)
             .set_description(c.description.map(str::to_string))
-            .client_token(c.client_token);
+            .client_token(c.client_token)
+            .set_snapshot_copy_completion_duration_minutes(c.completion_minutes.map(i64::from));
         if c.encrypted {
             req = req.encrypted(true).set_kms_key_id(c.kms_key_id.map(str::to_string));
         }
@@ -452,6 +466,21 @@ pub async fn delete_snapshot(
 }
 
 /// EnableImageDeprecation: the AMI is marked deprecated at `at` (Unix seconds).
+/// EnableImageDeregistrationProtection: DeregisterImage fails until it is disabled again
+/// (and, with the cooldown, for 24 hours after).
+pub async fn protect(
+    ec2: &aws_sdk_ec2::Client,
+    policy: &RetryPolicy,
+    image_id: &str,
+    p: crate::ec2::Protection,
+) -> Result<(), PublishError> {
+    with_retry(policy, "EnableImageDeregistrationProtection", || {
+        ec2.enable_image_deregistration_protection().image_id(image_id).with_cooldown(p.with_cooldown()).send()
+    })
+    .await?;
+    Ok(())
+}
+
 pub async fn deprecate(
     ec2: &aws_sdk_ec2::Client,
     policy: &RetryPolicy,

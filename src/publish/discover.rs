@@ -158,7 +158,7 @@ impl Ctx {
             (None, _) => None,
         };
         let name = ami::expand_name(&settings.name, &manifest);
-        let tags = ami::all_tags(&settings, &manifest);
+        let tags = ami::all_tags(&settings, &manifest, parent.as_ref().map(|p| p.1.as_str()));
         // A fixed time may have passed since the recipe was checked: judged against the clock
         // now, before anything is uploaded.
         let deprecate_at = match &settings.deprecate_after {

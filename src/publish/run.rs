@@ -288,7 +288,8 @@ async fn retention(
 ) -> Vec<super::prune::RegionPrune> {
     let Some(keep) = ctx.settings.keep else { return Vec::new() };
     let published: Vec<String> = amis.iter().map(|a| a.region.clone()).collect();
-    match super::prune::prune(&ctx.manifest.name, keep as usize, &published, &ctx.opts).await {
+    let retire = super::prune::Retire::from_settings(&ctx.settings, false);
+    match super::prune::prune(&ctx.manifest.name, keep as usize, &published, &retire, &ctx.opts).await {
         Ok(p) => p,
         Err(e) => {
             let note = format!("retention (keep = {keep}) failed: {e}; run `kiln prune` to finish it");
@@ -428,6 +429,9 @@ async fn publish_site(ctx: &Ctx, plan: &Plan, progress: &dyn Progress) -> Result
     if let Some(at) = ctx.deprecate_at {
         ami::deprecate(&ec2, &policy, &image_id, at).await?;
     }
+    if let Some(p) = ctx.settings.protect {
+        ami::protect(&ec2, &policy, &image_id, p).await?;
+    }
     Ok(Site {
         image: RegionImage { region: src, image_id, snapshot_id, reused, via: Delivery::Upload },
         blocks_sent,
@@ -482,6 +486,7 @@ async fn copy_to(
                 encrypted,
                 kms_key_id: key,
                 tags: &ctx.tags,
+                completion_minutes: ctx.settings.copy_within_minutes,
             };
             (ami::copy(&ec2r, &policy, &req, &deadline, progress).await?, false)
         }
@@ -495,6 +500,9 @@ async fn copy_to(
     ami::share(&ec2r, &policy, &ctx.settings, &id, &snap).await?;
     if let Some(at) = ctx.deprecate_at {
         ami::deprecate(&ec2r, &policy, &id, at).await?;
+    }
+    if let Some(p) = ctx.settings.protect {
+        ami::protect(&ec2r, &policy, &id, p).await?;
     }
     Ok(RegionImage { region: region.into(), image_id: id, snapshot_id: snap, reused, via: Delivery::Copy })
 }

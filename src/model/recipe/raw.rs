@@ -201,6 +201,18 @@ pub struct RawAmi {
     pub keep: Option<Loc<i64>>,
     pub ssm: Option<Loc<RawSsm>>,
     pub deprecate_after: Option<Loc<String>>,
+    pub protect: Option<Loc<RawProtect>>,
+    pub keep_if_launched_within: Option<Loc<String>>,
+    pub disable_before_delete: Option<Loc<String>>,
+    pub copy_within: Option<Loc<String>>,
+}
+
+/// `[ami] protect`: `true`/`false`, or the cooldown `"24h"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawProtect {
+    Bool(bool),
+    Text(String),
 }
 
 /// One `[ami].regions` entry: a region name, or a table with the region's own settings
@@ -441,6 +453,10 @@ impl RawAmi {
             keep: pick(p.keep, c.keep),
             ssm: pick(p.ssm, c.ssm),
             deprecate_after: pick(p.deprecate_after, c.deprecate_after),
+            protect: pick(p.protect, c.protect),
+            keep_if_launched_within: pick(p.keep_if_launched_within, c.keep_if_launched_within),
+            disable_before_delete: pick(p.disable_before_delete, c.disable_before_delete),
+            copy_within: pick(p.copy_within, c.copy_within),
         }
     }
 }

@@ -178,6 +178,22 @@ pub(super) fn check_ami(
     let keep = check_keep(v, r);
     let ssm_parameters = check_ssm_parameters(v, r);
     let deprecate_after = check_deprecation(v, r, launch_permissions.public);
+    let protect = check_protect(v, r);
+    let days = |v: &mut V, f: &Option<Loc<String>>, field: &str| {
+        let d = f.as_ref()?;
+        crate::ec2::parse_days(&d.value, 1)
+            .map_err(|why| v.err(d.span, field, why, Some("a number of days, like \"30d\"".into())))
+            .ok()
+    };
+    let keep_if_launched_within_days = days(v, &r.keep_if_launched_within, "ami.keep_if_launched_within");
+    let disable_before_delete_days = days(v, &r.disable_before_delete, "ami.disable_before_delete");
+    let copy_within_minutes = r.copy_within.as_ref().and_then(|c| {
+        crate::ec2::parse_copy_within(&c.value)
+            .map_err(|why| {
+                v.err(c.span, "ami.copy_within", why, Some("\"15m\" to \"48h\" in steps of 15 minutes".into()))
+            })
+            .ok()
+    });
 
     if v.diags.len() != before {
         return None;
@@ -201,7 +217,31 @@ pub(super) fn check_ami(
         keep,
         ssm_parameters,
         deprecate_after,
+        protect,
+        keep_if_launched_within_days,
+        disable_before_delete_days,
+        copy_within_minutes,
     })
+}
+
+/// `protect`: `true`, `false`, or `"24h"` (protection with EC2's 24-hour cooldown).
+fn check_protect(v: &mut V, r: &RawAmi) -> Option<crate::ec2::Protection> {
+    use crate::recipe::raw::RawProtect;
+    let p = r.protect.as_ref()?;
+    match &p.value {
+        RawProtect::Bool(true) => Some(crate::ec2::Protection::Enabled),
+        RawProtect::Bool(false) => None,
+        RawProtect::Text(t) if t == "24h" => Some(crate::ec2::Protection::EnabledWithCooldown),
+        RawProtect::Text(t) => {
+            v.err(
+                p.span,
+                "ami.protect",
+                format!("`protect = \"{t}\"`: EC2's only cooldown is 24 hours"),
+                Some("`protect = true`, or `protect = \"24h\"` to keep protection a day after it is removed".into()),
+            );
+            None
+        }
+    }
 }
 
 fn check_description(v: &mut V, r: &RawAmi) {

@@ -1,0 +1,201 @@
+//! Releases that cannot be lost by accident: deregistration protection on every AMI and copy,
+//! a prune that asks whether an AMI is still used before it retires one (and disables before
+//! it deregisters), lineage tags and time-based copies. Judges: the requests counted at the
+//! proxy in front of moto (every one checked against botocore's service models when the proxy
+//! is dropped), and what EC2 then holds. The proxy answers what moto lacks
+//! (DescribeImageReferences, deregistration protection, DisableImage, lastLaunchedTime) and
+//! refuses, as EC2 does, to deregister a protected AMI.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common;
+use crate::moto::{fake_aws_env, Mode, Moto, Proxy};
+use crate::publish::{block_bytes, publish_remembering, rt, sdk_conf, settings, write_image};
+
+/// The test image's AMI settings with these `[ami]` fields set (in the manifest's form).
+fn with(regions: &[&str], fields: Value) -> kiln::manifest::AmiSettings {
+    let mut j = serde_json::to_value(settings(regions)).unwrap();
+    for (k, v) in fields.as_object().unwrap() {
+        j[k] = v.clone();
+    }
+    serde_json::from_value(j).unwrap()
+}
+
+/// Build `n` of the test image (its blocks salted by `n`), as an image and its manifest.
+fn image(n: u8, ami: kiln::manifest::AmiSettings) -> (tempfile::TempDir, PathBuf) {
+    let dir = common::tempdir();
+    let data: BTreeMap<u64, Vec<u8>> = [0u64, 3].iter().map(|&i| (i, block_bytes(i, 40 + n))).collect();
+    let m = write_image(dir.path(), "img", 8, &data, ami);
+    (dir, m)
+}
+
+fn ami_of(record: &Value, region: &str) -> (String, String) {
+    let a = record["amis"].as_array().unwrap().iter().find(|a| a["region"] == region).unwrap();
+    (a["image_id"].as_str().unwrap().to_string(), a["snapshot_id"].as_str().unwrap().to_string())
+}
+
+fn prune(proxy: &Proxy, manifest: &Path, extra: &[&str]) -> Value {
+    let mut c = common::kiln();
+    fake_aws_env(&mut c)
+        .args(["prune", "--json", "--keep", "1", "--endpoint-url", &proxy.url()])
+        .args(extra)
+        .arg(manifest);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "kiln prune failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<Value>(&o.stdout).unwrap()[0].clone()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|a| a["image_id"].as_str().unwrap().to_string()).collect()
+}
+
+fn rfc3339(secs_ago: i64) -> String {
+    let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap()
+}
+
+/// Four old AMIs of one image and a new one, `keep = 1`: one a launch template refers to, one
+/// launched two days ago (`keep_if_launched_within = 30d`), one protected (published with
+/// `protect = true`) and one unused. Prune disables only the unused one
+/// (`disable_before_delete = 7d`), says why each other stays, and deregisters it (deleting its
+/// snapshot) only once its `kiln:disabled-at` is eight days old. `--unprotect` removes the
+/// protection and starts the protected one's retirement. No DeregisterImage ever names the
+/// protected AMI, and the one a launch template uses is never disabled.
+#[test]
+fn prune_asks_whether_an_ami_is_used_and_disables_before_it_deregisters() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let state = common::tempdir();
+    let retire = serde_json::json!({ "keep_if_launched_within_days": 30, "disable_before_delete_days": 7 });
+    let mut records = Vec::new();
+    let mut dirs = Vec::new();
+    for n in 0..5u8 {
+        let mut fields = retire.clone();
+        if n == 2 {
+            fields["protect"] = "enabled".into();
+        }
+        let (dir, m) = image(n, with(&["us-east-1"], fields));
+        records.push(publish_remembering(&proxy, &m, state.path(), &["--full"]).0);
+        dirs.push((dir, m));
+        // Creation dates have whole seconds: keep the publishes apart.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let amis: Vec<(String, String)> = records.iter().map(|r| ami_of(r, "us-east-1")).collect();
+    let [referenced, launched, protected, unused, newest] = [0, 1, 2, 3, 4].map(|i| amis[i].0.clone());
+    assert_eq!(proxy.image(&protected).protection.as_deref(), Some("enabled"), "publish protected the AMI");
+    let template = "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-0123456789abcdef0";
+    proxy.set_image(&referenced, |e| e.references = vec![("ec2:LaunchTemplate".into(), template.into())]);
+    proxy.set_image(&launched, |e| e.last_launched = Some(rfc3339(2 * 86_400)));
+    // Launched long ago counts for nothing.
+    proxy.set_image(&unused, |e| e.last_launched = Some(rfc3339(90 * 86_400)));
+    let manifest = &dirs[4].1;
+
+    proxy.clear();
+    let first = prune(&proxy, manifest, &[]);
+    assert_eq!(ids(&first["kept"]), [newest.clone()]);
+    assert_eq!(ids(&first["disabled"]), [unused.clone()], "{first}");
+    assert!(first["deregistered"].as_array().unwrap().is_empty(), "{first}");
+    let why: BTreeMap<String, String> = first["stayed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["image_id"].as_str().unwrap().to_string(), s["why"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(why[&referenced].contains(template), "{why:?}");
+    assert!(why[&launched].contains("launched on") && why[&launched].contains("30d"), "{why:?}");
+    assert!(why[&protected].contains("protection"), "{why:?}");
+    assert_eq!(why.len(), 3, "{why:?}");
+    assert!(proxy.image(&unused).disabled && !proxy.image(&referenced).disabled);
+    let sent = |action: &str| -> Vec<String> {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.action() == action && !r.faulted)
+            .filter_map(|r| r.form().get("ImageId").cloned())
+            .collect()
+    };
+    assert_eq!(sent("DisableImage"), [unused.clone()]);
+    assert!(sent("DeregisterImage").is_empty());
+    let refs =
+        proxy.requests().into_iter().find(|r| r.action() == "DescribeImageReferences").expect("references asked");
+    assert_eq!(refs.form().get("IncludeAllResourceTypes").map(String::as_str), Some("true"));
+
+    // A week later nothing changed; eight days after the stamp the unused AMI goes.
+    let again = prune(&proxy, manifest, &[]);
+    assert_eq!(again["stayed"].as_array().unwrap().len(), 4, "{again}");
+    assert!(again["stayed"].to_string().contains("deregistered after"), "{again}");
+    let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&moto.url(), "us-east-1"));
+    let stamp = aws_sdk_ec2::types::Tag::builder().key("kiln:disabled-at").value(rfc3339(8 * 86_400)).build();
+    rt().block_on(ec2.create_tags().resources(&unused).tags(stamp).send()).unwrap();
+    proxy.clear();
+    let later = prune(&proxy, manifest, &[]);
+    assert_eq!(ids(&later["deregistered"]), [unused.clone()], "{later}");
+    assert_eq!(later["snapshots_deleted"], serde_json::json!([amis[3].1]));
+    assert_eq!(sent("DeregisterImage"), [unused.clone()]);
+
+    // --unprotect: the protected AMI loses its protection and starts its retirement.
+    proxy.clear();
+    let unprotected = prune(&proxy, manifest, &["--unprotect"]);
+    assert_eq!(unprotected["unprotected"], serde_json::json!([protected]));
+    assert_eq!(ids(&unprotected["disabled"]), [protected.clone()], "{unprotected}");
+    assert_eq!(sent("DisableImageDeregistrationProtection"), [protected.clone()]);
+    assert!(!sent("DeregisterImage").contains(&protected));
+    // The AMIs production uses were never touched.
+    assert!(!proxy.image(&referenced).disabled && !proxy.image(&launched).disabled);
+}
+
+/// A copy carries everything the source AMI has: tags (with lineage: the kiln version and,
+/// for an incremental publish, the parent snapshot), launch permissions, deprecation and
+/// protection (with its cooldown), and it is a time-based copy (`copy_within = "30m"`).
+#[test]
+fn a_copy_carries_tags_permissions_deprecation_protection_and_lineage() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let state = common::tempdir();
+    let regions = ["us-east-1", "eu-west-1"];
+    let fields =
+        serde_json::json!({ "protect": "enabled-with-cooldown", "copy_within_minutes": 30, "deprecate_after": "90d" });
+    let (_d0, m0) = image(0, with(&regions, fields.clone()));
+    let (first, _) = publish_remembering(&proxy, &m0, state.path(), &[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    proxy.clear();
+    let (_d1, m1) = image(1, with(&regions, fields));
+    let (second, _) = publish_remembering(&proxy, &m1, state.path(), &[]);
+    let parent = ami_of(&first, "us-east-1").1;
+    let copy = proxy.requests().into_iter().find(|r| r.action() == "CopyImage").expect("a copy");
+    assert_eq!(copy.form().get("SnapshotCopyCompletionDurationMinutes").map(String::as_str), Some("30"));
+    // The kiln that built the image, as its manifest says (`write_image` writes "test").
+    let version = "test";
+    for region in regions {
+        let (id, snap) = ami_of(&second, region);
+        let extra = proxy.image(&id);
+        assert_eq!(extra.protection.as_deref(), Some("enabled-with-cooldown"), "{region} {id}");
+        let reqs: Vec<_> = proxy.requests().into_iter().filter(|r| r.form().get("ImageId") == Some(&id)).collect();
+        let did = |action: &str| reqs.iter().any(|r| r.action() == action);
+        assert!(did("EnableImageDeprecation") && did("ModifyImageAttribute"), "{region} {id}: deprecation and sharing");
+        assert!(
+            reqs.iter().any(|r| r.action() == "EnableImageDeregistrationProtection"
+                && r.form().get("WithCooldown").map(String::as_str) == Some("true")),
+            "{region} {id}"
+        );
+        let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&moto.url(), region));
+        let described = rt().block_on(ec2.describe_images().image_ids(&id).send()).unwrap();
+        let tags: BTreeMap<String, String> = described.images()[0]
+            .tags()
+            .iter()
+            .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+            .collect();
+        assert_eq!(tags.get("kiln:version").map(String::as_str), Some(version), "{region} {tags:?}");
+        assert_eq!(tags.get("kiln:parent-snapshot"), Some(&parent), "{region} {tags:?}");
+        assert_eq!(tags.get("team").map(String::as_str), Some("platform"));
+        if !snap.is_empty() {
+            let s = rt().block_on(ec2.describe_snapshots().snapshot_ids(&snap).send()).unwrap();
+            let stags: Vec<&str> = s.snapshots()[0].tags().iter().filter_map(|t| t.key()).collect();
+            assert!(stags.contains(&"kiln:version") && stags.contains(&"kiln:image-sha256"), "{region} {stags:?}");
+        }
+    }
+}
