@@ -125,7 +125,7 @@ fn bad_ami_values() {
 fn bad_release_settings() {
     let e = check_bad("ami-release.toml");
     assert_eq!(first_key(&e), "ami.keep");
-    assert_eq!(e.diagnostics().len(), 6, "{e}");
+    assert_eq!(e.diagnostics().len(), 10, "{e}");
 }
 
 #[test]
@@ -323,6 +323,9 @@ fn full_recipe_every_key() {
     assert_eq!(a.launch_permissions.organizational_units.len(), 1);
     assert_eq!(a.keep, Some(5));
     assert_eq!(a.deprecate_after.as_ref().map(|d| d.to_string()).as_deref(), Some("365d"));
+    assert_eq!(a.protect, Some(kiln::ec2::Protection::EnabledWithCooldown));
+    assert_eq!((a.keep_if_launched_within_days, a.disable_before_delete_days), (Some(30), Some(7)));
+    assert_eq!(a.copy_within_minutes, Some(60));
     assert_eq!(a.ssm_parameters, ["/golden/{name}/{arch}/latest", "/golden/{name}/{arch}/{date}"]);
     // tags merge key by key, the child winning.
     assert_eq!(a.tags.get("team").map(String::as_str), Some("platform"));
