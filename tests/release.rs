@@ -148,9 +148,21 @@ fn prune_asks_whether_an_ami_is_used_and_disables_before_it_deregisters() {
     assert!(!proxy.image(&referenced).disabled && !proxy.image(&launched).disabled);
 }
 
+/// What a pipeline built around Packer does with `packer-manifest.json`: the build of the last
+/// run, its `artifact_id` split into `region:ami` pairs.
+const PACKER_READER: &str = r#"
+import json, sys
+m = json.load(open(sys.argv[1]))
+build = [b for b in m["builds"] if b["packer_run_uuid"] == m["last_run_uuid"]][-1]
+assert build["builder_type"] == "amazon-ebs"
+print(json.dumps(dict(pair.split(":", 1) for pair in build["artifact_id"].split(","))))
+"#;
+
 /// A copy carries everything the source AMI has: tags (with lineage: the kiln version and,
 /// for an incremental publish, the parent snapshot), launch permissions, deprecation and
-/// protection (with its cooldown), and it is a time-based copy (`copy_within = "30m"`).
+/// protection (with its cooldown), and it is a time-based copy (`copy_within = "30m"`). Both
+/// publishes land in a Packer manifest (`--packer-manifest`) that a script reading only
+/// Packer's format understands.
 #[test]
 fn a_copy_carries_tags_permissions_deprecation_protection_and_lineage() {
     let Some(moto) = Moto::start() else { return };
@@ -159,12 +171,23 @@ fn a_copy_carries_tags_permissions_deprecation_protection_and_lineage() {
     let regions = ["us-east-1", "eu-west-1"];
     let fields =
         serde_json::json!({ "protect": "enabled-with-cooldown", "copy_within_minutes": 30, "deprecate_after": "90d" });
+    let packer = state.path().join("packer-manifest.json");
+    let packer_arg = ["--packer-manifest", packer.to_str().unwrap()];
     let (_d0, m0) = image(0, with(&regions, fields.clone()));
-    let (first, _) = publish_remembering(&proxy, &m0, state.path(), &[]);
+    let (first, _) = publish_remembering(&proxy, &m0, state.path(), &packer_arg);
     std::thread::sleep(Duration::from_millis(1100));
     proxy.clear();
     let (_d1, m1) = image(1, with(&regions, fields));
-    let (second, _) = publish_remembering(&proxy, &m1, state.path(), &[]);
+    let (second, _) = publish_remembering(&proxy, &m1, state.path(), &packer_arg);
+    // A script that knows only Packer's manifest post-processor finds the newest run's AMIs.
+    let o = std::process::Command::new("python3").arg("-c").arg(PACKER_READER).arg(&packer).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let found: BTreeMap<String, String> = serde_json::from_slice(&o.stdout).unwrap();
+    let want: BTreeMap<String, String> = regions.iter().map(|r| (r.to_string(), ami_of(&second, r).0)).collect();
+    assert_eq!(found, want);
+    let m: Value = serde_json::from_slice(&std::fs::read(&packer).unwrap()).unwrap();
+    assert_eq!(m["builds"].as_array().unwrap().len(), 2, "each publish adds a build: {m}");
+    assert_eq!(m["builds"][1]["custom_data"]["image_sha256"], second["image_sha256"]);
     let parent = ami_of(&first, "us-east-1").1;
     let copy = proxy.requests().into_iter().find(|r| r.action() == "CopyImage").expect("a copy");
     assert_eq!(copy.form().get("SnapshotCopyCompletionDurationMinutes").map(String::as_str), Some("30"));

@@ -99,6 +99,9 @@ pub struct Args {
     /// `kiln publish --help`).
     #[arg(long, env = "KILN_STATE_URL", value_name = "s3://BUCKET/PREFIX")]
     pub state_url: Option<kiln::share::ShareUrl>,
+    /// With --publish: also add the AMIs to this Packer manifest (see `kiln publish --help`).
+    #[arg(long, requires = "publish", value_name = "FILE")]
+    pub packer_manifest: Option<PathBuf>,
     /// Only warnings and errors on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -144,14 +147,22 @@ pub fn run(args: Args) -> Result<()> {
             ..Default::default()
         }),
     };
+    let mut packer = Ok(());
     pipeline::run(&recipe, &opts, &progress, |step| match step {
         Step::Built(out) => print_built(out, &args),
         Step::Testing { image, options } if !quiet => super::test::print_banner(image, options),
         Step::Tested(outcome) if !quiet => super::test::print_report(outcome),
-        Step::Published { path, .. } if !args.quiet => eprintln!("kiln: published; record in {}", path.display()),
+        Step::Published { path, record } => {
+            if let Some(p) = &args.packer_manifest {
+                packer = super::publish::write_packer_manifest(p, record);
+            }
+            if !args.quiet {
+                eprintln!("kiln: published; record in {}", path.display())
+            }
+        }
         _ => {}
     })?;
-    Ok(())
+    packer
 }
 
 fn print_built(out: &build::BuildOutput, args: &Args) {

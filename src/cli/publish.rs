@@ -106,6 +106,19 @@ pub struct Args {
     /// Print the publish record (or with --dry-run, the plan) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also add this publish to a Packer manifest (the manifest post-processor's JSON:
+    /// `builds[].artifact_id` = `region:ami-…,…`, `last_run_uuid`), made if missing, so
+    /// pipelines that read Packer's output read kiln's.
+    #[arg(long, value_name = "FILE")]
+    pub packer_manifest: Option<PathBuf>,
+}
+
+/// Adds a finished publish to the Packer manifest at `path`.
+pub fn write_packer_manifest(path: &std::path::Path, rec: &publish::record::PublishRecord) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs() as i64);
+    let b = publish::packer::build(rec, env!("CARGO_PKG_VERSION"), now);
+    publish::packer::append(path, b)?;
+    Ok(())
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -199,6 +212,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e).with_context(what),
     };
+    if let Some(p) = &a.packer_manifest {
+        write_packer_manifest(p, &rec)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rec)?);
     } else {

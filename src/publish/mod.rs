@@ -16,6 +16,7 @@ pub mod blocks;
 mod discover;
 pub mod ebs;
 pub mod history;
+pub mod packer;
 pub mod prune;
 pub mod record;
 mod run;
