@@ -222,3 +222,180 @@ fn a_copy_carries_tags_permissions_deprecation_protection_and_lineage() {
         }
     }
 }
+
+/// Build `n` of the test image with SOURCE_DATE_EPOCH `epoch` (a later build is newer).
+fn dated(n: u8, epoch: i64, ami: kiln::manifest::AmiSettings) -> (tempfile::TempDir, PathBuf) {
+    let (dir, m) = image(n, ami);
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    v["source_date_epoch"] = epoch.into();
+    std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
+    (dir, m)
+}
+
+fn pointer_cmd(proxy: &Proxy, verb: &str, target: &Path, extra: &[&str]) -> std::process::Output {
+    let mut c = common::kiln();
+    fake_aws_env(&mut c).args([verb, "--json", "--endpoint-url", &proxy.url()]).args(extra).arg(target);
+    c.output().unwrap()
+}
+
+fn pointer(moto: &Moto, region: &str, name: &str) -> Option<String> {
+    let ssm = aws_sdk_ssm::Client::new(&sdk_conf(&moto.url(), region));
+    rt().block_on(ssm.get_parameter().name(name).send()).ok().and_then(|o| o.parameter()?.value().map(str::to_string))
+}
+
+/// `kiln promote` moves the pointer only when the build's AMI is available in every region of
+/// the recipe: a build published to one region of two is refused and nothing moves. It never
+/// moves the pointer to an older build without --force. `kiln rollback` restores the value
+/// before the last promotion from the parameter's history, and refuses when there is none. A
+/// parameter naming one build (`{sha}`) is written once.
+#[test]
+fn promote_needs_every_region_never_goes_backwards_and_rollback_restores() {
+    let Some(moto) = Moto::start() else { return };
+    let proxy = Proxy::start(moto.port, Mode::Pass);
+    let state = common::tempdir();
+    let regions = ["us-east-1", "eu-west-1"];
+    let fields =
+        serde_json::json!({ "ssm_promote": ["/golden/{name}/latest"], "ssm_parameters": ["/golden/{name}/{sha}"] });
+    let latest = "/golden/img/latest";
+    let (_da, a) = dated(0, 1_700_000_000, with(&regions, fields.clone()));
+    let (rec_a, _) = publish_remembering(&proxy, &a, state.path(), &[]);
+    assert!(pointer(&moto, "us-east-1", latest).is_none(), "a publish does not move the pointer");
+    let o = pointer_cmd(&proxy, "promote", &a, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for r in regions {
+        assert_eq!(pointer(&moto, r, latest), Some(ami_of(&rec_a, r).0), "{r}");
+    }
+
+    // Build B reaches one region only: promote refuses, and nothing moves anywhere.
+    let (_db, b) = dated(1, 1_700_086_400, with(&regions, fields.clone()));
+    publish_remembering(&proxy, &b, state.path(), &["--region", "us-east-1"]);
+    let o = pointer_cmd(&proxy, "promote", &b, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("eu-west-1") && err.contains("nothing was promoted"), "{err}");
+    assert_eq!(pointer(&moto, "us-east-1", latest), Some(ami_of(&rec_a, "us-east-1").0));
+    let (rec_b, _) = publish_remembering(&proxy, &b, state.path(), &[]);
+    let o = pointer_cmd(&proxy, "promote", &b, &["--require-test"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("kiln test"));
+    let o = pointer_cmd(&proxy, "promote", &b, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let moves: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(moves.as_array().unwrap().len(), 2);
+    for r in regions {
+        assert_eq!(pointer(&moto, r, latest), Some(ami_of(&rec_b, r).0), "{r}");
+    }
+
+    // Promoting the older build is refused; --force moves it.
+    let o = pointer_cmd(&proxy, "promote", &a, &[]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("newer build"));
+    assert_eq!(pointer(&moto, "eu-west-1", latest), Some(ami_of(&rec_b, "eu-west-1").0));
+
+    // Rollback: back to A in both regions, from SSM's history; a second has nowhere to go.
+    let o = pointer_cmd(&proxy, "rollback", &b, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for r in regions {
+        assert_eq!(pointer(&moto, r, latest), Some(ami_of(&rec_a, r).0), "{r}");
+    }
+    let o = pointer_cmd(&proxy, "rollback", &b, &[]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no earlier promotion"));
+    let o = pointer_cmd(&proxy, "promote", &b, &[]);
+    assert!(o.status.success());
+    let o = pointer_cmd(&proxy, "promote", &a, &["--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pointer(&moto, "us-east-1", latest), Some(ami_of(&rec_a, "us-east-1").0));
+
+    // The per-build parameter is written once: changed by hand, a publish leaves it alone.
+    let sha = rec_a["image_sha256"].as_str().unwrap();
+    let versioned = format!("/golden/img/{}", &sha[..12]);
+    assert_eq!(pointer(&moto, "us-east-1", &versioned), Some(ami_of(&rec_a, "us-east-1").0));
+    let ssm = aws_sdk_ssm::Client::new(&sdk_conf(&moto.url(), "us-east-1"));
+    let pinned = ami_of(&rec_b, "us-east-1").0;
+    rt().block_on(
+        ssm.put_parameter().name(&versioned).value(&pinned).data_type("aws:ec2:image").overwrite(true).send(),
+    )
+    .unwrap();
+    let (_, err) = publish_remembering(&proxy, &a, state.path(), &[]);
+    assert!(err.contains("written once"), "{err}");
+    assert_eq!(pointer(&moto, "us-east-1", &versioned), Some(pinned));
+}
+
+/// What a release sequence leaves: the pointer (by build), and each build's AMI: there,
+/// protected, disabled.
+#[derive(Debug, PartialEq, Eq)]
+struct EndState {
+    pointer: Option<usize>,
+    amis: Vec<(bool, Option<String>, bool)>,
+}
+
+/// Four builds; build 0 protected. Promote 1, then 3; roll back (to 1); a launch template
+/// refers to build 1 (as the pointer would make EC2 report); prune keeps 1 with a grace
+/// period, so build 2 is disabled, then (its stamp aged) deregistered; --unprotect then starts
+/// build 0's retirement.
+fn release_sequence(mode: Mode) -> (EndState, usize) {
+    let moto = Moto::start().expect("moto");
+    let proxy = Proxy::start(moto.port, mode);
+    let state = common::tempdir();
+    let mut builds = Vec::new();
+    let mut records = Vec::new();
+    for n in 0..4u8 {
+        let mut fields =
+            serde_json::json!({ "ssm_promote": ["/golden/{name}/latest"], "disable_before_delete_days": 7 });
+        if n == 0 {
+            fields["protect"] = "enabled".into();
+        }
+        let (d, m) = dated(n, 1_700_000_000 + i64::from(n) * 86_400, with(&["us-east-1"], fields));
+        records.push(publish_remembering(&proxy, &m, state.path(), &["--full"]).0);
+        builds.push((d, m));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let ok = |o: std::process::Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(pointer_cmd(&proxy, "promote", &builds[1].1, &[]));
+    ok(pointer_cmd(&proxy, "promote", &builds[3].1, &[]));
+    ok(pointer_cmd(&proxy, "rollback", &builds[3].1, &[]));
+    let ids: Vec<String> = records.iter().map(|r| ami_of(r, "us-east-1").0).collect();
+    let arn = "arn:aws:ec2:us-east-1:123456789012:launch-template/lt-0123456789abcdef0";
+    proxy.set_image(&ids[1], |e| e.references = vec![("ec2:LaunchTemplate".into(), arn.into())]);
+    let manifest = &builds[3].1;
+    prune(&proxy, manifest, &[]);
+    let ec2 = aws_sdk_ec2::Client::new(&sdk_conf(&moto.url(), "us-east-1"));
+    let stamp = aws_sdk_ec2::types::Tag::builder().key("kiln:disabled-at").value(rfc3339(8 * 86_400)).build();
+    rt().block_on(ec2.create_tags().resources(&ids[2]).tags(stamp).send()).unwrap();
+    prune(&proxy, manifest, &[]);
+    prune(&proxy, manifest, &["--unprotect"]);
+    let faulted = proxy.requests().iter().filter(|r| r.faulted).count();
+    let deregistered_protected =
+        proxy.requests().iter().any(|r| r.action() == "DeregisterImage" && r.form().get("ImageId") == Some(&ids[0]));
+    assert!(!deregistered_protected, "a protected AMI was sent DeregisterImage");
+    let described = rt().block_on(ec2.describe_images().owners("self").send()).unwrap();
+    let alive: Vec<String> = described.images().iter().filter_map(|i| i.image_id().map(str::to_string)).collect();
+    let amis = ids
+        .iter()
+        .map(|id| {
+            let e = proxy.image(id);
+            (alive.contains(id), e.protection, e.disabled)
+        })
+        .collect();
+    let value = pointer(&moto, "us-east-1", "/golden/img/latest");
+    (EndState { pointer: value.and_then(|v| ids.iter().position(|i| *i == v)), amis }, faulted)
+}
+
+/// The release sequence through the proxy that drops or fails 35 % of requests ends exactly
+/// as it does without faults: retries and idempotent steps, no step done twice or skipped.
+#[test]
+fn promote_rollback_prune_and_protection_ride_out_faults() {
+    if Moto::start().is_none() {
+        return;
+    }
+    let (clean, none) = release_sequence(Mode::Pass);
+    assert_eq!(none, 0);
+    assert_eq!(clean.pointer, Some(1), "{clean:?}");
+    let expect = vec![
+        (true, Some("disabled".to_string()), true), // protection removed, disabled, waiting
+        (true, None, false),                        // the launch template's: untouched
+        (false, None, true),                        // disabled, then deregistered
+        (true, None, false),                        // the newest
+    ];
+    assert_eq!(clean.amis, expect, "{clean:?}");
+    let (faulty, faulted) = release_sequence(Mode::Faults { seed: 29, percent: 35 });
+    assert!(faulted >= 10, "only {faulted} requests faulted: the test would prove nothing");
+    assert_eq!(faulty, clean);
+}

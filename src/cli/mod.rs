@@ -11,6 +11,7 @@ mod inspect;
 mod mkfs;
 mod plan;
 pub mod progress;
+mod promote;
 mod prune;
 mod publish;
 mod pull;
@@ -44,6 +45,8 @@ enum Command {
     Publish(publish::Args),
     Pull(pull::Args),
     Prune(prune::Args),
+    Promote(promote::PromoteArgs),
+    Rollback(promote::RollbackArgs),
     Bundle(bundle::Args),
     Unbundle(unbundle::Args),
     /// Internal: QEMU runs this for each guest connection to the metadata service.
@@ -111,6 +114,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Publish(a) => publish::run(a),
         Command::Pull(a) => pull::run(a),
         Command::Prune(a) => prune::run(a),
+        Command::Promote(a) => promote::promote(a),
+        Command::Rollback(a) => promote::rollback(a),
         Command::Bundle(a) => bundle::run(a),
         Command::Unbundle(a) => unbundle::run(a),
         Command::ImdsRelay(a) => test::relay(a),

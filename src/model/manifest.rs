@@ -484,6 +484,10 @@ pub struct AmiSettings {
     /// region, with the `aws:ec2:image` data type; may hold `{name}`, `{arch}`, `{region}`,
     /// `{date}` and `{sha}`.
     pub ssm_parameters: Vec<String>,
+    /// SSM pointers (`/golden/{name}/{arch}/latest`) that `kiln promote` moves to this build's
+    /// AMI once it is available in every region, and `kiln rollback` moves back; a publish
+    /// never writes them.
+    pub ssm_promote: Vec<String>,
     /// `180d` (days after publishing) or an RFC 3339 time: EnableImageDeprecation on the AMI
     /// and every copy ([`crate::ec2::Deprecation`]).
     pub deprecate_after: Option<DeprecateAfter>,
@@ -525,6 +529,8 @@ struct RawAmiSettings {
     keep: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     ssm_parameters: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ssm_promote: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     deprecate_after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -562,6 +568,7 @@ impl TryFrom<RawAmiSettings> for AmiSettings {
             kms_key_arn: r.kms_key_arn,
             keep: r.keep,
             ssm_parameters: r.ssm_parameters,
+            ssm_promote: r.ssm_promote,
             deprecate_after,
             protect: r.protect,
             keep_if_launched_within_days: r.keep_if_launched_within_days,
@@ -591,6 +598,7 @@ impl From<AmiSettings> for RawAmiSettings {
             kms_key_arn: a.kms_key_arn,
             keep: a.keep,
             ssm_parameters: a.ssm_parameters,
+            ssm_promote: a.ssm_promote,
             deprecate_after: a.deprecate_after.map(|d| d.to_string()),
             protect: a.protect,
             keep_if_launched_within_days: a.keep_if_launched_within_days,

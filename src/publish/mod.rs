@@ -17,6 +17,7 @@ mod discover;
 pub mod ebs;
 pub mod history;
 pub mod packer;
+pub mod promote;
 pub mod prune;
 pub mod record;
 mod run;

@@ -56,6 +56,18 @@ pub async fn set_parameters(
                 out.push(Parameter { region: ami.region.clone(), name, value: ami.image_id.clone(), written: false });
                 continue;
             }
+            // A parameter that names one build (`{date}`, `{sha}`) is written once: what a
+            // consumer pinned to it stays what it was.
+            if let (Some(cur), false, true) = (&current, force, versioned(template)) {
+                let note = format!(
+                    "{name} in {} kept at {cur}: a parameter naming one build is written once; --force overwrites it",
+                    ami.region
+                );
+                progress.note(&note);
+                notes.push(note);
+                out.push(Parameter { region: ami.region.clone(), name, value: cur.clone(), written: false });
+                continue;
+            }
             if let (Some(cur), false) = (&current, force) {
                 if let Some(epoch) = newer_build(&ec2, opts, cur, manifest).await? {
                     let note = format!(
@@ -85,9 +97,14 @@ pub async fn set_parameters(
     Ok(out)
 }
 
+/// A template naming one build: its value is never meant to change.
+pub fn versioned(template: &str) -> bool {
+    template.contains("{date}") || template.contains("{sha}")
+}
+
 /// The SOURCE_DATE_EPOCH of `image_id` when it is a build of the same image later than this
 /// one; None for anything else (another image, an AMI kiln did not make, one that is gone).
-async fn newer_build(
+pub(super) async fn newer_build(
     ec2: &aws_sdk_ec2::Client,
     opts: &PublishOptions,
     image_id: &str,

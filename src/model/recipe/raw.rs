@@ -259,6 +259,7 @@ impl<'de> Deserialize<'de> for RawRegion {
 #[serde(deny_unknown_fields)]
 pub struct RawSsm {
     pub parameters: Option<LocList<String>>,
+    pub promote: Option<LocList<String>>,
 }
 
 /// `[ami].root_volume` and each `[[ami.volumes]]`; validation refuses the keys that do not

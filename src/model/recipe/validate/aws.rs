@@ -177,6 +177,7 @@ pub(super) fn check_ami(
     let (encrypted, kms_key_arn) = check_encryption(v, r, &regions);
     let keep = check_keep(v, r);
     let ssm_parameters = check_ssm_parameters(v, r);
+    let ssm_promote = check_ssm_promote(v, r, &ssm_parameters);
     let deprecate_after = check_deprecation(v, r, launch_permissions.public);
     let protect = check_protect(v, r);
     let days = |v: &mut V, f: &Option<Loc<String>>, field: &str| {
@@ -216,6 +217,7 @@ pub(super) fn check_ami(
         kms_key_arn,
         keep,
         ssm_parameters,
+        ssm_promote,
         deprecate_after,
         protect,
         keep_if_launched_within_days,
@@ -644,6 +646,36 @@ fn check_ssm_parameters(v: &mut V, r: &RawAmi) -> Vec<String> {
         }
     }
     ssm_parameters
+}
+
+/// `[ami.ssm] promote`: pointers one name each (no `{date}` or `{sha}`: those name a build),
+/// apart from the parameters a publish writes.
+fn check_ssm_promote(v: &mut V, r: &RawAmi, parameters: &[String]) -> Vec<String> {
+    let mut promote: Vec<String> = Vec::new();
+    for p in r.ssm.iter().flat_map(|s| s.value.promote.iter()).flat_map(|l| l.value.iter()) {
+        let why = match crate::ec2::check_ssm_parameter_name(&p.value) {
+            Err(why) => Some(format!("`{}` {why}", p.value)),
+            Ok(()) if p.value.contains("{date}") || p.value.contains("{sha}") => Some(format!(
+                "`{}` names one build ({{date}} or {{sha}}); a pointer that `kiln promote` moves names every build the same",
+                p.value
+            )),
+            Ok(()) if parameters.contains(&p.value) => {
+                Some(format!("`{}` is also in `parameters`, which every publish writes", p.value))
+            }
+            Ok(()) if promote.contains(&p.value) => Some(format!("`{}` is listed twice", p.value)),
+            Ok(()) => None,
+        };
+        match why {
+            Some(why) => v.err(
+                p.span,
+                "ami.ssm.promote",
+                why,
+                Some("like \"/golden/{name}/{arch}/latest\"; placeholders: {name} {arch} {region}".into()),
+            ),
+            None => promote.push(p.value.clone()),
+        }
+    }
+    promote
 }
 
 /// `deprecate_after`, parsed once. Days are judged here; a fixed time again at publish time,
