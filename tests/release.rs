@@ -96,8 +96,8 @@ fn prune_asks_whether_an_ami_is_used_and_disables_before_it_deregisters() {
 
     proxy.clear();
     let first = prune(&proxy, manifest, &[]);
-    assert_eq!(ids(&first["kept"]), [newest.clone()]);
-    assert_eq!(ids(&first["disabled"]), [unused.clone()], "{first}");
+    assert_eq!(ids(&first["kept"]), [newest.as_str()]);
+    assert_eq!(ids(&first["disabled"]), [unused.as_str()], "{first}");
     assert!(first["deregistered"].as_array().unwrap().is_empty(), "{first}");
     let why: BTreeMap<String, String> = first["stayed"]
         .as_array()
@@ -118,7 +118,7 @@ fn prune_asks_whether_an_ami_is_used_and_disables_before_it_deregisters() {
             .filter_map(|r| r.form().get("ImageId").cloned())
             .collect()
     };
-    assert_eq!(sent("DisableImage"), [unused.clone()]);
+    assert_eq!(sent("DisableImage"), [unused.as_str()]);
     assert!(sent("DeregisterImage").is_empty());
     let refs =
         proxy.requests().into_iter().find(|r| r.action() == "DescribeImageReferences").expect("references asked");
@@ -133,16 +133,16 @@ fn prune_asks_whether_an_ami_is_used_and_disables_before_it_deregisters() {
     rt().block_on(ec2.create_tags().resources(&unused).tags(stamp).send()).unwrap();
     proxy.clear();
     let later = prune(&proxy, manifest, &[]);
-    assert_eq!(ids(&later["deregistered"]), [unused.clone()], "{later}");
+    assert_eq!(ids(&later["deregistered"]), [unused.as_str()], "{later}");
     assert_eq!(later["snapshots_deleted"], serde_json::json!([amis[3].1]));
-    assert_eq!(sent("DeregisterImage"), [unused.clone()]);
+    assert_eq!(sent("DeregisterImage"), [unused.as_str()]);
 
     // --unprotect: the protected AMI loses its protection and starts its retirement.
     proxy.clear();
     let unprotected = prune(&proxy, manifest, &["--unprotect"]);
     assert_eq!(unprotected["unprotected"], serde_json::json!([protected]));
-    assert_eq!(ids(&unprotected["disabled"]), [protected.clone()], "{unprotected}");
-    assert_eq!(sent("DisableImageDeregistrationProtection"), [protected.clone()]);
+    assert_eq!(ids(&unprotected["disabled"]), [protected.as_str()], "{unprotected}");
+    assert_eq!(sent("DisableImageDeregistrationProtection"), [protected.as_str()]);
     assert!(!sent("DeregisterImage").contains(&protected));
     // The AMIs production uses were never touched.
     assert!(!proxy.image(&referenced).disabled && !proxy.image(&launched).disabled);

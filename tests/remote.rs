@@ -16,7 +16,7 @@ const KEY_PATH: &str = "/root/.ssh/id_ed25519";
 /// and a 24 MiB payload, published through the proxy; returns the image and its AMI id.
 fn publish_keyed_image(proxy: &Proxy, dir: &Path) -> (PathBuf, String) {
     crate::build::synthetic_base_with(dir, "2.10-3");
-    let mut rng = common::XorShift(0x5eed_0f_a11);
+    let mut rng = common::XorShift(0x5eed_0fa1);
     std::fs::write(dir.join("payload.bin"), rng.bytes(24 << 20)).unwrap();
     let recipe = dir.join("keyed.toml");
     std::fs::write(

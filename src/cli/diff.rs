@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
     {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("kiln: error: {}", kiln::message::render(anyhow::Error::from(e).chain()));
+            eprintln!("kiln: error: {}", kiln::message::render(e.chain()));
             return Err(super::ExitWith(2).into());
         }
     };

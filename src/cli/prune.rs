@@ -19,6 +19,7 @@ use kiln::publish::{self, PublishOptions};
 ///     (DescribeImageReferences);
 ///   - it was launched within [ami] keep_if_launched_within ("30d");
 ///   - it has deregistration protection ([ami] protect); --unprotect removes it first.
+///
 /// The others are deregistered, and their snapshots deleted unless another AMI of the account
 /// still uses them. With [ami] disable_before_delete ("7d") they are disabled first
 /// (DisableImage, undone with EnableImage) and deregistered by a prune after the grace period.
