@@ -299,9 +299,24 @@ fn promote_needs_every_region_never_goes_backwards_and_rollback_restores() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no earlier promotion"));
     let o = pointer_cmd(&proxy, "promote", &b, &[]);
     assert!(o.status.success());
-    let o = pointer_cmd(&proxy, "promote", &a, &["--force"]);
+    // Pinning the older build by its AMI id (the copies found by name and SHA-256): refused
+    // without --force, done with it, in both regions.
+    let ami_a = ami_of(&rec_a, "us-east-1").0;
+    let by_id = |extra: &[&str]| {
+        let mut c = common::kiln();
+        fake_aws_env(&mut c)
+            .args(["promote", "--json", "--endpoint-url", &proxy.url(), &ami_a, "--manifest"])
+            .arg(&b)
+            .args(extra);
+        c.output().unwrap()
+    };
+    let o = by_id(&[]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("newer build"));
+    let o = by_id(&["--force"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(pointer(&moto, "us-east-1", latest), Some(ami_of(&rec_a, "us-east-1").0));
+    for r in regions {
+        assert_eq!(pointer(&moto, r, latest), Some(ami_of(&rec_a, r).0), "{r}");
+    }
 
     // The per-build parameter is written once: changed by hand, a publish leaves it alone.
     let sha = rec_a["image_sha256"].as_str().unwrap();

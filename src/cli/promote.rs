@@ -15,14 +15,23 @@ use kiln::publish::{self, PublishOptions};
 /// --force. Each write is described (`kiln promote AMI-NAME`) in the parameter's history, which
 /// `kiln rollback` reads.
 ///
+/// An AMI id promotes that build of the image (an older one, to pin it: with --force), with
+/// --manifest naming any build manifest of the same image for the pointers and regions; its
+/// copies in the other regions are found by name and image SHA-256.
+///
 /// Examples:
 ///   kiln promote out/debian-12-ec2-x86_64.publish.json
 ///   kiln promote out/debian-12-ec2-x86_64.manifest.json --require-test --json
+///   kiln promote ami-0123456789abcdef0 --manifest out/debian-12-ec2-x86_64.manifest.json --force
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct PromoteArgs {
-    /// The build's manifest (NAME.manifest.json) or publish record (NAME.publish.json).
-    pub target: PathBuf,
+    /// The build's manifest (NAME.manifest.json) or publish record (NAME.publish.json), or an
+    /// AMI id (ami-…) with --manifest.
+    pub target: String,
+    /// With an AMI id: a build manifest of the same image (it names the pointers and regions).
+    #[arg(long, value_name = "NAME.manifest.json")]
+    pub manifest: Option<PathBuf>,
     /// Refuse unless the manifest records a passed `kiln test` (`kiln build --test`).
     #[arg(long)]
     pub require_test: bool,
@@ -90,8 +99,21 @@ fn print(moves: &[publish::promote::Move], json: bool) -> anyhow::Result<()> {
 }
 
 pub fn promote(a: PromoteArgs) -> anyhow::Result<()> {
-    let moves = publish::promote::promote_sync(&a.target, &options(&a.common, a.force), a.require_test)
-        .with_context(|| format!("promoting {}", a.target.display()))?;
+    let target = match (kiln::remote::SnapshotId::parse(&a.target), &a.manifest) {
+        (Some(kiln::remote::SnapshotId::Image(image_id)), Some(m)) => {
+            publish::promote::Target::Ami { image_id, manifest: m.clone() }
+        }
+        (Some(kiln::remote::SnapshotId::Image(_)), None) => anyhow::bail!(
+            "promoting {} needs --manifest NAME.manifest.json: a build manifest of the same image names the pointers and regions",
+            a.target
+        ),
+        (Some(kiln::remote::SnapshotId::Snapshot(_)), _) => {
+            anyhow::bail!("{} is a snapshot; promote a build (its manifest) or an AMI", a.target)
+        }
+        (None, _) => publish::promote::Target::Build(PathBuf::from(&a.target)),
+    };
+    let moves = publish::promote::promote_sync(&target, &options(&a.common, a.force), a.require_test)
+        .with_context(|| format!("promoting {}", a.target))?;
     print(&moves, a.common.json)
 }
 

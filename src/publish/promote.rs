@@ -34,8 +34,22 @@ pub struct Move {
 const PROMOTE: &str = "kiln promote";
 const ROLLBACK: &str = "kiln rollback";
 
-/// The build to promote: its manifest and its publish record, named by either.
-pub fn load(target: &std::path::Path) -> Result<(Manifest, PublishRecord), PublishError> {
+/// The build a promotion moves the pointers to.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub ami_name: String,
+    pub image_sha256: String,
+    pub source_date_epoch: i64,
+    /// Region → AMI id, where the build is known to be.
+    pub amis: std::collections::BTreeMap<String, String>,
+    /// What its manifest records of `kiln test`; None when it is not known (an AMI named by id
+    /// whose manifest is not at hand).
+    pub test_passed: Option<bool>,
+}
+
+/// A published build, named by its manifest or publish record: the manifest (which names the
+/// pointers) and the build as its record says.
+pub fn load(target: &std::path::Path) -> Result<(Manifest, Candidate), PublishError> {
     let files = crate::outputs::Outputs::of(target);
     let manifest = Manifest::load(&files.manifest())?;
     let path = files.publish_record();
@@ -57,7 +71,52 @@ pub fn load(target: &std::path::Path) -> Result<(Manifest, PublishRecord), Publi
             manifest.image.sha256
         )));
     }
-    Ok((manifest, record))
+    let candidate = Candidate {
+        ami_name: record.ami_name.clone(),
+        image_sha256: manifest.image.sha256.clone(),
+        source_date_epoch: manifest.source_date_epoch,
+        amis: record.amis.iter().map(|a| (a.region.clone(), a.image_id.clone())).collect(),
+        test_passed: Some(manifest.test_result.as_ref().is_some_and(|t| t.passed)),
+    };
+    Ok((manifest, candidate))
+}
+
+/// A build named by its AMI id in `region`, which must be a build of `manifest`'s image (its
+/// `kiln:name` tag); its copies elsewhere are found by name and image SHA-256, as a publish
+/// finds them.
+pub async fn candidate_of_ami(
+    manifest: &Manifest,
+    image_id: &str,
+    regions: &[String],
+    opts: &PublishOptions,
+) -> Result<Candidate, PublishError> {
+    let first = regions.first().ok_or_else(|| PublishError::Refused("no region".into()))?;
+    let ec2 = clients(opts, first).await.ec2;
+    let out = with_retry(&opts.retry, "DescribeImages", || ec2.describe_images().image_ids(image_id).send())
+        .await
+        .map_err(|e| PublishError::Refused(format!("{image_id} in {first}: {e}")))?;
+    let image = out.images().first().ok_or_else(|| PublishError::Refused(format!("{image_id} is not in {first}")))?;
+    let tag = |k: &str| image.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value()).map(str::to_string);
+    if tag(super::ami::TAG_NAME).as_deref() != Some(manifest.name.as_str()) {
+        return Err(PublishError::Refused(format!(
+            "{image_id} is not a build of {} (its kiln:name tag is {:?}); nothing was promoted",
+            manifest.name,
+            tag(super::ami::TAG_NAME)
+        )));
+    }
+    let sha =
+        tag(TAG_IMAGE_SHA).ok_or_else(|| PublishError::Refused(format!("{image_id} has no {TAG_IMAGE_SHA} tag")))?;
+    let epoch = tag(super::ami::TAG_SOURCE_DATE_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(0);
+    let ami_name = image.name().unwrap_or_default().to_string();
+    let mut amis = std::collections::BTreeMap::from([(first.clone(), image_id.to_string())]);
+    for region in &regions[1..] {
+        let ec2 = clients(opts, region).await.ec2;
+        if let Some((id, _)) = super::ami::find_existing(&ec2, &opts.retry, &ami_name, &sha).await? {
+            amis.insert(region.clone(), id);
+        }
+    }
+    let test_passed = (manifest.image.sha256 == sha).then(|| manifest.test_result.as_ref().is_some_and(|t| t.passed));
+    Ok(Candidate { ami_name, image_sha256: sha, source_date_epoch: epoch, amis, test_passed })
 }
 
 fn pointers(manifest: &Manifest) -> Result<(&[String], Vec<String>), PublishError> {
@@ -72,89 +131,103 @@ fn pointers(manifest: &Manifest) -> Result<(&[String], Vec<String>), PublishErro
     Ok((&ami.ssm_promote, ami.regions.clone()))
 }
 
-pub fn promote_sync(
-    target: &std::path::Path,
-    opts: &PublishOptions,
-    require_test: bool,
-) -> Result<Vec<Move>, PublishError> {
-    super::runtime()?.block_on(promote(target, opts, require_test))
+/// What `kiln promote` names: a published build (its manifest or record), or an AMI id with
+/// a manifest of the same image.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Build(std::path::PathBuf),
+    Ami { image_id: String, manifest: std::path::PathBuf },
+}
+
+pub fn promote_sync(target: &Target, opts: &PublishOptions, require_test: bool) -> Result<Vec<Move>, PublishError> {
+    super::runtime()?.block_on(async {
+        let (manifest, candidate) = match target {
+            Target::Build(p) => load(p)?,
+            Target::Ami { image_id, manifest } => {
+                let m = Manifest::load(manifest)?;
+                let regions = if opts.regions.is_empty() { pointers(&m)?.1 } else { opts.regions.clone() };
+                let c = candidate_of_ami(&m, image_id, &regions, opts).await?;
+                (m, c)
+            }
+        };
+        promote(&manifest, &candidate, opts, require_test).await
+    })
 }
 
 pub fn rollback_sync(target: &std::path::Path, opts: &PublishOptions) -> Result<Vec<Move>, PublishError> {
     super::runtime()?.block_on(rollback(target, opts))
 }
 
-/// Moves every pointer in every region of the recipe (or `opts.regions`) to this build's AMI
-/// there. Everything is checked before anything is written: each region's AMI exists, is
-/// `available` and carries this image's SHA-256; the test passed when `require_test`; no
-/// pointer names a newer build of the image (unless `opts.force`).
+/// Moves every pointer of `manifest`'s image in every region of the recipe (or
+/// `opts.regions`) to the candidate's AMI there. Everything is checked before anything is
+/// written: each region's AMI exists, is `available` and carries the candidate's SHA-256; the
+/// test passed when `require_test`; no pointer names a newer build of the image (unless
+/// `opts.force`).
 pub async fn promote(
-    target: &std::path::Path,
+    manifest: &Manifest,
+    candidate: &Candidate,
     opts: &PublishOptions,
     require_test: bool,
 ) -> Result<Vec<Move>, PublishError> {
-    let (manifest, record) = load(target)?;
-    let (templates, recipe_regions) = pointers(&manifest)?;
+    let (templates, recipe_regions) = pointers(manifest)?;
     let regions = if opts.regions.is_empty() { recipe_regions } else { opts.regions.clone() };
-    if require_test && !manifest.test_result.as_ref().is_some_and(|t| t.passed) {
+    if require_test && candidate.test_passed != Some(true) {
         return Err(PublishError::Refused(format!(
-            "--require-test: {} records no passed `kiln test` (run `kiln build --test`, or `kiln test` on the image)",
-            manifest.name
+            "--require-test: {} has no passed `kiln test` on record (run `kiln build --test`, or `kiln test` on the image, and promote its manifest)",
+            candidate.ami_name
         )));
     }
     let mut plan = Vec::new();
     for region in &regions {
-        let Some(ami) = record.amis.iter().find(|a| &a.region == region) else {
+        let Some(image_id) = candidate.amis.get(region) else {
             return Err(PublishError::Refused(format!(
                 "{} is not in {region}: the publish did not reach it (run `kiln publish` again to finish it); nothing was promoted",
-                record.ami_name
+                candidate.ami_name
             )));
         };
         let Clients { ec2, ssm, .. } = clients(opts, region).await;
-        let out =
-            match with_retry(&opts.retry, "DescribeImages", || ec2.describe_images().image_ids(&ami.image_id).send())
-                .await
-            {
-                Ok(o) => o,
-                Err(e) if e.code().is_some_and(|c| c.starts_with("InvalidAMIID")) => {
-                    return Err(PublishError::Refused(format!(
-                        "{} no longer exists in {region}; nothing was promoted",
-                        ami.image_id
-                    )))
-                }
-                Err(e) => return Err(e.into()),
-            };
+        let out = match with_retry(&opts.retry, "DescribeImages", || ec2.describe_images().image_ids(image_id).send())
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.code().is_some_and(|c| c.starts_with("InvalidAMIID")) => {
+                return Err(PublishError::Refused(format!(
+                    "{image_id} no longer exists in {region}; nothing was promoted"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let image = out.images().first();
         let state = image.and_then(|i| i.state()).map(|s| s.as_str().to_string());
         if state.as_deref() != Some("available") {
             return Err(PublishError::Refused(format!(
-                "{} in {region} is {}, not available; nothing was promoted",
-                ami.image_id,
+                "{image_id} in {region} is {}, not available; nothing was promoted",
                 state.as_deref().unwrap_or("missing")
             )));
         }
         let sha = image.and_then(|i| i.tags().iter().find(|t| t.key() == Some(TAG_IMAGE_SHA))).and_then(|t| t.value());
-        if sha != Some(manifest.image.sha256.as_str()) {
+        if sha != Some(candidate.image_sha256.as_str()) {
             return Err(PublishError::Refused(format!(
-                "{} in {region} is not tagged {TAG_IMAGE_SHA}={}: not this build's AMI; nothing was promoted",
-                ami.image_id, manifest.image.sha256
+                "{image_id} in {region} is not tagged {TAG_IMAGE_SHA}={}: not this build's AMI; nothing was promoted",
+                candidate.image_sha256
             )));
         }
         for t in templates {
-            let name = parameter_name(t, &manifest, region);
+            let name = parameter_name(t, manifest, region);
             let current = get(&ssm, opts, &name).await?;
             if let (Some(cur), false) = (&current, opts.force) {
-                if cur != &ami.image_id {
-                    if let Some(epoch) = newer_build(&ec2, opts, cur, &manifest).await? {
+                if cur != image_id {
+                    let newer = newer_build(&ec2, opts, cur, &manifest.name, candidate.source_date_epoch).await?;
+                    if let Some(epoch) = newer {
                         return Err(PublishError::Refused(format!(
                             "{name} in {region} names {cur}, a newer build of {} (SOURCE_DATE_EPOCH {epoch}, this one {}); \
                              `kiln rollback` moves it back, --force moves it to this build; nothing was promoted",
-                            manifest.name, manifest.source_date_epoch
+                            manifest.name, candidate.source_date_epoch
                         )));
                     }
                 }
             }
-            plan.push((region.clone(), name, current, ami.image_id.clone()));
+            plan.push((region.clone(), name, current, image_id.clone()));
         }
     }
     let mut moves = Vec::new();
@@ -162,7 +235,7 @@ pub async fn promote(
         let written = from.as_deref() != Some(to.as_str());
         if written {
             let ssm = clients(opts, &region).await.ssm;
-            put(&ssm, opts, &name, &to, &format!("{PROMOTE} {}", record.ami_name)).await?;
+            put(&ssm, opts, &name, &to, &format!("{PROMOTE} {}", candidate.ami_name)).await?;
         }
         moves.push(Move { region, name, from, to, written });
     }

@@ -69,7 +69,7 @@ pub async fn set_parameters(
                 continue;
             }
             if let (Some(cur), false) = (&current, force) {
-                if let Some(epoch) = newer_build(&ec2, opts, cur, manifest).await? {
+                if let Some(epoch) = newer_build(&ec2, opts, cur, &manifest.name, manifest.source_date_epoch).await? {
                     let note = format!(
                         "{name} in {} kept at {cur}: it names a newer build of {} (SOURCE_DATE_EPOCH {epoch}, this one {}); --force overwrites it",
                         ami.region, manifest.name, manifest.source_date_epoch
@@ -102,13 +102,14 @@ pub fn versioned(template: &str) -> bool {
     template.contains("{date}") || template.contains("{sha}")
 }
 
-/// The SOURCE_DATE_EPOCH of `image_id` when it is a build of the same image later than this
-/// one; None for anything else (another image, an AMI kiln did not make, one that is gone).
+/// The SOURCE_DATE_EPOCH of `image_id` when it is a build of image `family` later than
+/// `epoch`; None for anything else (another image, an AMI kiln did not make, one that is gone).
 pub(super) async fn newer_build(
     ec2: &aws_sdk_ec2::Client,
     opts: &PublishOptions,
     image_id: &str,
-    manifest: &Manifest,
+    family: &str,
+    epoch: i64,
 ) -> Result<Option<i64>, PublishError> {
     let out = match with_retry(&opts.retry, "DescribeImages", || ec2.describe_images().image_ids(image_id).send()).await
     {
@@ -118,8 +119,8 @@ pub(super) async fn newer_build(
     };
     let Some(image) = out.images().first() else { return Ok(None) };
     let tag = |k: &str| image.tags().iter().find(|t| t.key() == Some(k)).and_then(|t| t.value());
-    if tag(TAG_NAME) != Some(manifest.name.as_str()) {
+    if tag(TAG_NAME) != Some(family) {
         return Ok(None);
     }
-    Ok(tag(TAG_SOURCE_DATE_EPOCH).and_then(|e| e.parse::<i64>().ok()).filter(|&e| e > manifest.source_date_epoch))
+    Ok(tag(TAG_SOURCE_DATE_EPOCH).and_then(|e| e.parse::<i64>().ok()).filter(|&e| e > epoch))
 }
