@@ -92,16 +92,10 @@ impl Remote {
             .map_err(RemoteError::Runtime)?;
         let conf = rt.block_on(crate::aws::sdk_config(&Endpoint { region, endpoint_url }));
         let region = conf.region().map(|r| r.to_string()).unwrap_or_default();
-        let ebs = aws_sdk_ebs::config::Builder::from(&conf)
-            .retry_config(aws_sdk_ebs::config::retry::RetryConfig::disabled())
-            .build();
-        let ec2 = aws_sdk_ec2::config::Builder::from(&conf)
-            .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-            .build();
         Ok(Remote {
             rt: Arc::new(rt),
-            ebs: aws_sdk_ebs::Client::from_conf(ebs),
-            ec2: aws_sdk_ec2::Client::from_conf(ec2),
+            ebs: crate::aws::ebs_client(&conf),
+            ec2: crate::aws::ec2_client(&conf),
             region,
             policy: RetryPolicy::default(),
         })

@@ -26,3 +26,27 @@ pub async fn sdk_config(ep: &Endpoint) -> aws_config::SdkConfig {
     }
     loader.load().await
 }
+
+/// EBS direct API client with the SDK's own retries off: [`with_retry`] decides instead.
+pub fn ebs_client(conf: &aws_config::SdkConfig) -> aws_sdk_ebs::Client {
+    let c = aws_sdk_ebs::config::Builder::from(conf)
+        .retry_config(aws_sdk_ebs::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_ebs::Client::from_conf(c)
+}
+
+/// EC2 client with the SDK's own retries off: [`with_retry`] decides instead.
+pub fn ec2_client(conf: &aws_config::SdkConfig) -> aws_sdk_ec2::Client {
+    let c = aws_sdk_ec2::config::Builder::from(conf)
+        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_ec2::Client::from_conf(c)
+}
+
+/// SSM client with the SDK's own retries off: [`with_retry`] decides instead.
+pub fn ssm_client(conf: &aws_config::SdkConfig) -> aws_sdk_ssm::Client {
+    let c = aws_sdk_ssm::config::Builder::from(conf)
+        .retry_config(aws_sdk_ssm::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_ssm::Client::from_conf(c)
+}

@@ -155,10 +155,7 @@ async fn upload_async(
         reused: false,
     };
     let Some(reg) = &o.register else { return Ok(rec) };
-    let ec2conf = aws_sdk_ec2::config::Builder::from(&conf)
-        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-        .build();
-    let ec2 = aws_sdk_ec2::Client::from_conf(ec2conf);
+    let ec2 = crate::aws::ec2_client(&conf);
     progress.note(&format!("registering {} from {image_location}", reg.name));
     let existing = with_retry(&policy, "DescribeImages", || {
         ec2.describe_images().owners("self").filters(Filter::builder().name("name").values(&reg.name).build()).send()

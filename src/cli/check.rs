@@ -123,6 +123,30 @@ fn summary_text(r: &Recipe) -> String {
             None => "no [ami] section".into(),
         },
     );
+    if let Some(a) = &r.ami {
+        let mut release = Vec::new();
+        if let Some(k) = a.keep {
+            release.push(format!("keeps {k}"));
+        }
+        if let Some(p) = a.protect {
+            release.push(if p.with_cooldown() { "protected (24h cooldown)".into() } else { "protected".into() });
+        }
+        if let Some(d) = a.keep_if_launched_within_days {
+            release.push(format!("kept while launched within {d}d"));
+        }
+        if let Some(d) = a.disable_before_delete_days {
+            release.push(format!("disabled {d}d before deletion"));
+        }
+        if let Some(m) = a.copy_within_minutes {
+            release.push(format!("copies within {m} min"));
+        }
+        if !a.ssm_promote.is_empty() {
+            release.push(format!("`kiln promote` moves {}", a.ssm_promote.join(", ")));
+        }
+        if !release.is_empty() {
+            row("release", release.join("; "));
+        }
+    }
     row("bundle", if r.bundle.is_some() { "yes".into() } else { "no [bundle] section".into() });
     row(
         "secure boot",

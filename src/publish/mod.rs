@@ -324,19 +324,10 @@ async fn clients(opts: &PublishOptions, region: &str) -> Clients {
     let conf =
         crate::aws::sdk_config(&Endpoint { region: Some(region.into()), endpoint_url: opts.endpoint_url.clone() })
             .await;
-    let ebs = aws_sdk_ebs::config::Builder::from(&conf)
-        .retry_config(aws_sdk_ebs::config::retry::RetryConfig::disabled())
-        .build();
-    let ec2 = aws_sdk_ec2::config::Builder::from(&conf)
-        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
-        .build();
-    let ssm = aws_sdk_ssm::config::Builder::from(&conf)
-        .retry_config(aws_sdk_ssm::config::retry::RetryConfig::disabled())
-        .build();
     Clients {
-        ebs: aws_sdk_ebs::Client::from_conf(ebs),
-        ec2: aws_sdk_ec2::Client::from_conf(ec2),
-        ssm: aws_sdk_ssm::Client::from_conf(ssm),
+        ebs: crate::aws::ebs_client(&conf),
+        ec2: crate::aws::ec2_client(&conf),
+        ssm: crate::aws::ssm_client(&conf),
     }
 }
 
