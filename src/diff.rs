@@ -16,6 +16,7 @@ use crate::formats::ext4;
 use crate::formats::inspect::{self, FileSystem};
 use crate::formats::tree::{Kind, Tree};
 use crate::launch::request::TestTarget;
+use crate::manifest::Package;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
@@ -74,8 +75,8 @@ struct Side {
     sha256: String,
     size_bytes: u64,
     blocks: crate::manifest::BlockMap,
-    /// `NAME:ARCH` → version; None when the manifest does not list them (a pulled AMI).
-    packages: Option<BTreeMap<String, String>>,
+    /// None when the manifest does not list them (a pulled AMI).
+    packages: Option<Vec<Package>>,
 }
 
 /// Compares the images at `a` and `b` (each an image, its build manifest, or a pulled AMI).
@@ -84,8 +85,8 @@ pub fn diff(a: &Path, b: &Path) -> Result<Diff, DiffError> {
     let (ta, tb) = (root_tree(&sa.image)?, root_tree(&sb.image)?);
     let files = compare_trees(&ta, &tb, &sa.image, &sb.image)?;
     let packages = |s: &Side, t: &Tree| match &s.packages {
-        Some(p) => Ok(p.clone()),
-        None => dpkg_packages(t).map_err(|what| DiffError::Read { path: s.image.clone(), what }),
+        Some(p) => Ok(index(p)),
+        None => dpkg_packages(t).map(|p| index(&p)).map_err(|what| DiffError::Read { path: s.image.clone(), what }),
     };
     let (pa, pb) = (packages(&sa, &ta)?, packages(&sb, &tb)?);
     let jobs = crate::publish::blocks::blocks_to_send(
@@ -119,39 +120,34 @@ fn side(p: &Path) -> Result<Side, DiffError> {
             image: t.image,
             sha256: m.image.sha256.clone(),
             size_bytes: m.image.size_bytes,
-            packages: Some(m.packages.iter().map(|p| (format!("{}:{}", p.name, p.arch), p.version.clone())).collect()),
+            packages: Some(m.packages),
             blocks: m.blocks,
         }),
         None => Err(DiffError::NoManifest { path: p.to_path_buf() }),
     }
 }
 
-/// `NAME:ARCH` → version of each package dpkg's status file in `tree` calls installed.
-fn dpkg_packages(tree: &Tree) -> Result<BTreeMap<String, String>, String> {
-    let Ok(id) = tree.lookup(b"/var/lib/dpkg/status") else { return Ok(BTreeMap::new()) };
-    let Kind::File(c) = &tree.inode(id).kind else { return Err("/var/lib/dpkg/status is not a file".into()) };
-    if c.size > 256 << 20 {
-        return Err(format!("/var/lib/dpkg/status is {} bytes", c.size));
-    }
-    let mut buf = vec![0u8; c.size as usize];
-    tree.read_content(c, 0, &mut buf).map_err(|e| format!("reading /var/lib/dpkg/status: {e}"))?;
-    let text = String::from_utf8_lossy(&buf);
-    let mut out = BTreeMap::new();
-    for stanza in text.split("\n\n") {
-        let field = |name: &str| {
-            stanza
-                .lines()
-                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string()))
-        };
-        if let (Some(name), Some(arch), Some(version), Some(status)) =
-            (field("Package"), field("Architecture"), field("Version"), field("Status"))
-        {
-            if status.ends_with(" installed") {
-                out.insert(format!("{name}:{arch}"), version);
+/// `NAME:ARCH` → version.
+fn index(packages: &[Package]) -> BTreeMap<String, String> {
+    packages.iter().map(|p| (format!("{}:{}", p.name, p.arch), p.version.clone())).collect()
+}
+
+/// The packages dpkg's status file in `tree` calls installed, read as staging reads them.
+fn dpkg_packages(tree: &Tree) -> Result<Vec<Package>, String> {
+    const STATUS: &[u8] = b"/var/lib/dpkg/status";
+    // The image may come from anywhere: a status file claiming gigabytes is not read whole.
+    if let Ok(id) = tree.lookup(STATUS) {
+        if let Kind::File(c) = &tree.inode(id).kind {
+            if c.size > 256 << 20 {
+                return Err(format!("/var/lib/dpkg/status is {} bytes", c.size));
             }
         }
     }
-    Ok(out)
+    match tree.file_bytes(STATUS) {
+        Ok(Some(buf)) => Ok(crate::stage::debian::parse_dpkg_status(&String::from_utf8_lossy(&buf))),
+        Ok(None) => Ok(Vec::new()),
+        Err(e) => Err(format!("reading /var/lib/dpkg/status: {e}")),
+    }
 }
 
 /// The root file system's tree: the first ext4 partition of the disk.
