@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,12 +117,8 @@ pub fn pull(
     // Pulled before, and still what was pulled: nothing to fetch.
     if let Ok(Some((image, m))) = PullManifest::beside(&manifest_path) {
         let same = m.snapshot_id == snap.snapshot_id
-            && File::open(&image)
-                .and_then(|f| match f.metadata()?.len() == m.image.size_bytes {
-                    true => sha256_of(&f, m.image.size_bytes),
-                    false => Ok(String::new()),
-                })
-                .is_ok_and(|d| d == m.image.sha256);
+            && std::fs::metadata(&image).is_ok_and(|md| md.len() == m.image.size_bytes)
+            && crate::share::file_sha256(&image).is_ok_and(|d| d == m.image.sha256);
         if same {
             let kept = m.blocks.data_blocks.len() as u64;
             return Ok(Pulled {
@@ -173,7 +169,8 @@ pub fn pull(
     let size_bytes = disk_extent(&file, &snap).map_err(io(&part))?;
     file.set_len(size_bytes).map_err(io(&part))?;
     file.sync_all().map_err(io(&part))?;
-    let sha256 = sha256_of(&file, size_bytes).map_err(io(&part))?;
+    // The file is `size_bytes` long now: its digest is the image's.
+    let sha256 = crate::share::file_sha256(&part).map_err(io(&part))?;
     progress.end(&format!("{} data blocks, {} fetched now", snap.blocks.len(), fetched));
     let tagged_sha256 = snap.image_tags.get(crate::publish::ami::TAG_IMAGE_SHA).cloned();
     if let Some(tagged) = tagged_sha256.as_ref().filter(|t| **t != sha256) {
@@ -249,20 +246,4 @@ fn disk_extent(file: &File, snap: &Snapshot) -> std::io::Result<u64> {
     let mut tail = vec![0u8; (last_data.saturating_sub(end)) as usize];
     file.read_exact_at(&mut tail, end)?;
     Ok(if tail.iter().all(|&b| b == 0) { end } else { snap.volume_bytes })
-}
-
-fn sha256_of(file: &File, len: u64) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    let mut f = file.try_clone()?;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(0))?;
-    let mut r = f.take(len);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
