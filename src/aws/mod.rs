@@ -50,3 +50,9 @@ pub fn ssm_client(conf: &aws_config::SdkConfig) -> aws_sdk_ssm::Client {
         .build();
     aws_sdk_ssm::Client::from_conf(c)
 }
+
+/// Seconds since the Unix epoch by the wall clock: what leases, deprecation times and
+/// retention windows are judged against, and never anything written into an image.
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}

@@ -115,8 +115,7 @@ pub struct Args {
 
 /// Adds a finished publish to the Packer manifest at `path`.
 pub fn write_packer_manifest(path: &std::path::Path, rec: &publish::record::PublishRecord) -> anyhow::Result<()> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs() as i64);
-    let b = publish::packer::build(rec, env!("CARGO_PKG_VERSION"), now);
+    let b = publish::packer::build(rec, env!("CARGO_PKG_VERSION"), kiln::aws::now());
     publish::packer::append(path, b)?;
     Ok(())
 }

@@ -164,9 +164,7 @@ impl Ctx {
         let deprecate_at = match &settings.deprecate_after {
             None => None,
             Some(d) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |t| t.as_secs() as i64);
+                let now = crate::aws::now();
                 let at = d
                     .when
                     .at(now, settings.launch_permissions.public)

@@ -221,10 +221,6 @@ pub fn run(
     super::runtime()?.block_on(prune(family, keep, regions, retire, opts))
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_secs() as i64)
-}
-
 /// Keeps the newest `keep` AMIs of `family` in each region and retires the rest as `retire`
 /// says (with `opts.dry_run`, only says what would happen). Regions are done one after the
 /// other; a region that fails stops the run with its error, and a re-run finishes the job.
@@ -245,7 +241,7 @@ pub async fn prune(
         let all: Vec<Ami> = listed.into_iter().map(|(a, _)| a).collect();
         let (kept, older) = decide(ours, keep);
         let references = references(&ec2, opts, &older).await?;
-        let now = now();
+        let now = crate::aws::now();
         let v = judge(older, &references, retire, now);
         let (snapshots_deleted, snapshots_kept) = snapshots(&v.deregister, &all);
         if !opts.dry_run {

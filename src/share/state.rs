@@ -62,10 +62,6 @@ pub struct Lease {
     renewer: tokio::task::JoinHandle<()>,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
@@ -79,7 +75,8 @@ fn holder() -> String {
 }
 
 fn body(holder: &str, taken_at: i64) -> Vec<u8> {
-    let b = LeaseBody { holder: holder.to_string(), taken_at, expires_at: now() + LEASE_TTL.as_secs() as i64 };
+    let b =
+        LeaseBody { holder: holder.to_string(), taken_at, expires_at: crate::aws::now() + LEASE_TTL.as_secs() as i64 };
     serde_json::to_vec(&b).unwrap_or_default()
 }
 
@@ -97,13 +94,13 @@ impl Lease {
         let started = std::time::Instant::now();
         let mut said = false;
         loop {
-            let taken_at = now();
+            let taken_at = crate::aws::now();
             if let Some(etag) = store.put(name, body(&me, taken_at), Condition::Absent).await? {
                 return Ok(Lease::held(store, name, etag, me, taken_at));
             }
             let Some(current) = store.get(name).await? else { continue };
             let theirs: Option<LeaseBody> = serde_json::from_slice(&current.bytes).ok();
-            let expired = theirs.as_ref().is_none_or(|l| l.expires_at < now());
+            let expired = theirs.as_ref().is_none_or(|l| l.expires_at < crate::aws::now());
             if expired {
                 if let Some(etag) = store.put(name, body(&me, taken_at), Condition::Matches(current.etag)).await? {
                     let who = theirs.map_or_else(|| "an unreadable lease".to_string(), |l| l.holder);
