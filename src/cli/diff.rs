@@ -29,12 +29,8 @@ pub struct Args {
     pub a: String,
     /// The later image (or its manifest, or an AMI or snapshot id).
     pub b: String,
-    /// With an AMI or snapshot id: its region [default: the AWS configuration's].
-    #[arg(long, value_name = "REGION")]
-    pub region: Option<String>,
-    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
-    #[arg(long, value_name = "URL")]
-    pub endpoint_url: Option<String>,
+    #[command(flatten)]
+    pub remote: super::RemoteArgs,
     /// Print JSON (the changes, both images' SHA-256 and the block count).
     #[arg(long)]
     pub json: bool,
@@ -43,7 +39,7 @@ pub struct Args {
 /// The image `arg` names: a path, or an AMI or snapshot pulled into the cache.
 fn local(arg: &str, args: &Args) -> Result<PathBuf> {
     let Some(id) = kiln::remote::SnapshotId::parse(arg) else { return Ok(PathBuf::from(arg)) };
-    let remote = std::sync::Arc::new(kiln::remote::Remote::connect(args.region.clone(), args.endpoint_url.clone())?);
+    let remote = args.remote.connect()?;
     let dir = kiln::build::default_cache_dir().join("pulled");
     let progress = super::progress::TermProgress::new(args.json);
     let pulled = kiln::pull::pull(remote, &id, &dir, 16, &progress)?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use kiln::formats::device::{Device, FileDevice};
-use kiln::remote::{Remote, SnapshotId};
+use kiln::remote::SnapshotId;
 use serde_json::json;
 
 /// Show an image's partition table and file systems, and audit what it carries.
@@ -36,12 +36,8 @@ use serde_json::json;
 pub struct Args {
     /// The raw disk image, or an AMI or snapshot id (ami-…, snap-…).
     pub image: String,
-    /// With an AMI or snapshot id: its region [default: the AWS configuration's].
-    #[arg(long, value_name = "REGION")]
-    pub region: Option<String>,
-    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
-    #[arg(long, value_name = "URL")]
-    pub endpoint_url: Option<String>,
+    #[command(flatten)]
+    pub remote: super::RemoteArgs,
     /// With an AMI or snapshot id: memory for fetched blocks, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
     pub cache_mib: u64,
@@ -79,7 +75,7 @@ fn open(args: &Args) -> Result<(Arc<dyn Device>, Option<Stats>)> {
     let Some(id) = SnapshotId::parse(&args.image) else {
         return Ok((FileDevice::open(std::path::Path::new(&args.image))?, None));
     };
-    let remote = Arc::new(Remote::connect(args.region.clone(), args.endpoint_url.clone())?);
+    let remote = args.remote.connect()?;
     let dev = kiln::remote::open(remote, &id, args.cache_mib << 20)
         .with_context(|| format!("opening {} through the EBS direct APIs", args.image))?;
     let stats_dev = dev.clone();

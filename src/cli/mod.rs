@@ -54,6 +54,23 @@ enum Command {
     ImdsRelay(test::RelayArgs),
 }
 
+/// Where an AMI or snapshot named by id is read from (`kiln inspect`, `pull`, `diff`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// With an AMI or snapshot id: its region [default: the AWS configuration's].
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+}
+
+impl RemoteArgs {
+    pub fn connect(&self) -> anyhow::Result<std::sync::Arc<kiln::remote::Remote>> {
+        Ok(std::sync::Arc::new(kiln::remote::Remote::connect(self.region.clone(), self.endpoint_url.clone())?))
+    }
+}
+
 /// A command's verdict as its exit status, with nothing more to print (`kiln diff`: 1 when
 /// the images differ, 2 when they cannot be compared, its message already printed).
 #[derive(Debug)]

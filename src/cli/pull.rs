@@ -1,10 +1,9 @@
 //! `kiln pull`: an AMI's or snapshot's disk as a local sparse raw image.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use kiln::remote::{Remote, SnapshotId};
+use kiln::remote::SnapshotId;
 
 /// Bring an AMI's root snapshot (or any EBS snapshot) home as a sparse raw image.
 ///
@@ -34,12 +33,8 @@ pub struct Args {
     /// Where to write NAME.raw and NAME.pull.json.
     #[arg(short = 'o', long = "output", value_name = "DIR", default_value = "out")]
     pub dir: PathBuf,
-    /// Its region [default: the AWS configuration's].
-    #[arg(long, value_name = "REGION")]
-    pub region: Option<String>,
-    /// Send requests here instead of AWS (also read from AWS_ENDPOINT_URL).
-    #[arg(long, value_name = "URL")]
-    pub endpoint_url: Option<String>,
+    #[command(flatten)]
+    pub remote: super::RemoteArgs,
     /// Blocks fetched at once.
     #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub concurrency: u64,
@@ -51,7 +46,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let id =
         SnapshotId::parse(&a.id).with_context(|| format!("`{}` is not an AMI or snapshot id (ami-…, snap-…)", a.id))?;
-    let remote = Arc::new(Remote::connect(a.region.clone(), a.endpoint_url.clone())?);
+    let remote = a.remote.connect()?;
     let progress = super::progress::TermProgress::new(a.json);
     let pulled = kiln::pull::pull(remote, &id, &a.dir, a.concurrency as usize, &progress)
         .with_context(|| format!("pulling {}", a.id))?;
